@@ -1,0 +1,68 @@
+"""The `bn-onnx` command line.
+
+Each subcommand lives in its own module of this package, exposing `add_parser(subparsers)`
+and `run(args) -> int`. Modules import heavy libraries (torch, onnxruntime) inside `run`, so
+`bn-onnx --help` and the torch-free commands stay fast. A `BnOnnxError` is printed as one line
+and exits 2; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from bn_onnx import __version__
+from bn_onnx.errors import BnOnnxError
+
+# Order in `--help`; modules not listed here come after, alphabetically.
+ORDER = ["train", "export", "fold", "inspect", "verify", "run", "bench", "serve", "serve_web"]
+
+
+def _command_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")}
+    return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command module."""
+    parser = argparse.ArgumentParser(
+        prog="bn-onnx",
+        description=(
+            "Train MLPs with batch normalization, export them to ONNX, fold the batch norm "
+            "into the neighbouring Gemm/MatMul/Conv, and verify that nothing changed."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"bn-onnx {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show a traceback for errors instead of one line"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _command_modules():
+        module = importlib.import_module(f"bn_onnx.cli.{name}")
+        cmd = module.add_parser(sub)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 a check failed, 2 bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except BnOnnxError as exc:
+        if args.debug:
+            raise
+        print(f"bn-onnx {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bn-onnx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

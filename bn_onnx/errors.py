@@ -1,0 +1,37 @@
+"""The project's one family of user-facing errors.
+
+The CLI prints any `BnOnnxError` as one line and exits 2. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class BnOnnxError(Exception):
+    """A user error: bad input, bad usage, an unsupported model. Exit code 2."""
+
+    exit_code = 2
+
+
+class InputFileError(BnOnnxError):
+    """A file the user gave is missing, empty, truncated, of the wrong kind or unsafe."""
+
+
+class UsageError(BnOnnxError):
+    """Options or arguments that do not fit together."""
+
+
+class UnsupportedModelError(BnOnnxError):
+    """A model the command cannot handle (ops, opset, shapes, dtypes)."""
+
+
+class CheckpointError(BnOnnxError):
+    """A checkpoint directory that is missing, incomplete, corrupt or disagrees with its config."""
+
+
+class ProviderError(BnOnnxError):
+    """An execution provider that was asked for and is not available."""
+
+
+class InputDataError(BnOnnxError):
+    """Input data of the wrong shape, dtype or with non-finite values."""

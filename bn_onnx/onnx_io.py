@@ -1,0 +1,116 @@
+"""Loading and saving ONNX files with one-line errors, safe external data and atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+from onnx import external_data_helper
+
+from bn_onnx.errors import InputFileError
+from bn_onnx.files import atomic_output, atomic_output_dir, check_input_file
+
+# protobuf cannot serialize a message over 2 GiB; stay clear of it with some headroom.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [
+        t
+        for t in external_data_helper._get_all_tensors(model)
+        if external_data_helper.uses_external_data(t)
+    ]
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data that is missing, truncated, or points outside `base_dir`."""
+    base = base_dir.resolve()
+    for tensor in _external_tensors(model):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = info.location or ""
+        if not location or os.path.isabs(location):
+            raise InputFileError(
+                f"tensor {tensor.name!r}: external data location {location!r} must be a "
+                "relative path inside the model's folder"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise InputFileError(
+                f"tensor {tensor.name!r}: external data {location!r} points outside the "
+                f"model's folder {base_dir}"
+            )
+        if not target.is_file():
+            raise InputFileError(f"tensor {tensor.name!r}: external data file missing: {target}")
+        size = target.stat().st_size
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InputFileError(
+                f"tensor {tensor.name!r}: external data file {target.name} is truncated "
+                f"(needs bytes {offset}..{offset + length}, has {size})"
+            )
+
+
+def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model, turning every way a file can be wrong into an `InputFileError`.
+
+    External data is checked to lie inside the model's folder before any of it is read.
+    """
+    p = check_input_file(path, "model file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-ish types, OSError
+        raise InputFileError(f"not a readable ONNX model: {p} ({type(exc).__name__})") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise InputFileError(f"not an ONNX model (no graph, IR version or opset): {p}")
+    if load_external_data and _external_tensors(model):
+        check_external_data(model, p.parent)
+        try:
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise InputFileError(f"cannot read external data of {p}: {exc}") from None
+    return model
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the model's tensors (initializers, Constant attributes, subgraphs)."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += t.ByteSize()
+    return total
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+) -> list[Path]:
+    """Write `model` to `path` atomically; return the files written.
+
+    `external_data=None` writes one file unless the tensors approach protobuf's 2 GiB limit, in
+    which case they go to `<name>.data` beside it. With external data the model proto is
+    modified in place (its tensors become references), which saves a copy of the weights.
+    """
+    p = Path(path)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        with atomic_output(p, suffix=".onnx") as tmp:
+            onnx.save_model(model, str(tmp))
+        return [p]
+    data_name = p.name + ".data"
+    with atomic_output_dir(p) as tmp_dir:
+        onnx.save_model(
+            model,
+            str(tmp_dir / p.name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+    return [p, p.parent / data_name]
