@@ -1,0 +1,47 @@
+"""The top-level command line: help, version, exit codes, no torch on the light paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bn_onnx.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().out
+
+
+def test_unknown_command_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch_or_onnxruntime():
+    code = (
+        "import sys\n"
+        "from bn_onnx.cli import build_parser\n"
+        "build_parser()\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'sklearn') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "bn_onnx", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("bn-onnx ")
