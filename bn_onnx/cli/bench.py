@@ -1,0 +1,150 @@
+"""`bn-onnx bench`: time models side by side, interleaved, as medians and ratios."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from bn_onnx.cli._common import int_list, positive_int
+
+EPILOG = """\
+Each batch size gets one random input, untimed warm-up rounds, then timed rounds that run the
+models in turn (A B A B ...). The table shows the median and 90th percentile latency, the
+quartiles (IQR), rows per second and the median latency as a ratio to the first model, with
+the quartiles of the per-round ratios. Session creation and first-run times are listed too.
+
+example:
+  bn-onnx bench models/digits/model.onnx models/digits/model.folded.onnx \\
+      --batch-sizes 1,32,1024 --threads 1 --json bench.json --plot bench.png
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `bench`."""
+    p = subparsers.add_parser(
+        "bench",
+        help="time ONNX models side by side (median, p90, ratios)",
+        description="Time one or more ONNX models side by side with interleaved repeats.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="ONNX model; the baseline of the ratio column")
+    p.add_argument("others", metavar="OTHER", nargs="*", help="more ONNX models to compare")
+    p.add_argument(
+        "--batch-sizes",
+        type=int_list,
+        default=[1, 32, 1024],
+        metavar="N,N,...",
+        help="rows per call (default 1,32,1024)",
+    )
+    p.add_argument(
+        "--provider", default="cpu", help="execution provider: cpu, cuda or auto (default cpu)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="intra-op threads (default: ORT's)"
+    )
+    p.add_argument(
+        "--graph-opt",
+        choices=["all", "extended", "basic", "disable"],
+        default="all",
+        help="onnxruntime graph optimization level (default all)",
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=30, help="timed rounds per batch size (30)"
+    )
+    p.add_argument(
+        "--warmup", type=positive_int, default=3, help="untimed rounds per batch size (3)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="also time torch eager eval of this checkpoint (imports torch)",
+    )
+    p.add_argument("--json", metavar="OUT.json", help="write every figure as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="write a latency/ratio plot (matplotlib)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the table")
+    return p
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """Short, unique labels: file names, or full paths where names collide."""
+    from pathlib import Path
+
+    names = [Path(p).name for p in paths]
+    return [
+        names[i] if names.count(names[i]) == 1 else f"{paths[i]}#{i}" for i in range(len(paths))
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the subjects, time them, print the table, write JSON/plot if asked."""
+    from bn_onnx import bench
+    from bn_onnx.errors import UsageError
+    from bn_onnx.files import check_input_file, check_output_path
+
+    paths = [args.model, *args.others]
+    for path in paths:
+        check_input_file(path, "model file")
+    for out in (args.json, args.plot):
+        if out:
+            check_output_path(out, paths)
+    if args.json and args.plot and args.json == args.plot:
+        raise UsageError("--json and --plot must be different files")
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+
+    subjects = []
+    for path, label in zip(paths, _labels(paths), strict=True):
+        log(f"loading {path}")
+        subjects.append(
+            bench.ort_subject(
+                path,
+                label,
+                provider=args.provider,
+                threads=args.threads,
+                graph_optimization_level=args.graph_opt,
+            )
+        )
+    if args.checkpoint:
+        from pathlib import Path
+
+        if not Path(args.checkpoint).is_dir():
+            raise UsageError(f"checkpoint is not a directory: {args.checkpoint}")
+        device = "cuda" if any("CUDA" in p for p in subjects[0].info["providers"]) else "cpu"
+        log(f"loading checkpoint {args.checkpoint} (torch, {device})")
+        subjects.append(
+            bench.checkpoint_subject(args.checkpoint, device=device, threads=args.threads)
+        )
+
+    def progress(done: int, total: int, label: str) -> None:
+        log(f"[{done}/{total}] {label} done")
+
+    result = bench.run_benchmark(
+        subjects,
+        args.batch_sizes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        progress=progress,
+    )
+    result.settings.update(
+        provider=args.provider, threads=args.threads, graph_optimization_level=args.graph_opt
+    )
+    for line in bench.format_table(result):
+        print(line)
+    if not args.quiet:
+        print()
+        for line in bench.format_subjects(result):
+            print(line)
+        load = result.machine.get("loadavg")
+        print(
+            f"{result.machine['processor']}, {result.machine['cpu_count']} cores"
+            + (f", load {load[0]}" if load else "")
+            + "; ratios are medians of this run (interleaved), quartiles in brackets"
+        )
+    if args.json:
+        bench.save_json(result, args.json)
+        log(f"wrote {args.json}")
+    if args.plot:
+        bench.plot_result(result, args.plot)
+        log(f"wrote {args.plot}")
+    return 0

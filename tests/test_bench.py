@@ -1,0 +1,248 @@
+"""The timing harness: order of runs, statistics against an independent oracle, ratios, JSON.
+
+No timed assertions: durations come from a fake clock, or only their presence is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bn_onnx import bench, graphs, onnx_io
+from bn_onnx.errors import UsageError
+
+
+class FakeClock:
+    """A clock that only moves when a fake call says how long it took."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _fake_subject(name, clock, durations, log=None, n_features=3):
+    """A subject whose k-th call takes durations[k % len] seconds on `clock`."""
+    state = {"k": 0}
+
+    def bind(x):
+        assert x.shape[1] == n_features and x.dtype == np.float32
+
+        def call():
+            clock.t += durations[state["k"] % len(durations)]
+            state["k"] += 1
+            if log is not None:
+                log.append((name, x.shape[0]))
+
+        return call
+
+    return bench.Subject(name=name, bind=bind, n_features=n_features)
+
+
+def test_time_interleaved_runs_round_robin():
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(3)]
+    bench.time_interleaved(calls, 4)
+    assert log == [0, 1, 2] * 4
+
+
+def test_time_interleaved_alternate_reverses_every_other_round():
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(3)]
+    bench.time_interleaved(calls, 3, order="alternate")
+    assert log == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+
+
+def test_time_interleaved_times_each_call_and_brackets_it_with_sync():
+    clock = FakeClock()
+    events = []
+
+    def call_a():
+        events.append("a")
+        clock.t += 0.5
+
+    def sync():
+        events.append("sync")
+        clock.t += 100.0
+
+    times = bench.time_interleaved([call_a, lambda: None], 2, syncs=[sync, None], clock=clock)
+    # The sync before the clock starts (earlier work) is excluded; the one after the call waits
+    # for the call's own asynchronous work, so it counts.
+    np.testing.assert_array_equal(times, [[100.5, 100.5], [0.0, 0.0]])
+    assert events == ["sync", "a", "sync"] * 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(1e-6, 10.0), min_size=2, max_size=40))
+def test_stats_match_the_statistics_module(values):
+    s = bench.Stats.of(values)
+    q = statistics.quantiles(values, n=20, method="inclusive")  # 5%, 10%, ..., 95%
+    assert s.n == len(values)
+    assert s.median_s == pytest.approx(statistics.median(values), rel=1e-12)
+    assert s.q1_s == pytest.approx(q[4], rel=1e-12)
+    assert s.q3_s == pytest.approx(q[14], rel=1e-12)
+    assert s.p90_s == pytest.approx(q[17], rel=1e-12)
+    assert s.min_s == min(values) and s.max_s == max(values)
+    assert s.min_s <= s.q1_s <= s.median_s <= s.q3_s <= s.p90_s <= s.max_s
+
+
+def test_stats_of_nothing_is_an_error():
+    with pytest.raises(ValueError):
+        bench.Stats.of([])
+
+
+def test_run_benchmark_ratios_throughput_and_order():
+    clock = FakeClock()
+    log = []
+    a = _fake_subject("a", clock, [0.010, 0.030], log)
+    b = _fake_subject("b", clock, [0.020, 0.090], log)
+    result = bench.run_benchmark([a, b], [1, 4], repeats=4, warmup=2, clock=clock, progress=None)
+    # first run + warm-up + timed rounds, A B A B at each batch size
+    per_batch = 1 + 2 + 4
+    assert log[: 2 * per_batch] == [("a", 1), ("b", 1)] * per_batch
+    assert log[2 * per_batch :] == [("a", 4), ("b", 4)] * (2 + 4)
+    row_a, row_b = result.row("a", 4), result.row("b", 4)
+    # batch 4 rounds: calls 7.. of each subject alternate between the two durations
+    ta = np.array([0.030, 0.010, 0.030, 0.010])
+    tb = np.array([0.090, 0.020, 0.090, 0.020])
+    np.testing.assert_allclose(row_a.times_s, ta)
+    np.testing.assert_allclose(row_b.times_s, tb)
+    assert row_b.ratio == pytest.approx(np.median(tb) / np.median(ta))
+    assert row_a.ratio == 1.0 and row_a.ratio_q1 == row_a.ratio_q3 == 1.0
+    paired = tb / ta
+    assert row_b.ratio_q1 == pytest.approx(np.percentile(paired, 25))
+    assert row_b.ratio_q3 == pytest.approx(np.percentile(paired, 75))
+    assert row_b.throughput == pytest.approx(4 / np.median(tb))
+    subjects = {s["name"]: s for s in result.subjects}
+    assert subjects["a"]["first_run_s"] == pytest.approx(0.010)
+    assert subjects["b"]["first_run_s"] == pytest.approx(0.020)
+
+
+def test_budget_cuts_repeats_but_not_below_minimum():
+    clock = FakeClock()
+    a = _fake_subject("a", clock, [1.0])
+    result = bench.run_benchmark(
+        [a], [1, 2], repeats=50, warmup=1, budget_s=10.0, min_repeats=3, clock=clock
+    )
+    assert result.settings["repeats_used"] == {"1": 10, "2": 10}
+    assert result.row("a", 1).stats.n == 10
+    result = bench.run_benchmark(
+        [a], [1], repeats=50, warmup=1, budget_s=0.5, min_repeats=3, clock=clock
+    )
+    assert result.row("a", 1).stats.n == 3
+
+
+def test_result_json_schema(tmp_path):
+    clock = FakeClock()
+    subjects = [_fake_subject(n, clock, [0.001 * (i + 1)]) for i, n in enumerate("xyz")]
+    result = bench.run_benchmark(subjects, [1, 8], repeats=3, warmup=1, clock=clock)
+    path = bench.save_json(result, tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    assert data["schema"] == "bn-onnx-bench" and data["schema_version"] == 1
+    assert {"cpu_count", "onnxruntime", "processor", "time_utc"} <= set(data["machine"])
+    assert [s["name"] for s in data["subjects"]] == ["x", "y", "z"]
+    assert len(data["rows"]) == 6
+    for row in data["rows"]:
+        assert {
+            "subject",
+            "batch",
+            "n",
+            "median_ms",
+            "p90_ms",
+            "q1_ms",
+            "q3_ms",
+            "min_ms",
+            "max_ms",
+            "throughput_rows_s",
+            "ratio",
+            "ratio_q1",
+            "ratio_q3",
+            "times_ms",
+        } <= set(row)
+        k = "xyz".index(row["subject"])
+        assert row["median_ms"] == pytest.approx(1.0 * (k + 1))
+        assert row["ratio"] == pytest.approx(k + 1)
+        assert len(row["times_ms"]) == row["n"] == 3
+
+
+@pytest.mark.parametrize(
+    ("subjects", "sizes", "word"),
+    [
+        ([], [1], "nothing"),
+        (["a", "a"], [1], "unique"),
+        (["a"], [0], "batch"),
+        (["a"], [], "batch"),
+    ],
+)
+def test_run_benchmark_rejects_bad_arguments(subjects, sizes, word):
+    clock = FakeClock()
+    objs = [_fake_subject(n, clock, [0.1]) for n in subjects]
+    with pytest.raises(UsageError, match=word):
+        bench.run_benchmark(objs, sizes, repeats=1, clock=clock)
+
+
+def test_models_of_different_widths_are_refused():
+    clock = FakeClock()
+    with pytest.raises(UsageError, match="widths"):
+        bench.run_benchmark(
+            [_fake_subject("a", clock, [0.1]), _fake_subject("b", clock, [0.1], n_features=4)],
+            [1],
+            clock=clock,
+        )
+
+
+@pytest.fixture
+def tiny_models(tmp_path):
+    widths = [6, 8, 3]
+    paths = {}
+    for v in graphs.VARIANTS:
+        paths[v] = tmp_path / f"{v}.onnx"
+        onnx_io.save_model(graphs.build_mlp(widths, v, seed=1), paths[v])
+    return widths, paths
+
+
+def test_ort_and_predictor_subjects_run_the_model_on_the_bound_input(tiny_models):
+    widths, paths = tiny_models
+    x = np.random.default_rng(0).standard_normal((5, widths[0])).astype(np.float32)
+    expected = graphs.mlp_reference(widths, x, "folded", seed=1)
+    ort_s = bench.ort_subject(paths["folded"], "ort", provider="cpu", threads=1)
+    pred_s = bench.predictor_subject(paths["folded"], "pred", provider="cpu", threads=1)
+    assert ort_s.n_features == pred_s.n_features == widths[0]
+    assert ort_s.create_s is not None and ort_s.create_s >= 0
+    np.testing.assert_allclose(ort_s.bind(x)()[0], expected, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(pred_s.bind(x)(), expected, atol=1e-5, rtol=1e-4)
+    model_bytes = graphs.build_mlp(widths, "folded", seed=1).SerializeToString()
+    from_bytes = bench.ort_subject(model_bytes, "bytes", graph_optimization_level="disable")
+    np.testing.assert_allclose(from_bytes.bind(x)()[0], expected, atol=1e-5, rtol=1e-4)
+    assert from_bytes.info["path"] is None and not from_bytes.info["iobinding"]
+
+
+def test_torch_subject_matches_numpy():
+    torch = pytest.importorskip("torch")
+    lin = torch.nn.Linear(4, 2)
+    s = bench.torch_subject(lin, "torch", 4, threads=1)
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    want = x @ lin.weight.detach().numpy().T + lin.bias.detach().numpy()
+    np.testing.assert_allclose(s.bind(x)().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_real_models_interleaved_and_plotted(tiny_models, tmp_path):
+    _, paths = tiny_models
+    subjects = [bench.ort_subject(paths[v], v, threads=1) for v in graphs.VARIANTS]
+    result = bench.run_benchmark(subjects, [1, 16], repeats=2, warmup=1)
+    assert [(r.subject, r.batch) for r in result.rows] == [
+        (v, b) for b in (1, 16) for v in graphs.VARIANTS
+    ]
+    assert all(r.stats.median_s > 0 and r.stats.n == 2 for r in result.rows)
+    assert result.row("unfolded", 16).ratio == 1.0
+    png = bench.plot_result(result, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = bench.format_table(result)
+    assert len(lines) == 2 + len(result.rows) and "median ms" in lines[0]
+    assert len(bench.format_subjects(result)) == 3
