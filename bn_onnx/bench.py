@@ -541,6 +541,67 @@ def checkpoint_subject(
     return s
 
 
+# --- whole processes ---------------------------------------------------------------------
+
+
+@dataclass
+class ProcessRun:
+    """One child process: its exit code, wall time and peak resident memory."""
+
+    returncode: int
+    wall_s: float
+    maxrss_bytes: int
+    stdout: str
+    stderr: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form without the captured output."""
+        return {
+            "returncode": self.returncode,
+            "wall_s": self.wall_s,
+            "maxrss_mb": self.maxrss_bytes / 2**20,
+        }
+
+
+def measure_process(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout_s: float = 3600.0,
+) -> ProcessRun:
+    """Run `cmd` and return its wall time and peak RSS (`wait4` rusage of that child alone).
+
+    Output is captured through temporary files, not pipes, so a chatty child cannot block.
+    """
+    import tempfile
+
+    if not hasattr(os, "wait4"):
+        raise UsageError("measuring a process's peak memory needs os.wait4 (Linux, macOS)")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+        deadline = t0 + timeout_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.002)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    # ru_maxrss is in KiB on Linux, in bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return ProcessRun(proc.returncode, wall, int(usage.ru_maxrss) * scale, stdout, stderr)
+
+
 # --- output -------------------------------------------------------------------------------
 
 
@@ -654,6 +715,7 @@ __all__ = [
     "checkpoint_subject",
     "format_subjects",
     "format_table",
+    "measure_process",
     "machine_info",
     "ort_subject",
     "percentile",

@@ -246,3 +246,16 @@ def test_real_models_interleaved_and_plotted(tiny_models, tmp_path):
     lines = bench.format_table(result)
     assert len(lines) == 2 + len(result.rows) and "median ms" in lines[0]
     assert len(bench.format_subjects(result)) == 3
+
+
+def test_measure_process_reports_exit_code_output_and_peak_memory():
+    import sys
+
+    code = "import sys; b = bytearray(96 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('ok');"
+    run = bench.measure_process([sys.executable, "-c", code + " sys.exit(3)"])
+    assert run.returncode == 3
+    assert run.stdout.strip() == "ok"
+    assert run.maxrss_bytes >= 96 * 2**20
+    small = bench.measure_process([sys.executable, "-c", "pass"])
+    assert small.returncode == 0 and small.maxrss_bytes < run.maxrss_bytes
+    assert set(run.to_dict()) == {"returncode", "wall_s", "maxrss_mb"}
