@@ -1,0 +1,138 @@
+"""`bn-onnx serve`: an HTTP JSON service for a model (Starlette under uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from bn_onnx.cli._common import non_negative_float, positive_int
+
+EPILOG = """\
+endpoints:
+  POST /predict   {"inputs": [[f1, f2, ...], ...]} -> {"outputs": [[...], ...], "labels": [...]}
+                  (labels for classifiers); 400 with {"error": ...} for bad JSON, shapes, types
+                  or non-finite values, 413 for a body over --max-body-bytes
+  GET  /health    {"status": "ok", "model": ...}; 503 while shutting down
+  GET  /metadata  inputs, outputs, features, classes, folded flag, providers
+
+Concurrent requests are batched (up to --max-batch rows, waiting at most --batch-wait-ms).
+Ctrl-C or SIGTERM stops taking connections, finishes the requests in flight, then exits.
+
+example:
+  bn-onnx serve models/digits/model.folded.onnx --port 8000
+  curl -s localhost:8000/predict -H 'content-type: application/json' \\
+      -d '{"inputs": [[0, 0, 5, 13, 9, 1, 0, 0, ...64 values...]]}'
+"""
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0..65535 (0: the system picks a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve`."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP: POST /predict, GET /health, GET /metadata",
+        description="Serve an ONNX model as an HTTP JSON API with batching of concurrent requests.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to serve")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    p.add_argument(
+        "--port", type=port_number, default=8000, help="TCP port (default 8000; 0 picks a free one)"
+    )
+    p.add_argument(
+        "--provider", default="auto", help="execution provider: auto, cpu or cuda (default auto)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="intra-op threads (default: ORT's)"
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=64,
+        help="most rows run together from concurrent requests (default 64)",
+    )
+    p.add_argument(
+        "--batch-wait-ms",
+        type=non_negative_float,
+        default=1.0,
+        help="longest wait for more requests to join a batch (default 1 ms)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=1 << 20,
+        help="larger request bodies get 413 (default 1048576)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="uvicorn's log level (default info)",
+    )
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, bind the socket, print the address, serve until stopped."""
+    from bn_onnx import serve
+
+    app = serve.load_app(
+        args.model,
+        provider=args.provider,
+        threads=args.threads,
+        max_batch=args.max_batch,
+        max_body_bytes=args.max_body_bytes,
+        batch_wait_ms=args.batch_wait_ms,
+    )
+    sock = serve.bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    predictor = app.state.predictor
+    if not args.quiet:
+        print(
+            f"bn-onnx serve: {args.model} on http://{shown}:{port} "
+            f"(providers: {', '.join(predictor.providers)}; max batch {args.max_batch})",
+            flush=True,
+        )
+        if not serve.is_loopback(host):
+            print(
+                f"bn-onnx serve: note: {host} is reachable from other machines; the service "
+                "has no authentication",
+                file=sys.stderr,
+                flush=True,
+            )
+    server = serve.make_server(
+        app,
+        log_level="error" if args.quiet else args.log_level,
+        access_log=args.access_log,
+    )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it found; this
+    # one makes that a normal exit (code 0) instead of death by signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        signal.signal(signal.SIGTERM, previous)
+    if not args.quiet:
+        print("bn-onnx serve: stopped", flush=True)
+    return 0
