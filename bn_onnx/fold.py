@@ -312,18 +312,25 @@ def validate_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _shape_map(inferred: onnx.ModelProto) -> dict[str, list[int | None] | None]:
+def _shape_map(
+    inferred: onnx.ModelProto,
+) -> tuple[dict[str, list[int | None] | None], dict[str, int]]:
+    """Shapes (None where unknown) and element types of every value inference could type."""
     shapes: dict[str, list[int | None] | None] = {}
+    types: dict[str, int] = {}
     g = inferred.graph
     for vi in [*g.input, *g.output, *g.value_info]:
         tt = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and tt.elem_type:
+            types[vi.name] = tt.elem_type
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             shapes.setdefault(vi.name, None)
             continue
         shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     for t in g.initializer:
         shapes[t.name] = list(t.dims)
-    return shapes
+        types[t.name] = t.data_type
+    return shapes, types
 
 
 def _subgraph_names(node: onnx.NodeProto) -> set[str]:
@@ -368,7 +375,7 @@ class _Graph:
         self.graph_outputs = {o.name for o in self.graph.output}
         self.inits: dict[str, TensorProto] = {t.name: t for t in self.graph.initializer}
         self.dead_inits: set[str] = set()
-        self.shapes = _shape_map(inferred)
+        self.shapes, self.types = _shape_map(inferred)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         self.names: set[str] = set(self.graph_inputs) | set(self.inits) | self.graph_outputs
@@ -516,6 +523,8 @@ class _Graph:
             for a in node.attribute
         ):
             return None
+        if node.op_type == "CastLike":  # the second input only gives the type
+            return [node.input[0]] if node.input[1] in self.types else None
         return [i for i in node.input if i]
 
     def _const_leaf(self, name: str) -> np.ndarray | None:
@@ -536,12 +545,13 @@ class _Graph:
             return value
         if node.op_type == "Shape":
             shape = self.shapes.get(node.input[0])
-            if shape is None or any(d is None for d in shape):
+            if shape is None:
                 return None
-            start = _attr(node, "start", 0)
-            end = _attr(node, "end", None)
+            dims = shape[_attr(node, "start", 0) : _attr(node, "end", None)]
+            if any(d is None for d in dims):
+                return None
             self.const_nodes.add(i)
-            return np.array(shape[start:end], dtype=np.int64)
+            return np.array(dims, dtype=np.int64)
         return None
 
     def _to_array(self, t: TensorProto) -> np.ndarray:
@@ -555,8 +565,9 @@ class _Graph:
 
     def _const_eval(self, i: int) -> None:
         node = self.nodes[i]
-        values = [self.cache.get(n) if n else None for n in node.input]
-        if any(v is None for n, v in zip(node.input, values, strict=True) if n):
+        inputs = node.input[:1] if node.op_type == "CastLike" else node.input
+        values = [self.cache.get(n) if n else None for n in inputs]
+        if any(v is None for n, v in zip(inputs, values, strict=True) if n):
             return
         if node.op_type in ("ConstantOfShape", "Expand") and values:
             target = values[0] if node.op_type == "ConstantOfShape" else values[1]
@@ -568,6 +579,11 @@ class _Graph:
             return
         if node.op_type == "Identity":
             out = [values[0]]
+        elif node.op_type == "CastLike":
+            to = self.types.get(node.input[1])
+            if to not in FLOAT_TYPES:
+                return
+            out = [values[0].astype(helper.tensor_dtype_to_np_dtype(to))]
         else:
             try:
                 from onnx.reference import ReferenceEvaluator
