@@ -346,7 +346,10 @@ def check_input(
             f"input has {X.shape[1]} features (columns), the model expects {n_features}"
         )
     if X.dtype != dtype:
-        if X.dtype.kind not in "biuf":
+        kind = X.dtype.kind
+        if kind in "biuf":
+            X = X.astype(dtype)
+        elif kind in "USO":  # text or objects: numbers written as strings convert
             try:
                 X = X.astype(dtype)
             except (TypeError, ValueError) as exc:
@@ -355,7 +358,7 @@ def check_input(
                     f"{_ort_error_line(exc)}"
                 ) from None
         else:
-            X = X.astype(dtype)
+            raise InputDataError(f"input of dtype {X.dtype} cannot be converted to {dtype}")
     if not X.flags.c_contiguous:
         X = np.ascontiguousarray(X)
     if not allow_nonfinite and X.size:

@@ -1,0 +1,367 @@
+"""Provider resolution, checked sessions (simulated silent fallback), and the Predictor."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+
+from bn_onnx import graphs, runtime
+from bn_onnx.errors import (
+    InputDataError,
+    InputFileError,
+    ProviderError,
+    UnsupportedModelError,
+    UsageError,
+)
+from bn_onnx.runtime import CPU, CUDA, Predictor, create_session, resolve_providers
+
+WIDTHS = [64, 128, 64, 10]
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    model = graphs.build_mlp(WIDTHS, "folded", seed=3)
+    helper.set_model_props(
+        model,
+        {
+            "bn_onnx.task": "classification",
+            "bn_onnx.class_names": json.dumps([f"digit{i}" for i in range(10)]),
+        },
+    )
+    path = tmp_path_factory.mktemp("rt") / "m.onnx"
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(model_path):
+    return Predictor(model_path, provider="cpu", threads=1)
+
+
+def _bare(path, x):
+    sess = ort.InferenceSession(str(path), providers=[CPU])
+    return sess.run(None, {"input": x})[0]
+
+
+def _x(n, seed=0, width=WIDTHS[0]):
+    return np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32)
+
+
+# ---- providers -----------------------------------------------------------------------------
+
+
+def test_cpu_and_auto_resolve_to_cpu_without_cuda(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    assert resolve_providers("cpu") == [CPU]
+    assert resolve_providers("auto") == [CPU]
+    assert resolve_providers(["CPUExecutionProvider"]) == [CPU]
+
+
+def test_auto_prefers_cuda_when_present(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    assert resolve_providers("auto") == [CUDA, CPU]
+    assert resolve_providers("cuda") == [CUDA, CPU]
+    assert resolve_providers("cpu,cuda") == [CPU, CUDA]
+
+
+def test_cuda_missing_says_install_onnxruntime_gpu_instead(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    monkeypatch.setattr(runtime, "installed_onnxruntime_packages", lambda: ["onnxruntime"])
+    with pytest.raises(ProviderError) as err:
+        resolve_providers("cuda")
+    msg = str(err.value)
+    assert "onnxruntime-gpu" in msg and "instead of onnxruntime" in msg
+    assert "\n" not in msg
+
+
+def test_cuda_missing_with_both_packages_installed_says_so(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CPU])
+    monkeypatch.setattr(
+        runtime, "installed_onnxruntime_packages", lambda: ["onnxruntime", "onnxruntime-gpu"]
+    )
+    with pytest.raises(ProviderError, match="both onnxruntime and onnxruntime-gpu"):
+        resolve_providers("cuda")
+
+
+def test_installed_packages_are_detected_from_metadata():
+    assert "onnxruntime" in runtime.installed_onnxruntime_packages() or (
+        "onnxruntime-gpu" in runtime.installed_onnxruntime_packages()
+    )
+
+
+def test_unknown_provider_lists_the_choices():
+    with pytest.raises(ProviderError, match="cpu, cuda"):
+        resolve_providers("tpu")
+    with pytest.raises(ProviderError):
+        resolve_providers([])
+
+
+class _FakeSession:
+    """Stands in for InferenceSession when CUDA 'exists' but onnxruntime silently uses the CPU."""
+
+    calls: list[dict] = []
+
+    def __init__(self, model, sess_options=None, providers=None, provider_options=None):
+        _FakeSession.calls.append({"providers": providers, "options": provider_options})
+
+    def get_providers(self):
+        return [CPU]
+
+
+@pytest.fixture
+def silent_fallback(monkeypatch):
+    _FakeSession.calls = []
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    return _FakeSession
+
+
+def test_strict_cuda_fails_when_onnxruntime_falls_back_to_cpu(silent_fallback, model_path):
+    with pytest.raises(ProviderError, match="onnxruntime uses cpu"):
+        create_session(model_path, provider="cuda")
+
+
+def test_auto_warns_and_reports_when_onnxruntime_falls_back(silent_fallback, model_path):
+    with pytest.warns(runtime.ProviderWarning, match="onnxruntime uses cpu"):
+        info = create_session(model_path, provider="auto")
+    assert info.providers == [CPU]
+    assert info.warnings and "cuda" in info.warnings[0]
+    assert info.tf32 is None and info.describe() == "cpu"
+
+
+def test_cuda_options_carry_device_id_and_tf32_switch(silent_fallback, model_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        create_session(model_path, provider="auto", use_tf32=False, device_id=1)
+    call = silent_fallback.calls[-1]
+    assert call["providers"] == [CUDA, CPU]
+    assert call["options"][0] == {"device_id": "1", "use_tf32": "0"}
+    assert call["options"][1] == {}
+
+
+def test_session_options_set_threads_and_optimization_level():
+    so = runtime.session_options(threads=2, graph_optimization_level="basic")
+    assert so.intra_op_num_threads == 2
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert (
+        runtime.session_options(graph_optimization_level="disable").graph_optimization_level
+        == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    with pytest.raises(UsageError):
+        runtime.session_options(graph_optimization_level="max")
+    with pytest.raises(UsageError):
+        runtime.session_options(threads=0)
+
+
+def test_real_cpu_session_reports_what_it_uses(model_path):
+    info = create_session(model_path, provider="cpu", threads=1)
+    assert info.providers == [CPU] and info.requested == [CPU]
+    assert info.warnings == [] and info.main_provider == "cpu"
+
+
+def test_session_from_bytes(model_path):
+    info = create_session(model_path.read_bytes(), provider="cpu")
+    x = _x(3)
+    np.testing.assert_array_equal(info.session.run(None, {"input": x})[0], _bare(model_path, x))
+
+
+@pytest.mark.parametrize(
+    "content, match", [(b"", "empty"), (b"not an onnx file at all", "ONNX"), (None, "not found")]
+)
+def test_bad_model_files_are_one_line_input_errors(tmp_path, content, match):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputFileError, match=match) as err:
+        Predictor(path, provider="cpu")
+    assert "\n" not in str(err.value)
+
+
+# ---- Predictor -----------------------------------------------------------------------------
+
+
+def test_predictor_reads_model_facts(predictor):
+    assert predictor.n_features == 64
+    assert predictor.task == "classification"
+    assert predictor.class_names == [f"digit{i}" for i in range(10)]
+    assert predictor.providers == [CPU]
+    assert predictor.input_name == "input" and predictor.output_names == ["logits"]
+
+
+@pytest.mark.parametrize("n", [1, 5, 300])
+def test_predict_equals_a_bare_session(predictor, model_path, n):
+    x = _x(n, seed=n)
+    np.testing.assert_array_equal(predictor.predict(x), _bare(model_path, x))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(0, 40), batch=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_chunked_predict_matches_one_call(model_path, n, batch, seed):
+    p = _chunky(model_path, batch)
+    x = _x(n, seed)
+    got = p.predict(x)
+    assert got.shape == (n, 10)
+    if n:
+        np.testing.assert_allclose(got, _bare(model_path, x), rtol=1e-5, atol=1e-6)
+
+
+_CHUNKY: dict[int, Predictor] = {}
+
+
+def _chunky(path, batch):
+    if batch not in _CHUNKY:
+        _CHUNKY[batch] = Predictor(path, provider="cpu", threads=1, batch_size=batch)
+    return _CHUNKY[batch]
+
+
+def test_predict_into_streams_chunks_and_reports_progress(model_path):
+    p = Predictor(model_path, provider="cpu", batch_size=7)
+    x = _x(30)
+    seen = []
+    out = p.predict_into(x, progress=seen.append)
+    assert seen == [7, 14, 21, 28, 30]
+    np.testing.assert_allclose(out, _bare(model_path, x), rtol=1e-5, atol=1e-6)
+
+
+def test_contiguous_float32_input_is_not_copied(predictor):
+    x = _x(4)
+    assert predictor.check(x) is x
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x: x.astype(np.float64),
+        lambda x: np.asfortranarray(x),
+        lambda x: x.tolist(),
+        lambda x: np.round(x * 10).astype(np.int32),
+        lambda x: x.astype(str),
+    ],
+    ids=["float64", "fortran", "list", "int32", "numeric-strings"],
+)
+def test_convertible_inputs_give_the_float32_result(predictor, model_path, make):
+    x = _x(6)
+    converted = np.asarray(make(x)).astype(np.float32)
+    np.testing.assert_array_equal(predictor.predict(make(x)), _bare(model_path, converted))
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros(64, np.float32), "2-D.*reshape"),
+        (np.zeros((2, 3, 64), np.float32), "2-D"),
+        (np.zeros((2, 63), np.float32), "63 features.*expects 64"),
+        (np.array([["x"] * 64]), "cannot be converted"),
+        (np.zeros((2, 64), np.complex64), "cannot be converted|float32"),
+    ],
+)
+def test_bad_inputs_are_one_line_input_data_errors(predictor, bad, match):
+    with pytest.raises(InputDataError, match=match) as err:
+        predictor.predict(bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_names_its_first_position(predictor, value):
+    x = _x(5)
+    x[3, 17] = value
+    x[4, 2] = value
+    with pytest.raises(InputDataError, match="2 non-finite.*row 3, column 17"):
+        predictor.predict(x)
+
+
+def test_huge_finite_values_are_not_mistaken_for_non_finite(predictor, model_path):
+    # their float32 sum overflows; the exact check must still let them through
+    x = np.full((3, 64), 3e38, np.float32)
+    np.testing.assert_array_equal(predictor.predict(x), _bare(model_path, x))
+
+
+def test_allow_nonfinite_runs_anyway(model_path):
+    p = Predictor(model_path, provider="cpu", allow_nonfinite=True)
+    x = _x(2)
+    x[0, 0] = np.nan
+    assert np.isnan(p.predict(x)[0]).all()
+
+
+def test_predict_proba_is_the_softmax_of_the_logits(predictor):
+    x = _x(20)
+    logits = predictor.predict(x).astype(np.float64)
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(predictor.predict_proba(x), e / e.sum(1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(predictor.predict_proba(x).sum(1), 1.0, atol=1e-6)
+
+
+def test_predict_labels_uses_the_class_names(predictor):
+    x = _x(20)
+    idx = predictor.predict(x).argmax(1)
+    assert predictor.predict_labels(x) == [f"digit{i}" for i in idx]
+
+
+def test_labels_without_names_are_indices(tmp_path):
+    path = tmp_path / "plain.onnx"
+    onnx.save(graphs.build_mlp([8, 6, 3], "folded"), path)
+    p = Predictor(path, provider="cpu")
+    x = _x(4, width=8)
+    np.testing.assert_array_equal(p.predict_labels(x), p.predict(x).argmax(1))
+
+
+def test_regression_model_refuses_probabilities(tmp_path):
+    model = graphs.build_mlp([8, 6, 2], "folded")
+    helper.set_model_props(model, {"bn_onnx.task": "regression"})
+    path = tmp_path / "reg.onnx"
+    onnx.save(model, path)
+    p = Predictor(path, provider="cpu")
+    assert p.task == "regression"
+    with pytest.raises(UsageError, match="classifier"):
+        p.predict_proba(_x(2, width=8))
+
+
+def test_predictor_needs_one_2d_float_input(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    path = tmp_path / "two.onnx"
+    onnx.save(model, path)
+    with pytest.raises(UnsupportedModelError, match="one input"):
+        Predictor(path, provider="cpu")
+
+
+def test_batch_size_must_be_positive(model_path):
+    with pytest.raises(UsageError):
+        Predictor(model_path, batch_size=0)
+
+
+def test_predictor_is_safe_to_share_between_threads(model_path):
+    p = Predictor(model_path, provider="cpu", batch_size=16)
+    inputs = [_x(37, seed=s) for s in range(8)]
+    expected = [p.predict(x) for x in inputs]
+    results: dict[int, list[np.ndarray]] = {}
+
+    def work(t):
+        results[t] = [p.predict(inputs[(t + i) % 8]) for i in range(8)]
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for t, outs in results.items():
+        for i, out in enumerate(outs):
+            np.testing.assert_array_equal(out, expected[(t + i) % 8])
