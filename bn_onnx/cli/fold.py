@@ -1,0 +1,68 @@
+"""`bn-onnx fold IN.onnx -o OUT.onnx`: fold BatchNormalization nodes away, report every BN left."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# Folded BNs are listed one a line up to this many; beyond, only counted (one screen).
+MAX_FOLDED_LINES = 12
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "fold",
+        help="fold BatchNormalization into neighbouring Gemm/MatMul/Conv nodes",
+        description=(
+            "Fold every inference-mode BatchNormalization that can provably be folded into the "
+            "Gemm, MatMul(+Add), Conv or ConvTranspose before it, or the Gemm/MatMul after it. "
+            "Every BN that stays is listed with the reason. The input file is never changed "
+            "(unless --in-place) and the output is written atomically."
+        ),
+    )
+    p.add_argument("model", metavar="IN.onnx", help="the model to fold")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="folded model")
+    p.add_argument("--report", metavar="REPORT.json", help="write the fold report as JSON")
+    p.add_argument(
+        "--in-place", action="store_true", help="allow OUT.onnx to be IN.onnx (still atomic)"
+    )
+    p.add_argument(
+        "--external-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write the weights to OUT.onnx.data (default: only when the model nears 2 GB)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def summary_lines(report: Any, src: str, dst: str) -> list[str]:
+    """The one-screen summary of a FoldReport."""
+    lines = [f"folded {report.n_folded} of {report.n_bn} BatchNormalization nodes: {src} -> {dst}"]
+    folded = [e for e in report.entries if e.status == "folded"]
+    for e in folded[:MAX_FOLDED_LINES]:
+        lines.append(f"  folded  {e.node}  {e.direction} -> {e.target} ({e.target_op})")
+    if len(folded) > MAX_FOLDED_LINES:
+        lines.append(f"  ... and {len(folded) - MAX_FOLDED_LINES} more folded")
+    for e in report.left:
+        lines.append(f"  left    {e.node}: {e.reason}")
+    lines.append(
+        f"nodes {report.nodes_before} -> {report.nodes_after}, "
+        f"initializers {report.initializers_before} -> {report.initializers_after}"
+    )
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from bn_onnx.fold import fold_file
+
+    report = fold_file(
+        args.model,
+        args.output,
+        report_path=args.report,
+        in_place=args.in_place,
+        external_data=args.external_data,
+    )
+    if not args.quiet:
+        print("\n".join(summary_lines(report, args.model, args.output)))
+    return 0
