@@ -52,7 +52,7 @@ class ShuttingDown(Exception):
 
 @dataclass
 class BatchStats:
-    """Counters a test or `/health` can read: batches run, rows run, largest batch."""
+    """Counters `/health` reports: requests answered, batches and rows run, largest batch."""
 
     batches: int = 0
     rows: int = 0
@@ -368,7 +368,9 @@ def create_app(
     async def health(request: Request) -> Response:
         if batcher.closing:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": model_name})
+        st = batcher.stats
+        counts = {"requests": st.requests, "batches": st.batches, "rows": st.rows}
+        return JSONResponse({"status": "ok", "model": model_name, **counts})
 
     async def metadata(request: Request) -> Response:
         return JSONResponse(meta)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,16 +25,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
-from starlette.testclient import TestClient
+
+with warnings.catch_warnings():
+    # starlette 1.x warns that its TestClient moves from httpx to httpx2; httpx is what we pin.
+    warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+    from starlette.testclient import TestClient
 
 from bn_onnx.cli import main
 from bn_onnx.runtime import Predictor
 from bn_onnx.serve import MicroBatcher, ShuttingDown, bind_socket, create_app, make_server
 
 ATOL, RTOL = 1e-5, 1e-4
-
-# starlette 1.x warns that its TestClient will move from httpx to httpx2; httpx is what we pin.
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 
 def make_mlp(path: Path, n_in: int, hidden: int, n_out: int, *, task: str, seed: int = 0) -> dict:
@@ -142,10 +144,26 @@ def test_predict_accepts_integers_and_a_plain_content_type(client: TestClient, d
     np.testing.assert_allclose(r.json()["outputs"], forward(digits[1], X), atol=ATOL, rtol=RTOL)
 
 
-def test_health(client: TestClient) -> None:
-    r = client.get("/health")
-    assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": "digits.onnx"}
+def test_health_reports_status_and_counts(digits) -> None:
+    with TestClient(create_app(Predictor(digits[0], provider="cpu"), model_name="d.onnx")) as c:
+        assert c.get("/health").json() == {
+            "status": "ok",
+            "model": "d.onnx",
+            "requests": 0,
+            "batches": 0,
+            "rows": 0,
+        }
+        c.post("/predict", json={"inputs": _rows(3).tolist()})
+        c.post("/predict", json={"inputs": [[1] * 63]})  # refused: not counted
+        r = c.get("/health")
+        assert r.status_code == 200
+        assert r.json() == {
+            "status": "ok",
+            "model": "d.onnx",
+            "requests": 1,
+            "batches": 1,
+            "rows": 3,
+        }
 
 
 def test_metadata_describes_the_model(client: TestClient, digits) -> None:
@@ -378,14 +396,16 @@ def test_real_uvicorn_server_batches_concurrent_clients(digits) -> None:
             assert c.get("/health").json()["status"] == "ok"
         inputs = [_rows(k % 4 + 1, seed=k) for k in range(48)]
 
-        def call(X: np.ndarray) -> list:
-            with httpx.Client(base_url=base, timeout=10) as c:
-                r = c.post("/predict", json={"inputs": X.tolist()})
+        limits = httpx.Limits(max_connections=16)
+        with httpx.Client(base_url=base, timeout=10, limits=limits) as shared:
+
+            def call(X: np.ndarray) -> list:
+                r = shared.post("/predict", json={"inputs": X.tolist()})
                 assert r.status_code == 200, r.text
                 return r.json()["outputs"]
 
-        with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(call, inputs))
+            with ThreadPoolExecutor(16) as pool:
+                results = list(pool.map(call, inputs))
         for X, Y in zip(inputs, results, strict=True):
             np.testing.assert_allclose(Y, forward(w, X), atol=ATOL, rtol=RTOL)
         stats = app.state.batcher.stats

@@ -1,5 +1,6 @@
 // Drive the built page in headless Chromium: wait for the model, run window.predict on rows,
-// print {"logits": [[...]], "samples": [[...]], "foreign_requests": [...]} as JSON on stdout.
+// print {"logits", "samples", "rows_logits", "shown_class", "drawn_class", "foreign_requests",
+// "console_errors"} as JSON on stdout (logits: of the page's samples; rows_logits: of --rows).
 //
 // usage: node scripts/check_page.mjs URL [--rows ROWS.json] [--screenshot OUT.png]
 //        [--draw] [--chromium /usr/bin/chromium]
@@ -50,13 +51,19 @@ try {
   });
   const error = await page.evaluate(() => window.bnOnnx.error);
   if (error) throw new Error(`page failed to load the model: ${error}`);
+  // The page shows sample 0 and its prediction once the model is loaded.
+  await page.waitForFunction(() => window.bnOnnx.shown > 0);
+  const shownClass = await page.evaluate(() => document.querySelector("#top").dataset.cls ?? null);
   const samples = await page.evaluate(() => window.bnOnnx.samples);
+  const logits = await page.evaluate((r) => window.predict(r), samples);
   const rowsFile = opt("--rows", null);
-  const rows = rowsFile ? JSON.parse(readFileSync(rowsFile, "utf8")) : samples;
-  const logits = await page.evaluate((r) => window.predict(r), rows);
+  const rowsLogits = rowsFile
+    ? await page.evaluate((r) => window.predict(r), JSON.parse(readFileSync(rowsFile, "utf8")))
+    : null;
   let drawn = null;
   if (args.includes("--draw")) {
     // Draw a "7" as a person would with the mouse: the top bar, then the diagonal down.
+    const before = await page.evaluate(() => window.bnOnnx.shown);
     const box = await page.locator("#draw").boundingBox();
     const at = (fx, fy) => [box.x + box.width * fx, box.y + box.height * fy];
     const path = [[0.25, 0.2], [0.75, 0.2], [0.6, 0.5], [0.45, 0.85]];
@@ -69,14 +76,13 @@ try {
       }
     }
     await page.mouse.up();
-    await page.waitForFunction(() => document.querySelector("#status").textContent.includes("inference"));
+    await page.waitForFunction((n) => window.bnOnnx.shown > n, before);
     drawn = await page.evaluate(() => document.querySelector("#top").dataset.cls);
   }
   const shot = opt("--screenshot", null);
   if (shot) await page.screenshot({ path: shot, fullPage: true });
-  const shownClass = await page.evaluate(() => document.querySelector("#top").dataset.cls ?? null);
   process.stdout.write(
-    JSON.stringify({ logits, samples, shown_class: shownClass, drawn_class: drawn,
+    JSON.stringify({ logits, samples, rows_logits: rowsLogits, shown_class: shownClass, drawn_class: drawn,
       foreign_requests: foreign, console_errors: consoleErrors }),
   );
 } finally {

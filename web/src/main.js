@@ -143,6 +143,7 @@ async function predictShown() {
   const [logits] = await model.run([features]);
   const ms = performance.now() - t0;
   renderBars(softmax(logits));
+  window.bnOnnx.shown += 1; // predictions shown so far, for tests waiting on the page
   status.textContent = `onnxruntime-web ${ortVersion} (WebAssembly) \u00b7 model.folded.onnx \u00b7 last inference ${ms.toFixed(2)} ms`;
 }
 
@@ -229,7 +230,7 @@ async function loadSamples() {
 }
 
 // Hooks for tests and for people at the console: raw feature rows in, logits rows out.
-window.bnOnnx = { ready: false, error: null };
+window.bnOnnx = { ready: false, error: null, shown: 0 };
 window.predict = async (rows) => model.run(rows);
 
 async function start() {

@@ -1,0 +1,131 @@
+"""`bn-onnx serve-web`: serve the built browser page (web/dist) on this machine only."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bn_onnx.cli.serve import port_number
+from bn_onnx.errors import InputFileError, UsageError
+
+EPILOG = """\
+The page is built from web/ with npm (once, after a change): `cd web && npm ci && npm run build`.
+When web/dist is missing and npm and web/node_modules are there, this command builds it first;
+--build rebuilds it. The page loads the folded digits model and onnxruntime-web's WebAssembly
+from its own files: it needs no network. It listens on 127.0.0.1 only.
+
+example:
+  bn-onnx serve-web --port 8080      # then open http://127.0.0.1:8080/
+"""
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+
+# Types the page needs right: browsers compile wasm streaming only as application/wasm.
+MIME_TYPES = {
+    ".wasm": "application/wasm",
+    ".mjs": "text/javascript",
+    ".js": "text/javascript",
+    ".onnx": "application/octet-stream",
+    ".npy": "application/octet-stream",
+}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `serve-web`."""
+    p = subparsers.add_parser(
+        "serve-web",
+        help="serve the browser page (digits with onnxruntime-web) on localhost",
+        description=(
+            "Serve the built browser page, where the folded digits model predicts in the "
+            "browser with onnxruntime-web (WASM). Build it first with `npm run build` in web/."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--port", type=port_number, default=8080, help="TCP port (default 8080; 0 picks one)"
+    )
+    p.add_argument(
+        "--dist",
+        metavar="DIR",
+        default=None,
+        help="the built page to serve (default web/dist of this checkout)",
+    )
+    p.add_argument("--build", action="store_true", help="run `npm run build` in web/ first")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every request")
+    return p
+
+
+def build_page(web_dir: Path = WEB_DIR) -> None:
+    """Run `npm run build` in `web_dir` (needs npm and `npm ci` done there)."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise UsageError("npm not found; install Node.js 20+ to build the page")
+    if not (web_dir / "node_modules").is_dir():
+        raise UsageError(f"run `npm ci` in {web_dir} first (its node_modules is missing)")
+    result = subprocess.run([npm, "run", "build"], cwd=web_dir, check=False)
+    if result.returncode != 0:
+        raise UsageError(f"`npm run build` failed in {web_dir} (exit {result.returncode})")
+
+
+def static_server(dist: Path, port: int = 0, *, verbose: bool = False) -> Any:
+    """A threading HTTP server for the files in `dist` on 127.0.0.1:`port` (0: any free)."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if verbose:
+                super().log_message(format, *args)
+
+    handler = functools.partial(Handler, directory=str(dist))
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stop
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the page if needed, then serve it until Ctrl-C or SIGTERM."""
+    dist = Path(args.dist) if args.dist else WEB_DIR / "dist"
+    if args.build or (args.dist is None and not (dist / "index.html").is_file()):
+        if args.dist is not None:
+            raise UsageError("--build builds web/dist; do not combine it with --dist")
+        if not WEB_DIR.is_dir():
+            raise InputFileError(f"the page's sources are not here: {WEB_DIR}")
+        print(f"bn-onnx serve-web: building the page in {WEB_DIR}", flush=True)
+        build_page(WEB_DIR)
+    if not (dist / "index.html").is_file():
+        raise InputFileError(
+            f"no built page in {dist} (index.html missing); run `npm ci && npm run build` in web/"
+        )
+    server = static_server(dist, args.port, verbose=args.verbose)
+    port = server.server_address[1]
+    print(
+        f"bn-onnx serve-web: {dist} on http://127.0.0.1:{port}/ (Ctrl-C stops)",
+        flush=True,
+    )
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, _Stop):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        server.server_close()
+    print("bn-onnx serve-web: stopped", flush=True)
+    return 0

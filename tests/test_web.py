@@ -1,0 +1,127 @@
+"""The browser page in headless Chromium: the folded digits model in onnxruntime-web (WASM)
+must give the same logits as onnxruntime in Python for the shipped sample inputs.
+
+Needs Node, Debian's chromium and `npm ci` in web/ (tools/install_web_deps.sh does both);
+skips with the reason where one is missing. The page is built into a temporary folder, served
+on 127.0.0.1 and driven by web/scripts/check_page.mjs (playwright-core), which also refuses
+and records any request that leaves the page's own origin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bn_onnx.cli.serve_web import static_server
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB = ROOT / "web"
+MODEL_DIR = Path(os.environ.get("BN_ONNX_MODEL_DIR", ROOT / "models" / "digits"))
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# float32 logits from two builds of onnxruntime (MLAS vs. WASM SIMD kernels).
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _missing() -> str | None:
+    node = shutil.which("node")
+    if node is None:
+        return "node not found (install Node.js 20+; CI runs tools/install_web_deps.sh)"
+    if not Path(CHROMIUM).exists():
+        return f"chromium not found at {CHROMIUM} (apt-get install chromium)"
+    for pkg in ("vite", "playwright-core", "onnxruntime-web"):
+        if not (WEB / "node_modules" / pkg / "package.json").is_file():
+            return f"web/node_modules/{pkg} missing (run `npm ci` in web/)"
+    for name in ("model.folded.onnx", "sample_input.npy"):
+        if not (MODEL_DIR / name).is_file():
+            return f"shipped model file missing: {MODEL_DIR / name}"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_missing() is not None, reason=str(_missing())),
+]
+
+
+@pytest.fixture
+def page_url(tmp_path: Path):
+    out = tmp_path / "dist"
+    env = dict(os.environ, BN_ONNX_MODEL_DIR=str(MODEL_DIR))
+    vite = WEB / "node_modules" / "vite" / "bin" / "vite.js"
+    build = subprocess.run(
+        ["node", str(vite), "build", "--outDir", str(out), "--emptyOutDir", "--logLevel", "warn"],
+        cwd=WEB,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert (out / "index.html").is_file()
+    server = static_server(out, 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def _drive(url: str, *extra: str) -> dict:
+    run = subprocess.run(
+        ["node", "scripts/check_page.mjs", url, "--chromium", CHROMIUM, *extra],
+        cwd=WEB,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_page_predictions_match_onnxruntime_in_python(page_url: str, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    X = np.load(MODEL_DIR / "sample_input.npy", allow_pickle=False)
+    assert X.dtype == np.float32 and X.ndim == 2
+    rows = np.random.default_rng(0).integers(0, 17, (5, X.shape[1])).astype(np.float32)
+    rows_file = tmp_path / "rows.json"
+    rows_file.write_text(json.dumps(rows.tolist()))
+    shot = tmp_path / "page.png"
+    result = _drive(page_url, "--rows", str(rows_file), "--screenshot", str(shot), "--draw")
+
+    session = ort.InferenceSession(
+        str(MODEL_DIR / "model.folded.onnx"), providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    # The page offers exactly the shipped samples and ran them through onnxruntime-web.
+    np.testing.assert_array_equal(np.asarray(result["samples"], np.float32), X)
+    got = np.asarray(result["logits"], dtype=np.float32)
+    want = session.run(None, {name: X})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).all()
+    expected_file = MODEL_DIR / "sample_output.npy"
+    if expected_file.is_file():
+        expected = np.load(expected_file, allow_pickle=False)
+        np.testing.assert_allclose(got, expected, atol=ATOL, rtol=RTOL)
+    # window.predict takes any rows, not only the samples.
+    got_rows = np.asarray(result["rows_logits"], dtype=np.float32)
+    np.testing.assert_allclose(got_rows, session.run(None, {name: rows})[0], atol=ATOL, rtol=RTOL)
+
+    # What a person sees: sample 0 is shown with its predicted class on top; drawing a digit
+    # with the mouse gives a prediction too. Nothing was fetched from outside the page.
+    assert result["shown_class"] == str(int(want[0].argmax()))
+    assert result["drawn_class"] in [str(k) for k in range(want.shape[1])]
+    assert result["foreign_requests"] == []
+    assert result["console_errors"] == []
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
