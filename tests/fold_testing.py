@@ -85,3 +85,108 @@ def fold_and_compare(
 
 def reasons(result: FoldResult) -> list[str]:
     return [e.reason or "" for e in result.report.entries if e.status == "left"]
+
+
+def random_mlp(draw_int, draw_float, draw_bool) -> tuple[onnx.ModelProto, int]:
+    """A random MLP-shaped graph where every BN is foldable; returns (model, input width).
+
+    The draw_* callables pick the structure (hypothesis `data.draw` or a numpy generator):
+    BN on the input, per layer Gemm (transB, alpha, beta, bias) or MatMul (+Add, either side),
+    BN before or after the activation or none, Identity/Dropout after the BN, weights shared
+    between layers of one shape, parameters as initializers or Constant nodes.
+    """
+    rng = np.random.default_rng(draw_int(0, 2**31 - 1))
+    inits: dict[str, np.ndarray] = {}
+    lines: list[str] = []
+    n_in = draw_int(2, 6)
+    width, cur, k = n_in, "x", 0
+
+    def name(prefix: str) -> str:
+        nonlocal k
+        k += 1
+        return f"{prefix}{k}"
+
+    def add_bn(src: str, n: int) -> str:
+        params = bn_params(rng, n)
+        names = []
+        as_constant = draw_bool()
+        for key, value in params.items():
+            nm = name(key)
+            if as_constant:
+                vals = ", ".join(repr(float(v)) for v in value)
+                lines.append(f"{nm} = Constant <value = float[{n}] {{{vals}}}> ()")
+            else:
+                inits[nm] = value
+            names.append(nm)
+        out = name("bn")
+        lines.append(f"{out} = BatchNormalization ({src}, {', '.join(names)})")
+        tail = draw_int(0, 2)
+        if tail == 1:
+            nxt = name("id")
+            lines.append(f"{nxt} = Identity ({out})")
+            out = nxt
+        elif tail == 2:
+            nxt = name("do")
+            lines.append(f"{nxt} = Dropout ({out})")
+            out = nxt
+        return out
+
+    shared: dict[tuple[int, ...], str] = {}
+
+    def weight(shape: tuple[int, ...]) -> str:
+        if shape in shared and draw_bool():
+            return shared[shape]
+        nm = name("W")
+        inits[nm] = rng.normal(0, 1 / np.sqrt(shape[0]), size=shape).astype(np.float32)
+        shared[shape] = nm
+        return nm
+
+    def linear(src: str, n_out: int) -> str:
+        out = name("z")
+        if draw_bool():  # Gemm
+            trans_b = draw_bool()
+            alpha = draw_float(0.25, 2.0)
+            beta = draw_float(0.0, 2.0)
+            w = weight((n_out, width) if trans_b else (width, n_out))
+            c = ""
+            if draw_bool():
+                c = name("C")
+                inits[c] = rng.normal(size=(n_out,)).astype(np.float32)
+                c = ", " + c
+            attrs = f"transB={int(trans_b)}, alpha={alpha!r}, beta={beta!r}"
+            lines.append(f"{out} = Gemm <{attrs}> ({src}, {w}{c})")
+        else:
+            w = weight((width, n_out))
+            if draw_bool():
+                mid = name("mm")
+                lines.append(f"{mid} = MatMul ({src}, {w})")
+                b = name("B")
+                inits[b] = rng.normal(size=(n_out,)).astype(np.float32)
+                args = f"{mid}, {b}" if draw_bool() else f"{b}, {mid}"
+                lines.append(f"{out} = Add ({args})")
+            else:
+                lines.append(f"{out} = MatMul ({src}, {w})")
+        return out
+
+    if draw_bool():
+        cur = add_bn(cur, width)
+    for _ in range(draw_int(1, 3)):
+        n_out = draw_int(2, 6)
+        z = linear(cur, n_out)
+        width = n_out
+        act = ["Relu", "Tanh", "Sigmoid"][draw_int(0, 2)]
+        placement = draw_int(0, 2)  # 0 pre, 1 post, 2 none
+        if placement == 0:
+            z = add_bn(z, width)
+        a = name("a")
+        lines.append(f"{a} = {act} ({z})")
+        cur = add_bn(a, width) if placement == 1 else a
+    n_out = draw_int(1, 4)
+    head = linear(cur, n_out)
+    lines.append(f"y = Identity ({head})")
+    body = "\n  ".join(lines)
+    text = f"""<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, {n_in}] x) => (float[N, {n_out}] y) {{
+  {body}
+}}"""
+    return model_from_text(text, inits), n_in
