@@ -553,14 +553,71 @@ class ProcessRun:
     maxrss_bytes: int
     stdout: str
     stderr: str
+    peak_anon_bytes: int | None = None
+    peak_file_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form without the captured output."""
-        return {
+        d: dict[str, Any] = {
             "returncode": self.returncode,
             "wall_s": self.wall_s,
             "maxrss_mb": self.maxrss_bytes / 2**20,
         }
+        if self.peak_anon_bytes is not None:
+            d["peak_rss_anon_mb"] = self.peak_anon_bytes / 2**20
+            d["peak_rss_file_mb"] = (self.peak_file_bytes or 0) / 2**20
+        return d
+
+
+# Runs in a fresh, small interpreter: forks the command, polls it, reaps it with wait4. A
+# child's peak RSS keeps what its parent had mapped at fork time (Linux carries it across
+# exec), so the command must not be forked from a big process such as the benchmark itself.
+_LAUNCHER = r"""
+import json, os, sys, time
+report, sample, timeout = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
+cmd = sys.argv[4:]
+
+def split(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return None
+    v = {}
+    for line in text.splitlines():
+        k, _, rest = line.partition(":")
+        if k in ("RssAnon", "RssFile", "RssShmem"):
+            v[k] = int(rest.split()[0]) * 1024
+    return (v["RssAnon"], v.get("RssFile", 0) + v.get("RssShmem", 0)) if "RssAnon" in v else None
+
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(cmd[0], cmd)
+    finally:
+        os._exit(127)
+anon = fil = None
+while True:
+    done, status, usage = os.wait4(pid, os.WNOHANG)
+    if done:
+        break
+    if sample:
+        s = split(pid)
+        if s is not None:
+            anon, fil = max(anon or 0, s[0]), max(fil or 0, s[1])
+    now = time.perf_counter()
+    if now - t0 > timeout:
+        os.kill(pid, 9)
+        done, status, usage = os.wait4(pid, 0)
+        break
+    time.sleep(0.002 if now - t0 < 2.0 else 0.01)
+wall = time.perf_counter() - t0
+scale = 1 if sys.platform == "darwin" else 1024
+with open(report, "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "wall": wall,
+               "maxrss": usage.ru_maxrss * scale, "anon": anon, "file": fil}, f)
+"""
 
 
 def measure_process(
@@ -569,37 +626,40 @@ def measure_process(
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     timeout_s: float = 3600.0,
+    sample_rss: bool = False,
 ) -> ProcessRun:
     """Run `cmd` and return its wall time and peak RSS (`wait4` rusage of that child alone).
 
-    Output is captured through temporary files, not pipes, so a chatty child cannot block.
+    The command is started from a small launcher interpreter, so its peak RSS does not inherit
+    this process's size; the floor is the launcher's own RSS (about 10 MB). Peak RSS counts
+    file pages mapped into the process (a memory-mapped input that was read stays resident
+    while memory is plentiful). With `sample_rss`, /proc is polled every few ms for the peak
+    anonymous (heap) and file-backed parts separately (Linux only; a peak shorter than the
+    polling interval can be missed). Output goes to temporary files, not pipes.
     """
     import tempfile
 
-    if not hasattr(os, "wait4"):
-        raise UsageError("measuring a process's peak memory needs os.wait4 (Linux, macOS)")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
-        deadline = t0 + timeout_s
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.002)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    if not hasattr(os, "wait4") or not hasattr(os, "fork"):
+        raise UsageError("measuring a process's peak memory needs fork and wait4 (Linux, macOS)")
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        report = Path(tmp) / "report.json"
+        launcher = [sys.executable, "-S", "-c", _LAUNCHER, str(report)]
+        launcher += ["1" if sample_rss else "0", str(timeout_s), *cmd]
+        subprocess.run(
+            launcher, stdout=out, stderr=err, env=env, cwd=cwd, timeout=timeout_s + 60, check=False
+        )
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
-    # ru_maxrss is in KiB on Linux, in bytes on macOS.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return ProcessRun(proc.returncode, wall, int(usage.ru_maxrss) * scale, stdout, stderr)
+        if not report.is_file():
+            raise RuntimeError(f"process launcher failed: {stderr.strip()[-500:]}")
+        r = json.loads(report.read_text())
+    return ProcessRun(r["rc"], r["wall"], int(r["maxrss"]), stdout, stderr, r["anon"], r["file"])
 
 
 # --- output -------------------------------------------------------------------------------
