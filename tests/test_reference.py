@@ -1,0 +1,330 @@
+"""The float64 reference against torch (float64), onnx's ReferenceEvaluator and plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+from test_verify_models import build_onnx, make_checkpoint, make_tensors
+
+from bn_onnx import graphs, reference
+from bn_onnx.errors import InputDataError, UnsupportedModelError
+from bn_onnx.model_config import MLPConfig
+
+torch = pytest.importorskip("torch")
+
+
+def _torch64(config: MLPConfig, tensors: dict, x: np.ndarray) -> np.ndarray:
+    from bn_onnx.model import MLP
+
+    model = MLP(config)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()})
+    model = model.double().eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(x.astype(np.float64))).numpy()
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("bn", ["pre", "post", "none"])
+@pytest.mark.parametrize("input_norm", [True, False])
+def test_checkpoint_forward_equals_torch_in_float64(bn, activation, input_norm):
+    config = MLPConfig(
+        in_features=7,
+        out_features=4,
+        hidden=(9, 5),
+        bn=bn,
+        activation=activation,
+        input_norm=input_norm,
+        dropout=0.2,
+    )
+    x = (np.random.default_rng(1).standard_normal((30, 7)) * 3 + 1).astype(np.float32)
+    tensors = make_tensors(config, x, seed=2)
+    fwd = reference.forward_tensors(config, tensors, x)
+    np.testing.assert_allclose(fwd.output, _torch64(config, tensors, x), rtol=1e-12, atol=1e-12)
+    labels = [label for label, _ in fwd.taps]
+    assert labels == [
+        "block 0 pre-activation",
+        "block 0 activation",
+        "block 1 pre-activation",
+        "block 1 activation",
+        "output",
+    ]
+
+
+def test_checkpoint_forward_reads_a_checkpoint_directory(tmp_path):
+    path, config, tensors, x, _ = make_checkpoint(tmp_path, "wine", bn="post")
+    from_dir = reference.checkpoint_forward(path, x).output
+    np.testing.assert_array_equal(from_dir, reference.forward_tensors(config, tensors, x).output)
+    np.testing.assert_allclose(from_dir, _torch64(config, tensors, x), rtol=1e-12, atol=1e-10)
+
+
+def test_checkpoint_forward_refuses_wrong_width():
+    config = MLPConfig(in_features=3, out_features=2, hidden=(4,))
+    tensors = make_tensors(
+        config, np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)
+    )
+    with pytest.raises(InputDataError, match="3"):
+        reference.forward_tensors(config, tensors, np.zeros((2, 4)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    c=st.integers(1, 6),
+    eps=st.floats(1e-6, 1e-1),
+    seed=st.integers(0, 2**16),
+)
+def test_bn_with_gamma_sqrt_var_and_beta_mean_is_the_identity(c, eps, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((5, c)) * 4
+    mean = rng.standard_normal(c)
+    var = rng.uniform(0.01, 9, c)
+    y = reference.batch_norm(x, np.sqrt(var + eps), mean, mean, var, eps)
+    np.testing.assert_allclose(y, x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bn", graphs.PLACEMENTS)
+@pytest.mark.parametrize("variant", graphs.VARIANTS)
+def test_onnx_forward_matches_the_graph_builders_float64_oracle(variant, bn):
+    widths = [11, 17, 9, 4]
+    x = np.random.default_rng(0).standard_normal((13, 11)).astype(np.float32)
+    model = graphs.build_mlp(widths, variant, seed=5, bn=bn)
+    np.testing.assert_allclose(
+        reference.onnx_output(model, x),
+        graphs.mlp_reference(widths, x, variant, seed=5, bn=bn),
+        rtol=1e-11,
+        atol=1e-11,
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("bn", ["pre", "post"])
+def test_onnx_forward_of_hand_built_graphs_equals_checkpoint_forward(bn, activation):
+    config = MLPConfig(in_features=6, out_features=3, hidden=(8, 5), bn=bn, activation=activation)
+    x = np.random.default_rng(3).standard_normal((20, 6)).astype(np.float32)
+    tensors = make_tensors(config, x)
+    expected = reference.forward_tensors(config, tensors, x).output
+    unfolded = reference.onnx_output(build_onnx(config, tensors, folded=False), x)
+    # the unfolded graph holds the same float32 parameters: equal up to float64 rounding (GELU's
+    # graph constant sqrt(2) is a float32, off by 1e-8 relative)
+    tol = 1e-6 if activation == "gelu" else 1e-10
+    np.testing.assert_allclose(unfolded, expected, rtol=tol, atol=tol)
+    folded = reference.onnx_output(build_onnx(config, tensors, folded=True), x)
+    # the folded one rounded its folded parameters to float32 once
+    np.testing.assert_allclose(folded, expected, rtol=1e-5, atol=1e-5)
+
+
+def _double_model(nodes, inputs, output_shape, inits=(), opset=18):
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.DOUBLE, s) for n, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, output_shape)],
+        list(inits),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    return model
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 5),
+    k=st.integers(1, 5),
+    n=st.integers(1, 5),
+    alpha=st.floats(-2, 2),
+    beta=st.floats(-2, 2),
+    trans_a=st.booleans(),
+    trans_b=st.booleans(),
+    with_c=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_gemm_attributes_match_the_onnx_reference_evaluator(
+    m, k, n, alpha, beta, trans_a, trans_b, with_c, seed
+):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((k, m) if trans_a else (m, k))
+    b = rng.standard_normal((n, k) if trans_b else (k, n))
+    c = rng.standard_normal(n)
+    inits = [numpy_helper.from_array(b, "B")] + (
+        [numpy_helper.from_array(c, "C")] if with_c else []
+    )
+    node = helper.make_node(
+        "Gemm",
+        ["a", "B"] + (["C"] if with_c else []),
+        ["y"],
+        alpha=alpha,
+        beta=beta,
+        transA=int(trans_a),
+        transB=int(trans_b),
+    )
+    model = _double_model([node], [("a", list(a.shape))], [m, n], inits)
+    got = reference.onnx_forward(model, a)["y"]
+    np.testing.assert_allclose(
+        got, ReferenceEvaluator(model).run(None, {"a": a})[0], rtol=1e-12, atol=1e-12
+    )
+
+
+def _const(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+@pytest.mark.parametrize(
+    "nodes, inits, out_shape",
+    [
+        (
+            [
+                helper.make_node("MatMul", ["x", "W"], ["m"]),
+                helper.make_node("Add", ["m", "b"], ["y"]),
+            ],
+            [
+                _const("W", np.arange(12.0).reshape(4, 3) / 7),
+                _const("b", np.array([0.5, -1.0, 2.0])),
+            ],
+            [2, 3],
+        ),
+        (
+            [
+                helper.make_node("Sub", ["x", "b"], ["s"]),
+                helper.make_node("Div", ["s", "d"], ["y"]),
+            ],
+            [_const("b", np.arange(4.0)), _const("d", np.array(3.0))],
+            [2, 4],
+        ),
+        ([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [], [2, 4]),
+        ([helper.make_node("Gelu", ["x"], ["y"])], [], [2, 4]),
+        ([helper.make_node("Gelu", ["x"], ["y"], approximate="tanh")], [], [2, 4]),
+        ([helper.make_node("Flatten", ["x"], ["y"], axis=1)], [], [2, 4]),
+        (
+            [helper.make_node("Reshape", ["x", "s"], ["y"])],
+            [_const("s", np.array([0, 2, 2], np.int64))],
+            [2, 2, 2],
+        ),
+        (
+            [
+                helper.make_node("Cast", ["x"], ["c"], to=TensorProto.DOUBLE),
+                helper.make_node("Identity", ["c"], ["y"]),
+            ],
+            [],
+            [2, 4],
+        ),
+        ([helper.make_node("Dropout", ["x"], ["y"])], [], [2, 4]),
+        (
+            [
+                helper.make_node("Constant", [], ["k"], value=_const("v", np.array(2.5))),
+                helper.make_node("Mul", ["x", "k"], ["y"]),
+            ],
+            [],
+            [2, 4],
+        ),
+        (
+            [
+                helper.make_node("Erf", ["x"], ["e"]),
+                helper.make_node("Tanh", ["e"], ["t"]),
+                helper.make_node("Sigmoid", ["t"], ["y"]),
+            ],
+            [],
+            [2, 4],
+        ),
+        (
+            [
+                helper.make_node(
+                    "BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], epsilon=1e-3
+                )
+            ],
+            [
+                _const("g", np.array([1.0, 2, 3, 4])),
+                _const("b", np.array([0.0, 1, 0, -1])),
+                _const("m", np.array([0.5, 0, -0.5, 1])),
+                _const("v", np.array([1.0, 0.25, 4, 9])),
+            ],
+            [2, 4],
+        ),
+    ],
+    ids=[
+        "matmul-add",
+        "sub-div",
+        "softmax",
+        "gelu",
+        "gelu-tanh",
+        "flatten",
+        "reshape",
+        "cast-identity",
+        "dropout",
+        "constant-mul",
+        "erf-tanh-sigmoid",
+        "batchnorm",
+    ],
+)
+def test_each_supported_op_matches_the_onnx_reference_evaluator(nodes, inits, out_shape):
+    opset = 20 if any(n.op_type == "Gelu" for n in nodes) else 18
+    model = _double_model(nodes, [("x", [2, 4])], out_shape, inits, opset=opset)
+    x = np.random.default_rng(0).standard_normal((2, 4)) * 2
+    got = reference.onnx_forward(model, x)["y"]
+    # the evaluator's Erf/Gelu are good to ~1e-8; ours use math.erf (see the test below)
+    tol = 1e-7 if any(n.op_type in ("Gelu", "Erf") for n in nodes) else 1e-12
+    np.testing.assert_allclose(
+        got, ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=tol, atol=tol
+    )
+
+
+def test_gelu_and_erf_are_exact_at_known_points():
+    # GELU(1) = Phi(1) and erf(1), to 16 digits
+    np.testing.assert_allclose(reference.gelu(np.array([1.0])), [0.8413447460685429], rtol=1e-15)
+    np.testing.assert_allclose(reference.erf(np.array([1.0])), [0.8427007929497149], rtol=1e-15)
+    np.testing.assert_allclose(reference.sigmoid(np.array([-800.0, 0.0, 800.0])), [0, 0.5, 1])
+
+
+def test_unsupported_op_is_named():
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="rnn0", hidden_size=2)
+    model = _double_model([node], [("x", [1, 1, 4])], [1, 1, 1, 2])
+    with pytest.raises(UnsupportedModelError, match="LSTM.*rnn0"):
+        reference.onnx_forward(model, np.zeros((1, 1, 4)))
+
+
+def test_custom_domain_op_is_named():
+    node = helper.make_node("FusedGemm", ["x", "x"], ["y"], domain="com.microsoft", name="fg")
+    model = _double_model([node], [("x", [2, 2])], [2, 2])
+    with pytest.raises(UnsupportedModelError, match="com.microsoft::FusedGemm"):
+        reference.onnx_forward(model, np.zeros((2, 2)))
+
+
+def test_training_mode_batchnorm_is_refused():
+    node = helper.make_node("BatchNormalization", ["x", "g", "g", "g", "g"], ["y"], training_mode=1)
+    model = _double_model([node], [("x", [2, 2])], [2, 2], [_const("g", np.ones(2))])
+    with pytest.raises(UnsupportedModelError, match="training_mode"):
+        reference.onnx_forward(model, np.zeros((2, 2)))
+
+
+def test_intermediate_values_can_be_requested():
+    model = graphs.build_mlp([5, 4, 3], "unfolded", seed=1)
+    x = np.ones((2, 5), np.float32)
+    vals = reference.onnx_forward(model, x, ["block0.bn", "block0.relu"])
+    np.testing.assert_array_equal(vals["block0.relu"], np.maximum(vals["block0.bn"], 0))
+    assert set(vals) == {"block0.bn", "block0.relu"}
+
+
+def test_evaluator_run_is_a_third_runner():
+    widths = [6, 5, 3]
+    model = graphs.build_mlp(widths, "unfolded", seed=2)
+    x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    np.testing.assert_allclose(
+        reference.evaluator_run(model, x),
+        graphs.mlp_reference(widths, x, seed=2),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_onnx_forward_of_checkpoint_graph_names_missing_inputs():
+    config = MLPConfig(in_features=3, out_features=2, hidden=(4,))
+    tensors = make_tensors(
+        config, np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+    )
+    model = build_onnx(config, tensors, folded=False)
+    with pytest.raises(InputDataError, match="input"):
+        reference.onnx_forward(model, {"wrong": np.zeros((1, 3))})
+    assert onnx.checker.check_model(model) is None
