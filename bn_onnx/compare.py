@@ -169,7 +169,7 @@ def compare_arrays(
     diff = np.where(np.isnan(diff), np.inf, diff)
     result.max_abs = float(diff.max())
     result.median_abs = float(np.median(diff))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = np.where(diff == 0, 0.0, diff / np.abs(b))
     rel = np.where(np.isnan(rel), np.inf, rel)
     result.max_rel = float(rel.max())
