@@ -1,10 +1,11 @@
 """The browser page in headless Chromium: the folded digits model in onnxruntime-web (WASM)
 must give the same logits as onnxruntime in Python for the shipped sample inputs.
 
-Needs Node, Debian's chromium and `npm ci` in web/ (tools/install_web_deps.sh does both);
-skips with the reason where one is missing. The page is built into a temporary folder, served
-on 127.0.0.1 and driven by web/scripts/check_page.mjs (playwright-core), which also refuses
-and records any request that leaves the page's own origin.
+Needs Node.js with npm and Debian's chromium (tools/install_web_deps.sh installs chromium and
+runs `npm ci`); skips with the reason where Node or Chromium is missing, and runs `npm ci` in
+web/ itself when web/node_modules lacks the packages. The page is built into a temporary
+folder, served on 127.0.0.1 and driven by web/scripts/check_page.mjs (playwright-core), which
+also refuses and records any request that leaves the page's own origin.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ATOL, RTOL = 1e-5, 1e-4
 
 
+NODE_PACKAGES = ("vite", "playwright-core", "onnxruntime-web")
+
+
 def _missing() -> str | None:
-    node = shutil.which("node")
-    if node is None:
-        return "node not found (install Node.js 20+; CI runs tools/install_web_deps.sh)"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node/npm not found (install Node.js 20+; CI runs tools/install_web_deps.sh)"
     if not Path(CHROMIUM).exists():
         return f"chromium not found at {CHROMIUM} (apt-get install chromium)"
-    for pkg in ("vite", "playwright-core", "onnxruntime-web"):
-        if not (WEB / "node_modules" / pkg / "package.json").is_file():
-            return f"web/node_modules/{pkg} missing (run `npm ci` in web/)"
     for name in ("model.folded.onnx", "sample_input.npy"):
         if not (MODEL_DIR / name).is_file():
             return f"shipped model file missing: {MODEL_DIR / name}"
@@ -50,8 +50,24 @@ pytestmark = [
 ]
 
 
+def _npm_ci() -> None:
+    """Install the page's npm packages from web/package-lock.json when they are not there."""
+    if all((WEB / "node_modules" / p / "package.json").is_file() for p in NODE_PACKAGES):
+        return
+    run = subprocess.run(
+        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        cwd=WEB,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if run.returncode != 0:
+        pytest.fail(f"`npm ci` in web/ failed: {(run.stdout + run.stderr)[-2000:]}")
+
+
 @pytest.fixture
 def page_url(tmp_path: Path):
+    _npm_ci()
     out = tmp_path / "dist"
     env = dict(os.environ, BN_ONNX_MODEL_DIR=str(MODEL_DIR))
     vite = WEB / "node_modules" / "vite" / "bin" / "vite.js"
