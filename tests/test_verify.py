@@ -1,0 +1,241 @@
+"""verify: folded vs unfolded vs float64 vs torch on real datasets; tampering caught and located."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from test_verify_models import DATASETS, build_onnx, make_checkpoint, perturb, write_pair
+
+from bn_onnx import graphs, verify
+from bn_onnx.errors import InputDataError, ProviderError, UsageError
+from bn_onnx.model_config import MLPConfig
+
+ACTIVATIONS = ["relu", "gelu", "silu", "tanh", "sigmoid"]
+
+
+def _torch_runner():
+    pytest.importorskip("torch")
+    from bn_onnx.torch_eval import run_checkpoint
+
+    return run_checkpoint
+
+
+CASES = [
+    (ds, bn, ACTIVATIONS[(i + j) % len(ACTIVATIONS)])
+    for i, ds in enumerate(DATASETS)
+    for j, bn in enumerate(["pre", "post", "none"])
+]
+
+
+@pytest.mark.parametrize("dataset, bn, activation", CASES)
+def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activation):
+    ckpt, config, tensors, x, classes = make_checkpoint(
+        tmp_path, dataset, bn=bn, activation=activation, input_norm=True
+    )
+    unfolded, folded = write_pair(tmp_path, config, tensors, classes)
+    report = verify.verify(
+        [unfolded, folded], checkpoint=ckpt, inputs=x, provider="cpu", torch_runner=_torch_runner()
+    )
+    labels = [r.label for r in report.runs]
+    assert labels == [
+        "float64 reference",
+        "torch eval",
+        "model.onnx [cpu]",
+        "model.folded.onnx [cpu]",
+    ]
+    assert report.passed, verify.render(report)
+    assert report.exit_code == 0
+    # every run against float64, and folded against unfolded
+    assert len(report.pairs) == 4
+    assert all(p.comparison.argmax_agreement == 1.0 for p in report.pairs)
+    (row,) = report.folding
+    assert not row.adds_error
+    assert row.folded_max_abs < 1e-4 * max(1.0, float(np.abs(report.runs[0].output).max()))
+
+
+@pytest.mark.parametrize("bn", ["pre", "post"])
+@pytest.mark.parametrize("layer", ["blocks.0.linear", "blocks.1.linear", "head"])
+def test_a_perturbed_weight_fails_and_locate_names_its_layer(tmp_path, bn, layer):
+    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "wine", bn=bn, hidden=(12, 8))
+    unfolded, folded = write_pair(tmp_path, config, tensors, classes)
+    tampered = perturb(folded, f"{layer}.w", tmp_path / "tampered.onnx", delta=0.5)
+    report = verify.verify(
+        [unfolded, tampered], checkpoint=ckpt, inputs=x, provider="cpu", locate=True
+    )
+    assert not report.passed and report.exit_code == 1
+    failed = {(p.actual, p.expected) for p in report.pairs if not p.passed}
+    assert ("tampered.onnx [cpu]", "float64 reference") in failed
+    assert ("tampered.onnx [cpu]", "model.onnx [cpu]") in failed
+    expected_first = {
+        "blocks.0.linear": "block 0 pre-activation",
+        "blocks.1.linear": "block 1 pre-activation",
+        "head": "output",
+    }[layer]
+    locs = {(loc.actual, loc.expected): loc for loc in report.locations}
+    for key in failed:
+        loc = locs[key]
+        assert loc.first == expected_first, verify.render(report)
+        assert layer in loc.nodes_actual
+    assert "first divergence" in verify.render(report)
+
+
+def test_float64_reference_of_the_unfolded_graph_without_checkpoint(tmp_path):
+    widths = [10, 16, 12, 4]
+    u, f = tmp_path / "u.onnx", tmp_path / "f.onnx"
+    onnx.save(graphs.build_mlp(widths, "unfolded", seed=7, bn="post"), u)
+    onnx.save(graphs.build_mlp(widths, "folded", seed=7, bn="post"), f)
+    # folded first: the reference must still come from the unfolded graph
+    report = verify.verify([f, u], provider="cpu", rows=64, seed=3)
+    assert report.runs[0].detail == "numpy float64 of u.onnx"
+    assert "seeded random" in report.input_source and report.n_rows == 64
+    assert report.passed
+    np.testing.assert_allclose(
+        report.runs[0].output,
+        graphs.mlp_reference(
+            widths,
+            np.random.default_rng(3).standard_normal((64, 10)).astype(np.float32),
+            "unfolded",
+            seed=7,
+            bn="post",
+        ),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+
+
+def test_dropping_a_bn_is_caught_without_a_checkpoint(tmp_path):
+    widths = [10, 16, 4]
+    u, n = tmp_path / "u.onnx", tmp_path / "n.onnx"
+    onnx.save(graphs.build_mlp(widths, "unfolded", seed=1), u)
+    onnx.save(graphs.build_mlp(widths, "no_bn", seed=1), n)
+    report = verify.verify([u, n], provider="cpu", locate=True)
+    assert not report
+    loc = report.locations[0]
+    assert loc.first == "block 0 pre-activation"
+    assert "block0.bn" in loc.nodes_expected and "block0.bn" not in loc.nodes_actual
+
+
+@pytest.mark.parametrize("bn", ["pre", "post", "none"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_taps_line_up_between_folded_and_unfolded(bn, activation):
+    config = MLPConfig(in_features=4, out_features=3, hidden=(5, 6), bn=bn, activation=activation)
+    from test_verify_models import make_tensors
+
+    t = make_tensors(config, np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32))
+    labels = [
+        "block 0 pre-activation",
+        "block 0 activation",
+        "block 1 pre-activation",
+        "block 1 activation",
+        "output",
+    ]
+    for folded in (False, True):
+        taps = verify.find_taps(build_onnx(config, t, folded=folded))
+        assert [tap.label for tap in taps] == labels
+        assert taps[-1].tensor == "logits"
+        assert taps[1].tensor == "blocks.0.act.out"
+
+
+def test_taps_values_match_the_checkpoint_forward():
+    from test_verify_models import make_tensors
+
+    from bn_onnx import reference
+
+    config = MLPConfig(in_features=4, out_features=3, hidden=(5, 6), bn="post", activation="gelu")
+    x = np.random.default_rng(1).standard_normal((20, 4)).astype(np.float32)
+    t = make_tensors(config, x)
+    model = build_onnx(config, t, folded=True)
+    taps = verify.find_taps(model)
+    vals = reference.onnx_forward(model, x, [tap.tensor for tap in taps])
+    fwd = dict(reference.forward_tensors(config, t, x).taps)
+    for tap in taps:
+        np.testing.assert_allclose(vals[tap.tensor], fwd[tap.label], rtol=1e-5, atol=1e-5)
+
+
+def test_report_json_and_render(tmp_path):
+    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "iris")
+    u, f = write_pair(tmp_path, config, tensors, classes)
+    report = verify.verify([u, f], checkpoint=ckpt, provider="cpu")
+    path = tmp_path / "r.json"
+    verify.write_report(report, path)
+    data = json.loads(path.read_text())
+    assert data["passed"] is True
+    assert data["tf32"].startswith("TF32: not applicable")
+    assert data["input"]["rows"] == len(x) or "random" in data["input"]["source"]
+    text = verify.render(report)
+    assert "providers used: cpu" in text and text.endswith("within tolerance")
+    assert "torch is not installed" in text  # no torch runner passed
+
+
+def test_checkpoint_test_split_is_the_default_input(tmp_path, monkeypatch):
+    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "iris")
+    meta_path = ckpt / "config.json"
+    meta = json.loads(meta_path.read_text())
+    meta["dataset"] = {"name": "iris", "source": "sklearn", "seed": 0}
+    meta_path.write_text(json.dumps(meta))
+    u, f = write_pair(tmp_path, config, tensors, classes)
+
+    class _Split:
+        x_test = x[:17]
+
+    import bn_onnx.data
+
+    monkeypatch.setattr(bn_onnx.data, "load_split_from_checkpoint_meta", lambda m: _Split())
+    report = verify.verify([u, f], checkpoint=ckpt, provider="cpu")
+    assert report.n_rows == 17 and "test split (iris" in report.input_source
+
+
+def test_bad_inputs_raise_project_errors(tmp_path):
+    u = tmp_path / "u.onnx"
+    onnx.save(graphs.build_mlp([6, 4, 2], "unfolded"), u)
+    with pytest.raises(InputDataError, match="expects 6"):
+        verify.verify([u], inputs=np.zeros((3, 5), np.float32), provider="cpu")
+    with pytest.raises(InputDataError, match="non-finite"):
+        verify.verify([u], inputs=np.full((3, 6), np.nan, np.float32), provider="cpu")
+    with pytest.raises(ProviderError):
+        verify.verify([u], provider="cuda")
+    other = tmp_path / "o.onnx"
+    onnx.save(graphs.build_mlp([7, 4, 2], "unfolded"), other)
+    with pytest.raises(UsageError, match="features"):
+        verify.verify([u, other], provider="cpu")
+
+
+def test_export_based_models_verify_against_the_checkpoint(tmp_path):
+    export = pytest.importorskip("bn_onnx.export")
+    if not hasattr(export, "export_checkpoint"):
+        pytest.skip("bn_onnx.export.export_checkpoint not available yet")
+    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "digits", bn="pre")
+    u, f = tmp_path / "e.onnx", tmp_path / "e.folded.onnx"
+    export.export_checkpoint(ckpt, u)
+    export.export_checkpoint(ckpt, f, fold=True)
+    report = verify.verify(
+        [u, f],
+        checkpoint=ckpt,
+        inputs=x[:200],
+        provider="cpu",
+        torch_runner=_torch_runner(),
+        locate=True,
+    )
+    assert report.passed, verify.render(report)
+    assert [tap.label for tap in verify.find_taps(onnx.load(u))] == [
+        tap.label for tap in verify.find_taps(onnx.load(f))
+    ]
+
+
+def test_torch_free_modules_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "import bn_onnx.runtime, bn_onnx.verify, bn_onnx.reference, bn_onnx.compare, "
+        "bn_onnx.arrays\n"
+        "import bn_onnx.cli.run, bn_onnx.cli.verify\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
