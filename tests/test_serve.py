@@ -413,3 +413,75 @@ def test_cli_serve_rejects_a_bad_port(capsys) -> None:
         main(["serve", "m.onnx", "--port", "70000"])
     assert exc.value.code == 2
     assert "expected a port in 0..65535" in capsys.readouterr().err
+
+
+def test_real_server_finishes_requests_in_flight_when_told_to_stop(digits) -> None:
+    path, w = digits
+    predictor = Predictor(path, provider="cpu", threads=1)
+    real_predict = predictor.predict
+    inputs = [_rows(1, seed=k) for k in range(8)]
+    all_in = threading.Event()  # every request has reached the batcher
+
+    def slow_predict(X: np.ndarray) -> np.ndarray:
+        all_in.wait(10)
+        threading.Event().wait(0.2)  # the stop arrives while this batch runs
+        return real_predict(X)
+
+    predictor.predict = slow_predict  # type: ignore[method-assign]
+    app = create_app(predictor, max_batch=4, batch_wait_ms=0)
+    batcher = app.state.batcher
+    submit, arrived = batcher.submit, []
+
+    async def counting_submit(X: np.ndarray) -> np.ndarray:
+        arrived.append(len(X))
+        if len(arrived) == len(inputs):
+            all_in.set()
+        return await submit(X)
+
+    batcher.submit = counting_submit
+    server = make_server(app, log_level="error")
+    sock = bind_socket("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        limits = httpx.Limits(max_connections=8)
+        with (
+            httpx.Client(base_url=base, timeout=20, limits=limits) as c,
+            ThreadPoolExecutor(8) as pool,
+        ):
+            futures = [pool.submit(c.post, "/predict", json={"inputs": X.tolist()}) for X in inputs]
+            assert all_in.wait(15)
+            server.should_exit = True  # what uvicorn's SIGTERM handler does
+            responses = [f.result() for f in futures]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+    assert not thread.is_alive()
+    assert [r.status_code for r in responses] == [200] * len(inputs)
+    for X, r in zip(inputs, responses, strict=True):
+        np.testing.assert_allclose(r.json()["outputs"], forward(w, X), atol=ATOL, rtol=RTOL)
+    assert batcher.stats.requests == len(inputs) and batcher.closing
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(doc=JSON_VALUES | st.fixed_dictionaries({"inputs": JSON_VALUES}))
+def test_any_json_document_gets_200_or_a_400_message_never_a_crash(client: TestClient, doc) -> None:
+    body = json.dumps(doc, allow_nan=True).encode()
+    r = client.post("/predict", content=body)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
+    else:  # only a list of rows of 64 numbers can pass
+        rows = doc["inputs"]
+        assert all(len(row) == 64 for row in rows)
