@@ -24,6 +24,13 @@ from bn_onnx.errors import UnsupportedModelError, UsageError
 PASSTHROUGH = ("Identity", "Dropout")
 LINEAR_BEFORE = ("Gemm", "MatMul", "Add", "Conv", "ConvTranspose")
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+FLOAT_DTYPES = frozenset(helper.tensor_dtype_to_np_dtype(t) for t in FLOAT_TYPES)
+_FAST_DTYPES = {
+    TensorProto.FLOAT: np.dtype("<f4"),
+    TensorProto.FLOAT16: np.dtype("<f2"),
+    TensorProto.DOUBLE: np.dtype("<f8"),
+}
+_FAST_TYPES = {v: k for k, v in _FAST_DTYPES.items()}
 # Ops evaluated when all their inputs are constant (parameters computed by constant subgraphs).
 CONST_OPS = frozenset(
     [
@@ -68,8 +75,9 @@ CONST_OPS = frozenset(
 )
 # A constant subgraph may not build a tensor bigger than this (elements): no memory bombs.
 MAX_CONST_ELEMENTS = 1 << 26
-# Initializers of at most this many elements keep their values in the shape-inference skeleton.
+# Constant nodes of at most this many elements keep their values in the inference skeleton.
 SKELETON_KEEP_ELEMENTS = 64
+_SHAPE_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32})
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,41 +225,111 @@ def _tensor_elements(t: TensorProto) -> int:
     return n
 
 
+_ITEMSIZE: dict[int, int] = {}
+_PACKED = {
+    getattr(TensorProto, n)
+    for n in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+    if hasattr(TensorProto, n)
+}
+_NO_SIZE_CHECK = {TensorProto.STRING, TensorProto.UNDEFINED} | _PACKED
+
+
+def _itemsize(data_type: int) -> int | None:
+    size = _ITEMSIZE.get(data_type)
+    if size is None:
+        try:
+            size = helper.tensor_dtype_to_np_dtype(data_type).itemsize
+        except Exception:
+            return None
+        _ITEMSIZE[data_type] = size
+    return size
+
+
 def _check_tensor_data(t: TensorProto) -> None:
-    """Refuse a tensor whose stored data does not match its dims (a cheap size check)."""
+    """Refuse a tensor whose stored data does not match its dims (the checker's size check).
+
+    Exact for tensors under 1 MB; above, the serialized size is compared without copying the
+    data out of the protobuf.
+    """
     if t.data_location == TensorProto.EXTERNAL:
         raise UnsupportedModelError(
             f"tensor {t.name!r} keeps its data in an external file that was not loaded "
             "(load the model with bn_onnx.onnx_io.load_model)"
         )
-    if any(d < 0 for d in t.dims):
-        raise UnsupportedModelError(f"tensor {t.name!r} has a negative dimension")
-    if t.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+    data_type = t.data_type
+    if data_type in _NO_SIZE_CHECK or not t.HasField("raw_data"):
         return
-    n = _tensor_elements(t)
-    if t.HasField("raw_data"):
-        try:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except Exception:
-            raise UnsupportedModelError(
-                f"tensor {t.name!r} has unknown data type {t.data_type}"
-            ) from None
-        if t.data_type in (TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT4E2M1):
-            return
-        if len(t.raw_data) != n * itemsize:
-            raise UnsupportedModelError(
-                f"tensor {t.name!r}: {len(t.raw_data)} bytes of data for shape "
-                f"{list(t.dims)} ({n * itemsize} expected)"
-            )
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise UnsupportedModelError(f"tensor {t.name!r} has a negative dimension")
+        n *= d
+    itemsize = _itemsize(data_type)
+    if itemsize is None:
+        raise UnsupportedModelError(f"tensor {t.name!r} has unknown data type {data_type}")
+    expected = n * itemsize
+    size = t.ByteSize()
+    if size > 1 << 20:
+        slack = 64 + len(t.name) + len(t.doc_string) + 11 * len(t.dims)
+        ok = expected <= size <= expected + slack
+        actual = f"about {size}"
+    else:
+        actual = len(t.raw_data)
+        ok = actual == expected
+    if not ok:
+        raise UnsupportedModelError(
+            f"tensor {t.name!r}: {actual} bytes of data for shape {list(t.dims)} "
+            f"({expected} expected)"
+        )
+
+
+def _varint(n: int) -> bytes:
+    if n < 128:
+        return _SMALL_VARINTS[n]
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)
+
+
+_SMALL_VARINTS = [bytes([i]) for i in range(128)]
+
+
+def _len_field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+def _typed_inputs_blob(tensors: list[TensorProto]) -> bytes:
+    """Serialized GraphProto `input` entries (field 11) typing each tensor by dtype and dims.
+
+    Built as bytes and merged in one call: making thousands of ValueInfoProto messages field by
+    field costs more than the whole shape inference. Weights share few shapes: cache those.
+    """
+    types: dict[tuple[int, ...], bytes] = {}
+    parts = []
+    for t in tensors:
+        key = (t.data_type, *t.dims)
+        type_field = types.get(key)
+        if type_field is None:
+            shape = b"".join(_len_field(b"\x0a", b"\x08" + _varint(d)) for d in t.dims)
+            tensor = b"\x08" + _varint(t.data_type) + _len_field(b"\x12", shape)
+            type_field = types[key] = _len_field(b"\x12", _len_field(b"\x0a", tensor))
+        name = t.name.encode()
+        body_len = 1 + len(_varint(len(name))) + len(name) + len(type_field)
+        parts += (b"\x5a", _varint(body_len), b"\x0a", _varint(len(name)), name, type_field)
+    return b"".join(parts)
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` without large tensor data: big initializers become typed inputs.
 
-    Shape inference and the checker then run on a few kilobytes instead of the weights.
+    Shape inference and the checker then run on a few kilobytes instead of the weights. Each
+    initializer's data size is checked against its dims on the way (as the checker would).
     """
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
+    sk = onnx.ModelProto(ir_version=model.ir_version)
     sk.opset_import.extend(model.opset_import)
     sk.functions.extend(model.functions)
     g = model.graph
@@ -259,27 +337,34 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     sg.name = g.name or "graph"
     input_names = {i.name for i in g.input}
     sg.input.extend(g.input)
+    keep, typed = [], []
     for t in g.initializer:
-        if _tensor_elements(t) <= SKELETON_KEEP_ELEMENTS:
-            sg.initializer.append(t)
+        _check_tensor_data(t)
+        if len(t.dims) <= 1 and t.data_type in _SHAPE_TYPES:  # shapes, axes: keep for data_prop
+            keep.append(t)
         elif t.name not in input_names:
-            sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            typed.append(t)
     for st in g.sparse_initializer:
         if st.values.name not in input_names:
-            sg.input.append(
-                helper.make_tensor_value_info(st.values.name, st.values.data_type, list(st.dims))
+            typed.append(
+                TensorProto(name=st.values.name, data_type=st.values.data_type, dims=st.dims)
             )
-    for node in g.node:
-        value = None
-        if node.op_type == "Constant" and _is_standard(node):
-            value = next((a for a in node.attribute if a.name == "value"), None)
-        if value is not None and _tensor_elements(value.t) > SKELETON_KEEP_ELEMENTS:
-            t = value.t
-            sg.input.append(
-                helper.make_tensor_value_info(node.output[0], t.data_type, list(t.dims))
-            )
-            continue
-        sg.node.append(node)
+    sg.initializer.extend(keep)
+    sg.MergeFromString(_typed_inputs_blob(typed))
+    constants = [n for n in g.node if n.op_type == "Constant"]
+    if not constants:
+        sg.node.extend(g.node)
+    else:
+        for node in g.node:
+            value = None
+            if node.op_type == "Constant" and _is_standard(node):
+                value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None and _tensor_elements(value.t) > SKELETON_KEEP_ELEMENTS:
+                t = value.t
+                typed_t = TensorProto(name=node.output[0], data_type=t.data_type, dims=t.dims)
+                sg.MergeFromString(_typed_inputs_blob([typed_t]))
+                continue
+            sg.node.append(node)
     sg.output.extend(g.output)
     sg.value_info.extend(g.value_info)
     return sk
@@ -299,8 +384,6 @@ def validate_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     if not model.HasField("graph") or not model.opset_import:
         raise UnsupportedModelError("not an ONNX model (no graph or opset)")
-    for t in model.graph.initializer:
-        _check_tensor_data(t)
     sk = _skeleton(model)
     try:
         onnx.checker.check_model(sk)
@@ -312,25 +395,33 @@ def validate_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _shape_map(
-    inferred: onnx.ModelProto,
-) -> tuple[dict[str, list[int | None] | None], dict[str, int]]:
-    """Shapes (None where unknown) and element types of every value inference could type."""
-    shapes: dict[str, list[int | None] | None] = {}
-    types: dict[str, int] = {}
-    g = inferred.graph
-    for vi in [*g.input, *g.output, *g.value_info]:
+class _Types:
+    """Shapes and element types from shape inference, decoded only for the names asked about."""
+
+    def __init__(self, inferred: onnx.ModelProto) -> None:
+        g = inferred.graph
+        self._infos = {vi.name: vi for vi in (*g.value_info, *g.output, *g.input)}
+        self._inits = {t.name: t for t in g.initializer}
+
+    def shape(self, name: str) -> list[int | None] | None:
+        """Dims (None where symbolic or unknown), or None when even the rank is unknown."""
+        if name in self._inits:
+            return list(self._inits[name].dims)
+        vi = self._infos.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
         tt = vi.type.tensor_type
-        if vi.type.HasField("tensor_type") and tt.elem_type:
-            types[vi.name] = tt.elem_type
-        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-            shapes.setdefault(vi.name, None)
-            continue
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    for t in g.initializer:
-        shapes[t.name] = list(t.dims)
-        types[t.name] = t.data_type
-    return shapes, types
+        if not tt.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+    def elem_type(self, name: str) -> int | None:
+        if name in self._inits:
+            return self._inits[name].data_type
+        vi = self._infos.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return None
+        return vi.type.tensor_type.elem_type or None
 
 
 def _subgraph_names(node: onnx.NodeProto) -> set[str]:
@@ -375,7 +466,7 @@ class _Graph:
         self.graph_outputs = {o.name for o in self.graph.output}
         self.inits: dict[str, TensorProto] = {t.name: t for t in self.graph.initializer}
         self.dead_inits: set[str] = set()
-        self.shapes, self.types = _shape_map(inferred)
+        self.types = _Types(inferred)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
         self.names: set[str] = set(self.graph_inputs) | set(self.inits) | self.graph_outputs
@@ -422,7 +513,7 @@ class _Graph:
         return name
 
     def rank(self, name: str) -> int | None:
-        shape = self.shapes.get(name)
+        shape = self.types.shape(name)
         return None if shape is None else len(shape)
 
     def set_input(self, i: int, pos: int, new: str) -> None:
@@ -524,7 +615,7 @@ class _Graph:
         ):
             return None
         if node.op_type == "CastLike":  # the second input only gives the type
-            return [node.input[0]] if node.input[1] in self.types else None
+            return [node.input[0]] if self.types.elem_type(node.input[1]) else None
         return [i for i in node.input if i]
 
     def _const_leaf(self, name: str) -> np.ndarray | None:
@@ -544,7 +635,7 @@ class _Graph:
                 self.const_nodes.add(i)
             return value
         if node.op_type == "Shape":
-            shape = self.shapes.get(node.input[0])
+            shape = self.types.shape(node.input[0])
             if shape is None:
                 return None
             dims = shape[_attr(node, "start", 0) : _attr(node, "end", None)]
@@ -555,7 +646,9 @@ class _Graph:
         return None
 
     def _to_array(self, t: TensorProto) -> np.ndarray:
-        _check_tensor_data(t)
+        fast = _FAST_DTYPES.get(t.data_type)
+        if fast is not None and t.HasField("raw_data"):  # the common case, without overhead
+            return np.frombuffer(t.raw_data, dtype=fast).reshape(tuple(t.dims))
         try:
             return numpy_helper.to_array(t)
         except Exception as exc:
@@ -580,7 +673,7 @@ class _Graph:
         if node.op_type == "Identity":
             out = [values[0]]
         elif node.op_type == "CastLike":
-            to = self.types.get(node.input[1])
+            to = self.types.elem_type(node.input[1])
             if to not in FLOAT_TYPES:
                 return
             out = [values[0].astype(helper.tensor_dtype_to_np_dtype(to))]
@@ -613,12 +706,19 @@ class _Graph:
             and self.consumers.get(old, []).count(i) == 1
             and len(self.consumers[old]) == 1
         ):
-            self.inits[old].CopyFrom(numpy_helper.from_array(value, old))
+            t = self.inits[old]
+            if (
+                t.HasField("raw_data")
+                and _FAST_TYPES.get(value.dtype) == t.data_type
+                and tuple(t.dims) == value.shape
+            ):  # same dtype and shape: replace only the bytes
+                t.raw_data = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
+            else:
+                t.CopyFrom(_make_tensor(value, old))
             self.cache[old] = value
             return
         name = self.fresh(f"{old or (node.name or node.op_type) + '_bias'}_bnfold")
-        tensor = numpy_helper.from_array(value, name)
-        self.graph.initializer.append(tensor)
+        self.graph.initializer.append(_make_tensor(value, name))
         self.inits[name] = self.graph.initializer[-1]
         self.cache[name] = value
         self.set_input(i, pos, name)
@@ -661,6 +761,19 @@ class _Graph:
         if len(vis) != len(g.value_info):
             g.ClearField("value_info")
             g.value_info.extend(vis)
+
+
+def _make_tensor(value: np.ndarray, name: str) -> TensorProto:
+    """numpy_helper.from_array without its overhead for the common float dtypes."""
+    data_type = _FAST_TYPES.get(value.dtype)
+    if data_type is None:
+        return numpy_helper.from_array(value, name)
+    t = TensorProto()
+    t.name = name
+    t.data_type = data_type
+    t.dims.extend(value.shape)
+    t.raw_data = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    return t
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -717,6 +830,9 @@ class FoldBatchNormPass:
     would overflow the dtype, or would underflow to zero where the original was not.
     """
 
+    def __init__(self, *, check_output: bool = False) -> None:
+        self.check_output = check_output
+
     def __call__(self, model: onnx.ModelProto, *, copy: bool = True) -> FoldResult:
         """Fold `model` (a copy of it, unless copy=False) and return the result and report."""
         inferred = validate_model(model)
@@ -731,7 +847,8 @@ class FoldBatchNormPass:
         entries = self._run(g)
         g.sweep()
         g.finish()
-        self._check_output(out)
+        if self.check_output:
+            self._check_output(out)
         report = FoldReport(
             entries=entries,
             nodes_before=nodes_before,
@@ -808,7 +925,7 @@ class FoldBatchNormPass:
             v = g.const(name)
             if v is None:
                 return _Refusal(f"parameter {name!r} is not a constant")
-            if str(v.dtype) not in ("float32", "float16", "bfloat16", "float64"):
+            if v.dtype not in FLOAT_DTYPES:
                 return _Refusal(f"parameter {name!r} is not floating point")
             values.append(v)
         sizes = {v.size for v in values}
@@ -872,7 +989,7 @@ class FoldBatchNormPass:
             return _Refusal(f"weight {name!r} is not a constant")
         if ndim is not None and w.ndim != ndim:
             return _Refusal(f"weight {name!r} has rank {w.ndim}, not {ndim}")
-        if str(w.dtype) not in ("float32", "float16", "bfloat16", "float64"):
+        if w.dtype not in FLOAT_DTYPES:
             return _Refusal(f"weight {name!r} has dtype {w.dtype}")
         return w
 
@@ -1165,7 +1282,7 @@ def _insert_bias_add(g: _Graph, m: int, bias: np.ndarray) -> None:
     mid = g.fresh(f"{out}_nobias")
     g.set_output(m, 0, mid)
     b_name = g.fresh(f"{node.name or out}_bias_bnfold")
-    g.graph.initializer.append(numpy_helper.from_array(bias, b_name))
+    g.graph.initializer.append(_make_tensor(bias, b_name))
     g.inits[b_name] = g.graph.initializer[-1]
     g.cache[b_name] = bias
     add = helper.make_node("Add", [mid, b_name], [out], name=g.fresh(f"{node.name or out}_bias"))
@@ -1176,12 +1293,14 @@ def _insert_bias_add(g: _Graph, m: int, bias: np.ndarray) -> None:
 # Public API
 
 
-def fold_model(model: onnx.ModelProto) -> FoldResult:
+def fold_model(model: onnx.ModelProto, *, check_output: bool = False) -> FoldResult:
     """Fold every foldable BatchNormalization of `model`; the input model is not changed.
 
-    Raises UnsupportedModelError when the model is not valid ONNX.
+    Raises UnsupportedModelError when the model is not valid ONNX. `check_output=True` also
+    runs the checker and strict shape inference on the result (a failure there is a bug in
+    this pass and raises RuntimeError).
     """
-    return FoldBatchNormPass()(model)
+    return FoldBatchNormPass(check_output=check_output)(model)
 
 
 def inspect_model(model: onnx.ModelProto) -> list[BnInfo]:

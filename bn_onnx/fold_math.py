@@ -25,13 +25,13 @@ def bn_affine(
     Raises ValueError when the variance is degenerate (var + eps <= 0 or not finite) or the
     parameters are not finite, since such a BN cannot be folded.
     """
-    scale, bias, mean, var = (np.asarray(t, dtype=F64) for t in (scale, bias, mean, var))
-    denom = var + F64(eps)
-    if not np.all(np.isfinite(denom)) or np.any(denom <= 0):
+    scale = np.asarray(scale, dtype=F64)
+    denom = np.asarray(var, dtype=F64) + F64(eps)
+    if not (np.isfinite(denom).all() and (denom > 0).all()):
         raise ValueError("degenerate variance (var + eps <= 0 or not finite)")
     a = scale / np.sqrt(denom)
-    c = bias - a * mean
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(c))):
+    c = np.asarray(bias, dtype=F64) - a * np.asarray(mean, dtype=F64)
+    if not (np.isfinite(a).all() and np.isfinite(c).all()):
         raise ValueError("batch-norm parameters are not finite")
     return a, c
 
@@ -126,20 +126,19 @@ def round_to(exact: np.ndarray, dtype: np.dtype, original: np.ndarray | None = N
     not zero (exactly, and in `original` when given) underflows to zero.
     """
     exact = np.asarray(exact, dtype=F64)
-    if not np.all(np.isfinite(exact)):
+    if not np.isfinite(exact).all():
         raise ValueError("folded value is not finite")
     with np.errstate(over="ignore", under="ignore"):
         rounded = exact.astype(dtype)
-    back = rounded.astype(F64)
-    if not np.all(np.isfinite(back)):
-        worst = float(np.max(np.abs(exact)))
+    if not np.isfinite(rounded).all():
+        worst = float(np.abs(exact).max())
         raise ValueError(f"folded value {worst:.3g} overflows {np.dtype(dtype).name}")
-    lost = (back == 0) & (exact != 0)
-    if original is not None:
-        orig = np.broadcast_to(np.asarray(original, dtype=F64), exact.shape)
-        lost &= orig != 0
-    if np.any(lost):
-        raise ValueError(
-            f"{int(lost.sum())} folded value(s) underflow to zero in {np.dtype(dtype).name}"
-        )
+    lost = (rounded == 0) & (exact != 0)
+    if lost.any():
+        if original is not None:
+            lost &= np.broadcast_to(np.asarray(original), exact.shape) != 0
+        if lost.any():
+            raise ValueError(
+                f"{int(lost.sum())} folded value(s) underflow to zero in {np.dtype(dtype).name}"
+            )
     return rounded

@@ -1,0 +1,186 @@
+"""Benchmark the fold pass against onnx.load + onnx.save and onnxscript's optimizer.
+
+Builds a chain of BLOCKS x (Gemm -> BatchNormalization -> Relu), WIDTH wide, writes it to a
+temporary folder, then times, interleaved over REPEATS rounds:
+  baseline   onnx.load + onnx.save of the file
+  fold_file  bn_onnx.fold.fold_file (load, fold, check, save)
+  fold_model bn_onnx.fold.fold_model on an already loaded model (in memory)
+  onnxscript onnxscript.optimizer.optimize on an already loaded model (in memory)
+and prints medians with the spread (min..max) and the ratios of medians.
+It also reports how many BN each tool removed, and the peak RSS of one fold_file run in a child
+process against one load+save run (Linux, resource.getrusage).
+
+    python tools/bench_fold.py [--blocks 200] [--width 64] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def build_chain(blocks: int, width: int, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    cur = "input"
+    for i in range(blocks):
+        w = rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32)
+        b = rng.normal(0, 0.1, width).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
+        for name, value in (
+            ("s", rng.normal(1, 0.1, width)),
+            ("b", rng.normal(0, 0.1, width)),
+            ("m", rng.normal(0, 0.1, width)),
+            ("v", rng.uniform(0.5, 2, width)),
+        ):
+            inits.append(numpy_helper.from_array(value.astype(np.float32), f"{name}{i}"))
+        nodes += [
+            helper.make_node("Gemm", [cur, f"W{i}", f"B{i}"], [f"z{i}"], name=f"gemm{i}"),
+            helper.make_node(
+                "BatchNormalization",
+                [f"z{i}", f"s{i}", f"b{i}", f"m{i}", f"v{i}"],
+                [f"n{i}"],
+                name=f"bn{i}",
+            ),
+            helper.make_node("Relu", [f"n{i}"], [f"a{i}"], name=f"relu{i}"),
+        ]
+        cur = f"a{i}"
+    nodes.append(helper.make_node("Identity", [cur], ["logits"], name="out"))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def _peak_rss_mb(code: str) -> float:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=200)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+
+    from bn_onnx.fold import fold_file, fold_model
+
+    try:
+        from onnxscript import optimizer as ox_optimizer
+    except ImportError:  # optional peer
+        ox_optimizer = None
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_fold."))
+    src = tmp / "chain.onnx"
+    onnx.save(build_chain(args.blocks, args.width), src)
+    loaded = onnx.load(src)
+    size_mb = src.stat().st_size / 1e6
+
+    def baseline() -> None:
+        onnx.save(onnx.load(src), tmp / "copy.onnx")
+
+    def fold_f() -> None:
+        fold_file(src, tmp / "folded.onnx")
+
+    def fold_m() -> None:
+        fold_model(loaded)
+
+    def onnxscript_opt() -> None:
+        m = onnx.ModelProto()
+        m.CopyFrom(loaded)  # optimize works in place: give it its own copy (counted)
+        ox_optimizer.optimize(m)
+
+    cases = {"baseline": baseline, "fold_file": fold_f, "fold_model": fold_m}
+    if ox_optimizer is not None:
+        cases["onnxscript"] = onnxscript_opt
+    for fn in cases.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    removed = {"bn_onnx": fold_model(loaded).n_folded}
+    if ox_optimizer is not None:
+        m = onnx.ModelProto()
+        m.CopyFrom(loaded)
+        opt = ox_optimizer.optimize(m)
+        left = sum(n.op_type == "BatchNormalization" for n in opt.graph.node)
+        removed["onnxscript"] = args.blocks - left
+
+    rss_fold = _peak_rss_mb(
+        f"from bn_onnx.fold import fold_file; fold_file({str(src)!r}, {str(tmp / 'r.onnx')!r})"
+    )
+    rss_base = _peak_rss_mb(
+        f"import onnx; onnx.save(onnx.load({str(src)!r}), {str(tmp / 'r2.onnx')!r})"
+    )
+    rss_python = _peak_rss_mb("import onnx, numpy, bn_onnx.fold")
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"chain: {args.blocks} blocks x {args.width} wide, {size_mb:.2f} MB, "
+        f"{args.repeats} interleaved repeats"
+    )
+    for k, v in times.items():
+        print(
+            f"  {k:11s} median {med[k] * 1e3:8.1f} ms  (min {min(v) * 1e3:.1f}, "
+            f"max {max(v) * 1e3:.1f})"
+        )
+    print(f"  fold_file / baseline   = {med['fold_file'] / med['baseline']:.2f}x")
+    print(f"  fold_model / baseline  = {med['fold_model'] / med['baseline']:.2f}x")
+    if "onnxscript" in med:
+        print(f"  fold_model / onnxscript = {med['fold_model'] / med['onnxscript']:.2f}x")
+    print(f"  BN removed: {removed} of {args.blocks}")
+    print(
+        f"  peak RSS: fold_file {rss_fold:.0f} MB, load+save {rss_base:.0f} MB, "
+        f"imports only {rss_python:.0f} MB"
+    )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "times_s": times,
+                    "median_s": med,
+                    "removed": removed,
+                    "peak_rss_mb": {
+                        "fold_file": rss_fold,
+                        "load_save": rss_base,
+                        "imports": rss_python,
+                    },
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
