@@ -1,0 +1,98 @@
+"""`bn-onnx export`: a checkpoint to one ONNX file, BatchNormalization kept or folded."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from bn_onnx.cli._common import positive_int
+
+EPILOG = """\
+The unfolded file holds one BatchNormalization node per batch-norm layer (the input
+normalization included): Gemm -> BatchNormalization -> Relu ... . With --fold every one is
+folded into its neighbouring Gemm and none remains. Input `input` float32 [batch, features],
+output `logits` (classification) or `prediction` (regression); the metadata holds the model
+config, preprocessing and class names.
+
+example:
+  bn-onnx export runs/digits -o digits.onnx
+  bn-onnx export runs/digits -o digits.folded.onnx --fold
+"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `export`."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (BatchNormalization kept, or folded with --fold)",
+        description=(
+            "Export a checkpoint directory to ONNX with torch's dynamo exporter "
+            "(optimize=False, so every BatchNormalization node is kept unless --fold)."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="checkpoint written by train")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    p.add_argument(
+        "--fold", action="store_true", help="fold every BatchNormalization into its Gemm"
+    )
+    p.add_argument(
+        "--opset", type=positive_int, default=18, metavar="N", help="ONNX opset (default 18)"
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    return p
+
+
+class _Progress:
+    """A spinner on a terminal, one plain line otherwise, nothing with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.status: Any = None
+
+    def start(self, message: str) -> None:
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(message + " ...")
+            self.status.start()
+        else:
+            print(message + " ...", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, then print what was written."""
+    from bn_onnx.export import check_opset, export_checkpoint
+
+    check_opset(args.opset)
+    progress = _Progress(args.quiet)
+    try:
+        result = export_checkpoint(
+            args.checkpoint, args.output, fold=args.fold, opset=args.opset, on_start=progress.start
+        )
+    finally:
+        progress.stop()
+    if args.quiet:
+        return 0
+    ops = ", ".join(f"{op} {n}" for op, n in result.op_counts.items())
+    size = sum(f.stat().st_size for f in result.files)
+    print(f"wrote {', '.join(str(f) for f in result.files)} ({size:,} bytes, opset {result.opset})")
+    if result.folded:
+        print(
+            f"BatchNormalization: {result.n_bn_exported} exported, "
+            f"{result.n_bn_exported - result.n_bn} folded, {result.n_bn} left"
+        )
+    else:
+        print(f"BatchNormalization: {result.n_bn} kept (unfolded)")
+    print(f"ops: {ops}")
+    print(f"time: export {result.export_seconds:.2f} s, fold {result.fold_seconds:.3f} s")
+    return 0
