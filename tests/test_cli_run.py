@@ -1,0 +1,291 @@
+"""`bn-onnx run`: outputs equal a bare onnxruntime session's; bad input exits 2 with no output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from bn_onnx import graphs
+from bn_onnx.cli import main
+
+WIDTHS = [12, 16, 5]
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(graphs.build_mlp(WIDTHS, "unfolded", seed=2), path)
+    return path
+
+
+def _bare(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def _x(n, width=WIDTHS[0], seed=0):
+    return np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32)
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("batch", [4, 8192])
+def test_npy_output_equals_a_bare_session(tmp_path, model, capsys, batch):
+    x = _x(50)
+    np.save(tmp_path / "x.npy", x)
+    rc = main(
+        [
+            "run",
+            str(model),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--provider",
+            "cpu",
+            "--batch-size",
+            str(batch),
+            "--threads",
+            "1",
+        ]
+    )
+    assert rc == 0
+    y = np.load(tmp_path / "y.npy")
+    assert y.dtype == np.float32 and y.shape == (50, 5)
+    np.testing.assert_allclose(y, _bare(model, x), rtol=1e-6, atol=1e-6)
+    if batch > 50:
+        np.testing.assert_array_equal(y, _bare(model, x))
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_csv_in_and_out_with_a_header(tmp_path, model):
+    x = _x(7)
+    header = ",".join(f"f{i}" for i in range(WIDTHS[0]))
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",", header=header, comments="", fmt="%.9g")
+    rc = main(
+        [
+            "run",
+            str(model),
+            "--input",
+            str(tmp_path / "x.csv"),
+            "-o",
+            str(tmp_path / "y.csv"),
+            "--quiet",
+        ]
+    )
+    assert rc == 0
+    y = np.loadtxt(tmp_path / "y.csv", delimiter=",", ndmin=2)
+    np.testing.assert_allclose(y, _bare(model, x), rtol=1e-6, atol=1e-7)
+
+
+def test_int_npy_is_converted(tmp_path, model):
+    x = np.arange(3 * WIDTHS[0], dtype=np.int64).reshape(3, -1) % 5
+    np.save(tmp_path / "x.npy", x)
+    assert (
+        main(
+            ["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "-q"]
+        )
+        == 0
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(model, x.astype(np.float32)))
+
+
+def test_plain_progress_lines_when_not_a_terminal(tmp_path, model, capsys, monkeypatch):
+    import bn_onnx.cli.run as run_cmd
+
+    monkeypatch.setattr(run_cmd, "PROGRESS_MIN_ROWS", 10)
+    np.save(tmp_path / "x.npy", _x(100))
+    rc = main(
+        [
+            "run",
+            str(model),
+            "-i",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--batch-size",
+            "10",
+        ]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "100/100 rows (100%)" in err and "10/100 rows (10%)" in err
+    rc = main(
+        [
+            "run",
+            str(model),
+            "-i",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "z.npy"),
+            "--batch-size",
+            "10",
+            "--quiet",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.err == "" and captured.out == ""
+
+
+def _bad(tmp_path, name, array=None, raw=None):
+    path = tmp_path / name
+    if array is not None:
+        np.save(path, array)
+    if raw is not None:
+        path.write_bytes(raw)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda d: _bad(d, "x.npy", np.zeros((4, 11), np.float32)), "11 features"),
+        (lambda d: _bad(d, "x.npy", np.zeros(12, np.float32)), "2-D"),
+        (lambda d: _bad(d, "x.npy", np.zeros((2, 3, 12), np.float32)), "2-D"),
+        (lambda d: _bad(d, "x.npy", np.array([["a"] * 12])), "dtype"),
+        (lambda d: _bad(d, "x.npy", np.zeros((2, 12), np.complex64)), "dtype"),
+        (lambda d: _bad(d, "x.npy", raw=b"\x93NUMPY garbage"), "not a readable .npy"),
+        (lambda d: _bad(d, "x.txt", raw=b"1,2,3\n"), "must be a .npy or .csv"),
+        (lambda d: _bad(d, "x.csv", raw=b"1,2,3\n4,x,6\n"), "cannot read"),
+        (lambda d: d / "missing.npy", "not found"),
+    ],
+    ids=["width", "rank1", "rank3", "strings", "complex", "corrupt", "txt", "csv-text", "missing"],
+)
+def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, model, capsys, make, match):
+    x = make(tmp_path)
+    before = _files(tmp_path)
+    rc = main(["run", str(model), "--input", str(x), "-o", str(tmp_path / "y.npy")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("bn-onnx run: error:") and err.count("\n") == 1
+    assert match in err
+    assert _files(tmp_path) == before  # no output, no temp file
+
+
+def test_nan_midway_leaves_no_partial_output(tmp_path, model, capsys):
+    x = _x(40)
+    x[35, 3] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    before = _files(tmp_path)
+    rc = main(
+        [
+            "run",
+            str(model),
+            "-i",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--batch-size",
+            "8",
+        ]
+    )
+    assert rc == 2 and "row 3, column 3" in capsys.readouterr().err  # row within its chunk
+    assert _files(tmp_path) == before
+
+
+def test_existing_output_is_replaced_only_on_success(tmp_path, model):
+    np.save(tmp_path / "x.npy", np.zeros((2, 11), np.float32))
+    (tmp_path / "y.npy").write_bytes(b"old")
+    assert (
+        main(["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]) == 2
+    )
+    assert (tmp_path / "y.npy").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize(
+    "out, match",
+    [
+        ("x.npy", "is the input file"),
+        ("nope/y.npy", "folder does not exist"),
+        ("y.json", ".npy or .csv"),
+    ],
+)
+def test_bad_outputs_exit_2(tmp_path, model, capsys, out, match):
+    x = _x(3)
+    np.save(tmp_path / "x.npy", x)
+    rc = main(["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / out)])
+    assert rc == 2 and match in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), x)
+
+
+def test_model_errors_exit_2(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", _x(2))
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    rc = main(
+        [
+            "run",
+            str(tmp_path / "bad.onnx"),
+            "-i",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+        ]
+    )
+    assert rc == 2 and "ONNX" in capsys.readouterr().err
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_bad_provider_exits_2(tmp_path, model, capsys):
+    np.save(tmp_path / "x.npy", _x(2))
+    rc = main(
+        [
+            "run",
+            str(model),
+            "-i",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--provider",
+            "nonesuch",
+        ]
+    )
+    assert rc == 2 and "provider" in capsys.readouterr().err
+
+
+def test_subprocess_run(tmp_path, model):
+    x = _x(9)
+    np.save(tmp_path / "x.npy", x)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bn_onnx",
+            "run",
+            str(model),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--provider",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(model, x))
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bn_onnx",
+            "run",
+            str(model),
+            "--input",
+            str(tmp_path / "x.npy"),
+            "-o",
+            str(tmp_path / "x.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

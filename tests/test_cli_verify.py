@@ -1,0 +1,137 @@
+"""`bn-onnx verify`: the table, exit 0 / 1 / 2, --locate, --report, a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_verify_models import make_checkpoint, perturb, write_pair
+
+from bn_onnx.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cliverify")
+    ckpt, config, tensors, x, classes = make_checkpoint(tmp, "digits", bn="pre", hidden=(32, 16))
+    u, f = write_pair(tmp, config, tensors, classes)
+    np.save(tmp / "x.npy", x[:100])
+    return tmp, ckpt, u, f
+
+
+def test_verify_with_checkpoint_prints_the_table_and_exits_0(trained, capsys):
+    tmp, ckpt, u, f = trained
+    rc = main(["verify", str(u), str(f), "--checkpoint", str(ckpt), "--provider", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for text in (
+        "float64 reference",
+        "torch eval",
+        "model.folded.onnx [cpu]",
+        "max abs",
+        "median abs",
+        "argmax",
+        "folding vs float64",
+        "no added error",
+        "TF32: not applicable",
+        "PASS",
+    ):
+        assert text in out
+
+
+def test_tampered_model_exits_1_and_locate_names_the_layer(trained, tmp_path, capsys):
+    _, ckpt, u, f = trained
+    bad = perturb(f, "blocks.1.linear.w", tmp_path / "bad.onnx", delta=1.0)
+    report = tmp_path / "r.json"
+    rc = main(
+        [
+            "verify",
+            str(u),
+            str(bad),
+            "--checkpoint",
+            str(ckpt),
+            "--provider",
+            "cpu",
+            "--locate",
+            "--report",
+            str(report),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAIL" in out and "first divergence: block 1: its linear layer" in out
+    data = json.loads(report.read_text())
+    assert data["passed"] is False
+    firsts = {loc["first"] for loc in data["locations"] if loc["first"]}
+    assert firsts == {"block 1 pre-activation"}
+
+
+def test_input_file_and_tolerance_options(trained, tmp_path, capsys):
+    tmp, _, u, f = trained
+    rc = main(
+        ["verify", str(u), str(f), "--input", str(tmp / "x.npy"), "--atol", "0", "--rtol", "0"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 1  # float32 rounding differs somewhere at zero tolerance
+    assert "from " in out and "atol 0, rtol 0" in out
+    rc = main(["verify", str(u), str(f), "--input", str(tmp / "x.npy"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.strip().startswith("PASS")
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--input", "missing.npy"], "not found"),
+        (["--provider", "cuda"], "onnxruntime-gpu"),
+        (["--checkpoint", "no_such_dir"], "checkpoint"),
+        (["--atol", "-1"], None),
+    ],
+)
+def test_bad_input_exits_2(trained, tmp_path, capsys, extra, match):
+    _, _, u, _ = trained
+    extra = [str(tmp_path / e) if e.endswith((".npy", "_dir")) else e for e in extra]
+    try:
+        rc = main(["verify", str(u), *extra])
+    except SystemExit as exc:  # argparse rejects malformed option values itself
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2
+    if match:
+        assert match in err and err.count("\n") == 1
+
+
+def test_wrong_width_input_exits_2(trained, tmp_path, capsys):
+    _, _, u, _ = trained
+    np.save(tmp_path / "w.npy", np.zeros((3, 7), np.float32))
+    rc = main(["verify", str(u), "--input", str(tmp_path / "w.npy")])
+    assert rc == 2 and "expects 64" in capsys.readouterr().err
+
+
+def test_subprocess_verify(trained, tmp_path):
+    tmp, ckpt, u, f = trained
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bn_onnx",
+            "verify",
+            str(u),
+            str(f),
+            "--input",
+            str(tmp / "x.npy"),
+            "--provider",
+            "cpu",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PASS" in proc.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
