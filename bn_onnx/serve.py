@@ -230,7 +230,8 @@ def parse_inputs(body: bytes, n_features: int | None) -> np.ndarray:
             width = len(row)
         if len(row) != width:
             what = "the model expects" if n_features is not None else "row 0 has"
-            raise RequestError(400, f"row {i} has {len(row)} values, {what} {width}")
+            n = len(row)
+            raise RequestError(400, f"row {i} has {n} value{'s' * (n != 1)}, {what} {width}")
         for j, v in enumerate(row):
             t = type(v)
             if t is float:
