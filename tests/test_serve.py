@@ -485,3 +485,18 @@ def test_any_json_document_gets_200_or_a_400_message_never_a_crash(client: TestC
     else:  # only a list of rows of 64 numbers can pass
         rows = doc["inputs"]
         assert all(len(row) == 64 for row in rows)
+
+
+def test_cli_serve_port_in_use_and_unknown_provider_are_one_line_errors(digits, capsys) -> None:
+    taken = bind_socket("127.0.0.1", 0)
+    try:
+        port = str(taken.getsockname()[1])
+        assert main(["serve", str(digits[0]), "--port", port, "--provider", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bn-onnx serve: error: cannot listen on 127.0.0.1:{port}")
+    finally:
+        taken.close()
+    assert main(["serve", str(digits[0]), "--port", "0", "--provider", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bn-onnx serve: error: ") and "'tpu'" in err
+    assert len(err.strip().splitlines()) == 1
