@@ -126,15 +126,16 @@ def round_to(exact: np.ndarray, dtype: np.dtype, original: np.ndarray | None = N
     not zero (exactly, and in `original` when given) underflows to zero.
     """
     exact = np.asarray(exact, dtype=F64)
-    if not np.isfinite(exact).all():
-        raise ValueError("folded value is not finite")
-    with np.errstate(over="ignore", under="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         rounded = exact.astype(dtype)
-    if not np.isfinite(rounded).all():
+    if not np.isfinite(rounded).all():  # one pass covers the usual case
+        if not np.isfinite(exact).all():
+            raise ValueError("folded value is not finite")
         worst = float(np.abs(exact).max())
         raise ValueError(f"folded value {worst:.3g} overflows {np.dtype(dtype).name}")
-    lost = (rounded == 0) & (exact != 0)
-    if lost.any():
+    zero = rounded == 0
+    if zero.any():
+        lost = zero & (exact != 0)
         if original is not None:
             lost &= np.broadcast_to(np.asarray(original), exact.shape) != 0
         if lost.any():
