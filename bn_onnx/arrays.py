@@ -78,6 +78,30 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     return read_npy(path) if array_format(path) == ".npy" else read_csv(path)
 
 
+def iter_chunks(X: np.ndarray, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(start, chunk)` over the rows of `X`, `rows` at a time.
+
+    A memory-mapped .npy input is read with plain file reads instead of through the mapping:
+    pages touched through a mapping stay in the process's memory, so a 3 GB input would end up
+    resident; read chunk by chunk, the process holds about one chunk.
+    """
+    n = X.shape[0] if X.ndim else 0
+    if isinstance(X, np.memmap) and X.filename and X.ndim == 2 and X.flags.c_contiguous:
+        width = X.shape[1]
+        row_bytes = width * X.dtype.itemsize
+        with open(X.filename, "rb") as f:
+            for start in range(0, n, rows):
+                count = min(rows, n - start)
+                f.seek(X.offset + start * row_bytes)
+                chunk = np.fromfile(f, dtype=X.dtype, count=count * width)
+                if chunk.size != count * width:
+                    raise InputFileError(f"input file {X.filename} is truncated")
+                yield start, chunk.reshape(count, width)
+        return
+    for start in range(0, n, rows):
+        yield start, X[start : start + rows]
+
+
 class ChunkWriter:
     """Receives output chunks in order and writes them to the open temporary file."""
 

@@ -309,10 +309,11 @@ def create_session(
     )
 
 
-def _nonfinite_message(X: np.ndarray) -> str:
+def _nonfinite_message(X: np.ndarray, row_offset: int = 0) -> str:
     bad = ~np.isfinite(X)
     count = int(bad.sum())
     row, col = (int(i) for i in np.argwhere(bad)[0])
+    row += row_offset
     return (
         f"input has {count} non-finite value{'s' if count != 1 else ''} (NaN or Inf), the first "
         f"at row {row}, column {col}; clean the data or pass allow_nonfinite=True"
@@ -324,10 +325,12 @@ def check_input(
     n_features: int | None,
     dtype: np.dtype = _FLOAT32,
     allow_nonfinite: bool = False,
+    row_offset: int = 0,
 ) -> np.ndarray:
     """Return `X` as a C-contiguous 2-D array of `dtype`, or raise a one-line `InputDataError`.
 
     An array that already has the right dtype and layout is returned as is, not copied.
+    `row_offset` is added to row numbers in messages (for chunks of a larger input).
     """
     if not isinstance(X, np.ndarray):
         try:
@@ -367,7 +370,7 @@ def check_input(
         with np.errstate(over="ignore", invalid="ignore"):
             total = X.sum()
         if not np.isfinite(total) and not np.isfinite(X).all():
-            raise InputDataError(_nonfinite_message(X))
+            raise InputDataError(_nonfinite_message(X, row_offset))
     return X
 
 
@@ -496,7 +499,9 @@ class Predictor:
             check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite)
         for start in range(0, n, self.batch_size):
             raw = X[start : start + self.batch_size]
-            chunk = check_input(raw, self.n_features, self.input_dtype, self.allow_nonfinite)
+            chunk = check_input(
+                raw, self.n_features, self.input_dtype, self.allow_nonfinite, row_offset=start
+            )
             y = self._run(self._first_output, {self.input_name: chunk})[0]
             if out is None:
                 out = np.empty((n, *y.shape[1:]), dtype=y.dtype)

@@ -186,7 +186,7 @@ def test_nan_midway_leaves_no_partial_output(tmp_path, model, capsys):
             "8",
         ]
     )
-    assert rc == 2 and "row 3, column 3" in capsys.readouterr().err  # row within its chunk
+    assert rc == 2 and "row 35, column 3" in capsys.readouterr().err
     assert _files(tmp_path) == before
 
 
@@ -289,3 +289,26 @@ def test_subprocess_run(tmp_path, model):
         timeout=120,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", ["<f4", ">f8", "<i2"])
+def test_chunks_of_a_memmapped_npy_equal_its_rows(tmp_path, order, dtype):
+    from bn_onnx.arrays import iter_chunks, read_array
+
+    x = np.asarray(np.arange(23 * 4).reshape(23, 4), dtype=dtype, order=order)
+    np.save(tmp_path / "x.npy", x)
+    mm = read_array(tmp_path / "x.npy")
+    assert isinstance(mm, np.memmap)
+    chunks = list(iter_chunks(mm, 5))
+    assert [start for start, _ in chunks] == [0, 5, 10, 15, 20]
+    np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), x)
+
+
+def test_truncated_npy_is_refused(tmp_path, model, capsys):
+    np.save(tmp_path / "x.npy", _x(40))
+    data = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(data[:-100])
+    rc = main(["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    assert rc == 2 and "x.npy" in capsys.readouterr().err
+    assert not (tmp_path / "y.npy").exists()

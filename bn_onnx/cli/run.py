@@ -87,10 +87,10 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything before writing, then stream the input through the model."""
-    from bn_onnx.arrays import array_format, open_output, read_array
+    from bn_onnx.arrays import array_format, iter_chunks, open_output, read_array
     from bn_onnx.errors import InputDataError
     from bn_onnx.files import check_input_file, check_output_path
-    from bn_onnx.runtime import Predictor
+    from bn_onnx.runtime import Predictor, check_input
 
     check_input_file(args.model, "model file")
     array_format(args.input, "input")
@@ -118,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(rows, not args.quiet)
     try:
         with open_output(args.output, rows, probe.shape[1:], probe.dtype) as writer:
-            for lo in range(0, rows, predictor.batch_size):
-                writer.write(predictor.predict(X[lo : lo + predictor.batch_size]))
+            for lo, raw in iter_chunks(X, predictor.batch_size):
+                chunk = check_input(raw, predictor.n_features, predictor.input_dtype, row_offset=lo)
+                writer.write(predictor.predict(chunk))
                 progress(writer.done)
     finally:
         progress.close()
