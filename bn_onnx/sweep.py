@@ -155,7 +155,7 @@ class SweepSettings:
     bn_modes: tuple[str, ...] = ("pre", "none")
     lrs: tuple[float, ...] = lr_grid(1e-4, 10**0.5, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
-    epochs: int = 15
+    epochs: int = 10
     batch_size: int = 60
     fraction: float = 0.9
 
@@ -183,7 +183,7 @@ class CurveSettings:
     optimizer: str = "sgd"
     lr: float = 0.5
     batch_size: int = 60
-    epochs: int = 100
+    epochs: int = 80
     seeds: tuple[int, ...] = (0, 1, 2)
     unit: int = 0
 

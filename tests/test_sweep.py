@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -119,3 +124,118 @@ def test_summarize_sweep_uses_median_over_seeds_and_a_shared_threshold():
     assert s["pre"]["decades"] == pytest.approx(2.0)
     assert s["none"]["decades"] == 0.0 and s["none"]["n_points"] == 1
     assert curves["sgd"]["none"]["n_diverged"] == [0, 0, 3]
+
+
+def _load_tool():
+    path = Path(__file__).resolve().parent.parent / "tools" / "bn_sweep.py"
+    spec = importlib.util.spec_from_file_location("bn_sweep_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _strict_json(path):
+    def no_nan(name):
+        raise AssertionError(f"{path.name} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=no_nan)
+
+
+@pytest.mark.slow  # imports torch's optimizer machinery and matplotlib: ~10 s on a busy machine
+def test_quick_run_writes_json_and_plots(tmp_path, capsys):
+    from bn_onnx.data import load_dataset
+
+    rc = _load_tool().main(["--quick", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert " dec (" in out and "final median val acc" in out
+    for png in ("sweep_relu.png", "curves.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+    sweep = _strict_json(tmp_path / "sweep.json")
+    st = sweep["settings"]
+    part = sweep["models"]["relu"]
+    assert len(part["runs"]) == (
+        len(st["optimizers"]) * len(st["bn_modes"]) * len(st["lrs"]) * len(st["seeds"])
+    )
+    for run in part["runs"]:
+        assert 0.0 <= run["final_val_acc"] <= 1.0
+        assert run["final_val_acc"] <= run["best_val_acc"] <= 1.0
+    for opt in st["optimizers"]:
+        s = part["summary"][opt]
+        assert s["threshold"] == pytest.approx(st["fraction"] * s["best_acc"])
+        for bn in st["bn_modes"]:
+            c = part["curves"][opt][bn]
+            assert c["lr"] == sorted(st["lrs"])
+            assert all(
+                lo <= m <= hi for lo, m, hi in zip(c["min"], c["median"], c["max"], strict=True)
+            )
+            assert s[bn]["decades"] >= 0.0
+            assert 0 <= s[bn]["n_points"] <= len(st["lrs"])
+
+    curves = _strict_json(tmp_path / "curves.json")
+    cst = curves["settings"]
+    data = load_dataset(cst["dataset"], seed=cst["seeds"][0])
+    steps_per_epoch = math.ceil(len(data.y_train) / cst["batch_size"])
+    for bn in cst["bn_modes"]:
+        r = curves["runs"][bn]
+        # Steps are counted from the model's training-mode forwards: one per mini-batch.
+        assert r["step"] == [steps_per_epoch * (e + 1) for e in range(cst["epochs"])]
+        assert len(r["acc_median"]) == cst["epochs"]
+        assert all(0.0 <= a <= 1.0 for a in r["acc_median"])
+        for p15, p50, p85 in zip(r["unit_p15"], r["unit_p50"], r["unit_p85"], strict=True):
+            assert math.isfinite(p15) and p15 <= p50 <= p85
+
+
+def test_missing_output_folder_is_a_one_line_error(tmp_path):
+    tool = Path(__file__).resolve().parent.parent / "tools" / "bn_sweep.py"
+    proc = subprocess.run(
+        [sys.executable, str(tool), "--quick", "--out", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "output folder does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("bn", ["none", "pre"])
+def test_unit_recorder_sees_the_last_sigmoid_input(bn):
+    import numpy as np
+    import torch
+
+    from bn_onnx.model import MLP, MLPConfig
+    from bn_onnx.sweep import _UnitRecorder
+
+    torch.manual_seed(0)
+    model = MLP(MLPConfig(5, 3, hidden=(4, 6), activation="sigmoid", bn=bn, input_norm=False))
+    with torch.no_grad():  # give the BN non-trivial statistics and affine parameters
+        for block in model.blocks:
+            if bn != "none":
+                block.bn.running_mean.uniform_(-1, 1)
+                block.bn.running_var.uniform_(0.5, 2)
+                block.bn.weight.uniform_(0.5, 2)
+                block.bn.bias.uniform_(-1, 1)
+    x = torch.randn(37, 5)
+    with _UnitRecorder(unit=2, n_val=37) as rec:
+        model.train()
+        model(x)
+        model(x)
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    assert rec.steps == 2
+
+    # Oracle: the same forward in float64 numpy, up to the last sigmoid's input.
+    sd = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    h = x.double().numpy()
+    for i in range(2):
+        z = h @ sd[f"blocks.{i}.linear.weight"].T + sd[f"blocks.{i}.linear.bias"]
+        if bn == "pre":
+            mean, var = sd[f"blocks.{i}.bn.running_mean"], sd[f"blocks.{i}.bn.running_var"]
+            z = (z - mean) / np.sqrt(var + 1e-5) * sd[f"blocks.{i}.bn.weight"]
+            z = z + sd[f"blocks.{i}.bn.bias"]
+        h = 1 / (1 + np.exp(-z))
+    expected = np.percentile(z[:, 2], [15, 50, 85])
+    np.testing.assert_allclose(rec.last, expected, rtol=1e-5, atol=1e-5)
