@@ -53,10 +53,10 @@ def fold_preceding(
     that a*y + c == x . new_weight + new_bias; `bias` may be None (zero) or any shape that
     broadcasts against the output's last axis.
     """
-    w = np.asarray(weight, dtype=F64)
-    shape = [1] * w.ndim
+    new_w = np.array(weight, dtype=F64)  # a float64 copy, scaled in place
+    shape = [1] * new_w.ndim
     shape[out_axis] = -1
-    new_w = w * (F64(weight_scale) * a).reshape(shape)
+    new_w *= (F64(weight_scale) * a).reshape(shape)
     new_b = c.copy() if bias is None else a * (F64(bias_scale) * np.asarray(bias, dtype=F64)) + c
     return new_w, new_b
 

@@ -171,3 +171,15 @@ def test_fold_file_refuses_external_data_outside_the_model_folder(tmp_path):
     onnx.save(evil, str(inner / "evil.onnx"))
     assert main(["fold", str(inner / "evil.onnx"), "-o", str(inner / "f.onnx")]) == 2
     assert not (inner / "f.onnx").exists()
+
+
+def test_fold_cli_missing_external_data_exits_2(tmp_path, capsys):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(
+        _model(k=300), str(src), save_as_external_data=True, location="w.data", size_threshold=0
+    )
+    (tmp_path / "w.data").unlink()
+    assert main(["fold", str(src), "-o", str(tmp_path / "f.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "external data file missing" in err and err.count("\n") == 1
+    assert not (tmp_path / "f.onnx").exists()

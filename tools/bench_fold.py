@@ -8,7 +8,7 @@ temporary folder, then times, interleaved over REPEATS rounds:
   onnxscript onnxscript.optimizer.optimize on an already loaded model (in memory)
 and prints medians with the spread (min..max) and the ratios of medians.
 It also reports how many BN each tool removed, and the peak RSS of one fold_file run in a child
-process against one load+save run (Linux, resource.getrusage).
+process against one load+save run (Linux, VmHWM from /proc).
 
     python tools/bench_fold.py [--blocks 200] [--width 64] [--repeats 7]
 """
@@ -69,15 +69,14 @@ def build_chain(blocks: int, width: int, seed: int = 0) -> onnx.ModelProto:
 
 
 def _peak_rss_mb(code: str) -> float:
+    """Peak resident memory of a fresh Python running `code` (VmHWM: reset by exec, Linux)."""
+    probe = (
+        "\nfor line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmHWM:'):\n"
+        "        print(int(line.split()[1]))"
+    )
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code + "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        [sys.executable, "-c", code + probe], capture_output=True, text=True, check=True
     )
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
