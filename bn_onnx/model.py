@@ -54,6 +54,10 @@ class FrozenBatchNorm1d(nn.BatchNorm1d):
     to batch statistics, so training cannot change them. It exports like any BatchNorm1d.
     """
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.training = False
+
     def train(self, mode: bool = True) -> FrozenBatchNorm1d:
         """Stay in eval mode whatever `mode` is asked for."""
         return super().train(False)
