@@ -590,12 +590,22 @@ def plot_sweep(result: dict, path: str) -> None:
         for k, (bn, c) in enumerate(curves[opt].items()):
             color = COLORS.get(bn, "black")
             w = s[bn]
-            label = f"{BN_LABELS.get(bn, bn)}: {w['decades']:.1f} decades"
+            label = f"{BN_LABELS.get(bn, bn)}: {w['decades']:.1f} decades ({w['n_points']} lrs)"
             ax.plot(c["lr"], c["median"], "o-", color=color, label=label)
             ax.fill_between(c["lr"], c["min"], c["max"], color=color, alpha=0.18, lw=0)
             if w["lo"] is not None:
                 y = 0.03 + 0.04 * k
-                ax.plot([w["lo"], w["hi"]], [y, y], color=color, lw=5, solid_capstyle="butt")
+                # The '|' ends keep a one-point range (zero decades) visible.
+                ax.plot(
+                    [w["lo"], w["hi"]],
+                    [y, y],
+                    color=color,
+                    lw=5,
+                    marker="|",
+                    markersize=14,
+                    markeredgewidth=3,
+                    solid_capstyle="butt",
+                )
         ax.axhline(s["threshold"], color="gray", ls="--", lw=1)
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)

@@ -153,7 +153,7 @@ def test_quick_run_writes_json_and_plots(tmp_path, capsys):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
 
-    sweep = _strict_json(tmp_path / "sweep.json")
+    sweep = _strict_json(tmp_path / "sweep_relu.json")
     st = sweep["settings"]
     part = sweep["models"]["relu"]
     assert len(part["runs"]) == (

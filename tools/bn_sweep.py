@@ -5,15 +5,17 @@
     python tools/bn_sweep.py --quick --out /tmp/bn   # tiny grid, a few seconds
     python tools/bn_sweep.py --only curves   # just the Ioffe & Szegedy learning curves
 
-Writes into --out: sweep.json and sweep_<model>.png (final validation accuracy against learning
-rate, with and without BN, per optimizer), curves.json and curves.png (validation accuracy
-against training step, and one last-hidden-layer unit's sigmoid input over training).
+Writes into --out, per sweep network (--models): sweep_<model>.json and sweep_<model>.png (final
+validation accuracy against learning rate, with and without BN, per optimizer); and curves.json
+and curves.png (validation accuracy against training step, and one last-hidden-layer unit's
+sigmoid input over training).
 Every training run uses one thread, so the numbers do not depend on the machine's core count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
     p.add_argument("--quick", action="store_true", help="tiny grid and few steps (for tests)")
     p.add_argument("--only", choices=("sweep", "curves"), help="run one experiment (default: both)")
+    p.add_argument(
+        "--models",
+        default="relu,sigmoid",
+        help="sweep networks, comma-separated: relu = (128,64) relu, sigmoid = 3x100 sigmoid",
+    )
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
@@ -89,6 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
 
 
+def _models(text: str, known: dict) -> tuple[str, ...]:
+    """The --models list, checked against the known sweep networks."""
+    models = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in models if m not in known]
+    if bad or not models:
+        name = repr(bad[0]) if bad else "list (empty)"
+        raise UsageError(f"unknown sweep model {name}; choose from {', '.join(known)}")
+    return models
+
+
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if not out.is_dir():
@@ -98,14 +115,18 @@ def _run(args: argparse.Namespace) -> int:
     report, stop = _reporter(args.quiet)
     try:
         if args.only in (None, "sweep"):
-            settings = sweep.SweepSettings.quick() if args.quick else sweep.SweepSettings()
-            result = sweep.run_sweep(settings, progress=report)
-            _write_json(result, out / "sweep.json")
-            if not args.no_plots:
-                for model, part in result["models"].items():
+            models = _models(args.models, sweep.SWEEP_MODELS)
+            base = sweep.SweepSettings.quick() if args.quick else sweep.SweepSettings()
+            # One JSON and one PNG per network, so the networks can be run separately.
+            for model in base.models if args.quick else models:
+                settings = dataclasses.replace(base, models=(model,))
+                result = sweep.run_sweep(settings, progress=report)
+                _write_json(result, out / f"sweep_{model}.json")
+                if not args.no_plots:
+                    part = result["models"][model]
                     _save_plot(sweep.plot_sweep, part, out / f"sweep_{model}.png")
-            if not args.quiet:
-                print(sweep.format_sweep_summary(result))
+                if not args.quiet:
+                    print(sweep.format_sweep_summary(result))
         if args.only in (None, "curves"):
             settings = sweep.CurveSettings.quick() if args.quick else sweep.CurveSettings()
             result = sweep.run_curves(settings, progress=report)
