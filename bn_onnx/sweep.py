@@ -348,6 +348,9 @@ class _UnitRecorder:
     """
 
     def __init__(self, unit: int, n_val: int) -> None:
+        from bn_onnx.model import MLP
+
+        self.mlp_class = MLP
         self.unit, self.n_val = unit, n_val
         self.model = None
         self.steps = 0
@@ -365,9 +368,7 @@ class _UnitRecorder:
             h.remove()
 
     def _any_module(self, module, args) -> None:
-        from bn_onnx.model import MLP
-
-        if not isinstance(module, MLP):
+        if not isinstance(module, self.mlp_class):
             return
         if self.model is None:
             self.model = module
