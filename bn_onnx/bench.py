@@ -106,6 +106,9 @@ class Row:
 
     `ratio` is this subject's median over the first subject's median; `ratio_q1`/`ratio_q3`
     are the quartiles of the per-round ratios (both timed in the same round), its spread.
+    With a CPU clock, `cpu_times_s` holds the calling thread's CPU time per call and
+    `cpu_ratio` the ratio of medians: less sensitive to other processes than wall time, but
+    blind to work done on other threads (only meaningful with one intra-op thread).
     """
 
     subject: str
@@ -116,6 +119,8 @@ class Row:
     ratio_q1: float
     ratio_q3: float
     times_s: list[float]
+    cpu_times_s: list[float] | None = None
+    cpu_ratio: float | None = None
 
     def to_dict(self, with_times: bool = True) -> dict[str, Any]:
         """JSON-able form; latencies in milliseconds."""
@@ -135,8 +140,13 @@ class Row:
             "ratio_q1": self.ratio_q1,
             "ratio_q3": self.ratio_q3,
         }
+        if self.cpu_times_s is not None:
+            d["cpu_median_ms"] = float(np.median(self.cpu_times_s)) * 1e3
+            d["cpu_ratio"] = self.cpu_ratio
         if with_times:
             d["times_ms"] = [t * 1e3 for t in self.times_s]
+            if self.cpu_times_s is not None:
+                d["cpu_times_ms"] = [t * 1e3 for t in self.cpu_times_s]
         return d
 
 
@@ -175,8 +185,13 @@ def time_interleaved(
     syncs: Sequence[Callable[[], None] | None] | None = None,
     clock: Clock = time.perf_counter,
     order: str = "round_robin",
+    cpu_clock: Clock | None = None,
+    cpu_out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Time each call `repeats` times, interleaved; shape (len(calls), repeats).
+
+    With `cpu_clock` (e.g. `time.thread_time`), each call's CPU time is also written into
+    `cpu_out` (same shape).
 
     `order="round_robin"` runs A B C A B C ...; `"alternate"` runs A B C C B A A B C ..., which
     cancels a bias for a position in the round (e.g. a cache warmed by the previous subject).
@@ -197,19 +212,26 @@ def time_interleaved(
             sync = syncs[i]
             if sync is not None:
                 sync()
+            if cpu_clock is not None:
+                c0 = cpu_clock()
             t0 = clock()
             call()
             if sync is not None:
                 sync()
             out[i, r] = clock() - t0
+            if cpu_clock is not None and cpu_out is not None:
+                cpu_out[i, r] = cpu_clock() - c0
     return out
 
 
-def _rows(names: Sequence[str], batch: int, times: np.ndarray) -> list[Row]:
+def _rows(
+    names: Sequence[str], batch: int, times: np.ndarray, cpu: np.ndarray | None = None
+) -> list[Row]:
     base = times[0]
     base_med = float(np.median(base))
+    cpu_base = float(np.median(cpu[0])) if cpu is not None else None
     rows = []
-    for name, t in zip(names, times, strict=True):
+    for k, (name, t) in enumerate(zip(names, times, strict=True)):
         stats = Stats.of(t)
         paired = t / base
         q1, q3 = np.percentile(paired, [25, 75])
@@ -223,6 +245,10 @@ def _rows(names: Sequence[str], batch: int, times: np.ndarray) -> list[Row]:
                 ratio_q1=float(q1),
                 ratio_q3=float(q3),
                 times_s=[float(x) for x in t],
+                cpu_times_s=None if cpu is None else [float(x) for x in cpu[k]],
+                cpu_ratio=(
+                    float(np.median(cpu[k])) / cpu_base if cpu is not None and cpu_base else None
+                ),
             )
         )
     return rows
@@ -244,6 +270,7 @@ def run_benchmark(
     budget_s: float | None = None,
     min_repeats: int = 5,
     order: str = "round_robin",
+    cpu_clock: Clock | None = None,
     progress: Progress | None = None,
     clock: Clock = time.perf_counter,
 ) -> BenchResult:
@@ -264,6 +291,7 @@ def run_benchmark(
         budget_s: seconds of timed rounds per batch size, or None for exactly `repeats`.
         min_repeats: lower bound on rounds when `budget_s` cuts them.
         order: `round_robin` or `alternate` (see `time_interleaved`).
+        cpu_clock: also record each call's CPU time with this clock (`time.thread_time`).
         progress: called as `progress(done, total, label)` after each batch size.
         clock: the timer (tests pass a fake one).
     """
@@ -301,8 +329,11 @@ def run_benchmark(
             round_s = float(np.median(w.sum(axis=0)))
         n = _repeats_for(round_s, repeats, min_repeats, budget_s)
         used_repeats[batch] = n
-        timed = time_interleaved(calls, n, syncs=syncs, clock=clock, order=order)
-        rows += _rows(names, batch, timed)
+        cpu = np.empty((len(calls), n)) if cpu_clock is not None else None
+        timed = time_interleaved(
+            calls, n, syncs=syncs, clock=clock, order=order, cpu_clock=cpu_clock, cpu_out=cpu
+        )
+        rows += _rows(names, batch, timed, cpu)
         if progress is not None:
             progress(k + 1, len(sizes), f"batch {batch}")
     subject_dicts = [
@@ -323,6 +354,7 @@ def run_benchmark(
         "budget_s": budget_s,
         "seed": seed,
         "order": order,
+        "cpu_clock": getattr(cpu_clock, "__name__", None) if cpu_clock else None,
     }
     return BenchResult(subject_dicts, rows, settings, machine_info())
 
@@ -555,6 +587,7 @@ class ProcessRun:
     stderr: str
     peak_anon_bytes: int | None = None
     peak_file_bytes: int | None = None
+    cpu_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form without the captured output."""
@@ -562,6 +595,7 @@ class ProcessRun:
             "returncode": self.returncode,
             "wall_s": self.wall_s,
             "maxrss_mb": self.maxrss_bytes / 2**20,
+            "cpu_s": self.cpu_s,
         }
         if self.peak_anon_bytes is not None:
             d["peak_rss_anon_mb"] = self.peak_anon_bytes / 2**20
@@ -616,7 +650,8 @@ wall = time.perf_counter() - t0
 scale = 1 if sys.platform == "darwin" else 1024
 with open(report, "w") as f:
     json.dump({"rc": os.waitstatus_to_exitcode(status), "wall": wall,
-               "maxrss": usage.ru_maxrss * scale, "anon": anon, "file": fil}, f)
+               "maxrss": usage.ru_maxrss * scale, "anon": anon, "file": fil,
+               "cpu": usage.ru_utime + usage.ru_stime}, f)
 """
 
 
@@ -659,7 +694,9 @@ def measure_process(
         if not report.is_file():
             raise RuntimeError(f"process launcher failed: {stderr.strip()[-500:]}")
         r = json.loads(report.read_text())
-    return ProcessRun(r["rc"], r["wall"], int(r["maxrss"]), stdout, stderr, r["anon"], r["file"])
+    return ProcessRun(
+        r["rc"], r["wall"], int(r["maxrss"]), stdout, stderr, r["anon"], r["file"], r["cpu"]
+    )
 
 
 # --- output -------------------------------------------------------------------------------

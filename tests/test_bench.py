@@ -124,6 +124,35 @@ def test_run_benchmark_ratios_throughput_and_order():
     assert subjects["b"]["first_run_s"] == pytest.approx(0.020)
 
 
+def test_cpu_clock_is_recorded_per_call_with_its_own_ratio():
+    clock = FakeClock()
+    cpu = FakeClock()
+
+    def subject(name, wall, busy):
+        def bind(x):
+            def call():
+                clock.t += wall
+                cpu.t += busy
+
+            return call
+
+        return bench.Subject(name=name, bind=bind, n_features=2)
+
+    result = bench.run_benchmark(
+        [subject("a", 1.0, 0.5), subject("b", 3.0, 2.0)],
+        [1],
+        repeats=3,
+        warmup=1,
+        clock=clock,
+        cpu_clock=cpu,
+    )
+    b = result.row("b", 1)
+    assert b.cpu_times_s == [2.0, 2.0, 2.0] and b.times_s == [3.0, 3.0, 3.0]
+    assert b.cpu_ratio == pytest.approx(4.0) and b.ratio == pytest.approx(3.0)
+    d = b.to_dict()
+    assert d["cpu_median_ms"] == pytest.approx(2000.0) and d["cpu_ratio"] == pytest.approx(4.0)
+
+
 def test_budget_cuts_repeats_but_not_below_minimum():
     clock = FakeClock()
     a = _fake_subject("a", clock, [1.0])
@@ -263,4 +292,5 @@ def test_measure_process_reports_exit_code_output_and_peak_memory():
     assert small.returncode == 0 and small.maxrss_bytes < 64 * 2**20
     assert small.to_dict()["peak_rss_anon_mb"] < 64
     del ballast
-    assert set(run.to_dict()) == {"returncode", "wall_s", "maxrss_mb"}
+    assert set(run.to_dict()) == {"returncode", "wall_s", "maxrss_mb", "cpu_s"}
+    assert run.cpu_s is not None and run.cpu_s > 0

@@ -150,12 +150,18 @@ def paired(result: bench.BenchResult, a: str, b: str, batch: int) -> dict[str, f
     ra, rb = result.row(a, batch), result.row(b, batch)
     per_round = np.asarray(ra.times_s) / np.asarray(rb.times_s)
     q1, q3 = np.percentile(per_round, [25, 75])
-    return {
+    d = {
         "ratio": ra.stats.median_s / rb.stats.median_s,
         "q1": float(q1),
         "q3": float(q3),
         "n": len(per_round),
     }
+    if ra.cpu_times_s is not None and rb.cpu_times_s is not None:
+        ca, cb = np.asarray(ra.cpu_times_s), np.asarray(rb.cpu_times_s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c1, c3 = np.nanpercentile(ca / cb, [25, 75])
+        d.update(cpu_ratio=float(np.median(ca) / np.median(cb)), cpu_q1=float(c1), cpu_q3=float(c3))
+    return d
 
 
 def section_variants(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -193,6 +199,7 @@ def section_variants(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 budget_s=args.budget,
                 min_repeats=5,
                 order="alternate",
+                cpu_clock=time.thread_time,
             )
             pairs = {
                 str(b): {
@@ -253,6 +260,7 @@ def section_frameworks(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 budget_s=args.budget,
                 min_repeats=5,
                 order="alternate",
+                cpu_clock=time.thread_time,
             )
             out["groups"].append(
                 {
@@ -292,6 +300,7 @@ def section_predictor(args: argparse.Namespace, out: dict[str, Any]) -> None:
             budget_s=args.budget,
             min_repeats=10,
             order="alternate",
+            cpu_clock=time.thread_time,
         )
         out["groups"].append(
             {
@@ -546,77 +555,177 @@ def section_fold(args: argparse.Namespace, out: dict[str, Any]) -> None:
             }
 
 
+def console_script() -> tuple[str | None, str | None]:
+    """(the installed `bn-onnx` script beside this Python, the one on PATH if different)."""
+    direct = Path(sys.executable).parent / "bn-onnx"
+    on_path = shutil.which("bn-onnx")
+    d = str(direct) if direct.is_file() else None
+    return d or on_path, on_path if on_path and on_path != d else None
+
+
+def import_profile(argv: list[str], top: int = 12) -> list[dict[str, Any]]:
+    """The slowest imports (cumulative) of `bn-onnx ARGV`, from `python -X importtime`."""
+    code = (
+        "import sys; from bn_onnx.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+    )
+    r = bench.measure_process([sys.executable, "-X", "importtime", "-c", code, *argv])
+    rows = []
+    for line in r.stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        self_us, cum_us, name = line[len("import time:") :].split("|", 2)
+        name = name[1:]  # the one space after the bar; the rest is indentation by depth
+        depth = (len(name) - len(name.lstrip())) // 2
+        rows.append(
+            {
+                "module": name.strip(),
+                "depth": depth,
+                "self_ms": int(self_us) / 1e3,
+                "cumulative_ms": int(cum_us) / 1e3,
+            }
+        )
+    return sorted((r for r in rows if r["depth"] == 0), key=lambda r: -r["cumulative_ms"])[:top]
+
+
+def no_site_cli(argv: list[str]) -> list[str]:
+    """`bn-onnx ARGV` under `python -S`: site-packages on the path, but no .pth start-up hooks.
+
+    This machine's site runs .pth hooks (a sandbox certificate hook importing certifi, the
+    editable-install finder) that a plain install does not have; this shows the project's share.
+    """
+    import site
+
+    root = str(Path(bench.__file__).resolve().parent.parent)
+    paths = [root, *site.getsitepackages()]
+    code = (
+        f"import sys; sys.path[:0] = {paths!r}\n"
+        "from bn_onnx.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-S", "-c", code, *argv]
+
+
 def section_startup(args: argparse.Namespace, out: dict[str, Any]) -> None:
-    exe = shutil.which("bn-onnx")
+    exe, shim = console_script()
     if exe is None:
-        out["skipped"]["startup"] = "the bn-onnx command is not on PATH"
+        out["skipped"]["startup"] = "the bn-onnx command is not installed"
         return
     with scratch_dir(args) as d:
         src = d / "small.onnx"
         onnx_io.save_model(graphs.build_mlp(NETWORKS["digits 64-128-64-10"], "unfolded"), src)
         cmds = {
             "python -c pass": python_cmd("pass"),
+            "python -S -c pass": [sys.executable, "-S", "-c", "pass"],
             "bn-onnx --help": [exe, "--help"],
         }
+        if shim:
+            cmds["bn-onnx --help (PATH shim)"] = [shim, "--help"]
+        cmds["bn-onnx --help (no .pth hooks)"] = no_site_cli(["--help"])
         has_fold_cli = (Path(bench.__file__).parent / "cli" / "fold.py").is_file()
+        fold_argv = ["fold", str(src), "-o", str(d / "o.onnx")]
         if has_fold_cli:
-            cmds["bn-onnx fold (small)"] = [exe, "fold", str(src), "-o", str(d / "o.onnx")]
+            cmds["bn-onnx fold (small)"] = [exe, *fold_argv]
+            cmds["bn-onnx fold (small, no .pth hooks)"] = no_site_cli(fold_argv)
         log(f"startup: {list(cmds)} x {args.startup_repeats}")
         runs = interleaved_processes(cmds, args.startup_repeats)
         torch_check = {}
-        for name, cmd in cmds.items():
-            if name.startswith("bn-onnx"):
-                probe = (
-                    python_cmd(
-                        "import sys; from bn_onnx.cli import main\n"
-                        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-                        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)"
-                    )
-                    + cmd[1:]
+        for name, argv in (("bn-onnx --help", ["--help"]), ("bn-onnx fold (small)", fold_argv)):
+            if name not in cmds:
+                continue
+            probe = (
+                python_cmd(
+                    "import sys; from bn_onnx.cli import main\n"
+                    "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+                    "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)"
                 )
-                r = bench.measure_process(probe)
-                torch_check[name] = "TORCH" not in r.stderr.replace("NO-TORCH", "")
+                + argv
+            )
+            r = bench.measure_process(probe)
+            torch_check[name] = "NO-TORCH" in r.stderr
+        profiles = {"bn-onnx --help": import_profile(["--help"])}
+        if has_fold_cli:
+            profiles["bn-onnx fold (small)"] = import_profile(fold_argv)
     out["startup"] = {
+        "script": exe,
+        "path_shim": shim,
         "processes": {k: summarize_runs(v) for k, v in runs.items()},
         "torch_not_imported": torch_check,
         "fold_cli_present": has_fold_cli,
+        "slowest_imports": profiles,
     }
 
 
-TORCH_LOOP = """
+TRAIN_CHILD = """
 import json, sys, time
 import torch
-from bn_onnx.model import MLP
-from bn_onnx.model_config import MLPConfig
-n, width, classes, bs, epochs, threads = (int(v) for v in sys.argv[1:7])
+what, n, width, classes, bs, epochs, threads = sys.argv[1], *(int(v) for v in sys.argv[2:8])
 torch.set_num_threads(threads)
-torch.manual_seed(0)
-g = torch.Generator().manual_seed(0)
-X = torch.randn(n, width, generator=g)
-y = torch.randint(0, classes, (n,), generator=g)
-model = MLP(MLPConfig(in_features=width, out_features=classes, hidden=(128, 64)))
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-loss_fn = torch.nn.CrossEntropyLoss()
-model.train()
-t0 = time.perf_counter()
-for _ in range(epochs):
-    perm = torch.randperm(n, generator=g)
-    for i in range(0, n, bs):
-        idx = perm[i:i + bs]
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(X[idx]), y[idx])
-        loss.backward()
-        opt.step()
-dt = time.perf_counter() - t0
-print(json.dumps({"inner_s": dt, "samples_per_s": n * epochs / dt}))
+if what == "bn_onnx.train":
+    from bn_onnx.train import TrainSettings, train
+    s = TrainSettings(dataset="synthetic", samples=n, features=width, classes=classes,
+                      hidden=(128, 64), optimizer="adam", epochs=epochs, batch_size=bs,
+                      patience=0, device="cpu", seed=0)
+    r = train(s)
+    rows = len(r.dataset.x_train)
+    print(json.dumps({"inner_s": r.seconds, "rows": rows,
+                      "samples_per_s": rows * len(r.history) / r.seconds}))
+else:
+    from bn_onnx.model import MLP
+    from bn_onnx.model_config import MLPConfig
+    rows = int(n * 0.7)  # the train split bn_onnx.train uses (0.15 val, 0.15 test)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(rows, width, generator=g)
+    y = torch.randint(0, classes, (rows,), generator=g)
+    model = MLP(MLPConfig(in_features=width, out_features=classes, hidden=(128, 64)))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(rows, generator=g)
+        for i in range(0, rows, bs):
+            idx = perm[i:i + bs]
+            if len(idx) < 2:
+                continue
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(X[idx]), y[idx]).backward()
+            opt.step()
+    dt = time.perf_counter() - t0
+    print(json.dumps({"inner_s": dt, "rows": rows, "samples_per_s": rows * epochs / dt}))
 """
 
 
 def section_train(args: argparse.Namespace, out: dict[str, Any]) -> None:
-    out["skipped"]["train"] = (
-        "not measured by this script: compare `bn-onnx train` samples/s by hand (see "
-        "docs/performance.md)"
-    )
+    try:
+        import bn_onnx.train  # noqa: F401
+    except ImportError as exc:
+        out["skipped"]["train"] = f"bn_onnx.train cannot be imported: {exc}"
+        return
+    n, width, classes, bs = (4000 if args.quick else 20000), 20, 3, 64
+    epochs, threads = (1 if args.quick else 3), 1
+    cmds = {
+        what: python_cmd(TRAIN_CHILD) + [what, *map(str, (n, width, classes, bs, epochs, threads))]
+        for what in ("bn_onnx.train", "hand-written torch loop")
+    }
+    log(f"train: {list(cmds)}, {n} samples x {epochs} epochs, batch {bs}")
+    runs = interleaved_processes(cmds, 1 if args.quick else 2)
+    res = {}
+    for name, rs in runs.items():
+        rates = [json.loads(r.stdout.strip().splitlines()[-1])["samples_per_s"] for r in rs]
+        res[name] = {"samples_per_s": rates, "median": float(np.median(rates))}
+    out["train"] = {
+        "samples": n,
+        "features": width,
+        "classes": classes,
+        "batch_size": bs,
+        "epochs": epochs,
+        "threads": threads,
+        "hidden": [128, 64],
+        "optimizer": "adam",
+        "runs": res,
+        "ratio": res["bn_onnx.train"]["median"] / res["hand-written torch loop"]["median"],
+        "note": "bn_onnx.train's rate counts its whole epoch loop (validation pass included)",
+    }
 
 
 # --- targets, table, plot -------------------------------------------------------------------
@@ -634,6 +743,9 @@ def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
         worst = max(cells, key=lambda c: c[4]["ratio"])
         worst_aa = max(abs(c[5]["ratio"] - 1) for c in cells)
         over = [c for c in cells if c[4]["ratio"] > 1.02]
+        # CPU time of the calling thread is meaningful with one intra-op thread only.
+        one_thread = [c for c in cells if c[1] == 1 and "cpu_ratio" in c[4]]
+        over_cpu = [c for c in one_thread if c[4]["cpu_ratio"] > 1.02]
         structural = all(f["folded_like_no_bn"] for f in out["networks"].values())
         targets.append(
             {
@@ -641,6 +753,9 @@ def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": not over,
                 "cells": len(cells),
                 "cells_over": len(over),
+                "one_thread_cells": len(one_thread),
+                "one_thread_cells_over_by_cpu_time": len(over_cpu),
+                "worst_cpu_ratio_1t": max((c[4]["cpu_ratio"] for c in one_thread), default=None),
                 "worst": {
                     "network": worst[0],
                     "threads": worst[1],
@@ -722,6 +837,17 @@ def evaluate_targets(out: dict[str, Any]) -> list[dict[str, Any]]:
                 "model_mb": f["model_mb"],
             }
         )
+    if "train" in out:
+        t = out["train"]
+        targets.append(
+            {
+                "id": "bn-onnx train samples/s >= 0.9 x hand-written torch loop",
+                "met": t["ratio"] >= 0.9,
+                "ratio": t["ratio"],
+                "train_samples_per_s": t["runs"]["bn_onnx.train"]["samples_per_s"],
+                "loop_samples_per_s": t["runs"]["hand-written torch loop"]["samples_per_s"],
+            }
+        )
     if "startup" in out:
         p = out["startup"]["processes"]
         h = p["bn-onnx --help"]
@@ -757,9 +883,9 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
     lines = ["## ORT CPU latency, median ms (ratio to no_bn; A/A = second no_bn session)", ""]
     lines.append(
         "| network | threads/opt | batch | unfolded | folded | no_bn | unf/no_bn | "
-        "fold/no_bn (IQR) | A/A |"
+        "fold/no_bn (IQR) | A/A | fold/no_bn CPU | A/A CPU |"
     )
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for g in out["groups"]:
         if g["section"] != "variants":
             continue
@@ -772,7 +898,8 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
                 f"{rows['unfolded', bi]['median_ms']:.4g} | {rows['folded', bi]['median_ms']:.4g}"
                 f" | {rows['no_bn', bi]['median_ms']:.4g} | {p['unfolded/no_bn']['ratio']:.3f} | "
                 f"{f['ratio']:.3f} ({f['q1']:.2f}-{f['q3']:.2f}) | "
-                f"{p['A/A no_bn copy/no_bn']['ratio']:.3f} |"
+                f"{p['A/A no_bn copy/no_bn']['ratio']:.3f} | {_cpu(f, g)} | "
+                f"{_cpu(p['A/A no_bn copy/no_bn'], g)} |"
             )
     fw = [g for g in out["groups"] if g["section"] == "frameworks"]
     if fw:
@@ -800,8 +927,8 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
             "",
             "## Predictor.predict against bare session.run (1 thread)",
             "",
-            "| model | batch | bare ms | Predictor ms | ratio (IQR of per-round) |",
-            "|---|---:|---:|---:|---:|",
+            "| model | batch | bare ms | Predictor ms | ratio (IQR of per-round) | CPU ratio |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for g in pr:
             rows = {(r["subject"], r["batch"]): r for r in g["result"]["rows"]}
@@ -811,7 +938,7 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
                 lines.append(
                     f"| {g['network']} | {b} | {rows['bare session.run', bi]['median_ms']:.4g} | "
                     f"{rows['Predictor.predict', bi]['median_ms']:.4g} | {q['ratio']:.3f} "
-                    f"({q['q1']:.2f}-{q['q3']:.2f}) |"
+                    f"({q['q1']:.2f}-{q['q3']:.2f}) | {_cpu(q, g)} |"
                 )
     lines += ["", "## Targets", ""]
     for t in out["targets"]:
@@ -820,6 +947,12 @@ def summary_lines(out: dict[str, Any]) -> list[str]:
     if out["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in out["skipped"].items())]
     return lines
+
+
+def _cpu(p: dict[str, Any], g: dict[str, Any]) -> str:
+    if g["threads"] != 1 or "cpu_ratio" not in p:
+        return "-"
+    return f"{p['cpu_ratio']:.3f}"
 
 
 def _compact(d: dict[str, Any]) -> str:
