@@ -462,14 +462,19 @@ class _Graph:
         self.order: list[tuple[int, int]] = [(i, 0) for i in range(len(self.nodes))]
         self.alive: list[bool] = [True] * len(self.nodes)
         self.structure_changed = False
-        self.graph_inputs = {i.name for i in self.graph.input}
         self.graph_outputs = {o.name for o in self.graph.output}
         self.inits: dict[str, TensorProto] = {t.name: t for t in self.graph.initializer}
         self.dead_inits: set[str] = set()
+        self.new_inits: list[str] = []
+        # Before IR 4 every initializer had to be listed as an input too and stayed a constant;
+        # from IR 4 on, an initializer listed as an input is a default the caller may override.
+        self.legacy_inputs = model.ir_version < 4
+        all_inputs = {i.name for i in self.graph.input}
+        self.graph_inputs = all_inputs - set(self.inits) if self.legacy_inputs else all_inputs
         self.types = _Types(inferred)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
-        self.names: set[str] = set(self.graph_inputs) | set(self.inits) | self.graph_outputs
+        self.names: set[str] = all_inputs | set(self.inits) | self.graph_outputs
         for i, node in enumerate(self.nodes):
             self._link(i)
             self.names.update(node.output)
@@ -702,6 +707,7 @@ class _Graph:
             old
             and old in self.inits
             and old not in self.graph_inputs
+            and not self.legacy_inputs
             and old not in self.graph_outputs
             and self.consumers.get(old, []).count(i) == 1
             and len(self.consumers[old]) == 1
@@ -717,11 +723,17 @@ class _Graph:
                 t.CopyFrom(_make_tensor(value, old))
             self.cache[old] = value
             return
-        name = self.fresh(f"{old or (node.name or node.op_type) + '_bias'}_bnfold")
+        name = self.add_initializer(value, f"{old or (node.name or node.op_type) + '_bias'}_bnfold")
+        self.set_input(i, pos, name)
+
+    def add_initializer(self, value: np.ndarray, base: str) -> str:
+        """A new initializer holding `value`, under a fresh name made from `base`."""
+        name = self.fresh(base)
         self.graph.initializer.append(_make_tensor(value, name))
         self.inits[name] = self.graph.initializer[-1]
         self.cache[name] = value
-        self.set_input(i, pos, name)
+        self.new_inits.append(name)
+        return name
 
     # --- finishing
     def sweep(self) -> None:
@@ -756,6 +768,12 @@ class _Graph:
             for idx in range(len(g.initializer) - 1, -1, -1):
                 if g.initializer[idx].name in self.dead_inits:
                     del g.initializer[idx]
+        if self.legacy_inputs:  # IR < 4: initializers are listed as inputs, new ones too
+            for idx in range(len(g.input) - 1, -1, -1):
+                if g.input[idx].name in self.dead_inits:
+                    del g.input[idx]
+            added = [self.inits[n] for n in self.new_inits if n not in self.dead_inits]
+            g.MergeFromString(_typed_inputs_blob(added))
         live = self.graph_inputs | self.graph_outputs | set(self.producer) | set(self.inits)
         vis = [vi for vi in g.value_info if vi.name in live]
         if len(vis) != len(g.value_info):
@@ -1281,10 +1299,7 @@ def _insert_bias_add(g: _Graph, m: int, bias: np.ndarray) -> None:
     out = node.output[0]
     mid = g.fresh(f"{out}_nobias")
     g.set_output(m, 0, mid)
-    b_name = g.fresh(f"{node.name or out}_bias_bnfold")
-    g.graph.initializer.append(_make_tensor(bias, b_name))
-    g.inits[b_name] = g.graph.initializer[-1]
-    g.cache[b_name] = bias
+    b_name = g.add_initializer(bias, f"{node.name or out}_bias_bnfold")
     add = helper.make_node("Add", [mid, b_name], [out], name=g.fresh(f"{node.name or out}_bias"))
     g.insert_after(m, add)
 

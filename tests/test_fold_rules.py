@@ -434,3 +434,31 @@ def test_bn_inside_subgraph_readers_block_fold():
     feeds = {"x": _x(rng), "cond": np.array(True)}
     result = fold_and_compare(model, feeds, folded=0)
     assert "If" in reasons(result)[0]
+
+
+def test_ir3_initializers_listed_as_inputs_are_constants():
+    """Before IR 4 every initializer is also a graph input, and still a constant."""
+    rng = np.random.default_rng(30)
+    inits = {
+        "W": rng.normal(size=(5, 4)).astype(np.float32),
+        "V": rng.normal(size=(4, 3)).astype(np.float32),
+        **bn_params(rng, 4),
+    }
+    inits.update({k + "2": v for k, v in bn_params(rng, 4).items()})
+    model = model_from_text(
+        """<ir_version: 3, opset_import: ["" : 9]>
+        g (float[N, 5] x, float[5, 4] W, float[4, 3] V, float[4] s, float[4] b, float[4] mu,
+           float[4] var, float[4] s2, float[4] b2, float[4] mu2, float[4] var2)
+          => (float[N, 3] y) {
+          h = Gemm (x, W, b)
+          t = BatchNormalization (h, s, b, mu, var)
+          r = Relu (t)
+          u = BatchNormalization (r, s2, b2, mu2, var2)
+          y = MatMul (u, V)
+        }""",
+        inits,
+    )
+    result = fold_and_compare(model, {"x": _x(rng)})
+    inputs = {i.name for i in result.model.graph.input}
+    assert {t.name for t in result.model.graph.initializer} <= inputs
+    assert "mu" not in inputs and "x" in inputs
