@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,47 +33,14 @@ _FAST_DTYPES = {
 }
 _FAST_TYPES = {v: k for k, v in _FAST_DTYPES.items()}
 # Ops evaluated when all their inputs are constant (parameters computed by constant subgraphs).
-CONST_OPS = frozenset(
-    [
-        "Identity",
-        "Cast",
-        "CastLike",
-        "Shape",
-        "Size",
-        "Expand",
-        "ConstantOfShape",
-        "Reshape",
-        "Squeeze",
-        "Unsqueeze",
-        "Flatten",
-        "Transpose",
-        "Concat",
-        "Gather",
-        "Slice",
-        "Split",
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Neg",
-        "Abs",
-        "Sqrt",
-        "Reciprocal",
-        "Pow",
-        "Exp",
-        "Log",
-        "Max",
-        "Min",
-        "Sum",
-        "Clip",
-        "ReduceMean",
-        "ReduceSum",
-        "Where",
-        "Equal",
-        "Not",
-        "Range",
-    ]
-)
+# fmt: off
+CONST_OPS = frozenset([
+    "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "ConstantOfShape", "Reshape",
+    "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Concat", "Gather", "Slice", "Split",
+    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Exp", "Log",
+    "Max", "Min", "Sum", "Clip", "ReduceMean", "ReduceSum", "Where", "Equal", "Not",
+])
+# fmt: on
 # A constant subgraph may not build a tensor bigger than this (elements): no memory bombs.
 MAX_CONST_ELEMENTS = 1 << 26
 # Constant nodes of at most this many elements keep their values in the inference skeleton.
@@ -669,11 +637,11 @@ class _Graph:
             return
         if node.op_type in ("ConstantOfShape", "Expand") and values:
             target = values[0] if node.op_type == "ConstantOfShape" else values[1]
-            if target is None or target.size > 16 or np.prod(np.abs(target)) > MAX_CONST_ELEMENTS:
+            if target is None or target.size > 16:
                 return
-        if node.op_type == "Range" or (
-            sum(v.size for v in values if v is not None) > MAX_CONST_ELEMENTS
-        ):
+            if math.prod(abs(int(d)) for d in target.reshape(-1)) > MAX_CONST_ELEMENTS:
+                return  # no memory bombs from a hostile shape
+        if sum(v.size for v in values if v is not None) > MAX_CONST_ELEMENTS:
             return
         if node.op_type == "Identity":
             out = [values[0]]
@@ -839,6 +807,8 @@ class FoldBatchNormPass:
     9. Parameters and weights may be initializers, Constant nodes or constant subgraphs
        (Identity, Cast, CastLike, Shape of a static shape, Expand, ConstantOfShape, ...).
     10. A weight or bias read by any other node is cloned, never changed under that node.
+    11. float32, float16, bfloat16 and float64 models keep their dtype; IR < 4 models (whose
+        initializers are all listed as inputs, and constant) keep that convention.
 
     A BN is left, with the reason, when its parameters are not constant (graph inputs
     included), training_mode=1 or it has extra outputs, the linear node's output is also a
@@ -851,9 +821,20 @@ class FoldBatchNormPass:
     def __init__(self, *, check_output: bool = False) -> None:
         self.check_output = check_output
 
+    def requires(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Precondition: a valid ONNX model. Returns its inferred (data-free) skeleton."""
+        return validate_model(model)
+
+    def ensures(self, model: onnx.ModelProto) -> None:
+        """Postcondition: the result is valid ONNX (checked when check_output=True)."""
+        try:
+            validate_model(model)
+        except UnsupportedModelError as exc:  # a bug in this pass, not a user error
+            raise RuntimeError(f"fold produced an invalid model: {exc}") from None
+
     def __call__(self, model: onnx.ModelProto, *, copy: bool = True) -> FoldResult:
         """Fold `model` (a copy of it, unless copy=False) and return the result and report."""
-        inferred = validate_model(model)
+        inferred = self.requires(model)
         if copy:
             out = onnx.ModelProto()
             out.CopyFrom(model)
@@ -866,7 +847,7 @@ class FoldBatchNormPass:
         g.sweep()
         g.finish()
         if self.check_output:
-            self._check_output(out)
+            self.ensures(out)
         report = FoldReport(
             entries=entries,
             nodes_before=nodes_before,
@@ -1272,12 +1253,6 @@ class FoldBatchNormPass:
             g.replace_uses(y, bn.input[0])
 
         return _Plan("merged", [nxt], apply)
-
-    def _check_output(self, model: onnx.ModelProto) -> None:
-        try:
-            validate_model(model)
-        except UnsupportedModelError as exc:  # a bug in this pass, not a user error
-            raise RuntimeError(f"fold produced an invalid model: {exc}") from None
 
 
 def _is_passthrough(g: _Graph, node: onnx.NodeProto) -> bool:
