@@ -27,7 +27,7 @@ def randomize_bn(model, seed: int) -> None:
                     mod.bias.copy_(torch.randn(n, generator=gen) * 0.5)
 
 
-def make_checkpoint(path: Path, seed: int = 0, **config) -> Path:
+def random_checkpoint(path: Path, seed: int = 0, **config) -> Path:
     """Write a checkpoint of a random `MLP(MLPConfig(**config))` with random BN statistics."""
     import torch
 

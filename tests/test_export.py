@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from export_testing import ATOL, RTOL, bn_count, make_checkpoint, run_ort
+from export_testing import ATOL, RTOL, bn_count, random_checkpoint, run_ort
 
 torch = pytest.importorskip("torch")
 
@@ -54,7 +54,7 @@ class Exported:
 def exported(request, tmp_path_factory) -> Exported:
     cfg = request.param
     root = tmp_path_factory.mktemp(_id(cfg))
-    ckpt = make_checkpoint(
+    ckpt = random_checkpoint(
         root / "ckpt",
         seed=CONFIGS.index(cfg),
         in_features=IN_FEATURES,
@@ -161,7 +161,7 @@ def test_written_files_pass_full_checker_and_are_single_files(exported):
 
 
 def _small_model(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
-    ckpt = make_checkpoint(tmp_path / "ckpt", seed=3, in_features=5, out_features=3, hidden=(6,))
+    ckpt = random_checkpoint(tmp_path / "ckpt", seed=3, in_features=5, out_features=3, hidden=(6,))
     model, _ = load_model(ckpt)
     return model, ckpt
 
@@ -222,7 +222,7 @@ def test_large_model_path_writes_external_data_that_loads(tmp_path, monkeypatch)
     import bn_onnx.onnx_io as onnx_io
 
     # hidden 64: the 5x64 weight (1280 bytes) is above onnx's 1 KB inline threshold
-    ckpt = make_checkpoint(tmp_path / "ckpt", seed=4, in_features=5, out_features=3, hidden=(64,))
+    ckpt = random_checkpoint(tmp_path / "ckpt", seed=4, in_features=5, out_features=3, hidden=(64,))
     monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD", 64)  # "2 GB" for this test
     result = export_checkpoint(ckpt, tmp_path / "big.onnx", fold=True)
     assert result.files == [tmp_path / "big.onnx", tmp_path / "big.onnx.data"]

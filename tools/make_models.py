@@ -1,0 +1,246 @@
+"""Regenerate the shipped models under `models/` deterministically.
+
+    python tools/make_models.py                    # train + export + samples + card
+    python tools/make_models.py --from-checkpoint  # keep models/digits/checkpoint, redo the rest
+    python tools/make_models.py --out /tmp/models  # anywhere else (tests use this)
+
+`models/digits/`: a 64-128-64-10 MLP (input normalization, BN before each ReLU) trained on
+scikit-learn's digits with seed 0 on one CPU thread, so the checkpoint is bit-identical from
+run to run on the same platform; `model.onnx` keeps its 3 BatchNormalization nodes,
+`model.folded.onnx` has none; `sample_input.npy` is the first 16 rows of the test split (raw
+features, float32 [16, 64]) and `sample_output.npy` the folded model's logits for them
+(onnxruntime, CPU); `MODEL_CARD.md` describes all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS_SETTINGS: dict[str, Any] = {
+    "dataset": "digits",
+    "hidden": (128, 64),
+    "bn": "pre",
+    "input_norm": True,
+    "activation": "relu",
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "epochs": 40,
+    "batch_size": 64,
+    "patience": 15,
+    "seed": 0,
+    "device": "cpu",
+    "threads": 1,
+}
+N_SAMPLES = 16
+
+
+def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dict[str, Any]:
+    """Build `out_dir/digits/` (created if needed); return the figures the model card quotes."""
+    from bn_onnx.checkpoint import read_checkpoint
+    from bn_onnx.data import load_split_from_checkpoint_meta
+    from bn_onnx.export import export_checkpoint
+    from bn_onnx.files import atomic_output
+    from bn_onnx.reference import checkpoint_forward
+
+    target = out_dir / "digits"
+    target.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = target / "checkpoint"
+    if retrain:
+        from bn_onnx.train import TrainSettings, train
+
+        log(f"training {ckpt_dir} ...")
+        train(TrainSettings(**DIGITS_SETTINGS), ckpt_dir)
+    ckpt = read_checkpoint(ckpt_dir)
+
+    log("exporting model.onnx and model.folded.onnx ...")
+    unfolded = export_checkpoint(ckpt_dir, target / "model.onnx")
+    folded = export_checkpoint(ckpt_dir, target / "model.folded.onnx", fold=True)
+
+    data = load_split_from_checkpoint_meta(ckpt.meta)
+    x_test = np.ascontiguousarray(data.x_test, dtype=np.float32)
+    sample_input = x_test[:N_SAMPLES].copy()
+    sample_output = _ort_logits(folded.path, sample_input).astype(np.float32)
+    for name, arr in (("sample_input.npy", sample_input), ("sample_output.npy", sample_output)):
+        with atomic_output(target / name, suffix=".npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+    exact = checkpoint_forward(ckpt, x_test).output
+    y_unfolded = _ort_logits(unfolded.path, x_test)
+    y_folded = _ort_logits(folded.path, x_test)
+    figures = {
+        "n_test": len(x_test),
+        "acc_unfolded": float(np.mean(y_unfolded.argmax(1) == data.y_test)),
+        "acc_folded": float(np.mean(y_folded.argmax(1) == data.y_test)),
+        "argmax_agree": int(np.sum(y_unfolded.argmax(1) == y_folded.argmax(1))),
+        "err_folded_unfolded": float(np.max(np.abs(y_folded - y_unfolded))),
+        "err_unfolded_f64": float(np.max(np.abs(y_unfolded - exact))),
+        "err_folded_f64": float(np.max(np.abs(y_folded - exact))),
+        "unfolded_ops": unfolded.op_counts,
+        "folded_ops": folded.op_counts,
+        "fold_report": folded.fold_report,
+    }
+    card = model_card(target, ckpt, figures)
+    with atomic_output(target / "MODEL_CARD.md", suffix=".md") as tmp:
+        tmp.write_text(card, encoding="utf-8")
+    log(f"wrote {target}")
+    return figures
+
+
+def _versions(recorded: dict[str, str]) -> str:
+    import onnx
+    import onnxruntime
+
+    names = [("bn-onnx", "bn_onnx"), ("torch", "torch"), ("numpy", "numpy")]
+    names += [("scikit-learn", "sklearn"), ("Python", "python")]
+    parts = [f"{label} {recorded.get(key)}" for label, key in names]
+    parts += [f"onnx {onnx.__version__}", f"onnxruntime {onnxruntime.__version__}"]
+    return ", ".join(parts)
+
+
+def _ops(counts: dict[str, int]) -> str:
+    return ", ".join(f"{op} {n}" for op, n in counts.items())
+
+
+def model_card(target: Path, ckpt: Any, fig: dict[str, Any]) -> str:
+    """The model card's markdown: data, architecture, accuracy, files, how it was made."""
+    metrics = ckpt.metrics or {}
+    meta = ckpt.meta
+    cfg = ckpt.config
+    sizes = meta["dataset"].get("sizes", {})
+    n_params = sum(int(np.prod(a.shape)) for k, a in ckpt.tensors.items() if "num_batches" not in k)
+    training = meta.get("training", {})
+    versions = meta.get("versions", {})
+    files = [
+        "checkpoint/config.json",
+        "checkpoint/model.safetensors",
+        "checkpoint/metrics.json",
+        "model.onnx",
+        "model.folded.onnx",
+        "sample_input.npy",
+        "sample_output.npy",
+    ]
+    # metrics.json records wall times, so its size differs from run to run; the card must not.
+    file_rows = "\n".join(
+        f"| `{f}` | "
+        + ("varies (training timings)" if f.endswith("metrics.json") else "")
+        + (f"{(target / f).stat().st_size:,}" if not f.endswith("metrics.json") else "")
+        + " |"
+        for f in files
+    )
+    folds = "\n".join(
+        f"  - `{e['node']}` -> `{e['target']}` ({e['direction']})" for e in fig["fold_report"]["bn"]
+    )
+    return f"""# Model card: digits MLP (bn-onnx)
+
+A small classifier of 8x8 handwritten digits, shipped to show the bn-onnx chain end to end:
+a PyTorch checkpoint, its ONNX export with the batch norm kept, and the same model with the
+batch norm folded away. Regenerate everything with `python tools/make_models.py`.
+
+## Data
+
+scikit-learn's `load_digits`: {meta["dataset"].get("n_rows")} images of 8x8 pixels, each
+pixel a count from 0 to 16, ten classes `0`-`9`. Split stratified with seed
+{meta["dataset"].get("seed")}: {sizes.get("train")} train, {sizes.get("val")} validation,
+{sizes.get("test")} test rows.
+
+Input: the **raw** 64 pixel values as float32 `[batch, 64]` (row-major, `pixel_r_c`); the
+normalization is inside the model. Output: `logits` float32 `[batch, 10]`; class `i` is digit
+`i` (also in the metadata prop `bn_onnx.class_names`).
+
+## Architecture
+
+    input [batch, 64]
+      -> input normalization  (BatchNorm, affine-free, frozen training-set mean/variance)
+      -> Linear 64->128 -> BatchNorm -> ReLU
+      -> Linear 128->64 -> BatchNorm -> ReLU
+      -> Linear 64->10  -> logits
+
+`MLPConfig`: hidden {list(cfg.hidden)}, bn `{cfg.bn}`, activation `{cfg.activation}`,
+bn_eps {cfg.bn_eps}, input_norm {cfg.input_norm}, dropout {cfg.dropout};
+{n_params:,} float32 values (parameters and BN statistics).
+
+- `model.onnx` (unfolded): {_ops(fig["unfolded_ops"])}.
+- `model.folded.onnx`: {_ops(fig["folded_ops"])}. Each BatchNormalization went into a Gemm:
+{folds}
+
+## Accuracy
+
+| | test accuracy ({fig["n_test"]} rows) |
+| --- | --- |
+| checkpoint, torch eval (`metrics.json`) | {metrics.get("test_accuracy", float("nan")):.4f} |
+| `model.onnx`, onnxruntime CPU | {fig["acc_unfolded"]:.4f} |
+| `model.folded.onnx`, onnxruntime CPU | {fig["acc_folded"]:.4f} |
+
+Validation accuracy {metrics.get("val_accuracy", float("nan")):.4f} at the best epoch
+({metrics.get("best_epoch")} of {metrics.get("epochs_run")}). On the test split the folded
+and unfolded models pick the same class for {fig["argmax_agree"]} of {fig["n_test"]} rows;
+the largest logit difference between them is {fig["err_folded_unfolded"]:.2e}, and against a
+float64 numpy forward of the checkpoint it is {fig["err_unfolded_f64"]:.2e} (unfolded) and
+{fig["err_folded_f64"]:.2e} (folded): folding adds no measurable error.
+
+## Files
+
+| file | bytes |
+| --- | --- |
+{file_rows}
+
+`sample_input.npy` holds the first {N_SAMPLES} rows of the test split (raw features);
+`sample_output.npy` the folded model's logits for them (onnxruntime, CPU). Both are plain
+`.npy` (no pickle).
+
+```python
+import numpy as np, onnxruntime as ort
+sess = ort.InferenceSession("models/digits/model.folded.onnx")
+x = np.load("models/digits/sample_input.npy")
+logits = sess.run(None, {{"input": x}})[0]     # == np.load("models/digits/sample_output.npy")
+```
+
+## How it was made
+
+`python tools/make_models.py`: `bn_onnx.train.train` with optimizer
+`{training.get("optimizer")}` (lr {training.get("lr")}), batch size
+{training.get("batch_size")}, up to {training.get("epochs")} epochs with patience
+{training.get("patience")}, keeping the weights of the best validation loss; seed
+{training.get("seed")}, CPU, {training.get("threads")} thread (the same seed gives a
+bit-identical `model.safetensors` on the same platform). Then `bn-onnx export` (torch's
+dynamo exporter, `optimize=False`, opset 18) and `bn-onnx export --fold`.
+
+Versions: {_versions(versions)}.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: regenerate models/ (or `--out`)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "models", help="models folder")
+    ap.add_argument(
+        "--from-checkpoint",
+        action="store_true",
+        help="keep the existing checkpoint; redo the ONNX files, samples and card",
+    )
+    args = ap.parse_args(argv)
+    from bn_onnx.errors import BnOnnxError
+
+    try:
+        make_digits(args.out, retrain=not args.from_checkpoint)
+    except BnOnnxError as exc:
+        print(f"make_models: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
