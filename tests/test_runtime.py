@@ -365,3 +365,36 @@ def test_predictor_is_safe_to_share_between_threads(model_path):
     for t, outs in results.items():
         for i, out in enumerate(outs):
             np.testing.assert_array_equal(out, expected[(t + i) % 8])
+
+
+@pytest.mark.parametrize("n", [1, 16, 17, 200])  # both sides of the small-input fast path
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finiteness_check_is_exact_for_every_size(n, dtype):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 64)).astype(dtype)
+    assert runtime.check_input(x, 64, np.dtype(dtype)) is x
+    big = np.full((n, 64), np.finfo(dtype).max / 2, dtype)  # sums overflow, values are finite
+    assert runtime.check_input(big, 64, np.dtype(dtype)) is big
+    for value in (np.nan, np.inf):
+        bad = x.copy()
+        bad[n - 1, 63] = value
+        with pytest.raises(InputDataError, match=f"row {n - 1}, column 63"):
+            runtime.check_input(bad, 64, np.dtype(dtype))
+    mixed = x.copy()
+    mixed[0, 0], mixed[0, 1] = np.inf, -np.inf  # inf - inf would hide in a sum as nan: caught
+    with pytest.raises(InputDataError, match="2 non-finite"):
+        runtime.check_input(mixed, 64, np.dtype(dtype))
+
+
+def test_fast_path_failure_falls_back_to_the_public_run(model_path):
+    p = Predictor(model_path, provider="cpu")
+    x = _x(3)
+    expected = p.predict(x)
+
+    def broken(*args):
+        raise RuntimeError("binding changed")
+
+    p._fast = broken
+    np.testing.assert_array_equal(p.predict(x), expected)
+    p._fast = None
+    np.testing.assert_array_equal(p.predict(x), expected)
