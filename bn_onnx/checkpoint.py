@@ -167,18 +167,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions recorded in `config.json["versions"]` (only libraries already imported)."""
-    import sys
+    """Versions recorded in `config.json["versions"]` (installed distributions, not imports)."""
+    from importlib import metadata
 
-    versions = {
-        "bn_onnx": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-    for name in ("torch", "sklearn", "safetensors", "onnx", "onnxruntime"):
-        module = sys.modules.get(name)
-        if module is not None and hasattr(module, "__version__"):
-            versions[name] = str(module.__version__)
+    versions = {"bn_onnx": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "torch", "scikit-learn", "safetensors"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
     return versions
 
 
