@@ -43,6 +43,8 @@ CONST_OPS = frozenset([
 # fmt: on
 # A constant subgraph may not build a tensor bigger than this (elements): no memory bombs.
 MAX_CONST_ELEMENTS = 1 << 26
+# Initializer values above this many elements are not kept in memory between uses.
+CACHE_ELEMENTS = 1 << 16
 # Constant nodes of at most this many elements keep their values in the inference skeleton.
 SKELETON_KEEP_ELEMENTS = 64
 _SHAPE_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32})
@@ -573,7 +575,10 @@ class _Graph:
             self._const_eval(self.producer[n])
             self.cache.setdefault(n, None)
             stack.pop()
-        return self.cache[name]
+        value = self.cache[name]
+        if value is not None and value.size > CACHE_ELEMENTS and name in self.inits:
+            del self.cache[name]  # weights are read again if needed: at most one copy held
+        return value
 
     def _const_deps(self, name: str) -> list[str] | None:
         """Inputs to evaluate first, or None when `name` is resolved without them."""
@@ -689,17 +694,23 @@ class _Graph:
                 t.raw_data = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
             else:
                 t.CopyFrom(_make_tensor(value, old))
-            self.cache[old] = value
+            self._remember(old, value)
             return
         name = self.add_initializer(value, f"{old or (node.name or node.op_type) + '_bias'}_bnfold")
         self.set_input(i, pos, name)
+
+    def _remember(self, name: str, value: np.ndarray) -> None:
+        if value.size <= CACHE_ELEMENTS:
+            self.cache[name] = value
+        else:
+            self.cache.pop(name, None)
 
     def add_initializer(self, value: np.ndarray, base: str) -> str:
         """A new initializer holding `value`, under a fresh name made from `base`."""
         name = self.fresh(base)
         self.graph.initializer.append(_make_tensor(value, name))
         self.inits[name] = self.graph.initializer[-1]
-        self.cache[name] = value
+        self._remember(name, value)
         self.new_inits.append(name)
         return name
 

@@ -11,6 +11,7 @@ It also reports how many BN each tool removed, and the peak RSS of one fold_file
 process against one load+save run (Linux, VmHWM from /proc).
 
     python tools/bench_fold.py [--blocks 200] [--width 64] [--repeats 7]
+    python tools/bench_fold.py --large --blocks 40 --width 4096 --repeats 3   # 2.7 GB
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def build_chain(blocks: int, width: int, seed: int = 0) -> onnx.ModelProto:
     nodes, inits = [], []
     cur = "input"
     for i in range(blocks):
-        w = rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32)
+        w = rng.standard_normal((width, width), dtype=np.float32)
+        w *= np.float32(1 / np.sqrt(width))
         b = rng.normal(0, 0.1, width).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(b, f"B{i}")]
         for name, value in (
@@ -81,13 +83,89 @@ def _peak_rss_mb(code: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def _child(code: str) -> tuple[float, float]:
+    """Run `code` in a fresh Python; return (wall seconds of the code, peak RSS in MB)."""
+    timed = (
+        "import time\n_t0 = time.perf_counter()\n" + code + "\n"
+        "print(time.perf_counter() - _t0)\n"
+        "for line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmHWM:'):\n"
+        "        print(int(line.split()[1]))"
+    )
+    out = subprocess.run([sys.executable, "-c", timed], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    seconds, kb = out.stdout.strip().splitlines()[-2:]
+    return float(seconds), int(kb) / 1024
+
+
+def large(args: argparse.Namespace) -> None:
+    """Above 2 GB: external data in and out, each run in a fresh process (time + peak RSS)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_fold_large."))
+    src = tmp / "chain.onnx"
+    model = build_chain(args.blocks, args.width)
+    onnx.save_model(
+        model,
+        str(src),
+        save_as_external_data=True,
+        location="chain.onnx.data",
+        all_tensors_to_one_file=True,
+        size_threshold=1024,
+    )
+    del model
+    size_gb = (src.stat().st_size + (tmp / "chain.onnx.data").stat().st_size) / 1e9
+    base = (
+        f"import onnx; m = onnx.load({str(src)!r}); "
+        f"onnx.save_model(m, {str(tmp / 'copy.onnx')!r}, save_as_external_data=True, "
+        "location='copy.onnx.data', all_tensors_to_one_file=True)"
+    )
+    fold = (
+        "from bn_onnx.fold import fold_file; "
+        f"r = fold_file({str(src)!r}, {str(tmp / 'folded.onnx')!r}); assert r.n_folded == r.n_bn"
+    )
+    rows: dict[str, list[tuple[float, float]]] = {"baseline": [], "fold_file": []}
+    for _ in range(args.repeats):
+        rows["baseline"].append(_child(base))
+        rows["fold_file"].append(_child(fold))
+    print(
+        f"chain: {args.blocks} blocks x {args.width} wide, {size_gb:.2f} GB with external "
+        f"data, {args.repeats} interleaved runs in fresh processes"
+    )
+    for k, v in rows.items():
+        t = [x[0] for x in v]
+        m = [x[1] for x in v]
+        print(
+            f"  {k:9s} median {statistics.median(t):7.1f} s (min {min(t):.1f}, max "
+            f"{max(t):.1f}); peak RSS median {statistics.median(m):.0f} MB"
+        )
+    tb = statistics.median(x[0] for x in rows["baseline"])
+    tf = statistics.median(x[0] for x in rows["fold_file"])
+    mb = statistics.median(x[1] for x in rows["baseline"])
+    mf = statistics.median(x[1] for x in rows["fold_file"])
+    print(
+        f"  fold_file / baseline: time {tf / tb:.2f}x, peak memory {mf / mb:.2f}x "
+        f"(model {size_gb * 1e3:.0f} MB: fold peak = {mf / (size_gb * 1e3):.2f}x the model)"
+    )
+    for p in tmp.iterdir():
+        p.unlink()
+    tmp.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=200)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument(
+        "--large",
+        action="store_true",
+        help="external data, fresh process per run, only load+save vs fold_file (for > 2 GB)",
+    )
     args = ap.parse_args()
+    if args.large:
+        large(args)
+        return
 
     from bn_onnx.fold import fold_file, fold_model
 
