@@ -462,3 +462,36 @@ def test_ir3_initializers_listed_as_inputs_are_constants():
     inputs = {i.name for i in result.model.graph.input}
     assert {t.name for t in result.model.graph.initializer} <= inputs
     assert "mu" not in inputs and "x" in inputs
+
+
+def test_weight_from_a_constant_subgraph_is_replaced_by_an_initializer():
+    rng = np.random.default_rng(31)
+    inits = {"Wt": rng.normal(size=(3, 5)).astype(np.float32), **bn_params(rng, 3)}
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[N, 5] x) => (float[N, 3] y) {{
+          W = Transpose <perm=[1, 0]> (Wt)
+          h = MatMul (x, W)
+          y = BatchNormalization (h, s, b, mu, var)
+        }}""",
+        inits,
+    )
+    result = fold_and_compare(model, {"x": _x(rng)})
+    assert [n.op_type for n in result.model.graph.node] == ["MatMul", "Add"]
+    assert "Wt" not in {t.name for t in result.model.graph.initializer}
+
+
+def test_non_constant_gemm_bias_is_left():
+    rng = np.random.default_rng(32)
+    inits = {"W": rng.normal(size=(5, 3)).astype(np.float32), **bn_params(rng, 3)}
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[N, 5] x, float[3] c) => (float[N, 3] y) {{
+          h = Gemm (x, W, c)
+          y = BatchNormalization (h, s, b, mu, var)
+        }}""",
+        inits,
+    )
+    feeds = {"x": _x(rng), "c": np.ones(3, np.float32)}
+    result = fold_and_compare(model, feeds, folded=0)
+    assert "bias 'c' is a graph input" in reasons(result)[0]
