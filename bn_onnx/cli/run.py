@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -88,13 +89,20 @@ class _Progress:
 def run(args: argparse.Namespace) -> int:
     """Check everything before writing, then stream the input through the model."""
     from bn_onnx.arrays import array_format, iter_chunks, open_output, read_array
-    from bn_onnx.errors import InputDataError
+    from bn_onnx.errors import InputDataError, UsageError
     from bn_onnx.files import check_input_file, check_output_path
     from bn_onnx.runtime import Predictor, check_input
 
     check_input_file(args.model, "model file")
     array_format(args.input, "input")
     array_format(args.output, "output")
+    for src in (args.input, args.model):
+        if (
+            os.path.exists(src)
+            and os.path.exists(args.output)
+            and os.path.samefile(src, args.output)
+        ):
+            raise UsageError(f"output {args.output} is the input file {src}; choose another path")
     check_output_path(args.output, [args.input, args.model])
     X = read_array(args.input)
     predictor = Predictor(
