@@ -247,6 +247,16 @@ def split_indices(
     return np.sort(train), np.sort(val), np.sort(test), stratified
 
 
+def check_dataset_name(name_or_path: str | os.PathLike[str]) -> None:
+    """Refuse a dataset that is neither a known name nor a .csv/.npz path (cheap, no I/O)."""
+    text = os.fspath(name_or_path)
+    if text not in DATASET_NAMES and Path(text).suffix.lower() not in (".csv", ".npz"):
+        raise UsageError(
+            f"unknown dataset {text!r}: choose from {', '.join(DATASET_NAMES)}, "
+            "or give a .csv or .npz file"
+        )
+
+
 def load_dataset(
     name_or_path: str | os.PathLike[str] = "digits",
     *,
@@ -311,13 +321,9 @@ def load_dataset(
             spec["n_classes"] = n_classes
             class_names = [str(i) for i in range(n_classes)]
     else:
+        check_dataset_name(text)
         path = Path(text)
         suffix = path.suffix.lower()
-        if suffix not in (".csv", ".npz"):
-            raise UsageError(
-                f"unknown dataset {text!r}: choose from {', '.join(DATASET_NAMES)}, "
-                "or give a .csv or .npz file"
-            )
         if not path.is_file():
             raise InputFileError(f"dataset file not found: {path}")
         if path.stat().st_size == 0:

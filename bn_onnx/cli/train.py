@@ -362,7 +362,10 @@ class _Reporter:
 
 def run(args: argparse.Namespace) -> int:
     """Train, save the checkpoint, print a one-line summary."""
+    from bn_onnx.data import check_dataset_name
+
     _check_out(args.out)
+    check_dataset_name(args.dataset)  # before the slow torch import
     in_torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     if args.nproc > 1 and not in_torchrun:
         return _launch(args, _child_argv(args))
