@@ -551,6 +551,12 @@ class _Graph:
             return None
         if name in self.cache:
             return self.cache[name]
+        t = self.inits.get(name)
+        if t is not None and name not in self.graph_inputs:  # the common case, directly
+            value = self._to_array(t)
+            if value.size <= CACHE_ELEMENTS:
+                self.cache[name] = value
+            return value
         stack = [name]
         visiting: set[str] = set()
         while stack:
