@@ -206,6 +206,19 @@ def test_check_inference_bn_accepts_plain_bn_and_refuses_the_rest():
         check_inference_bn(_bn_graph(param_input=True), 1)
 
 
+def test_sync_batchnorm_from_distributed_training_exports_as_plain_bn(tmp_path):
+    # DDP on CUDA converts BN layers to SyncBatchNorm; the export turns them back.
+    model, _ = _small_model(tmp_path)
+    x = np.random.default_rng(5).normal(size=(4, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    proto = to_onnx(synced, 5)
+    assert bn_count(proto) == 2
+    np.testing.assert_allclose(run_ort(proto, x), expected, atol=ATOL, rtol=RTOL)
+
+
 def test_torchlib_registry_reuse_gives_identical_bytes(tmp_path, monkeypatch):
     import contextlib
 

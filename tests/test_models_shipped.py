@@ -110,6 +110,16 @@ def test_shipped_graphs_bn_kept_and_folded_with_metadata():
         assert json.loads(meta[onnx_meta.CONFIG])["hidden"] == [128, 64]
 
 
+def test_shipped_model_metadata_drives_the_predictor():
+    from bn_onnx.runtime import Predictor
+
+    predictor = Predictor(DIGITS / "model.folded.onnx", provider="cpu")
+    x = _load_npy(DIGITS / "sample_input.npy")
+    expected = _load_npy(DIGITS / "sample_output.npy")
+    assert predictor.task == "classification" and predictor.n_features == 64
+    assert predictor.predict_labels(x) == [str(i) for i in expected.argmax(1)]
+
+
 def _assert_same_onnx(a_path: Path, b_path: Path) -> None:
     a, b = onnx.load(a_path), onnx.load(b_path)
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
