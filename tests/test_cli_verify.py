@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
 from test_verify_models import make_checkpoint, perturb, write_pair
 
@@ -135,3 +136,34 @@ def test_subprocess_verify(trained, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "PASS" in proc.stdout
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+
+
+@pytest.mark.slow
+def test_trained_digits_model_exported_both_ways_passes_and_tampered_fails(
+    make_checkpoint, tmp_path, capsys
+):
+    """The issue's acceptance check, end to end: train, export (unfolded and folded), verify."""
+    from bn_onnx.export import export_checkpoint
+
+    ckpt = make_checkpoint(dataset="digits", bn="pre", hidden=(32, 16), epochs=2)
+    u, f = tmp_path / "digits.onnx", tmp_path / "digits.folded.onnx"
+    export_checkpoint(ckpt, u)
+    export_checkpoint(ckpt, f, fold=True)
+    rc = main(["verify", str(u), str(f), "--checkpoint", str(ckpt), "--provider", "cpu"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "the checkpoint's test split (digits" in out and "torch eval" in out
+    # the exporter's graphs line up point for point, folded or not
+    from bn_onnx.verify import find_taps
+
+    labels = [[t.label for t in find_taps(onnx.load(p))] for p in (u, f)]
+    assert labels[0] == labels[1] and len(labels[0]) == 5
+    bad = perturb(f, _first_weight(f, rows=16), tmp_path / "tampered.onnx", delta=0.5)
+    rc = main(["verify", str(u), str(bad), "--checkpoint", str(ckpt), "--locate"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "first divergence: block 1" in out
+
+
+def _first_weight(path, rows):
+    model = onnx.load(path)
+    return next(t.name for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] == rows)

@@ -205,28 +205,6 @@ def test_bad_inputs_raise_project_errors(tmp_path):
         verify.verify([u, other], provider="cpu")
 
 
-def test_export_based_models_verify_against_the_checkpoint(tmp_path):
-    export = pytest.importorskip("bn_onnx.export")
-    if not hasattr(export, "export_checkpoint"):
-        pytest.skip("bn_onnx.export.export_checkpoint not available yet")
-    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "digits", bn="pre")
-    u, f = tmp_path / "e.onnx", tmp_path / "e.folded.onnx"
-    export.export_checkpoint(ckpt, u)
-    export.export_checkpoint(ckpt, f, fold=True)
-    report = verify.verify(
-        [u, f],
-        checkpoint=ckpt,
-        inputs=x[:200],
-        provider="cpu",
-        torch_runner=_torch_runner(),
-        locate=True,
-    )
-    assert report.passed, verify.render(report)
-    assert [tap.label for tap in verify.find_taps(onnx.load(u))] == [
-        tap.label for tap in verify.find_taps(onnx.load(f))
-    ]
-
-
 def test_torch_free_modules_do_not_import_torch():
     code = (
         "import sys\n"
