@@ -1,6 +1,6 @@
 """DistributedDataParallel support for `train`: process group, sharding, rank-0 decisions.
 
-Under `torchrun` (WORLD_SIZE > 1 in the environment) `context()` joins the process group:
+Under `torchrun` (WORLD_SIZE, RANK, LOCAL_RANK set) `context()` joins the process group:
 gloo on CPU, nccl on CUDA. Batch norm: on CUDA the hidden BN layers become SyncBatchNorm
 (statistics over the global batch). On CPU, where SyncBatchNorm does not run, each process
 normalizes with its own batch statistics and DDP's buffer broadcast (from rank 0, before every
@@ -60,7 +60,8 @@ class DistContext:
             return order
         total = math.ceil(len(order) / self.world_size) * self.world_size
         if total > len(order):
-            order = torch.cat([order, order[: total - len(order)]])
+            repeats = math.ceil(total / len(order))
+            order = torch.cat([order, order.repeat(repeats)[: total - len(order)]])
         return order[self.rank : total : self.world_size]
 
     def broadcast_float(self, value: float) -> float:
@@ -101,15 +102,20 @@ class DistContext:
 _CONTEXT: DistContext | None = None
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is a worker of `torchrun` (even a single one)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
 def context() -> DistContext:
     """The distributed context of this process, joining the process group on first call."""
     global _CONTEXT
     if _CONTEXT is not None:
         return _CONTEXT
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world_size <= 1:
+    if not launched_by_torchrun():
         _CONTEXT = DistContext()
         return _CONTEXT
+    world_size = int(os.environ["WORLD_SIZE"])
     if not torch.distributed.is_available():
         raise UsageError("this torch build has no torch.distributed; run without torchrun")
     rank = int(os.environ.get("RANK", "0"))

@@ -357,6 +357,9 @@ def train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)
             base, preprocessing = build_model(settings, data)
+            if ctx.active:
+                # Same initial weights on every rank, but each rank its own dropout masks.
+                torch.manual_seed(settings.seed + 1000 * ctx.rank)
             return _fit(settings, data, base, preprocessing, device, ctx, out_dir, progress)
     finally:
         torch.set_num_threads(old_threads)

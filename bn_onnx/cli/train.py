@@ -366,15 +366,15 @@ def run(args: argparse.Namespace) -> int:
 
     _check_out(args.out)
     check_dataset_name(args.dataset)  # before the slow torch import
-    in_torchrun = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
-    if args.nproc > 1 and not in_torchrun:
-        return _launch(args, _child_argv(args))
-
     from bn_onnx import distributed
-    from bn_onnx.train import train
 
     settings = _settings(args)
     settings.validate()
+    if args.nproc > 1 and not distributed.launched_by_torchrun():
+        return _launch(args, _child_argv(args))
+
+    from bn_onnx.train import train
+
     reporter = _Reporter(args.quiet)
     try:
         result = train(settings, args.out, progress=reporter)
