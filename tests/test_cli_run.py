@@ -314,3 +314,49 @@ def test_truncated_npy_is_refused(tmp_path, model, capsys):
     rc = main(["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
     assert rc == 2 and "x.npy" in capsys.readouterr().err
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    path = inner / "ext.onnx"
+    graphs.write_mlp_external(path, WIDTHS, "folded")
+    (inner / "ext.onnx.data").rename(tmp_path / "secret.data")
+    model = onnx.load(path, load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../secret.data"
+    onnx.save(model, path)
+    np.save(tmp_path / "x.npy", _x(2))
+    rc = main(["run", str(path), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    assert rc == 2 and "outside" in capsys.readouterr().err
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_external_data_model_runs_like_the_in_file_one(tmp_path):
+    ext = tmp_path / "ext.onnx"
+    graphs.write_mlp_external(ext, WIDTHS, "unfolded", seed=2)
+    x = _x(5)
+    np.save(tmp_path / "x.npy", x)
+    assert (
+        main(["run", str(ext), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"), "-q"])
+        == 0
+    )
+    inline = tmp_path / "inline.onnx"
+    onnx.save(graphs.build_mlp(WIDTHS, "unfolded", seed=2), inline)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(inline, x))
+
+
+def test_rich_progress_bar_on_a_terminal(monkeypatch):
+    import bn_onnx.cli.run as run_cmd
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = run_cmd._Progress(run_cmd.PROGRESS_MIN_ROWS, enabled=True)
+    try:
+        assert bar.bar is not None
+        bar(run_cmd.PROGRESS_MIN_ROWS // 2)
+        assert bar.bar.tasks[0].completed == run_cmd.PROGRESS_MIN_ROWS // 2
+    finally:
+        bar.close()
+    assert run_cmd._Progress(10, enabled=True).enabled is False  # small inputs: no bar

@@ -167,3 +167,20 @@ def test_trained_digits_model_exported_both_ways_passes_and_tampered_fails(
 def _first_weight(path, rows):
     model = onnx.load(path)
     return next(t.name for t in model.graph.initializer if len(t.dims) == 2 and t.dims[0] == rows)
+
+
+@pytest.mark.parametrize("damage", ["config", "weights", "empty"])
+def test_corrupt_checkpoint_exits_2(trained, tmp_path, capsys, damage):
+    import shutil
+
+    _, ckpt, u, _ = trained
+    bad = tmp_path / "bad_ckpt"
+    if damage == "empty":
+        bad.mkdir()
+    else:
+        shutil.copytree(ckpt, bad)
+        name = "config.json" if damage == "config" else "model.safetensors"
+        (bad / name).write_bytes(b"{not json or safetensors")
+    rc = main(["verify", str(u), "--checkpoint", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("bn-onnx verify: error:") and err.count("\n") == 1
