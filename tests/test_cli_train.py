@@ -102,6 +102,7 @@ def test_missing_out_exits_2(capsys):
     [
         (["--dataset", "mnist"], "unknown dataset 'mnist': choose from digits, wine"),
         (["--dataset", "nothere.csv", "--target", "y"], "dataset file not found"),
+        (["--dataset", "nothere.npz", "--nproc", "2"], "dataset file not found"),
         (["--dataset", "iris", "--task", "regression"], "classification dataset"),
         (["--dataset", "iris", "--batch-size", "1"], "batch size of at least 2"),
     ],

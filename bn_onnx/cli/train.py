@@ -363,9 +363,12 @@ class _Reporter:
 def run(args: argparse.Namespace) -> int:
     """Train, save the checkpoint, print a one-line summary."""
     from bn_onnx.data import check_dataset_name
+    from bn_onnx.files import check_input_file
 
     _check_out(args.out)
     check_dataset_name(args.dataset)  # before the slow torch import
+    if args.dataset.lower().endswith((".csv", ".npz")):
+        check_input_file(args.dataset, "dataset file")
     from bn_onnx import distributed
 
     settings = _settings(args)
@@ -378,10 +381,10 @@ def run(args: argparse.Namespace) -> int:
     reporter = _Reporter(args.quiet)
     try:
         result = train(settings, args.out, progress=reporter)
+        is_main = distributed.context().is_main
     finally:
         reporter.close()
-    is_main = distributed.context().is_main
-    distributed.shutdown()
+        distributed.shutdown()
     if args.quiet or not is_main:
         return 0
     m = result.metrics
