@@ -442,6 +442,12 @@ class Predictor:
         self.input_name: str = inp.name
         self.input_dtype: np.dtype = _ORT_FLOAT_TYPES[inp.type]
         self.n_features: int | None = inp.shape[1] if isinstance(inp.shape[1], int) else None
+        # A model exported with a fixed batch size runs in chunks of exactly that size, the
+        # last one padded with zero rows.
+        first = inp.shape[0]
+        self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
+        if self.fixed_batch is not None:
+            self.batch_size = self.fixed_batch
         outputs = session.get_outputs()
         self.output_names: list[str] = [o.name for o in outputs]
         self._first_output = self.output_names[:1]
@@ -487,6 +493,14 @@ class Predictor:
         return self._predict_chunked(X)
 
     def _run_one(self, X: np.ndarray) -> np.ndarray:
+        fixed = self.fixed_batch
+        if fixed is not None and X.shape[0] != fixed:
+            padded = np.zeros((fixed, *X.shape[1:]), dtype=X.dtype)
+            padded[: X.shape[0]] = X
+            return self._call(padded)[: X.shape[0]]
+        return self._call(X)
+
+    def _call(self, X: np.ndarray) -> np.ndarray:
         if self._fast is not None:
             try:
                 return self._fast(self._first_output, {self.input_name: X}, None)[0]

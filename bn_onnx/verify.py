@@ -573,8 +573,11 @@ def verify(
                         {t.label: vals[t.tensor] for t in taps},
                         {t.label: t.nodes for t in taps},
                     )
-                except BnOnnxError as exc:
-                    report.warnings.append(f"locate: cannot expose values of {label}: {exc}")
+                except Exception as exc:  # locate is a diagnosis; never fail the report for it
+                    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    report.warnings.append(
+                        f"locate: cannot expose values of {label}: {type(exc).__name__} {line}"
+                    )
             cache[label] = value
             return value
 

@@ -398,3 +398,25 @@ def test_fast_path_failure_falls_back_to_the_public_run(model_path):
     np.testing.assert_array_equal(p.predict(x), expected)
     p._fast = None
     np.testing.assert_array_equal(p.predict(x), expected)
+
+
+def test_fixed_batch_model_runs_any_number_of_rows(tmp_path):
+    model = graphs.build_mlp([8, 6, 3], "folded", seed=4)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_value = 4
+    dim = model.graph.output[0].type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_value = 4
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, path)
+    p = Predictor(path, provider="cpu", batch_size=1000)
+    assert p.fixed_batch == 4 and p.batch_size == 4
+    free = tmp_path / "free.onnx"
+    onnx.save(graphs.build_mlp([8, 6, 3], "folded", seed=4), free)
+    for n in (0, 1, 4, 9):
+        x = _x(n, seed=n, width=8)
+        got = p.predict(x)
+        assert got.shape == (n, 3)
+        if n:
+            np.testing.assert_allclose(got, _bare(free, x), rtol=1e-6, atol=1e-6)
