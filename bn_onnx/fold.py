@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from bn_onnx import fold_math
+from bn_onnx import fold_math as fm
 from bn_onnx.errors import UnsupportedModelError, UsageError
 
 PASSTHROUGH = ("Identity", "Dropout")
@@ -43,6 +43,8 @@ CONST_OPS = frozenset([
 # fmt: on
 # A constant subgraph may not build a tensor bigger than this (elements): no memory bombs.
 MAX_CONST_ELEMENTS = 1 << 26
+# Tensors up to this size have their data size checked up front (bigger: when read).
+CHECK_BYTES = 1 << 24
 # Initializer values above this many elements are not kept in memory between uses.
 CACHE_ELEMENTS = 1 << 16
 # Constant nodes of at most this many elements keep their values in the inference skeleton.
@@ -176,10 +178,6 @@ def _label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}({node.output[0] if node.output else '?'})"
 
 
-def _round(exact: np.ndarray, like: np.dtype, original: np.ndarray | None = None) -> np.ndarray:
-    return fold_math.round_to(exact, like, original)
-
-
 def _is_standard(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx")
 
@@ -215,40 +213,36 @@ def _itemsize(data_type: int) -> int | None:
     return size
 
 
+def _data_bytes(t: TensorProto) -> int:
+    """Bytes the tensor's data should take, from its dims and dtype (no copy of the data)."""
+    n = 1
+    for d in t.dims:
+        if d < 0:
+            raise UnsupportedModelError(f"tensor {t.name!r} has a negative dimension")
+        n *= d
+    itemsize = _itemsize(t.data_type)
+    if itemsize is None:
+        raise UnsupportedModelError(f"tensor {t.name!r} has unknown data type {t.data_type}")
+    return n * itemsize
+
+
 def _check_tensor_data(t: TensorProto) -> None:
     """Refuse a tensor whose stored data does not match its dims (the checker's size check).
 
-    Exact for tensors under 1 MB; above, the serialized size is compared without copying the
-    data out of the protobuf.
+    Up to CHECK_BYTES only: reading a protobuf bytes field copies it. Bigger tensors are
+    checked when the fold reads them.
     """
     if t.data_location == TensorProto.EXTERNAL:
         raise UnsupportedModelError(
             f"tensor {t.name!r} keeps its data in an external file that was not loaded "
             "(load the model with bn_onnx.onnx_io.load_model)"
         )
-    data_type = t.data_type
-    if data_type in _NO_SIZE_CHECK or not t.HasField("raw_data"):
+    if t.data_type in _NO_SIZE_CHECK or not t.HasField("raw_data"):
         return
-    n = 1
-    for d in t.dims:
-        if d < 0:
-            raise UnsupportedModelError(f"tensor {t.name!r} has a negative dimension")
-        n *= d
-    itemsize = _itemsize(data_type)
-    if itemsize is None:
-        raise UnsupportedModelError(f"tensor {t.name!r} has unknown data type {data_type}")
-    expected = n * itemsize
-    size = t.ByteSize()
-    if size > 1 << 20:
-        slack = 64 + len(t.name) + len(t.doc_string) + 11 * len(t.dims)
-        ok = expected <= size <= expected + slack
-        actual = f"about {size}"
-    else:
-        actual = len(t.raw_data)
-        ok = actual == expected
-    if not ok:
+    expected = _data_bytes(t)
+    if expected <= CHECK_BYTES and len(t.raw_data) != expected:
         raise UnsupportedModelError(
-            f"tensor {t.name!r}: {actual} bytes of data for shape {list(t.dims)} "
+            f"tensor {t.name!r}: {len(t.raw_data)} bytes of data for shape {list(t.dims)} "
             f"({expected} expected)"
         )
 
@@ -631,9 +625,9 @@ class _Graph:
 
     def _to_array(self, t: TensorProto) -> np.ndarray:
         fast = _FAST_DTYPES.get(t.data_type)
-        if fast is not None and t.HasField("raw_data"):  # the common case, without overhead
-            return np.frombuffer(t.raw_data, dtype=fast).reshape(tuple(t.dims))
         try:
+            if fast is not None and t.HasField("raw_data"):  # the common case, no overhead
+                return np.frombuffer(t.raw_data, dtype=fast).reshape(tuple(t.dims))
             return numpy_helper.to_array(t)
         except Exception as exc:
             raise UnsupportedModelError(
@@ -949,7 +943,7 @@ class FoldBatchNormPass:
             return _Refusal("parameters are not 1-D vectors of one length (spatial=0?)")
         eps = float(_attr(bn, "epsilon", 1e-5))
         try:
-            return fold_math.bn_affine(*values, eps)
+            return fm.bn_affine(*values, eps)
         except ValueError as exc:
             return _Refusal(str(exc))
 
@@ -1035,12 +1029,10 @@ class FoldBatchNormPass:
         if isinstance(b, _Refusal):
             return b
         alpha, beta = float(_attr(gemm, "alpha", 1.0)), float(_attr(gemm, "beta", 1.0))
-        new_w, new_b = fold_math.fold_preceding(
-            w, b, a, c, out_axis=0 if trans_b else 1, weight_scale=alpha, bias_scale=beta
-        )
+        factor = fm.preceding_factor(a, 2, out_axis=0 if trans_b else 1, weight_scale=alpha)
         try:
-            w_r = _round(new_w, w.dtype, w)
-            b_r = _round(new_b, w.dtype)
+            w_r = fm.scale_rounded(w, factor)
+            b_r = fm.round_to(fm.preceding_bias(b, a, c, bias_scale=beta), w.dtype)
         except ValueError as exc:
             return _Refusal(str(exc))
 
@@ -1075,10 +1067,9 @@ class FoldBatchNormPass:
             b = self._bias(g, g.nodes[add_idx].input[bias_pos], n)
             if isinstance(b, _Refusal):
                 return b
-        new_w, new_b = fold_math.fold_preceding(w, b, a, c, out_axis=1)
         try:
-            w_r = _round(new_w, w.dtype, w)
-            b_r = _round(new_b, (b if b is not None else w).dtype)
+            w_r = fm.scale_rounded(w, fm.preceding_factor(a, 2, out_axis=1))
+            b_r = fm.round_to(fm.preceding_bias(b, a, c), (b if b is not None else w).dtype)
         except ValueError as exc:
             return _Refusal(str(exc))
 
@@ -1111,10 +1102,9 @@ class FoldBatchNormPass:
             b = g.const(b_name) if not g.is_graph_input(b_name) else None
             if b is None or b.shape != (n,):
                 return _Refusal(f"bias {b_name!r} is not a constant vector of {n}")
-        new_w, new_b = fold_math.fold_conv(w, b, a, c, group=group, transpose=transpose)
         try:
-            w_r = _round(new_w, w.dtype, w)
-            b_r = _round(new_b, w.dtype)
+            w_r = fm.scale_rounded(w, fm.conv_factor(a, w.shape, group, transpose))
+            b_r = fm.round_to(fm.preceding_bias(b, a, c), w.dtype)
         except ValueError as exc:
             return _Refusal(str(exc))
 
@@ -1182,12 +1172,10 @@ class FoldBatchNormPass:
             if isinstance(b, _Refusal):
                 return b
             alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-            new_w, new_b = fold_math.fold_following(
-                w, b, a, c, transposed=trans_b, weight_scale=alpha, bias_scale=beta
-            )
             try:
-                w_r = _round(new_w, w.dtype, w)
-                b_r = _round(new_b, w.dtype)
+                w_r = fm.scale_rounded(w, fm.following_factor(a, trans_b, weight_scale=alpha))
+                new_b = fm.following_bias(w, b, c, trans_b, weight_scale=alpha, bias_scale=beta)
+                b_r = fm.round_to(new_b, w.dtype)
             except ValueError as exc:
                 return _Refusal(str(exc))
 
@@ -1221,10 +1209,10 @@ class FoldBatchNormPass:
                     if not isinstance(b, _Refusal) and b is not None:
                         add = (k, pos, b)
         b = add[2] if add else None
-        new_w, new_b = fold_math.fold_following(w, b, a, c)
         try:
-            w_r = _round(new_w, w.dtype, w)
-            b_r = _round(new_b, (b if b is not None else w).dtype)
+            w_r = fm.scale_rounded(w, fm.following_factor(a, transposed=False))
+            new_b = fm.following_bias(w, b, c)
+            b_r = fm.round_to(new_b, (b if b is not None else w).dtype)
         except ValueError as exc:
             return _Refusal(str(exc))
 
@@ -1251,11 +1239,11 @@ class FoldBatchNormPass:
         second = self._params(g, j)
         if isinstance(second, _Refusal):
             return _Refusal(f"next BN {_label(nxt)!r}: {second.reason}")
-        a2, c2 = fold_math.compose_affine(a, c, *second)
+        a2, c2 = fm.compose_affine(a, c, *second)
         params = [g.const(n) for n in nxt.input[1:5]]
         try:
-            scale = _round(a2, params[0].dtype)
-            bias = _round(c2, params[1].dtype)
+            scale = fm.round_to(a2, params[0].dtype)
+            bias = fm.round_to(c2, params[1].dtype)
         except ValueError as exc:
             return _Refusal(f"merging with {_label(nxt)!r}: {exc}")
         mean = np.zeros(a2.shape, params[2].dtype)
@@ -1298,6 +1286,19 @@ def _insert_bias_add(g: _Graph, m: int, bias: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Public API
+
+
+def _model_data_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data in the main graph (initializers and Constant nodes), from dims."""
+    tensors = list(model.graph.initializer)
+    tensors += [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims
+    ]
+    total = 0
+    for t in tensors:
+        size = _itemsize(t.data_type)
+        total += t.ByteSize() if size is None or t.data_type in _NO_SIZE_CHECK else _data_bytes(t)
+    return total
 
 
 def fold_model(model: onnx.ModelProto, *, check_output: bool = False) -> FoldResult:
@@ -1343,7 +1344,7 @@ def fold_file(
     unless `in_place` and `out_path` is the input.
     """
     from bn_onnx.files import atomic_output, check_output_path
-    from bn_onnx.onnx_io import load_model, save_model
+    from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD, load_model, save_model
 
     src = Path(in_path)
     out = check_output_path(out_path, [src], in_place=in_place)
@@ -1354,6 +1355,8 @@ def fold_file(
     model = load_model(src)
     result = FoldBatchNormPass()(model, copy=False)
     del model
+    if external_data is None:  # decided here from dims: onnx_io would copy every tensor to count
+        external_data = _model_data_bytes(result.model) > EXTERNAL_DATA_THRESHOLD
     save_model(result.model, out, external_data=external_data)
     if report_path is not None:
         with atomic_output(rep, suffix=".json") as tmp:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 F64 = np.float64
+# Elements per block in the blocked functions: float64 temporaries of ~2 MB stay in cache.
+CHUNK = 1 << 18
 
 
 def bn_affine(
@@ -36,6 +38,76 @@ def bn_affine(
     return a, c
 
 
+def preceding_factor(
+    a: np.ndarray, ndim: int, out_axis: int, weight_scale: float = 1.0
+) -> np.ndarray:
+    """The per-element factor (broadcastable to the weight) that folds a BN into the node
+    before it: `weight_scale * a` along the weight's output-channel axis."""
+    shape = [1] * ndim
+    shape[out_axis] = -1
+    return (F64(weight_scale) * a).reshape(shape)
+
+
+def preceding_bias(
+    bias: np.ndarray | None, a: np.ndarray, c: np.ndarray, bias_scale: float = 1.0
+) -> np.ndarray:
+    """The new bias a * (bias_scale * bias) + c of a fold into the node before the BN; `bias`
+    may be None (zero) or any shape that broadcasts against the output's last axis."""
+    if bias is None:
+        return c.copy()
+    return a * (F64(bias_scale) * np.asarray(bias, dtype=F64)) + c
+
+
+def following_factor(a: np.ndarray, transposed: bool, weight_scale: float = 1.0) -> np.ndarray:
+    """The factor folding a BN on the input x of y = x @ W (W = weight, or weight.T when
+    `transposed`) into the weight as stored: scale W's input rows."""
+    f = F64(weight_scale) * a
+    return f[None, :] if transposed else f[:, None]
+
+
+def following_bias(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    c: np.ndarray,
+    transposed: bool = False,
+    weight_scale: float = 1.0,
+    bias_scale: float = 1.0,
+) -> np.ndarray:
+    """The new bias bias_scale * bias + weight_scale * (c @ W) of a fold into the node after
+    the BN, accumulated in float64 by blocks of rows (no float64 copy of a big weight)."""
+    w = np.asarray(weight)
+    n = w.shape[0] if transposed else w.shape[1]
+    shift = np.zeros(n, dtype=F64)
+    rows = w.shape[0]
+    step = max(1, CHUNK // max(1, w.shape[1]))
+    for i in range(0, rows, step):
+        block = w[i : i + step].astype(F64)
+        if transposed:  # block holds output rows i.. : shift[i:] = block @ c
+            shift[i : i + step] = block @ c
+        else:  # block holds input rows i.. : shift += c[i:] @ block
+            shift += c[i : i + step] @ block
+    shift *= F64(weight_scale)
+    return shift if bias is None else F64(bias_scale) * np.asarray(bias, dtype=F64) + shift
+
+
+def conv_factor(
+    a: np.ndarray, weight_shape: tuple[int, ...], group: int = 1, transpose: bool = False
+) -> np.ndarray:
+    """The factor folding a BN into the Conv or ConvTranspose before it, per output channel.
+
+    Conv weights are (C_out, C_in/group, k...): the output channel is axis 0.
+    ConvTranspose weights are (C_in, C_out/group, k...): output channel o of group g is
+    weight[g*C_in/group:(g+1)*C_in/group, o - g*C_out/group].
+    """
+    kernel = (1,) * (len(weight_shape) - 2)
+    if not transpose:
+        return a.reshape((-1, 1) + kernel)
+    c_in, per_group = weight_shape[0], weight_shape[1]
+    per_in = c_in // group
+    f = np.broadcast_to(a.reshape(group, 1, per_group), (group, per_in, per_group))
+    return f.reshape((c_in, per_group) + kernel)
+
+
 def fold_preceding(
     weight: np.ndarray,
     bias: np.ndarray | None,
@@ -45,20 +117,17 @@ def fold_preceding(
     weight_scale: float = 1.0,
     bias_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fold BN (a, c) into the linear node before it.
+    """Fold BN (a, c) into the linear node before it, exactly, in float64.
 
     The linear node computes y = weight_scale * (x . weight) + bias_scale * bias, with the
     output channel on `out_axis` of `weight` (1 for a MatMul/Gemm weight (K, N), 0 for a
-    transposed Gemm weight or a Conv weight). Returns (new_weight, new_bias) in float64 such
-    that a*y + c == x . new_weight + new_bias; `bias` may be None (zero) or any shape that
-    broadcasts against the output's last axis.
+    transposed Gemm weight or a Conv weight). Returns (new_weight, new_bias) such that
+    a*y + c == x . new_weight + new_bias.
     """
-    new_w = np.array(weight, dtype=F64)  # a float64 copy, scaled in place
-    shape = [1] * new_w.ndim
-    shape[out_axis] = -1
-    new_w *= (F64(weight_scale) * a).reshape(shape)
-    new_b = c.copy() if bias is None else a * (F64(bias_scale) * np.asarray(bias, dtype=F64)) + c
-    return new_w, new_b
+    w = np.asarray(weight, dtype=F64)
+    return w * preceding_factor(a, w.ndim, out_axis, weight_scale), preceding_bias(
+        bias, a, c, bias_scale
+    )
 
 
 def fold_following(
@@ -70,19 +139,16 @@ def fold_following(
     weight_scale: float = 1.0,
     bias_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fold BN (a, c) on the input x of the linear node after it.
+    """Fold BN (a, c) on the input x of the linear node after it, exactly, in float64.
 
     The linear node computes y = weight_scale * (x @ W) + bias_scale * bias with W = weight
     (K, N), or W = weight.T when `transposed` (weight stored (N, K)). Returns
-    (new_weight, new_bias) in float64, the weight in the stored layout, such that
+    (new_weight, new_bias), the weight in the stored layout, such that
     weight_scale * ((a*x + c) @ W) + bias_scale * bias == x @ W' + b'.
     """
     w = np.asarray(weight, dtype=F64)
-    wk = w.T if transposed else w  # (K, N)
-    new_wk = F64(weight_scale) * a[:, None] * wk
-    shift = F64(weight_scale) * (c @ wk)  # (N,)
-    new_b = shift if bias is None else F64(bias_scale) * np.asarray(bias, dtype=F64) + shift
-    return (new_wk.T if transposed else new_wk), new_b
+    new_w = w * following_factor(a, transposed, weight_scale)
+    return new_w, following_bias(w, bias, c, transposed, weight_scale, bias_scale)
 
 
 def fold_conv(
@@ -93,23 +159,31 @@ def fold_conv(
     group: int = 1,
     transpose: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fold BN (a, c) into the Conv or ConvTranspose before it, per output channel.
-
-    Conv weights are (C_out, C_in/group, k...): the output channel is axis 0.
-    ConvTranspose weights are (C_in, C_out/group, k...): output channel o of group g is
-    weight[g*C_in/group:(g+1)*C_in/group, o - g*C_out/group].
-    """
+    """Fold BN (a, c) into the Conv or ConvTranspose before it, exactly, in float64."""
     w = np.asarray(weight, dtype=F64)
-    if not transpose:
-        new_w = w * a.reshape((-1,) + (1,) * (w.ndim - 1))
-    else:
-        c_in, per_group = w.shape[0], w.shape[1]
-        kernel = w.shape[2:]
-        wg = w.reshape((group, c_in // group, per_group) + kernel)
-        ag = a.reshape((group, 1, per_group) + (1,) * len(kernel))
-        new_w = (wg * ag).reshape(w.shape)
-    new_b = c.copy() if bias is None else a * np.asarray(bias, dtype=F64) + c
-    return new_w, new_b
+    new_w = w * conv_factor(a, w.shape, group, transpose)
+    return new_w, preceding_bias(bias, a, c)
+
+
+def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """weight * factor computed in float64 and rounded once to the weight's dtype.
+
+    Works by blocks of rows, so a big weight never exists in float64 all at once and the
+    temporaries stay in cache. Raises ValueError like `round_to` when a value is unsafe.
+    """
+    w = np.asarray(weight)
+    f = np.asarray(factor, dtype=F64)
+    f = f.reshape((1,) * (w.ndim - f.ndim) + f.shape)
+    if w.ndim == 0:
+        return round_to(w.astype(F64) * f, w.dtype, w)
+    out = np.empty(w.shape, dtype=w.dtype)
+    rows = w.shape[0]
+    step = max(1, CHUNK // max(1, w[0].size))
+    for i in range(0, rows, step):
+        fb = f if f.shape[0] == 1 else f[i : i + step]
+        block = w[i : i + step]
+        out[i : i + step] = round_to(block.astype(F64) * fb, w.dtype, block)
+    return out
 
 
 def compose_affine(

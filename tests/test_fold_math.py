@@ -93,3 +93,25 @@ def test_round_to_refuses_overflow_underflow_and_non_finite():
 def test_importing_fold_does_not_import_torch():
     code = "import bn_onnx.fold, bn_onnx.cli.fold, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("shape,axis", [((1100, 300), 1), ((1100, 300), 0), ((3, 2, 5), 0)])
+def test_blocked_scale_rounded_equals_one_rounding_of_the_float64_product(shape, axis):
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=shape).astype(np.float32)  # 330k elements: several blocks
+    a = rng.uniform(0.5, 2.0, shape[axis])
+    factor = fold_math.preceding_factor(a, w.ndim, axis, weight_scale=0.7)
+    got = fold_math.scale_rounded(w, factor)
+    want = (w.astype(np.float64) * factor).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_blocked_following_bias_equals_c_at_w(transposed):
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(1100, 300)).astype(np.float32)
+    k = w.shape[1] if transposed else w.shape[0]
+    c, b = rng.normal(size=k), rng.normal(size=w.shape[0] if transposed else w.shape[1])
+    wk = w.astype(np.float64).T if transposed else w.astype(np.float64)
+    got = fold_math.following_bias(w, b, c, transposed, weight_scale=0.5, bias_scale=2.0)
+    np.testing.assert_allclose(got, 2.0 * b + 0.5 * (c @ wk), rtol=1e-12, atol=1e-10)
