@@ -184,3 +184,25 @@ def test_corrupt_checkpoint_exits_2(trained, tmp_path, capsys, damage):
     rc = main(["verify", str(u), "--checkpoint", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("bn-onnx verify: error:") and err.count("\n") == 1
+
+
+def test_shipped_digits_models_verify_against_their_checkpoint(capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "models" / "digits"
+    if not (root / "model.folded.onnx").exists():
+        pytest.skip("models/digits not generated (tools/make_models.py)")
+    rc = main(
+        [
+            "verify",
+            str(root / "model.onnx"),
+            str(root / "model.folded.onnx"),
+            "--checkpoint",
+            str(root / "checkpoint"),
+            "--provider",
+            "cpu",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "no added error" in out

@@ -8,7 +8,10 @@ import sys
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_verify_models import DATASETS, build_onnx, make_checkpoint, perturb, write_pair
 
 from bn_onnx import graphs, verify
@@ -217,3 +220,34 @@ def test_torch_free_modules_do_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 24), min_size=3, max_size=5),
+    bn=st.sampled_from(graphs.PLACEMENTS),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_any_mlp_folded_passes_and_any_tampered_layer_is_located(
+    tmp_path_factory, widths, bn, seed, data
+):
+    tmp = tmp_path_factory.mktemp("prop")
+    u, f, t = tmp / "u.onnx", tmp / "f.onnx", tmp / "t.onnx"
+    onnx.save(graphs.build_mlp(widths, "unfolded", seed=seed, bn=bn), u)
+    folded = graphs.build_mlp(widths, "folded", seed=seed, bn=bn)
+    onnx.save(folded, f)
+    assert verify.verify([u, f], provider="cpu", rows=32, seed=seed).passed
+    k = data.draw(st.integers(0, len(widths) - 2), label="tampered block")
+    arr = onnx.numpy_helper.to_array(
+        next(i for i in folded.graph.initializer if i.name == f"block{k}.weight")
+    ).copy()
+    arr += np.float32(1.0)  # every weight of block k: the block's whole output moves
+    for init in folded.graph.initializer:
+        if init.name == f"block{k}.weight":
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(folded, t)
+    report = verify.verify([u, t], provider="cpu", rows=32, seed=seed, locate=True)
+    assert not report.passed
+    expected = "output" if k == len(widths) - 2 else f"block {k} pre-activation"
+    assert report.locations[0].first == expected, verify.render(report)
