@@ -198,21 +198,6 @@ def _settings_dict(settings: object) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-class _OneThread:
-    """Run torch on one thread inside the block, so timings and results ignore the core count."""
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.saved = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        torch.set_num_threads(self.saved)
-
-
 def _load(dataset: str, seed: int, cache: dict):
     """The dataset split for `seed`, loaded once (train() would load the same split)."""
     from bn_onnx.data import load_dataset
@@ -292,48 +277,48 @@ def run_sweep(settings: SweepSettings, progress: Reporter | None = None) -> dict
         "settings": _settings_dict(settings),
         "models": {},
     }
-    with _OneThread():
-        for name in settings.models:
-            model = SWEEP_MODELS[name]
-            runs = []
-            for opt in settings.optimizers:
-                for bn in settings.bn_modes:
-                    for lr in settings.lrs:
-                        for seed in settings.seeds:
-                            ts = TrainSettings(
-                                dataset=settings.dataset,
-                                hidden=model.hidden,
-                                activation=model.activation,
-                                bn=bn,
-                                optimizer=opt,
-                                lr=lr,
-                                epochs=settings.epochs,
-                                batch_size=settings.batch_size,
-                                patience=0,
-                                seed=seed,
-                                device="cpu",
+    for name in settings.models:
+        model = SWEEP_MODELS[name]
+        runs = []
+        for opt in settings.optimizers:
+            for bn in settings.bn_modes:
+                for lr in settings.lrs:
+                    for seed in settings.seeds:
+                        ts = TrainSettings(
+                            dataset=settings.dataset,
+                            hidden=model.hidden,
+                            activation=model.activation,
+                            bn=bn,
+                            optimizer=opt,
+                            lr=lr,
+                            epochs=settings.epochs,
+                            batch_size=settings.batch_size,
+                            patience=0,
+                            seed=seed,
+                            device="cpu",
+                            threads=1,  # results and timings independent of the core count
+                        )
+                        data = _load(settings.dataset, seed, cache)
+                        run = {"optimizer": opt, "bn": bn, "lr": lr, "seed": seed}
+                        run.update(_train_one(ts, data))
+                        runs.append(run)
+                        done += 1
+                        if progress is not None:
+                            progress(
+                                done,
+                                total,
+                                f"sweep: {name} {opt} bn={bn} lr={lr:g} seed={seed} "
+                                f"acc={run['final_val_acc']:.3f}",
                             )
-                            data = _load(settings.dataset, seed, cache)
-                            run = {"optimizer": opt, "bn": bn, "lr": lr, "seed": seed}
-                            run.update(_train_one(ts, data))
-                            runs.append(run)
-                            done += 1
-                            if progress is not None:
-                                progress(
-                                    done,
-                                    total,
-                                    f"sweep: {name} {opt} bn={bn} lr={lr:g} seed={seed} "
-                                    f"acc={run['final_val_acc']:.3f}",
-                                )
-            curves, summary = summarize_sweep(runs, settings.fraction)
-            part_settings = _settings_dict(settings)
-            part_settings.update(model=name, hidden=list(model.hidden), activation=model.activation)
-            out["models"][name] = {
-                "settings": part_settings,
-                "runs": runs,
-                "curves": curves,
-                "summary": summary,
-            }
+        curves, summary = summarize_sweep(runs, settings.fraction)
+        part_settings = _settings_dict(settings)
+        part_settings.update(model=name, hidden=list(model.hidden), activation=model.activation)
+        out["models"][name] = {
+            "settings": part_settings,
+            "runs": runs,
+            "curves": curves,
+            "summary": summary,
+        }
     out["versions"] = library_versions()
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -404,6 +389,7 @@ def _curve_run(
         patience=0,
         seed=seed,
         device="cpu",
+        threads=1,
     )
     rec = _UnitRecorder(settings.unit, len(data.y_val))
     run: dict = {"acc": [], "step": [], "pct": [], "diverged": False}
@@ -452,43 +438,42 @@ def run_curves(settings: CurveSettings, progress: Reporter | None = None) -> dic
     total = len(settings.bn_modes) * len(settings.seeds) * settings.epochs
     done = 0
     runs: dict[str, dict] = {}
-    with _OneThread():
-        for bn in settings.bn_modes:
-            seed_runs = []
-            for seed in settings.seeds:
+    for bn in settings.bn_modes:
+        seed_runs = []
+        for seed in settings.seeds:
 
-                def tick(epoch: int, acc: float, bn: str = bn, seed: int = seed) -> None:
-                    nonlocal done
-                    done += 1
-                    if progress is not None:
-                        what = f"curves: bn={bn} seed={seed} epoch {epoch} acc={acc:.3f}"
-                        progress(done, total, what)
+            def tick(epoch: int, acc: float, bn: str = bn, seed: int = seed) -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    what = f"curves: bn={bn} seed={seed} epoch {epoch} acc={acc:.3f}"
+                    progress(done, total, what)
 
-                data = _load(settings.dataset, seed, cache)
-                seed_runs.append(_curve_run(settings, bn, seed, data, tick))
-            first = seed_runs[0]
-            n = len(first["step"])
-            cols = list(zip(*(r["acc"][:n] for r in seed_runs), strict=True))
-            runs[bn] = {
-                "step": first["step"],
-                "acc_median": [statistics.median(c) for c in cols],
-                "acc_min": [min(c) for c in cols],
-                "acc_max": [max(c) for c in cols],
-                "acc_per_seed": [r["acc"] for r in seed_runs],
-                "unit_p15": [p[0] for p in first["pct"]],
-                "unit_p50": [p[1] for p in first["pct"]],
-                "unit_p85": [p[2] for p in first["pct"]],
-                "diverged": [r["diverged"] for r in seed_runs],
-            }
-            runs[bn]["summary"] = {
-                "final_acc_median": runs[bn]["acc_median"][-1] if cols else math.nan,
-                **{
-                    f"steps_to_{round(t * 100)}": first_step_reaching(
-                        runs[bn]["step"], runs[bn]["acc_median"], t
-                    )
-                    for t in CURVE_TARGETS
-                },
-            }
+            data = _load(settings.dataset, seed, cache)
+            seed_runs.append(_curve_run(settings, bn, seed, data, tick))
+        first = seed_runs[0]
+        n = len(first["step"])
+        cols = list(zip(*(r["acc"][:n] for r in seed_runs), strict=True))
+        runs[bn] = {
+            "step": first["step"],
+            "acc_median": [statistics.median(c) for c in cols],
+            "acc_min": [min(c) for c in cols],
+            "acc_max": [max(c) for c in cols],
+            "acc_per_seed": [r["acc"] for r in seed_runs],
+            "unit_p15": [p[0] for p in first["pct"]],
+            "unit_p50": [p[1] for p in first["pct"]],
+            "unit_p85": [p[2] for p in first["pct"]],
+            "diverged": [r["diverged"] for r in seed_runs],
+        }
+        runs[bn]["summary"] = {
+            "final_acc_median": runs[bn]["acc_median"][-1] if cols else math.nan,
+            **{
+                f"steps_to_{round(t * 100)}": first_step_reaching(
+                    runs[bn]["step"], runs[bn]["acc_median"], t
+                )
+                for t in CURVE_TARGETS
+            },
+        }
     return {
         "experiment": "ioffe-szegedy-curves",
         "settings": _settings_dict(settings),
