@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -251,3 +252,21 @@ def test_any_mlp_folded_passes_and_any_tampered_layer_is_located(
     assert not report.passed
     expected = "output" if k == len(widths) - 2 else f"block {k} pre-activation"
     assert report.locations[0].first == expected, verify.render(report)
+
+
+def test_auto_skips_a_cuda_provider_that_does_not_start_and_says_so(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    u = tmp_path / "u.onnx"
+    onnx.save(graphs.build_mlp([6, 5, 3], "unfolded"), u)
+    with warnings.catch_warnings():  # onnxruntime may note the missing provider itself
+        warnings.simplefilter("ignore")
+        report = verify.verify([u], provider="auto")
+    assert report.passed
+    assert [r.label for r in report.runs] == ["float64 reference", "u.onnx [cpu]"]
+    assert any(w.startswith("CUDA skipped") for w in report.warnings)
+    with pytest.raises(ProviderError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        verify.verify([u], provider="cuda")
