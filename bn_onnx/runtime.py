@@ -224,9 +224,12 @@ def _new_session(
     model: str | bytes, so: ort.SessionOptions, providers: list[str], options: list[dict]
 ) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(
-            model, sess_options=so, providers=providers, provider_options=options
-        )
+        with warnings.catch_warnings():
+            # onnxruntime warns about a missing provider itself; create_session reports it.
+            warnings.filterwarnings("ignore", message=".*[Pp]rovider", category=UserWarning)
+            return ort.InferenceSession(
+                model, sess_options=so, providers=providers, provider_options=options
+            )
     except BnOnnxError:
         raise
     except Exception as exc:

@@ -360,3 +360,21 @@ def test_rich_progress_bar_on_a_terminal(monkeypatch):
     finally:
         bar.close()
     assert run_cmd._Progress(10, enabled=True).enabled is False  # small inputs: no bar
+
+
+def test_auto_fallback_is_one_plain_warning_line(tmp_path, model, capsys, monkeypatch):
+    import warnings
+
+    real = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+    x = _x(4)
+    np.save(tmp_path / "x.npy", x)
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "error", category=__import__("bn_onnx.runtime").runtime.ProviderWarning
+        )
+        rc = main(["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "bn-onnx run: warning: asked for cuda, cpu but onnxruntime uses cpu" in err
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(model, x))

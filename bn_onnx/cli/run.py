@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 from bn_onnx.cli._common import positive_int
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from bn_onnx.arrays import array_format, iter_chunks, open_output, read_array
     from bn_onnx.errors import InputDataError, UsageError
     from bn_onnx.files import check_input_file, check_output_path
-    from bn_onnx.runtime import Predictor, check_input
+    from bn_onnx.runtime import Predictor, ProviderWarning, check_input
 
     check_input_file(args.model, "model file")
     array_format(args.input, "input")
@@ -105,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"output {args.output} is the input file {src}; choose another path")
     check_output_path(args.output, [args.input, args.model])
     X = read_array(args.input)
-    predictor = Predictor(
-        args.model, provider=args.provider, threads=args.threads, batch_size=args.batch_size
-    )
+    with warnings.catch_warnings():  # a fallback is printed below as one plain line
+        warnings.simplefilter("ignore", ProviderWarning)
+        predictor = Predictor(
+            args.model, provider=args.provider, threads=args.threads, batch_size=args.batch_size
+        )
     for note in predictor.info.warnings:
         print(f"bn-onnx run: warning: {note}", file=sys.stderr)
     if X.ndim != 2:
