@@ -29,13 +29,20 @@ from bn_onnx.export import (  # noqa: E402
 from bn_onnx.onnx_io import save_model  # noqa: E402
 from bn_onnx.reference import checkpoint_forward  # noqa: E402
 
-# Every BN placement with and without input normalization; activation and task vary along so
-# that the same few exports also cover gelu/silu/tanh/sigmoid and regression outputs.
+# Every BN placement with and without input normalization; activation, task and dropout vary
+# along so that the same few exports also cover gelu/silu/tanh/sigmoid, regression outputs
+# and a BN folded through Dropout.
 CONFIGS = [
     {"bn": "pre", "input_norm": True, "activation": "relu", "task": "classification"},
     {"bn": "pre", "input_norm": False, "activation": "gelu", "task": "regression"},
     {"bn": "post", "input_norm": True, "activation": "silu", "task": "classification"},
-    {"bn": "post", "input_norm": False, "activation": "tanh", "task": "classification"},
+    {
+        "bn": "post",
+        "input_norm": False,
+        "activation": "tanh",
+        "task": "classification",
+        "dropout": 0.2,
+    },  # eval-mode Dropout: an Identity between the BN and the next Gemm
     {"bn": "none", "input_norm": True, "activation": "sigmoid", "task": "regression"},
     {"bn": "none", "input_norm": False, "activation": "relu", "task": "classification"},
 ]
