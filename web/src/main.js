@@ -61,10 +61,13 @@ function drawGrid() {
   gctx.strokeRect(0.5, 0.5, grid.width - 1, grid.height - 1);
 }
 
-// Strokes -> features as the digits data set was made: the strokes are scaled to fit a 32x32
-// box (aspect kept, centred) with a pen about 4 pixels wide, and each cell of the 8x8 grid
-// counts the set pixels of its 4x4 block (0..16).
-const PEN = 4;
+// Strokes -> features the way the digits data set looks: its digits fill the 32x32 box's
+// height and are narrower (about 5.7 of 8 cells wide on average) with thick strokes. So the
+// strokes are scaled to the box's height (aspect kept, but squeezed to at most MAX_W pixels
+// wide), centred, drawn with a PEN-pixel pen, and each cell of the 8x8 grid counts the set
+// pixels of its 4x4 block (0..16).
+const PEN = 6;
+const MAX_W = 22;
 
 function featuresFromStrokes() {
   const out = new Array(SIDE * SIDE).fill(0);
@@ -76,10 +79,11 @@ function featuresFromStrokes() {
   const y0 = Math.min(...ys);
   const w = Math.max(...xs) - x0;
   const h = Math.max(...ys) - y0;
-  const inner = FINE - PEN;
-  const scale = inner / Math.max(w, h, draw.width / 4);
-  const ox = (FINE - w * scale) / 2;
-  const oy = (FINE - h * scale) / 2;
+  // A dot or a tiny scribble is not blown up to the whole box.
+  const sy = (FINE - PEN) / Math.max(h, w, draw.width / 4);
+  const sx = Math.min(sy, (MAX_W - PEN) / Math.max(w, 1));
+  const ox = (FINE - w * sx) / 2;
+  const oy = (FINE - h * sy) / 2;
   const small = document.createElement("canvas");
   small.width = FINE;
   small.height = FINE;
@@ -92,7 +96,7 @@ function featuresFromStrokes() {
   sctx.lineJoin = "round";
   sctx.lineWidth = PEN;
   for (const s of strokes) {
-    const t = s.map(([x, y]) => [ox + (x - x0) * scale, oy + (y - y0) * scale]);
+    const t = s.map(([x, y]) => [ox + (x - x0) * sx, oy + (y - y0) * sy]);
     sctx.beginPath();
     sctx.moveTo(t[0][0], t[0][1]);
     if (t.length === 1) sctx.arc(t[0][0], t[0][1], PEN / 2, 0, 2 * Math.PI);
