@@ -107,8 +107,12 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def context() -> DistContext:
-    """The distributed context of this process, joining the process group on first call."""
+def context(device: str = "auto") -> DistContext:
+    """The distributed context of this process, joining the process group on first call.
+
+    Args:
+        device: auto (CUDA and nccl when a GPU is visible, else CPU and gloo), cpu or cuda.
+    """
     global _CONTEXT
     if _CONTEXT is not None:
         return _CONTEXT
@@ -120,7 +124,9 @@ def context() -> DistContext:
         raise UsageError("this torch build has no torch.distributed; run without torchrun")
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and os.environ.get("BN_ONNX_DDP_DEVICE", "") != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but this torch has no usable CUDA GPU")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)

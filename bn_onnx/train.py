@@ -240,12 +240,16 @@ class _Objective:
             return nn.functional.cross_entropy(out, y)
         return nn.functional.mse_loss(out, y)
 
-    def metric_sum(self, out: torch.Tensor, y: torch.Tensor) -> float:
+    def metric_tensor(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Correct predictions (classification) or squared error in target units (regression)."""
         if self.task == "classification":
-            return float((out.argmax(dim=1) == y).sum())
-        scale = torch.as_tensor(self.y_std, dtype=out.dtype, device=out.device)
-        return float((((out - y) * scale) ** 2).sum() / out.shape[1])
+            return (out.argmax(dim=1) == y).sum().double()
+        scale = torch.as_tensor(self.y_std, dtype=torch.float64, device=out.device)
+        return (((out.double() - y.double()) * scale) ** 2).sum() / out.shape[1]
+
+    def metric_sum(self, out: torch.Tensor, y: torch.Tensor) -> float:
+        """`metric_tensor` as a Python float."""
+        return float(self.metric_tensor(out, y))
 
     def finish(self, total: float, n: int) -> float:
         return total / n if self.task == "classification" else math.sqrt(total / n)
@@ -337,7 +341,7 @@ def train(
     settings.validate()
     from bn_onnx import distributed as dist_mod
 
-    ctx = dist_mod.context()
+    ctx = dist_mod.context(settings.device)
     device = ctx.device if ctx.active else _device(settings.device)
     data = dataset or load_dataset(
         settings.dataset,
@@ -404,7 +408,8 @@ def _fit(
         t_epoch = time.perf_counter()
         model.train()
         order = ctx.shard(torch.randperm(n, generator=generator))
-        loss_sum = metric_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        metric_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         for idx in _batches(len(order), settings.batch_size, order, settings.bn != "none"):
             idx = idx.to(device)
@@ -414,10 +419,13 @@ def _fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            metric_sum += objective.metric_sum(out.detach(), yb)
+            # Summed on the device and read once per epoch: no host sync per step.
+            loss_sum += loss.detach().double() * len(idx)
+            metric_sum += objective.metric_tensor(out.detach(), yb)
             seen += len(idx)
-        loss_sum, metric_sum, seen = ctx.sum_floats([loss_sum, metric_sum, float(seen)])
+        loss_sum, metric_sum, seen = ctx.sum_floats(
+            [float(loss_sum), float(metric_sum), float(seen)]
+        )
         if not math.isfinite(loss_sum):
             raise UsageError(
                 f"training diverged at epoch {epoch} (loss is not finite); lower --lr "
