@@ -436,6 +436,11 @@ def _fit(
         val_loss, val_metric = evaluate(base, objective, x_val, y_val)
         val_loss = ctx.broadcast_float(val_loss)
         val_metric = ctx.broadcast_float(val_metric)
+        if not math.isfinite(val_loss):
+            raise UsageError(
+                f"training diverged at epoch {epoch} (validation loss is not finite); "
+                f"lower --lr (now {settings.resolved_lr()})"
+            )
         improved = val_loss < best_loss
         if improved:
             best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
