@@ -286,6 +286,7 @@ def create_session(
             raise
         # auto: CUDA was only a preference; run on the CPU and say so.
         notes.append(f"{exc}; using the CPU")
+        warnings.warn(notes[-1], ProviderWarning, stacklevel=2)
         requested = [CPU]
         options = [{}]
         session = _new_session(source, so, requested, options)

@@ -420,3 +420,27 @@ def test_fixed_batch_model_runs_any_number_of_rows(tmp_path):
         assert got.shape == (n, 3)
         if n:
             np.testing.assert_allclose(got, _bare(free, x), rtol=1e-6, atol=1e-6)
+
+
+class _CudaCrashSession:
+    """InferenceSession whose CUDA provider fails to start (e.g. missing cuDNN)."""
+
+    def __init__(self, model, sess_options=None, providers=None, provider_options=None):
+        if CUDA in providers:
+            raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
+        self.providers = providers
+
+    def get_providers(self):
+        return self.providers
+
+
+def test_cuda_start_failure_is_an_error_when_strict_and_a_cpu_fallback_under_auto(
+    monkeypatch, model_path
+):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _CudaCrashSession)
+    with pytest.raises(ProviderError, match="failed to start.*no CUDA-capable device"):
+        create_session(model_path, provider="cuda")
+    with pytest.warns(runtime.ProviderWarning, match="using the CPU"):
+        info = create_session(model_path, provider="auto")
+    assert info.providers == [CPU] and info.requested == [CPU]
