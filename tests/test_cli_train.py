@@ -67,6 +67,7 @@ BAD_OPTIONS = [
     (["--activation", "swish"], "--activation"),
     (["--val-fraction", "0.6"], "--val-fraction"),
     (["--patience", "-2"], "--patience"),
+    (["--bn-momentum", "2"], "--bn-momentum"),
 ]
 
 

@@ -27,6 +27,13 @@ def _dropout(text: str) -> float:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value <= 0:
@@ -90,25 +97,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="classification or regression (default: inferred; synthetic: classification)",
     )
     data.add_argument(
-        "--samples", type=positive_int, default=2000, help="rows of synthetic data (default: 2000)"
+        "--samples",
+        metavar="N",
+        type=positive_int,
+        default=2000,
+        help="rows of synthetic data (default: 2000)",
     )
     data.add_argument(
         "--features",
+        metavar="N",
         type=positive_int,
         default=20,
         help="features of synthetic data (default: 20)",
     )
     data.add_argument(
-        "--classes", type=positive_int, default=3, help="classes of synthetic data (default: 3)"
+        "--classes",
+        metavar="N",
+        type=positive_int,
+        default=3,
+        help="classes of synthetic data (default: 3)",
     )
     data.add_argument(
         "--val-fraction",
+        metavar="F",
         type=_fraction,
         default=0.15,
         help="share of rows for validation (best epoch, early stopping; default: 0.15)",
     )
     data.add_argument(
         "--test-fraction",
+        metavar="F",
         type=_fraction,
         default=0.15,
         help="share of rows for the final test metrics (default: 0.15)",
@@ -144,19 +162,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--dropout",
+        metavar="P",
         type=_dropout,
         default=0.0,
         help="dropout probability after each hidden block (default: 0)",
     )
     model.add_argument(
         "--bn-eps",
+        metavar="EPS",
         type=_positive_float,
         default=1e-5,
         help="epsilon of every batch norm, input norm included (default: 1e-5)",
     )
     model.add_argument(
         "--bn-momentum",
-        type=non_negative_float,
+        metavar="M",
+        type=_unit_interval,
         default=0.1,
         help="PyTorch momentum of the BN running statistics, in [0, 1] (default: 0.1)",
     )
@@ -170,24 +191,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     opt.add_argument(
         "--lr",
+        metavar="LR",
         type=_positive_float,
         help="learning rate (default: sgd 0.1, momentum 0.02, rmsprop 0.001, adam 0.001)",
     )
     opt.add_argument(
         "--weight-decay",
+        metavar="WD",
         type=non_negative_float,
         default=0.0,
         help="L2 weight decay on all parameters (default: 0)",
     )
-    opt.add_argument("--epochs", type=positive_int, default=60, help="maximum epochs (default: 60)")
+    opt.add_argument(
+        "--epochs", metavar="N", type=positive_int, default=60, help="maximum epochs (default: 60)"
+    )
     opt.add_argument(
         "--batch-size",
+        metavar="N",
         type=positive_int,
         default=64,
         help="rows per optimizer step; per process with --nproc (default: 64)",
     )
     opt.add_argument(
         "--patience",
+        metavar="N",
         type=_non_negative_int,
         default=15,
         help="stop after this many epochs without a lower validation loss; 0 never stops "
@@ -195,6 +222,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     opt.add_argument(
         "--seed",
+        metavar="N",
         type=_non_negative_int,
         default=0,
         help="seed of the split, initial weights, shuffling and dropout (default: 0)",
@@ -209,6 +237,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     run_group.add_argument(
         "--threads",
+        metavar="N",
         type=positive_int,
         default=1,
         help="torch CPU threads; small MLPs are fastest on 1 (default: 1)",
