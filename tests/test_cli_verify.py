@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from test_verify_models import make_checkpoint, perturb, write_pair
+from test_verify_models import dataset_checkpoint, perturb, write_pair
 
 from bn_onnx.cli import main
 
@@ -17,7 +17,7 @@ from bn_onnx.cli import main
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cliverify")
-    ckpt, config, tensors, x, classes = make_checkpoint(tmp, "digits", bn="pre", hidden=(32, 16))
+    ckpt, config, tensors, x, classes = dataset_checkpoint(tmp, "digits", bn="pre", hidden=(32, 16))
     u, f = write_pair(tmp, config, tensors, classes)
     np.save(tmp / "x.npy", x[:100])
     return tmp, ckpt, u, f

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from test_verify_models import build_onnx, make_checkpoint, make_tensors
+from test_verify_models import build_onnx, dataset_checkpoint, make_tensors
 
 from bn_onnx import graphs, reference
 from bn_onnx.errors import InputDataError, UnsupportedModelError
@@ -56,7 +56,7 @@ def test_checkpoint_forward_equals_torch_in_float64(bn, activation, input_norm):
 
 
 def test_checkpoint_forward_reads_a_checkpoint_directory(tmp_path):
-    path, config, tensors, x, _ = make_checkpoint(tmp_path, "wine", bn="post")
+    path, config, tensors, x, _ = dataset_checkpoint(tmp_path, "wine", bn="post")
     from_dir = reference.checkpoint_forward(path, x).output
     np.testing.assert_array_equal(from_dir, reference.forward_tensors(config, tensors, x).output)
     np.testing.assert_allclose(from_dir, _torch64(config, tensors, x), rtol=1e-12, atol=1e-10)

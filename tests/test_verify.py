@@ -13,7 +13,7 @@ import onnx.numpy_helper
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_verify_models import DATASETS, build_onnx, make_checkpoint, perturb, write_pair
+from test_verify_models import DATASETS, build_onnx, dataset_checkpoint, perturb, write_pair
 
 from bn_onnx import graphs, verify
 from bn_onnx.errors import InputDataError, ProviderError, UsageError
@@ -38,7 +38,7 @@ CASES = [
 
 @pytest.mark.parametrize("dataset, bn, activation", CASES)
 def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activation):
-    ckpt, config, tensors, x, classes = make_checkpoint(
+    ckpt, config, tensors, x, classes = dataset_checkpoint(
         tmp_path, dataset, bn=bn, activation=activation, input_norm=True
     )
     unfolded, folded = write_pair(tmp_path, config, tensors, classes)
@@ -65,7 +65,7 @@ def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activati
 @pytest.mark.parametrize("bn", ["pre", "post"])
 @pytest.mark.parametrize("layer", ["blocks.0.linear", "blocks.1.linear", "head"])
 def test_a_perturbed_weight_fails_and_locate_names_its_layer(tmp_path, bn, layer):
-    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "wine", bn=bn, hidden=(12, 8))
+    ckpt, config, tensors, x, classes = dataset_checkpoint(tmp_path, "wine", bn=bn, hidden=(12, 8))
     unfolded, folded = write_pair(tmp_path, config, tensors, classes)
     tampered = perturb(folded, f"{layer}.w", tmp_path / "tampered.onnx", delta=0.5)
     report = verify.verify(
@@ -162,7 +162,7 @@ def test_taps_values_match_the_checkpoint_forward():
 
 
 def test_report_json_and_render(tmp_path):
-    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "iris")
+    ckpt, config, tensors, x, classes = dataset_checkpoint(tmp_path, "iris")
     u, f = write_pair(tmp_path, config, tensors, classes)
     report = verify.verify([u, f], checkpoint=ckpt, provider="cpu")
     path = tmp_path / "r.json"
@@ -177,7 +177,7 @@ def test_report_json_and_render(tmp_path):
 
 
 def test_checkpoint_test_split_is_the_default_input(tmp_path, monkeypatch):
-    ckpt, config, tensors, x, classes = make_checkpoint(tmp_path, "iris")
+    ckpt, config, tensors, x, classes = dataset_checkpoint(tmp_path, "iris")
     meta_path = ckpt / "config.json"
     meta = json.loads(meta_path.read_text())
     meta["dataset"] = {"name": "iris", "source": "sklearn", "seed": 0}

@@ -74,7 +74,7 @@ def make_tensors(config: MLPConfig, x: np.ndarray, seed: int = 0) -> dict[str, n
     return state_dict_to_numpy(model)
 
 
-def make_checkpoint(
+def dataset_checkpoint(
     tmp_path: Path,
     dataset_name: str = "iris",
     *,
