@@ -168,8 +168,9 @@ def fold_conv(
 def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """weight * factor computed in float64 and rounded once to the weight's dtype.
 
-    Works by blocks of rows, so a big weight never exists in float64 all at once and the
-    temporaries stay in cache. Raises ValueError like `round_to` when a value is unsafe.
+    Works by blocks of rows into one reused float64 buffer, so a big weight never exists in
+    float64 all at once and the temporaries stay in cache. Raises ValueError like `round_to`
+    when a value is unsafe.
     """
     w = np.asarray(weight)
     f = np.asarray(factor, dtype=F64)
@@ -179,10 +180,16 @@ def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     out = np.empty(w.shape, dtype=w.dtype)
     rows = w.shape[0]
     step = max(1, CHUNK // max(1, w[0].size))
+    buf = np.empty((min(step, rows),) + w.shape[1:], dtype=F64)
     for i in range(0, rows, step):
-        fb = f if f.shape[0] == 1 else f[i : i + step]
         block = w[i : i + step]
-        out[i : i + step] = round_to(block.astype(F64) * fb, w.dtype, block)
+        exact = buf[: len(block)]
+        np.multiply(block, f if f.shape[0] == 1 else f[i : i + step], out=exact)
+        rounded = out[i : i + step]
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            rounded[...] = exact
+        if not np.isfinite(rounded).all() or (rounded == 0).any():
+            rounded[...] = round_to(exact, w.dtype, block)  # the slow path says what is wrong
     return out
 
 
