@@ -124,6 +124,8 @@ def _inference_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
             n_bn += 1
             if type(child) is nn.BatchNorm1d and child.affine:
                 continue
+            if not isinstance(child, (nn.BatchNorm1d, nn.SyncBatchNorm)):
+                continue  # BatchNorm2d/3d: not an MLP layer; exported as torch writes it
             if not child.track_running_stats or child.running_mean is None:
                 raise UnsupportedModelError(
                     f"batch norm {name!r} keeps no running statistics, so it has no inference form"
