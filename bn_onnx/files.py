@@ -11,6 +11,17 @@ from pathlib import Path
 from bn_onnx.errors import InputFileError, UsageError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create owner-only entries; a finished output gets the usual permissions.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def check_input_file(path: str | os.PathLike[str], what: str = "file") -> Path:
     """Return `path` as a Path after checking it names an existing, non-empty regular file."""
     p = Path(path)
@@ -63,6 +74,7 @@ def atomic_output(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

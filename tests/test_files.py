@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from bn_onnx.errors import InputFileError, UsageError
-from bn_onnx.files import atomic_output, atomic_output_dir, check_input_file, check_output_path
+from bn_onnx.files import (
+    FILE_MODE,
+    atomic_output,
+    atomic_output_dir,
+    check_input_file,
+    check_output_path,
+)
 
 
 def test_atomic_output_renames_on_success(tmp_path):
@@ -15,6 +21,14 @@ def test_atomic_output_renames_on_success(tmp_path):
         assert not target.exists()
     assert target.read_bytes() == b"new"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_output_gets_umask_permissions_not_owner_only(tmp_path):
+    target = tmp_path / "out.bin"
+    with atomic_output(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.stat().st_mode & 0o777 == FILE_MODE
+    assert FILE_MODE & 0o044  # readable by others under the usual umask
 
 
 def test_atomic_output_leaves_old_file_and_no_temp_on_failure(tmp_path):
