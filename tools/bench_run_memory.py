@@ -10,7 +10,9 @@ child processes (peak RSS from wait4):
   session, `np.save` the result.
 
 Prints medians and spread and checks that both outputs are identical. Needs disk space for
-the input (ROWS * FEATURES * 4 bytes).
+the input (ROWS * FEATURES * 4 bytes). This process imports nothing heavy and does all the work
+in children: Linux carries a parent's peak RSS into a child it forks (and through exec), so a
+parent holding the input would inflate every measurement.
 
     python tools/bench_run_memory.py [--rows 1000000] [--features 784] [--repeats 3]
 """
@@ -36,6 +38,25 @@ np.save(sys.argv[3], y)
 """
 
 
+PREPARE = """
+import sys, numpy as np, onnx
+from bn_onnx import graphs
+d, rows, features = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+onnx.save(graphs.build_mlp([features, 128, 64, 10], "folded", seed=0), d + "/m.onnx")
+x = np.lib.format.open_memmap(d + "/x.npy", mode="w+", dtype=np.float32, shape=(rows, features))
+rng = np.random.default_rng(0)
+for s in range(0, rows, 50_000):
+    n = min(50_000, rows - s)
+    x[s : s + n] = rng.standard_normal((n, features), dtype=np.float32)
+x.flush()
+"""
+
+SAME = """
+import sys, numpy as np
+sys.exit(0 if np.array_equal(np.load(sys.argv[1]), np.load(sys.argv[2])) else 1)
+"""
+
+
 def measure(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process."""
     t0 = time.perf_counter()
@@ -55,24 +76,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
 
-    import numpy as np
-    import onnx
-
-    from bn_onnx import graphs
-
     with tempfile.TemporaryDirectory(prefix="bn_onnx_run_mem_") as tmp:
         d = Path(tmp)
         model = d / "m.onnx"
-        onnx.save(graphs.build_mlp([args.features, 128, 64, 10], "folded", seed=0), model)
-        x = np.lib.format.open_memmap(
-            d / "x.npy", mode="w+", dtype=np.float32, shape=(args.rows, args.features)
+        subprocess.run(
+            [sys.executable, "-c", PREPARE, tmp, str(args.rows), str(args.features)], check=True
         )
-        rng = np.random.default_rng(0)
-        for s in range(0, args.rows, 50_000):
-            n = min(50_000, args.rows - s)
-            x[s : s + n] = rng.standard_normal((n, args.features), dtype=np.float32)
-        x.flush()
-        del x
         size_mb = (d / "x.npy").stat().st_size / 2**20
         ours = [
             sys.executable,
@@ -103,7 +112,8 @@ def main() -> int:
         for _ in range(args.repeats):
             results["bn-onnx run"].append(measure(ours))
             results["np.load + run"].append(measure(base))
-        same = np.array_equal(np.load(d / "y.npy"), np.load(d / "b.npy"))
+        cmd = [sys.executable, "-c", SAME, str(d / "y.npy"), str(d / "b.npy")]
+        same = subprocess.run(cmd).returncode == 0
     print(
         f"input {args.rows} x {args.features} float32 = {size_mb:,.0f} MB; "
         f"{args.repeats} interleaved repeats; outputs identical: {same}"
