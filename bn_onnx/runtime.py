@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -220,6 +221,24 @@ def _check_model_file(path: Path) -> None:
         check_external_data(model, path.parent)
 
 
+def _unsupported_reason(text: str) -> str | None:
+    """A short reason when onnxruntime's load error means an op or opset it does not have."""
+    m = re.search(r"Fatal error: (\S+?)\(-?\d+\) is not a registered function/op", text)
+    if m:
+        return f"no op {m.group(1)}"
+    m = re.search(r"No Op registered for (\S+) with domain_version of (\d+)", text)
+    if m:
+        return f"no op {m.group(1)} in opset {m.group(2)}"
+    m = re.search(
+        r"Opset (\d+) is under development.*?support for domain (\S+) is till opset (\d+)",
+        text,
+        re.S,
+    )
+    if m:
+        return f"opset {m.group(1)} is newer than it supports ({m.group(2)} up to {m.group(3)})"
+    return None
+
+
 def _new_session(
     model: str | bytes, so: ort.SessionOptions, providers: list[str], options: list[dict]
 ) -> ort.InferenceSession:
@@ -235,6 +254,11 @@ def _new_session(
     except Exception as exc:
         name = type(exc).__name__
         line = _ort_error_line(exc)
+        unsupported = _unsupported_reason(str(exc))
+        if unsupported:
+            raise UnsupportedModelError(
+                f"onnxruntime cannot run this model: {unsupported}"
+            ) from None
         if name in ("NotImplemented",) or "NOT_IMPLEMENTED" in line:
             raise UnsupportedModelError(f"onnxruntime cannot run this model: {line}") from None
         if CUDA in providers and ("CUDA" in line or "cuda" in line or "cudnn" in line.lower()):

@@ -378,3 +378,44 @@ def test_auto_fallback_is_one_plain_warning_line(tmp_path, model, capsys, monkey
     assert rc == 0
     assert "bn-onnx run: warning: asked for cuda, cpu but onnxruntime uses cpu" in err
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(model, x))
+
+
+def _one_node_model(node, opset=18, extra_opsets=()):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), *extra_opsets])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda h: _one_node_model(
+                h.make_node("Foo", ["input"], ["y"], domain="custom.x"),
+                extra_opsets=[h.make_opsetid("custom.x", 1)],
+            ),
+            "no op custom.x:Foo",
+        ),
+        (lambda h: _one_node_model(h.make_node("NotAnOp", ["input"], ["y"])), "no op NotAnOp"),
+        (lambda h: _one_node_model(h.make_node("Relu", ["input"], ["y"]), opset=99), "opset 99"),
+    ],
+    ids=["custom-op", "unknown-op", "future-opset"],
+)
+def test_unsupported_ops_and_opsets_exit_2_naming_them(tmp_path, capsys, make, match):
+    from onnx import helper
+
+    path = tmp_path / "u.onnx"
+    onnx.save(make(helper), path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 4), np.float32))
+    rc = main(["run", str(path), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.count("\n") == 1
+    assert not (tmp_path / "y.npy").exists()
