@@ -667,13 +667,16 @@ def fold_file(
     report_path: str | os.PathLike[str] | None = None,
     in_place: bool = False,
     external_data: bool | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> FoldReport:
     """Fold the model at `in_path` and write it to `out_path` (atomically), with its report.
 
     External data is read only from inside the model's folder; the output is one file unless
     `external_data` is True or it nears protobuf's 2 GB limit. The input file is never changed
-    unless `in_place` and `out_path` is the input.
+    unless `in_place` and `out_path` is the input. `progress` is called with the stage
+    ("loading", "folding", "writing") as each one starts.
     """
+    step = progress or (lambda stage: None)
     from bn_onnx.files import atomic_output, check_output_path
     from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD, load_model, save_model
 
@@ -683,9 +686,12 @@ def fold_file(
         rep = check_output_path(report_path, [src, out])
         if rep.resolve() in (src.resolve(), out.resolve()):
             raise UsageError(f"report path {rep} is the model input or output")
+    step("loading")
     model = load_model(src)
+    step("folding")
     result = FoldBatchNormPass()(model, copy=False)
     del model
+    step("writing")
     if external_data is None:  # decided here from dims: onnx_io would copy every tensor to count
         external_data = model_data_bytes(result.model) > EXTERNAL_DATA_THRESHOLD
     save_model(result.model, out, external_data=external_data)

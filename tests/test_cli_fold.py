@@ -183,3 +183,9 @@ def test_fold_cli_missing_external_data_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "external data file missing" in err and err.count("\n") == 1
     assert not (tmp_path / "f.onnx").exists()
+
+
+def test_fold_file_reports_progress_stages(model_path, tmp_path):
+    stages = []
+    fold_file(model_path, tmp_path / "f.onnx", progress=stages.append)
+    assert stages == ["loading", "folding", "writing"]

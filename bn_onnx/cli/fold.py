@@ -7,6 +7,8 @@ from typing import Any
 
 # Folded BNs are listed one a line up to this many; beyond, only counted (one screen).
 MAX_FOLDED_LINES = 12
+# Without a TTY, the stages (loading, folding, writing) are printed for files this big.
+BIG_FILE_BYTES = 64 << 20
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -53,16 +55,43 @@ def summary_lines(report: Any, src: str, dst: str) -> list[str]:
     return lines
 
 
+def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(callback, context): a rich status line on a TTY; plain stderr lines for big files."""
+    import contextlib
+    import os
+    import sys
+
+    if args.quiet:
+        return None, contextlib.nullcontext()
+    if sys.stderr.isatty():
+        from rich.console import Console
+
+        status = Console(stderr=True).status("bn-onnx fold")
+        return (lambda stage: status.update(f"{stage} {args.model}")), status
+    try:
+        big = os.path.getsize(args.model) >= BIG_FILE_BYTES
+    except OSError:
+        big = False
+    if not big:
+        return None, contextlib.nullcontext()
+    return (lambda stage: print(f"{stage} {args.model}", file=sys.stderr)), (
+        contextlib.nullcontext()
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from bn_onnx.fold import fold_file
 
-    report = fold_file(
-        args.model,
-        args.output,
-        report_path=args.report,
-        in_place=args.in_place,
-        external_data=args.external_data,
-    )
+    callback, context = _progress(args)
+    with context:
+        report = fold_file(
+            args.model,
+            args.output,
+            report_path=args.report,
+            in_place=args.in_place,
+            external_data=args.external_data,
+            progress=callback,
+        )
     if not args.quiet:
         print("\n".join(summary_lines(report, args.model, args.output)))
     return 0
