@@ -30,16 +30,16 @@ def _torch_runner():
 
 
 CASES = [
-    (ds, bn, ACTIVATIONS[(i + j) % len(ACTIVATIONS)])
+    (ds, bn, ACTIVATIONS[(i + j) % len(ACTIVATIONS)], True)
     for i, ds in enumerate(DATASETS)
     for j, bn in enumerate(["pre", "post", "none"])
-]
+] + [("wine", "pre", "relu", False), ("breast-cancer", "post", "gelu", False)]
 
 
-@pytest.mark.parametrize("dataset, bn, activation", CASES)
-def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activation):
+@pytest.mark.parametrize("dataset, bn, activation, input_norm", CASES)
+def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activation, input_norm):
     ckpt, config, tensors, x, classes = dataset_checkpoint(
-        tmp_path, dataset, bn=bn, activation=activation, input_norm=True
+        tmp_path, dataset, bn=bn, activation=activation, input_norm=input_norm
     )
     unfolded, folded = write_pair(tmp_path, config, tensors, classes)
     report = verify.verify(
