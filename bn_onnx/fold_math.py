@@ -27,12 +27,11 @@ def bn_affine(
     Raises ValueError when the variance is degenerate (var + eps <= 0 or not finite) or the
     parameters are not finite, since such a BN cannot be folded.
     """
-    scale = np.asarray(scale, dtype=F64)
-    denom = np.asarray(var, dtype=F64) + F64(eps)
-    if not (np.isfinite(denom).all() and (denom > 0).all()):
+    denom = np.add(var, F64(eps), dtype=F64)
+    if not ((denom > 0) & (denom < np.inf)).all():  # NaN fails both comparisons
         raise ValueError("degenerate variance (var + eps <= 0 or not finite)")
-    a = scale / np.sqrt(denom)
-    c = np.asarray(bias, dtype=F64) - a * np.asarray(mean, dtype=F64)
+    a = np.divide(scale, np.sqrt(denom), dtype=F64)
+    c = np.subtract(bias, a * mean, dtype=F64)
     if not (np.isfinite(a).all() and np.isfinite(c).all()):
         raise ValueError("batch-norm parameters are not finite")
     return a, c
@@ -175,8 +174,13 @@ def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     w = np.asarray(weight)
     f = np.asarray(factor, dtype=F64)
     f = f.reshape((1,) * (w.ndim - f.ndim) + f.shape)
-    if w.ndim == 0:
-        return round_to(w.astype(F64) * f, w.dtype, w)
+    if w.size <= CHUNK:  # one block: no buffers to set up
+        exact = np.multiply(w, f, dtype=F64)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            rounded = exact.astype(w.dtype)
+        if np.isfinite(rounded).all() and not (rounded == 0).any():
+            return rounded
+        return round_to(exact, w.dtype, w)
     out = np.empty(w.shape, dtype=w.dtype)
     rows = w.shape[0]
     step = max(1, CHUNK // max(1, w[0].size))
