@@ -168,7 +168,7 @@ def _typed_inputs_blob(tensors: list[TensorProto]) -> bytes:
             shape = b"".join(_len_field(b"\x0a", b"\x08" + _varint(d)) for d in t.dims)
             tensor = b"\x08" + _varint(t.data_type) + _len_field(b"\x12", shape)
             type_field = types[key] = _len_field(b"\x12", _len_field(b"\x0a", tensor))
-        name = t.name.encode()
+        name = t.name if isinstance(t.name, bytes) else t.name.encode()  # bytes: not UTF-8
         body_len = 1 + len(_varint(len(name))) + len(name) + len(type_field)
         parts += (b"\x5a", _varint(body_len), b"\x0a", _varint(len(name)), name, type_field)
     return b"".join(parts)
