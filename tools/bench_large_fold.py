@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -138,7 +139,7 @@ def py(code: str, *args: str) -> list[str]:
 def widths_for(size_gb: float, width: int) -> list[int]:
     """Square hidden layers of `width` until the float32 weights reach about `size_gb` GB."""
     per_layer = 4 * width * width
-    n = max(1, round(size_gb * 1e9 / per_layer))
+    n = max(1, math.ceil(size_gb * 1e9 / per_layer))
     return [width] * (n + 1) + [10]
 
 
