@@ -171,7 +171,11 @@ def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, list[str], li
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # np.load leaks its own file handle on a broken zip: hand it one we close.
+        with path.open("rb") as fh:
+            npz = np.load(fh, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise InputFileError(f"not an NPZ archive (a single .npy array?): {path}")
             keys = set(npz.files)
             if not {"X", "y"} <= keys:
                 found = ", ".join(sorted(keys)) or "none"

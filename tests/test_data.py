@@ -182,6 +182,14 @@ def test_npz_with_object_array_is_refused_without_unpickling(tmp_path):
         load_dataset(path)
 
 
+def _npy_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((3, 2)))
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     ("make", "fragment"),
     [
@@ -190,6 +198,8 @@ def test_npz_with_object_array_is_refused_without_unpickling(tmp_path):
         (lambda p: np.savez(p, X=np.zeros((5, 2)), y=np.zeros(4)), "one row per row"),
         (lambda p: p.write_bytes(b"PK\x03\x04broken"), "not a readable NPZ"),
         (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_bytes(_npy_bytes()), "not an NPZ archive"),
+        (lambda p: p.write_bytes(b"just text, not a zip"), "unsafe or unreadable"),
     ],
 )
 def test_bad_npz_is_one_line_error(tmp_path, make, fragment):
