@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 from bn_onnx.checkpoint import (
@@ -244,3 +246,28 @@ def test_load_model_refuses_a_copied_checkpoint_with_a_different_config(ckpt, tm
     with pytest.raises(CheckpointError, match="blocks.1.linear.weight"):
         load_model(other)
     assert os.path.isdir(ckpt)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    in_features=st.integers(1, 6),
+    out_features=st.integers(1, 4),
+    hidden=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    bn=st.sampled_from(["pre", "post", "none"]),
+    input_norm=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_round_trip_property(tmp_path, in_features, out_features, hidden, bn, input_norm, seed):
+    config = MLPConfig(
+        in_features, out_features, hidden=tuple(hidden), bn=bn, input_norm=input_norm
+    )
+    model = random_model(config, seed)
+    out = tmp_path / f"p{seed}-{bn}-{input_norm}-{len(hidden)}"
+    save_checkpoint(model, out, {}, {})
+    ck = read_checkpoint(out)
+    assert ck.config == config
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(ck.tensors[name], value.numpy())
+        assert ck.tensors[name].dtype == value.numpy().dtype
