@@ -124,6 +124,17 @@ def test_out_that_is_a_file_exits_2(tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
+def test_nproc_checks_the_data_before_launching_workers(tmp_path, capsys, monkeypatch):
+    import bn_onnx.cli.train as cli_train
+
+    monkeypatch.setattr(cli_train, "_launch", lambda *a: pytest.fail("workers launched"))
+    path = tmp_path / "d.csv"
+    path.write_text("a,y\n1,x\n2,\n")
+    rc = main(["train", "--nproc", "2", "--dataset", str(path), "--target", "y", "--out", "o"])
+    assert rc == 2
+    assert "target column 'y' has empty cells" in capsys.readouterr().err
+
+
 def test_csv_without_target_exits_2(tmp_path, capsys):
     path = tmp_path / "d.csv"
     path.write_text("a,b\n1,2\n3,4\n")

@@ -403,6 +403,21 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.validate()
     if args.nproc > 1 and not distributed.launched_by_torchrun():
+        from bn_onnx.data import load_dataset
+
+        # Load the data once here so that a bad file is one line from this process, not
+        # the same error from every worker wrapped in torchrun's failure report.
+        load_dataset(
+            settings.dataset,
+            target=settings.target,
+            task=settings.task,
+            seed=settings.seed,
+            val_fraction=settings.val_fraction,
+            test_fraction=settings.test_fraction,
+            n_samples=settings.samples,
+            n_features=settings.features,
+            n_classes=settings.classes,
+        )
         return _launch(args, _child_argv(args))
 
     from bn_onnx.train import train
