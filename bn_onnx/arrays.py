@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -65,11 +66,15 @@ def read_csv(path: str | os.PathLike[str]) -> np.ndarray:
     cells = [c.strip() for c in first.split(",")]
     skip = 0 if all(_is_number(c) for c in cells if c) else 1
     try:
-        arr = np.loadtxt(p, delimiter=",", dtype=np.float32, ndmin=2, skiprows=skip)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": below
+            arr = np.loadtxt(p, delimiter=",", dtype=np.float32, ndmin=2, skiprows=skip)
     except ValueError as exc:
         raise InputDataError(
             f"cannot read {p.name} as numbers: {str(exc).splitlines()[0]}"
         ) from None
+    if arr.size == 0:
+        raise InputDataError(f"input {p.name} has no data rows")
     return arr
 
 

@@ -155,8 +155,20 @@ def _bad(tmp_path, name, array=None, raw=None):
         (lambda d: _bad(d, "x.txt", raw=b"1,2,3\n"), "must be a .npy or .csv"),
         (lambda d: _bad(d, "x.csv", raw=b"1,2,3\n4,x,6\n"), "cannot read"),
         (lambda d: d / "missing.npy", "not found"),
+        (lambda d: _bad(d, "x.csv", raw=b"a,b,c\n"), "no data rows"),
     ],
-    ids=["width", "rank1", "rank3", "strings", "complex", "corrupt", "txt", "csv-text", "missing"],
+    ids=[
+        "width",
+        "rank1",
+        "rank3",
+        "strings",
+        "complex",
+        "corrupt",
+        "txt",
+        "csv-text",
+        "missing",
+        "csv-header-only",
+    ],
 )
 def test_bad_inputs_exit_2_with_one_line_and_no_output(tmp_path, model, capsys, make, match):
     x = make(tmp_path)
