@@ -431,3 +431,21 @@ def test_unsupported_ops_and_opsets_exit_2_naming_them(tmp_path, capsys, make, m
     err = capsys.readouterr().err
     assert rc == 2 and match in err and err.count("\n") == 1
     assert not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(None, "not found"), (b"", "empty"), (b"\x08\x07garbage", "ONNX"), ("dir", "directory")],
+    ids=["missing", "empty", "garbage", "directory"],
+)
+def test_bad_model_files_exit_2(tmp_path, capsys, content, match):
+    path = tmp_path / "model.onnx"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    np.save(tmp_path / "x.npy", _x(2))
+    rc = main(["run", str(path), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.count("\n") == 1
+    assert not (tmp_path / "y.npy").exists()

@@ -206,3 +206,19 @@ def test_shipped_digits_models_verify_against_their_checkpoint(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "no added error" in out
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(None, "not found"), (b"", "empty"), (b"\x08\x07garbage", "ONNX")],
+    ids=["missing", "empty", "garbage"],
+)
+def test_bad_model_files_exit_2(trained, tmp_path, capsys, content, match):
+    _, _, u, _ = trained
+    path = tmp_path / "other.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    rc = main(["verify", str(u), str(path), "--report", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()
