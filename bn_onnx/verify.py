@@ -30,7 +30,8 @@ from bn_onnx.errors import BnOnnxError, InputDataError, ProviderError, UsageErro
 from bn_onnx.runtime import CUDA, Predictor, check_input, resolve_providers, short_name
 
 DEFAULT_ROWS = 256
-TorchRunner = Callable[[str, np.ndarray], np.ndarray]
+# f(checkpoint_dir, x) -> outputs, or (outputs, [(label, values), ...]) with the matching points
+TorchRunner = Callable[[str, np.ndarray], Any]
 
 # Nodes that start or continue an affine stage (linear layer, its bias, a batch norm).
 _LINEAR_START = {"Gemm", "MatMul", "BatchNormalization"}
@@ -386,6 +387,7 @@ class _Source:
     kind: str
     model: onnx.ModelProto | None = None
     provider: str | None = None
+    taps: dict[str, np.ndarray] | None = None
 
 
 def verify(
@@ -491,8 +493,14 @@ def verify(
         if torch_runner is None:
             report.warnings.append("torch is not installed: torch eval skipped")
         else:
-            out = np.asarray(torch_runner(str(checkpoint), x))
+            result = torch_runner(str(checkpoint), x)
+            torch_taps = None
+            if isinstance(result, tuple):
+                result, torch_taps = result
+            out = np.asarray(result)
             report.runs.append(Run("torch eval", "torch", out, "torch float32, CPU, eval mode"))
+            if torch_taps is not None:
+                sources["torch eval"] = _Source("torch", taps=dict(torch_taps))
 
     auto = provider.strip().lower() == "auto"
     for path, label, proto in zip(paths, labels, protos, strict=True):
@@ -577,6 +585,8 @@ def verify(
             value = None
             if src is not None and src.kind == "checkpoint" and ref_taps is not None:
                 value = (ref_taps, ref_nodes)
+            elif src is not None and src.kind == "torch" and src.taps is not None:
+                value = (src.taps, ref_nodes)
             elif src is not None and src.kind == "onnx" and src.model is not None:
                 try:
                     taps, vals = _onnx_taps(src.model, x, src.provider)
@@ -598,7 +608,7 @@ def verify(
             loc = Location(pair.actual, pair.expected)
             a, b = taps_of(pair.actual), taps_of(pair.expected)
             if a is None or b is None:
-                loc.note = "no intermediate values for this run (torch); compare ONNX runs"
+                loc.note = "no intermediate values for one of these runs"
                 report.locations.append(loc)
                 continue
             (va, na), (vb, nb) = a, b

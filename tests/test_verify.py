@@ -270,3 +270,41 @@ def test_auto_skips_a_cuda_provider_that_does_not_start_and_says_so(tmp_path, mo
     with pytest.raises(ProviderError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         verify.verify([u], provider="cuda")
+
+
+@pytest.mark.parametrize("bn", ["pre", "post", "none"])
+def test_torch_matching_points_agree_with_the_float64_ones(tmp_path, bn):
+    pytest.importorskip("torch")
+    from bn_onnx import reference
+    from bn_onnx.torch_eval import run_checkpoint_taps
+
+    ckpt, config, tensors, x, _ = dataset_checkpoint(tmp_path, "wine", bn=bn, activation="silu")
+    out, taps = run_checkpoint_taps(ckpt, x)
+    fwd = reference.forward_tensors(config, tensors, x)
+    assert [label for label, _ in taps] == [label for label, _ in fwd.taps]
+    for (label, got), (_, expected) in zip(taps, fwd.taps, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=label)
+    np.testing.assert_array_equal(out, taps[-1][1])
+
+
+def test_locate_names_the_layer_where_torch_diverges(tmp_path):
+    pytest.importorskip("torch")
+    from bn_onnx.torch_eval import run_checkpoint_taps
+
+    ckpt, config, tensors, x, classes = dataset_checkpoint(tmp_path, "iris", bn="pre")
+    u, _ = write_pair(tmp_path, config, tensors, classes)
+
+    def broken_torch(path, rows):  # as if torch computed block 1's linear layer wrongly
+        out, taps = run_checkpoint_taps(path, rows)
+        taps = [
+            (lab, v + 1.0 if lab.startswith("block 1") or lab == "output" else v) for lab, v in taps
+        ]
+        return taps[-1][1], taps
+
+    report = verify.verify(
+        [u], checkpoint=ckpt, inputs=x, provider="cpu", locate=True, torch_runner=broken_torch
+    )
+    assert not report.passed
+    (loc,) = [loc for loc in report.locations if loc.actual == "torch eval"]
+    assert loc.first == "block 1 pre-activation"
+    assert "blocks.1.linear" in loc.nodes_actual

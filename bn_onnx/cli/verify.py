@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     torch_runner = None
     if args.checkpoint:
         try:
-            from bn_onnx.torch_eval import run_checkpoint
+            from bn_onnx.torch_eval import run_checkpoint_taps
         except ImportError:  # torch-free install: verify without the torch run
-            run_checkpoint = None
-        torch_runner = run_checkpoint
+            run_checkpoint_taps = None
+        torch_runner = run_checkpoint_taps
     report = verify(
         args.models,
         checkpoint=args.checkpoint,
