@@ -39,7 +39,8 @@ CHECK_BYTES = 1 << 24
 CACHE_ELEMENTS = 1 << 16
 # Constant nodes of at most this many elements keep their values in the inference skeleton.
 SKELETON_KEEP_ELEMENTS = 64
-_SHAPE_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32})
+# Initializers up to this size are copied into the skeleton as they are.
+SKELETON_KEEP_BYTES = 4096
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -113,8 +114,9 @@ def _data_bytes(t: TensorProto) -> int:
     return n * itemsize
 
 
-def _check_tensor_data(t: TensorProto) -> None:
-    """Refuse a tensor whose stored data does not match its dims (the checker's size check).
+def _check_tensor_data(t: TensorProto) -> int:
+    """Refuse a tensor whose stored data does not match its dims (the checker's size check);
+    return its size in bytes.
 
     Up to CHECK_BYTES only: reading a protobuf bytes field copies it. Bigger tensors are
     checked when the fold reads them.
@@ -124,14 +126,15 @@ def _check_tensor_data(t: TensorProto) -> None:
             f"tensor {t.name!r} keeps its data in an external file that was not loaded "
             "(load the model with bn_onnx.onnx_io.load_model)"
         )
-    if t.data_type in _NO_SIZE_CHECK or not t.HasField("raw_data"):
-        return
+    if t.data_type in _NO_SIZE_CHECK:
+        return t.ByteSize()
     expected = _data_bytes(t)
-    if expected <= CHECK_BYTES and len(t.raw_data) != expected:
+    if t.HasField("raw_data") and expected <= CHECK_BYTES and len(t.raw_data) != expected:
         raise UnsupportedModelError(
             f"tensor {t.name!r}: {len(t.raw_data)} bytes of data for shape {list(t.dims)} "
             f"({expected} expected)"
         )
+    return expected
 
 
 def _varint(n: int) -> bytes:
@@ -190,8 +193,10 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     sg.input.extend(g.input)
     keep, typed = [], []
     for t in g.initializer:
-        _check_tensor_data(t)
-        if len(t.dims) <= 1 and t.data_type in _SHAPE_TYPES:  # shapes, axes: keep for data_prop
+        nbytes = _check_tensor_data(t)
+        # Small tensors (BN vectors, shapes and axes for data propagation) are copied whole:
+        # cheaper than typing them. Big ones become typed inputs.
+        if nbytes <= SKELETON_KEEP_BYTES:
             keep.append(t)
         elif t.name not in input_names:
             typed.append(t)
