@@ -26,7 +26,9 @@ def test_unknown_command_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_help_does_not_import_torch_or_onnxruntime():
@@ -45,3 +47,16 @@ def test_python_dash_m_runs():
         [sys.executable, "-m", "bn_onnx", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("bn-onnx ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["fold"], ["train", "--epochs", "-3"], ["run", "m.onnx"], ["verify", "--atol", "x", "m.onnx"]],
+)
+def test_usage_errors_of_every_command_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error:" in err

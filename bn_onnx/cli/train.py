@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
-from typing import Any, NoReturn
+from typing import Any
 
 from bn_onnx.cli._common import int_list, non_negative_float, positive_int
 
@@ -51,11 +50,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _one_line_error(self: argparse.ArgumentParser, message: str) -> NoReturn:
-    """Report a bad option as one line (`bn-onnx train: error: ...`), exit 2."""
-    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `train` and its options."""
     p = subparsers.add_parser(
@@ -80,7 +74,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.error = types.MethodType(_one_line_error, p)  # type: ignore[method-assign]
     data = p.add_argument_group("data")
     data.add_argument(
         "--dataset",
