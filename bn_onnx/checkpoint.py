@@ -21,6 +21,7 @@ import numpy as np
 
 from bn_onnx import __version__
 from bn_onnx.errors import BnOnnxError, CheckpointError
+from bn_onnx.files import DIR_MODE
 from bn_onnx.model_config import MLPConfig, expected_tensor_dtype, expected_tensor_shapes
 
 if TYPE_CHECKING:
@@ -216,6 +217,7 @@ def write_checkpoint_files(
     }
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would make the renamed checkpoint owner-only
     try:
         for name, data in payload.items():
             (tmp / name).write_bytes(data)

@@ -101,6 +101,13 @@ def test_save_into_existing_dir_keeps_other_files_and_leaves_no_temp(ckpt):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ck"]
 
 
+def test_new_checkpoint_directory_is_not_owner_only(ckpt):
+    from bn_onnx.files import DIR_MODE
+
+    assert ckpt.stat().st_mode & 0o777 == DIR_MODE
+    assert DIR_MODE & 0o055  # listable by others under the usual umask
+
+
 def test_failed_save_leaves_no_partial_directory(tmp_path, monkeypatch):
     model = random_model(MLPConfig(5, 3, hidden=(4,)))
 
