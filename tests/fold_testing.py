@@ -196,3 +196,27 @@ g (float[N, {n_in}] x) => (float[N, {n_out}] y) {{
   {body}
 }}"""
     return model_from_text(text, inits), n_in
+
+
+def mlp_with_probe(rng=None, k=5):
+    """Gemm -> BN -> Relu -> BN (also the output `probe`) -> MatMul: one BN folds, one stays."""
+    rng = rng or np.random.default_rng(40)
+    inits = {
+        "W1": rng.normal(size=(k, 4)).astype(np.float32),
+        "W2": rng.normal(size=(4, 3)).astype(np.float32),
+    }
+    inits.update({k + "1": v for k, v in bn_params(rng, 4).items()})
+    inits.update({k + "2": v for k, v in bn_params(rng, 4).items()})
+    model = model_from_text(
+        f"""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[N, {k}] input) => (float[N, 3] logits, float[N, 4] probe) {{
+          h = Gemm (input, W1)
+          t = BatchNormalization (h, s1, b1, mu1, var1)
+          r = Relu (t)
+          probe = BatchNormalization (r, s2, b2, mu2, var2)
+          logits = MatMul (probe, W2)
+        }}""",
+        inits,
+    )
+    onnx.helper.set_model_props(model, {"bn_onnx.task": "classification"})
+    return model

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from fold_testing import bn_params, model_from_text, op_count, run_ort
+from fold_testing import mlp_with_probe, op_count, run_ort
 
 from bn_onnx.cli import main
 from bn_onnx.fold import fold_file
@@ -18,33 +18,10 @@ from bn_onnx.fold import fold_file
 HEAD = '<ir_version: 8, opset_import: ["" : 18]>'
 
 
-def _model(rng=None, k=5):
-    rng = rng or np.random.default_rng(40)
-    inits = {
-        "W1": rng.normal(size=(k, 4)).astype(np.float32),
-        "W2": rng.normal(size=(4, 3)).astype(np.float32),
-    }
-    inits.update({k + "1": v for k, v in bn_params(rng, 4).items()})
-    inits.update({k + "2": v for k, v in bn_params(rng, 4).items()})
-    model = model_from_text(
-        f"""{HEAD}
-        g (float[N, {k}] input) => (float[N, 3] logits, float[N, 4] probe) {{
-          h = Gemm (input, W1)
-          t = BatchNormalization (h, s1, b1, mu1, var1)
-          r = Relu (t)
-          probe = BatchNormalization (r, s2, b2, mu2, var2)
-          logits = MatMul (probe, W2)
-        }}""",
-        inits,
-    )
-    onnx.helper.set_model_props(model, {"bn_onnx.task": "classification"})
-    return model
-
-
 @pytest.fixture
 def model_path(tmp_path):
     path = tmp_path / "m.onnx"
-    onnx.save(_model(), path)
+    onnx.save(mlp_with_probe(), path)
     return path
 
 
@@ -65,7 +42,9 @@ def test_fold_cli_prints_summary_and_writes_report(model_path, tmp_path, capsys)
     onnx.checker.check_model(folded, full_check=True)
     assert {p.key: p.value for p in folded.metadata_props} == {"bn_onnx.task": "classification"}
     x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
-    for w, g in zip(run_ort(_model(), {"input": x}), run_ort(folded, {"input": x}), strict=True):
+    for w, g in zip(
+        run_ort(mlp_with_probe(), {"input": x}), run_ort(folded, {"input": x}), strict=True
+    ):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
 
 
@@ -90,7 +69,7 @@ def _bad(tmp_path, kind):
     elif kind == "not onnx":
         p.write_text("hello, I am a CSV file\n1,2,3\n")
     elif kind == "truncated":
-        data = _model().SerializeToString()
+        data = mlp_with_probe().SerializeToString()
         p.write_bytes(data[: len(data) // 2])
     return p
 
@@ -118,7 +97,7 @@ def test_fold_cli_refuses_missing_output_folder_and_same_path(model_path, tmp_pa
 
 
 def test_fold_cli_invalid_graph_is_a_user_error(tmp_path, capsys):
-    model = _model()
+    model = mlp_with_probe()
     del model.graph.initializer[0]  # W1 missing: Gemm reads an undefined value
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
@@ -127,10 +106,10 @@ def test_fold_cli_invalid_graph_is_a_user_error(tmp_path, capsys):
 
 
 def test_fold_file_external_data_in_and_out(tmp_path):
-    model = _model(k=300)  # W1 is 4.8 kB: big enough to go to the data file
+    model = mlp_with_probe(k=300)  # W1 is 4.8 kB: big enough to go to the data file
     src = tmp_path / "ext.onnx"
     onnx.save_model(
-        _model(k=300),  # a second copy: saving with external data changes the proto
+        mlp_with_probe(k=300),  # a second copy: saving with external data changes the proto
         str(src),
         save_as_external_data=True,
         all_tensors_to_one_file=True,
@@ -153,7 +132,7 @@ def test_fold_file_external_data_in_and_out(tmp_path):
 
 
 def test_fold_file_refuses_external_data_outside_the_model_folder(tmp_path):
-    model = _model()
+    model = mlp_with_probe()
     inner = tmp_path / "inner"
     inner.mkdir()
     onnx.save_model(
@@ -176,7 +155,11 @@ def test_fold_file_refuses_external_data_outside_the_model_folder(tmp_path):
 def test_fold_cli_missing_external_data_exits_2(tmp_path, capsys):
     src = tmp_path / "ext.onnx"
     onnx.save_model(
-        _model(k=300), str(src), save_as_external_data=True, location="w.data", size_threshold=0
+        mlp_with_probe(k=300),
+        str(src),
+        save_as_external_data=True,
+        location="w.data",
+        size_threshold=0,
     )
     (tmp_path / "w.data").unlink()
     assert main(["fold", str(src), "-o", str(tmp_path / "f.onnx")]) == 2

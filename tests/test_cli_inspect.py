@@ -8,7 +8,7 @@ import sys
 
 import onnx
 import pytest
-from test_cli_fold import _model
+from fold_testing import mlp_with_probe
 
 from bn_onnx.cli import main
 
@@ -16,7 +16,7 @@ from bn_onnx.cli import main
 @pytest.fixture
 def model_path(tmp_path):
     path = tmp_path / "m.onnx"
-    onnx.save(_model(), path)
+    onnx.save(mlp_with_probe(), path)
     return path
 
 
