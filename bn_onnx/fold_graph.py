@@ -39,13 +39,20 @@ CHECK_BYTES = 1 << 24
 CACHE_ELEMENTS = 1 << 16
 # Constant nodes of at most this many elements keep their values in the inference skeleton.
 SKELETON_KEEP_ELEMENTS = 64
+# Standard ops with graph attributes.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 # Initializers up to this size are copied into the skeleton as they are.
 SKELETON_KEEP_BYTES = 4096
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of the node's attribute `name`, or `default` when it is not set."""
     for a in node.attribute:
         if a.name == name:
+            if a.type == onnx.AttributeProto.INT:
+                return a.i
+            if a.type == onnx.AttributeProto.FLOAT:
+                return a.f
             return helper.get_attribute_value(a)
     return default
 
@@ -280,6 +287,14 @@ class Types:
         return vi.type.tensor_type.elem_type or None
 
 
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    """Whether the node holds a graph attribute (If, Loop, Scan, or a custom op)."""
+    if is_standard(node) and node.op_type not in _SUBGRAPH_OPS:
+        return False
+    graph_types = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in graph_types for a in node.attribute)
+
+
 def _subgraph_names(node: onnx.NodeProto) -> set[str]:
     """Every value name read or written inside the node's subgraphs (If/Loop/Scan bodies)."""
     names: set[str] = set()
@@ -354,17 +369,10 @@ class Graph:
         for name in node.input:
             if name:
                 self.consumers.setdefault(name, []).append(i)
-        sub = (
-            _subgraph_names(node)
-            if any(
-                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                for a in node.attribute
-            )
-            else set()
-        )
-        for name in sub:
-            self.consumers.setdefault(name, []).append(i)
-            self.names.add(name)
+        if has_subgraph(node):
+            for name in _subgraph_names(node):
+                self.consumers.setdefault(name, []).append(i)
+                self.names.add(name)
         for name in node.output:
             if name:
                 self.producer[name] = i
@@ -487,10 +495,7 @@ class Graph:
         node = self.nodes[self.producer[name]]
         if not is_standard(node) or node.op_type not in CONST_OPS or node.op_type == "Shape":
             return None
-        if any(
-            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-            for a in node.attribute
-        ):
+        if has_subgraph(node):
             return None
         if node.op_type == "CastLike":  # the second input only gives the type
             return [node.input[0]] if self.types.elem_type(node.input[1]) else None

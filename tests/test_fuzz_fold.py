@@ -102,7 +102,10 @@ def _mutate(model: onnx.ModelProto, kind: str, pick: int) -> None:
         targets = [i for i in bn_inputs if i in names] or [t.name for t in g.initializer]
         if targets:
             t = next(t for t in g.initializer if t.name == targets[pick % len(targets)])
-            arr = onnx.numpy_helper.to_array(t).copy()
+            try:
+                arr = onnx.numpy_helper.to_array(t).copy()
+            except ValueError:  # an earlier mutation broke this tensor already
+                return
             arr.flat[0] = [np.nan, np.inf, -1.0, 0.0, 1e30][pick % 5]
             t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
     elif kind == "wrong_input_dtype":
