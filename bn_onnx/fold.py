@@ -24,6 +24,7 @@ from bn_onnx.fold_graph import (
     FLOAT_DTYPES,
     Graph,
     attr,
+    copy_without_weights,
     drop_attrs,
     is_standard,
     label,
@@ -33,6 +34,8 @@ from bn_onnx.fold_graph import (
 )
 
 PASSTHROUGH = ("Identity", "Dropout")
+# fold_model copies models with this much tensor data without the weights it will rewrite.
+SPLIT_COPY_BYTES = 32 << 20
 LINEAR_BEFORE = ("Gemm", "MatMul", "Add", "Conv", "ConvTranspose")
 
 # --------------------------------------------------------------------------------------------
@@ -192,14 +195,17 @@ class FoldBatchNormPass:
     def __call__(self, model: onnx.ModelProto, *, copy: bool = True) -> FoldResult:
         """Fold `model` (a copy of it, unless copy=False) and return the result and report."""
         inferred = self.requires(model)
-        if copy:
+        sources = None
+        if not copy:
+            out = model
+        elif model_data_bytes(model) >= SPLIT_COPY_BYTES:
+            out, sources = copy_without_weights(model)  # weights copied only if unchanged
+        else:
             out = onnx.ModelProto()
             out.CopyFrom(model)
-        else:
-            out = model
         nodes_before = len(out.graph.node)
         inits_before = len(out.graph.initializer)
-        g = Graph(out, inferred)
+        g = Graph(out, inferred, sources)
         entries = self._run(g)
         g.sweep()
         g.finish()

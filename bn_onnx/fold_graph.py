@@ -320,6 +320,39 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _copy_fields(dst: Any, src: Any, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # repeated field
+            getattr(dst, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # message
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def copy_without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A copy of `model` whose raw-data initializers are placeholders (name, dtype, dims only).
+
+    Returns the copy and {name: the input's tensor} for the placeholders. `Graph` reads them
+    from the input and fills in only those the fold did not rewrite or drop, so a fold never
+    holds a weight twice in the copy (protobuf keeps replaced bytes until the model is freed).
+    """
+    out = onnx.ModelProto()
+    _copy_fields(out, model, skip="graph")
+    _copy_fields(out.graph, model.graph, skip="initializer")
+    sources = {}
+    for t in model.graph.initializer:
+        placeholder = out.graph.initializer.add()
+        if t.HasField("raw_data"):
+            _copy_fields(placeholder, t, skip="raw_data")
+            sources[t.name] = t
+        else:
+            placeholder.CopyFrom(t)
+    return out, sources
+
+
 # --------------------------------------------------------------------------------------------
 # The graph with producer/consumer maps, kept up to date through every rewrite
 
@@ -333,8 +366,15 @@ class Graph:
     initializer and value_info lists back once. `const(name)` evaluates constants lazily.
     """
 
-    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        inferred: onnx.ModelProto,
+        sources: dict[str, TensorProto] | None = None,
+    ) -> None:
         self.model = model
+        # Placeholder initializers whose data still lives in the input (copy_without_weights).
+        self.pending: dict[str, TensorProto] = dict(sources or {})
         self.graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
@@ -529,6 +569,7 @@ class Graph:
         return None
 
     def _to_array(self, t: TensorProto) -> np.ndarray:
+        t = self.pending.get(t.name, t)
         fast = _FAST_DTYPES.get(t.data_type)
         try:
             if fast is not None and t.HasField("raw_data"):  # the common case, no overhead
@@ -599,6 +640,7 @@ class Graph:
                 t.raw_data = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
             else:
                 t.CopyFrom(make_tensor(value, old))
+            self.pending.pop(old, None)
             self._remember(old, value)
             return
         name = self.add_initializer(value, f"{old or (node.name or node.op_type) + '_bias'}_bnfold")
@@ -641,6 +683,10 @@ class Graph:
 
     def finish(self) -> None:
         g = self.graph
+        for name, src in self.pending.items():  # placeholders the fold kept as they were
+            if name not in self.dead_inits:
+                self.inits[name].raw_data = src.raw_data
+        self.pending.clear()
         if self.structure_changed:
             keep = sorted(
                 (k for k in range(len(self.nodes)) if self.alive[k]), key=lambda k: self.order[k]
