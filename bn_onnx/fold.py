@@ -695,7 +695,9 @@ def fold_file(
     step("loading")
     model = load_model(src)
     step("folding")
-    result = FoldBatchNormPass()(model, copy=False)
+    # A copy (without the weights it rewrites) and not in place: the input is freed before the
+    # save serializes the output, so the peak stays near two models, not three.
+    result = FoldBatchNormPass()(model)
     del model
     step("writing")
     if external_data is None:  # decided here from dims: onnx_io would copy every tensor to count
