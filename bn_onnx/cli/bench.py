@@ -116,16 +116,32 @@ def run(args: argparse.Namespace) -> int:
             bench.checkpoint_subject(args.checkpoint, device=device, threads=args.threads)
         )
 
-    def progress(done: int, total: int, label: str) -> None:
-        log(f"[{done}/{total}] {label} done")
+    bar = None
+    if not args.quiet and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import Progress
 
-    result = bench.run_benchmark(
-        subjects,
-        args.batch_sizes,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        progress=progress,
-    )
+        bar = Progress(console=Console(stderr=True), transient=True)
+        task = bar.add_task("timing", total=len(args.batch_sizes))
+        bar.start()
+
+    def progress(done: int, total: int, label: str) -> None:
+        if bar is not None:
+            bar.update(task, completed=done, description=f"timing ({label} done)")
+        else:
+            log(f"[{done}/{total}] {label} done")
+
+    try:
+        result = bench.run_benchmark(
+            subjects,
+            args.batch_sizes,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
     result.settings.update(
         provider=args.provider, threads=args.threads, graph_optimization_level=args.graph_opt
     )
