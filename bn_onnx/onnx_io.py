@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
+from onnx import TensorProto, external_data_helper, helper
 
 from bn_onnx.errors import InputFileError
 from bn_onnx.files import atomic_output, atomic_output_dir, check_input_file
+
+_FIXED_SIZE_TYPES = {
+    dtype: helper.tensor_dtype_to_np_dtype(dtype).itemsize
+    for dtype in helper.get_all_tensor_dtypes()
+    if dtype not in (TensorProto.STRING, TensorProto.UNDEFINED)
+    and helper.tensor_dtype_to_np_dtype(dtype).itemsize > 0
+}
 
 # protobuf cannot serialize a message over 2 GiB; stay clear of it with some headroom.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -77,8 +85,9 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by the model's tensors (initializers, Constant attributes, subgraphs)."""
     total = 0
     for t in external_data_helper._get_all_tensors(model):
-        if t.HasField("raw_data"):
-            total += len(t.raw_data)
+        # From dims, not len(raw_data): reading raw_data copies the bytes out of protobuf.
+        if t.data_type in _FIXED_SIZE_TYPES and not external_data_helper.uses_external_data(t):
+            total += math.prod(t.dims) * _FIXED_SIZE_TYPES[t.data_type]
         else:
             total += t.ByteSize()
     return total

@@ -89,3 +89,15 @@ def test_load_refuses_missing_and_truncated_external_data(tmp_path):
     data.unlink()
     with pytest.raises(InputFileError, match="missing"):
         load_model(path)
+
+
+def test_tensor_bytes_counts_weights_from_their_shape():
+    from bn_onnx.onnx_io import tensor_bytes
+
+    w = np.zeros((7, 9), np.float16)
+    b = np.zeros(5, np.int64)
+    graph = helper.make_graph(
+        [], "g", [], [], [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    )
+    assert tensor_bytes(helper.make_model(graph)) == w.nbytes + b.nbytes
+    assert tensor_bytes(_model(8)) == 8 * 8 * 4
