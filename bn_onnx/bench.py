@@ -463,11 +463,17 @@ def ort_subject(
             import onnxruntime as ort
 
             binding = sess.io_binding()
-            binding.bind_ortvalue_input(
-                in_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", info.device_id or 0)
-            )
-            binding.bind_output(out_name, "cuda", info.device_id or 0)
-            return lambda: sess.run_with_iobinding(binding)
+            device = info.device_id or 0
+            value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", device)
+            binding.bind_ortvalue_input(in_name, value)
+            binding.bind_output(out_name, "cuda", device)
+
+            def call() -> object:
+                # `value` is referenced here so the device copy lives as long as the call.
+                sess.run_with_iobinding(binding)
+                return value
+
+            return call
         run = sess.run
         feed = {in_name: x}
         outs = [out_name]
