@@ -441,8 +441,9 @@ def ort_subject(
 ) -> Subject:
     """A bare onnxruntime `session.run` of `model` (path or bytes), creation time measured.
 
-    On CUDA (and with `iobinding` not False) input and output stay bound on the device through
-    IOBinding, so the timing is the model, not the host-device copies.
+    On CUDA (unless `iobinding=False`) input and output stay bound on the device through
+    IOBinding, so the timing is the model, not the host-device copies. `iobinding=True` binds
+    on the CPU as well.
     """
     from bn_onnx.runtime import CUDA, create_session
 
@@ -454,7 +455,7 @@ def ort_subject(
     sess = info.session
     in_name, n_features, dtype, out_name, batch_dim = _input_spec(sess, name)
     on_cuda = CUDA in info.providers
-    use_binding = on_cuda if iobinding is None else bool(iobinding) and on_cuda
+    use_binding = on_cuda if iobinding is None else bool(iobinding)
 
     def bind(x: np.ndarray) -> Call:
         if batch_dim is not None and x.shape[0] != batch_dim:
@@ -463,15 +464,16 @@ def ort_subject(
             import onnxruntime as ort
 
             binding = sess.io_binding()
-            device = info.device_id or 0
-            value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", device)
+            kind, device = ("cuda", info.device_id or 0) if on_cuda else ("cpu", 0)
+            value = ort.OrtValue.ortvalue_from_numpy(x, kind, device)
             binding.bind_ortvalue_input(in_name, value)
-            binding.bind_output(out_name, "cuda", device)
+            binding.bind_output(out_name, kind, device)
 
             def call() -> object:
-                # `value` is referenced here so the device copy lives as long as the call.
                 sess.run_with_iobinding(binding)
-                return value
+                # The binding is returned (outputs: `copy_outputs_to_cpu()`); `value`, the
+                # input's device copy, is referenced here so it lives as long as the call.
+                return binding if value is not None else None
 
             return call
         run = sess.run

@@ -252,6 +252,20 @@ def test_ort_and_predictor_subjects_run_the_model_on_the_bound_input(tiny_models
     assert from_bytes.info["path"] is None and not from_bytes.info["iobinding"]
 
 
+def test_iobinding_subject_binds_input_and_output(tiny_models):
+    widths, paths = tiny_models
+    x = np.random.default_rng(2).standard_normal((7, widths[0])).astype(np.float32)
+    s = bench.ort_subject(paths["folded"], "bound", provider="cpu", threads=1, iobinding=True)
+    assert s.info["iobinding"]
+    binding = s.bind(x)()
+    np.testing.assert_allclose(
+        binding.copy_outputs_to_cpu()[0],
+        graphs.mlp_reference(widths, x, "folded", seed=1),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+
+
 def test_torch_subject_matches_numpy():
     torch = pytest.importorskip("torch")
     lin = torch.nn.Linear(4, 2)
