@@ -769,21 +769,26 @@ def plot_result(result: BenchResult, path: str | os.PathLike[str], title: str = 
 
 def format_table(result: BenchResult) -> list[str]:
     """The result as aligned text lines (the CLI prints them)."""
+    with_cpu = any(r.cpu_ratio is not None for r in result.rows)
     header = ["model", "batch", "median ms", "p90 ms", "IQR ms", "rows/s", "ratio"]
+    if with_cpu:
+        header += ["CPU ms", "CPU ratio"]
     lines = [header]
     for r in result.rows:
         s = r.stats
-        lines.append(
-            [
-                r.subject,
-                str(r.batch),
-                f"{s.median_s * 1e3:.4g}",
-                f"{s.p90_s * 1e3:.4g}",
-                f"{s.q1_s * 1e3:.3g}-{s.q3_s * 1e3:.3g}",
-                f"{r.throughput:,.0f}",
-                f"{r.ratio:.3f} ({r.ratio_q1:.2f}-{r.ratio_q3:.2f})",
-            ]
-        )
+        cells = [
+            r.subject,
+            str(r.batch),
+            f"{s.median_s * 1e3:.4g}",
+            f"{s.p90_s * 1e3:.4g}",
+            f"{s.q1_s * 1e3:.3g}-{s.q3_s * 1e3:.3g}",
+            f"{r.throughput:,.0f}",
+            f"{r.ratio:.3f} ({r.ratio_q1:.2f}-{r.ratio_q3:.2f})",
+        ]
+        if with_cpu:
+            cpu = float(np.median(r.cpu_times_s)) * 1e3 if r.cpu_times_s else float("nan")
+            cells += [f"{cpu:.4g}", f"{r.cpu_ratio:.3f}" if r.cpu_ratio is not None else "-"]
+        lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = []
     for k, row in enumerate(lines):

@@ -61,6 +61,19 @@ def test_bench_prints_table_and_writes_json_and_plot(models, tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cpu_time_adds_columns_and_json_fields(models, tmp_path, capsys):
+    js = tmp_path / "c.json"
+    args = ["bench", str(models["unfolded"]), str(models["folded"]), "--threads", "1"]
+    rc = main(
+        [*args, "--batch-sizes", "2", "--repeats", "3", "--cpu-time", "-q", "--json", str(js)]
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0 and "CPU ratio" in out[0]
+    rows = json.loads(js.read_text())["rows"]
+    assert all(r["cpu_median_ms"] > 0 and len(r["cpu_times_ms"]) == 3 for r in rows)
+    assert rows[0]["cpu_ratio"] == 1.0
+
+
 def test_bench_quiet_prints_only_the_table(models, capsys):
     rc = main(["bench", str(models["folded"]), "--batch-sizes", "2", "--repeats", "1", "-q"])
     captured = capsys.readouterr()

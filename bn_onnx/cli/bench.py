@@ -57,6 +57,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--warmup", type=positive_int, default=3, help="untimed rounds per batch size (3)"
     )
     p.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="also record the calling thread's CPU time per call and show its ratio (less "
+        "disturbed by other processes; counts no other thread, so use it with --threads 1)",
+    )
+    p.add_argument(
         "--checkpoint",
         metavar="DIR",
         help="also time torch eager eval of this checkpoint (imports torch)",
@@ -79,6 +85,8 @@ def _labels(paths: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Build the subjects, time them, print the table, write JSON/plot if asked."""
+    import time
+
     from bn_onnx import bench
     from bn_onnx.errors import UsageError
     from bn_onnx.files import check_input_file, check_output_path
@@ -137,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             args.batch_sizes,
             repeats=args.repeats,
             warmup=args.warmup,
+            cpu_clock=time.thread_time if args.cpu_time else None,
             progress=progress,
         )
     finally:
