@@ -188,6 +188,26 @@ def test_quick_run_writes_json_and_plots(tmp_path, capsys):
             assert math.isfinite(p15) and p15 <= p50 <= p85
 
 
+def test_epochs_option_names_its_files_and_sets_the_budget(tmp_path):
+    rc = _load_tool().main(
+        [
+            "--quick",
+            "--only",
+            "sweep",
+            "--epochs",
+            "2",
+            "--no-plots",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep_relu_2ep.json"]
+    result = _strict_json(tmp_path / "sweep_relu_2ep.json")
+    assert result["models"]["relu"]["settings"]["epochs"] == 2
+
+
 def test_missing_output_folder_is_a_one_line_error(tmp_path):
     tool = Path(__file__).resolve().parent.parent / "tools" / "bn_sweep.py"
     proc = subprocess.run(

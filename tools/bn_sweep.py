@@ -23,6 +23,7 @@ from pathlib import Path
 # Run from a checkout without installing: the package is one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bn_onnx.cli._common import positive_int  # noqa: E402
 from bn_onnx.errors import BnOnnxError, UsageError  # noqa: E402
 from bn_onnx.files import atomic_output  # noqa: E402
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         default="relu,sigmoid",
         help="sweep networks, comma-separated: relu = (128,64) relu, sigmoid = 3x100 sigmoid",
+    )
+    p.add_argument(
+        "--epochs",
+        type=positive_int,
+        help="sweep epochs per run instead of the default; files get an _<N>ep suffix",
     )
     p.add_argument("--no-plots", action="store_true", help="write the JSON only")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -118,13 +124,16 @@ def _run(args: argparse.Namespace) -> int:
             models = _models(args.models, sweep.SWEEP_MODELS)
             base = sweep.SweepSettings.quick() if args.quick else sweep.SweepSettings()
             # One JSON and one PNG per network, so the networks can be run separately.
+            if args.epochs is not None:
+                base = dataclasses.replace(base, epochs=args.epochs)
+            suffix = "" if args.epochs is None else f"_{args.epochs}ep"
             for model in base.models if args.quick else models:
                 settings = dataclasses.replace(base, models=(model,))
                 result = sweep.run_sweep(settings, progress=report)
-                _write_json(result, out / f"sweep_{model}.json")
+                _write_json(result, out / f"sweep_{model}{suffix}.json")
                 if not args.no_plots:
                     part = result["models"][model]
-                    _save_plot(sweep.plot_sweep, part, out / f"sweep_{model}.png")
+                    _save_plot(sweep.plot_sweep, part, out / f"sweep_{model}{suffix}.png")
                 if not args.quiet:
                     print(sweep.format_sweep_summary(result))
         if args.only in (None, "curves"):
