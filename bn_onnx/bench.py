@@ -26,7 +26,7 @@ from bn_onnx.errors import BnOnnxError, UnsupportedModelError, UsageError
 SCHEMA = "bn-onnx-bench"
 SCHEMA_VERSION = 1
 DEFAULT_BATCH_SIZES = (1, 32, 1024)
-ORDERS = ("round_robin", "alternate")
+ORDERS = ("round_robin", "alternate", "shuffle")
 
 Call = Callable[[], object]
 Clock = Callable[[], float]
@@ -187,14 +187,19 @@ def time_interleaved(
     order: str = "round_robin",
     cpu_clock: Clock | None = None,
     cpu_out: np.ndarray | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
     """Time each call `repeats` times, interleaved; shape (len(calls), repeats).
 
     With `cpu_clock` (e.g. `time.thread_time`), each call's CPU time is also written into
     `cpu_out` (same shape).
 
-    `order="round_robin"` runs A B C A B C ...; `"alternate"` runs A B C C B A A B C ..., which
-    cancels a bias for a position in the round (e.g. a cache warmed by the previous subject).
+    `order="round_robin"` runs A B C A B C ...: each subject always follows the same one.
+    `"alternate"` runs A B C C B A A B C ...: no position is favoured, but the first and last
+    subjects run twice in a row at every turn, with their weights still in the CPU caches (this
+    made two sessions of one 3.6 MB model differ by 18% at batch 1). `"shuffle"` runs every
+    round in a fresh random order (seeded by `seed`) in which no subject runs twice in a row:
+    the choice for cache-sensitive comparisons of three or more subjects.
 
     Each subject's `sync` (if any) runs before the clock starts and before it stops, so that
     asynchronous devices are timed to completion.
@@ -205,9 +210,12 @@ def time_interleaved(
         raise UsageError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     syncs = list(syncs) if syncs is not None else [None] * len(calls)
     out = np.empty((len(calls), repeats), dtype=np.float64)
-    forward = list(range(len(calls)))
+    rng = np.random.default_rng(seed)
+    last: int | None = None
     for r in range(repeats):
-        for i in forward if order == "round_robin" or r % 2 == 0 else forward[::-1]:
+        sequence = _round_order(len(calls), r, order, rng, last)
+        last = sequence[-1] if sequence else None
+        for i in sequence:
             call = calls[i]
             sync = syncs[i]
             if sync is not None:
@@ -222,6 +230,21 @@ def time_interleaved(
             if cpu_clock is not None and cpu_out is not None:
                 cpu_out[i, r] = cpu_clock() - c0
     return out
+
+
+def _round_order(
+    n: int, r: int, order: str, rng: np.random.Generator, last: int | None
+) -> list[int]:
+    """The subjects' order in round `r` (see `time_interleaved`)."""
+    forward = list(range(n))
+    if order == "round_robin" or (order == "alternate" and r % 2 == 0):
+        return forward
+    if order == "alternate":
+        return forward[::-1]
+    perm = [int(i) for i in rng.permutation(n)]
+    if n > 1 and perm[0] == last:  # never the same subject twice in a row
+        perm[0], perm[1] = perm[1], perm[0]
+    return perm
 
 
 def _rows(
@@ -290,7 +313,7 @@ def run_benchmark(
         seed: the input data's seed.
         budget_s: seconds of timed rounds per batch size, or None for exactly `repeats`.
         min_repeats: lower bound on rounds when `budget_s` cuts them.
-        order: `round_robin` or `alternate` (see `time_interleaved`).
+        order: `round_robin`, `alternate` or `shuffle` (see `time_interleaved`).
         cpu_clock: also record each call's CPU time with this clock (`time.thread_time`).
         progress: called as `progress(done, total, label)` after each batch size.
         clock: the timer (tests pass a fake one).
@@ -331,7 +354,14 @@ def run_benchmark(
         used_repeats[batch] = n
         cpu = np.empty((len(calls), n)) if cpu_clock is not None else None
         timed = time_interleaved(
-            calls, n, syncs=syncs, clock=clock, order=order, cpu_clock=cpu_clock, cpu_out=cpu
+            calls,
+            n,
+            syncs=syncs,
+            clock=clock,
+            order=order,
+            cpu_clock=cpu_clock,
+            cpu_out=cpu,
+            seed=seed + k,
         )
         rows += _rows(names, batch, timed, cpu)
         if progress is not None:

@@ -59,6 +59,29 @@ def test_time_interleaved_alternate_reverses_every_other_round():
     assert log == [0, 1, 2, 2, 1, 0, 0, 1, 2]
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 6), repeats=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_shuffle_runs_each_subject_once_per_round_never_twice_in_a_row(n, repeats, seed):
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(n)]
+    bench.time_interleaved(calls, repeats, order="shuffle", seed=seed)
+    rounds = [log[k : k + n] for k in range(0, len(log), n)]
+    assert len(rounds) == repeats and all(sorted(r) == list(range(n)) for r in rounds)
+    assert all(a != b for a, b in zip(log, log[1:], strict=False))
+    again = []
+    calls = [lambda i=i: again.append(i) for i in range(n)]
+    bench.time_interleaved(calls, repeats, order="shuffle", seed=seed)
+    assert again == log
+
+
+def test_alternate_order_repeats_the_end_subjects_back_to_back():
+    # Why the suite shuffles: with "alternate" the last subject runs twice in a row.
+    log = []
+    calls = [lambda i=i: log.append(i) for i in range(3)]
+    bench.time_interleaved(calls, 2, order="alternate")
+    assert log[2] == log[3] == 2
+
+
 def test_time_interleaved_times_each_call_and_brackets_it_with_sync():
     clock = FakeClock()
     events = []

@@ -96,6 +96,7 @@ def test_same_file_name_twice_gets_distinct_labels(models, capsys):
         ["--repeats", "0"],
         ["--threads", "-1"],
         ["--graph-opt", "max"],
+        ["--order", "random"],
     ],
 )
 def test_bad_options_exit_2(models, extra, capsys):

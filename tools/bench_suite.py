@@ -14,9 +14,11 @@ Sections (`--only` picks some):
   startup    `bn-onnx --help` and `bn-onnx fold` of a small model as whole processes
   train      `bn_onnx.train` samples/s against a minimal hand-written torch loop
 
-Every latency is a median over interleaved rounds in one process; every ratio compares
-subjects timed in the same rounds. Writes tools/bench_results/suite.json (every figure) and
-suite.png, and prints a summary. `--quick` is a smoke run of about a minute.
+Every latency is a median over interleaved rounds in one process (each round in a fresh
+seeded order, never one model twice in a row, so that none finds its weights still in the
+CPU caches); every ratio compares subjects timed in the same rounds. Writes
+tools/bench_results/suite.json (every figure), suite.md and suite.png, and prints a summary.
+`--quick` is a smoke run of about a minute.
 
     python tools/bench_suite.py            # the full suite, a few minutes on 2 cores
     python tools/bench_suite.py --quick    # smoke run
@@ -199,7 +201,7 @@ def section_variants(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 warmup=2,
                 budget_s=args.budget,
                 min_repeats=3 if max(widths) >= 4096 else 5,
-                order="alternate",
+                order="shuffle",
                 cpu_clock=time.thread_time,
             )
             pairs = {
@@ -260,7 +262,7 @@ def section_frameworks(args: argparse.Namespace, out: dict[str, Any]) -> None:
                 warmup=2,
                 budget_s=args.budget,
                 min_repeats=5,
-                order="alternate",
+                order="shuffle",
                 cpu_clock=time.thread_time,
             )
             out["groups"].append(
@@ -300,7 +302,7 @@ def section_predictor(args: argparse.Namespace, out: dict[str, Any]) -> None:
             warmup=5,
             budget_s=args.budget,
             min_repeats=10,
-            order="alternate",
+            order="shuffle",
             cpu_clock=time.thread_time,
         )
         out["groups"].append(

@@ -57,6 +57,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--warmup", type=positive_int, default=3, help="untimed rounds per batch size (3)"
     )
     p.add_argument(
+        "--order",
+        choices=["round_robin", "shuffle", "alternate"],
+        default="round_robin",
+        help="order within each round: round_robin (A B C A B C, default), shuffle (a fresh "
+        "seeded order each round, never one model twice in a row: best for 3+ models)",
+    )
+    p.add_argument(
         "--cpu-time",
         action="store_true",
         help="also record the calling thread's CPU time per call and show its ratio (less "
@@ -146,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             cpu_clock=time.thread_time if args.cpu_time else None,
+            order=args.order,
             progress=progress,
         )
     finally:
