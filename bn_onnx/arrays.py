@@ -8,6 +8,7 @@ target and are renamed onto it only when every chunk is written.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import warnings
 from collections.abc import Iterator
@@ -83,28 +84,97 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     return read_npy(path) if array_format(path) == ".npy" else read_csv(path)
 
 
-def iter_chunks(X: np.ndarray, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def _read_full(f: IO[bytes], out: np.ndarray) -> int:
+    """Fill `out` (C-contiguous) from `f`; the number of bytes read, short only at the end."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+# Linux and macOS: pages of a mapping can be handed back once a chunk is done.
+_MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+
+
+def iter_chunks(
+    X: np.ndarray, rows: int, *, reuse: bool = False
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield `(start, chunk)` over the rows of `X`, `rows` at a time.
 
-    A memory-mapped .npy input is read with plain file reads instead of through the mapping:
-    pages touched through a mapping stay in the process's memory, so a 3 GB input would end up
-    resident; read chunk by chunk, the process holds about one chunk.
+    A memory-mapped .npy input must not end up resident: pages touched through a mapping stay
+    in the process's memory, so a 3 GB input would. Where the OS allows, each chunk is a view
+    of a private read-only mapping whose pages are released (`MADV_DONTNEED`) when the next
+    chunk is asked for: no copy, and the process holds about one chunk. Elsewhere chunks are
+    read with plain file reads; with `reuse=True` into one buffer per call, so a chunk is then
+    valid only until the next one is yielded (a fresh buffer per chunk costs page faults).
     """
     n = X.shape[0] if X.ndim else 0
     if isinstance(X, np.memmap) and X.filename and X.ndim == 2 and X.flags.c_contiguous:
-        width = X.shape[1]
-        row_bytes = width * X.dtype.itemsize
-        with open(X.filename, "rb") as f:
-            for start in range(0, n, rows):
-                count = min(rows, n - start)
-                f.seek(X.offset + start * row_bytes)
-                chunk = np.fromfile(f, dtype=X.dtype, count=count * width)
-                if chunk.size != count * width:
-                    raise InputFileError(f"input file {X.filename} is truncated")
-                yield start, chunk.reshape(count, width)
+        if _MADV_DONTNEED is not None:
+            yield from _mapped_chunks(X, rows, _MADV_DONTNEED)
+        else:
+            yield from _read_chunks(X, rows, reuse)
         return
     for start in range(0, n, rows):
         yield start, X[start : start + rows]
+
+
+def _truncated(X: np.memmap) -> InputFileError:
+    return InputFileError(f"input file {X.filename} is truncated")
+
+
+def _mapped_chunks(X: np.memmap, rows: int, advice: int) -> Iterator[tuple[int, np.ndarray]]:
+    n, width = X.shape
+    row_bytes = width * X.dtype.itemsize
+    with open(X.filename, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < X.offset + n * row_bytes:
+            raise _truncated(X)
+        if n == 0 or size == 0:
+            return
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            lo = X.offset + start * row_bytes
+            hi = lo + count * row_bytes
+            # A file cut short after it was opened would crash the process (SIGBUS) when the
+            # missing pages are read; check before every chunk.
+            if os.fstat(f.fileno()).st_size < hi:
+                raise _truncated(X)
+            chunk = np.ndarray((count, width), dtype=X.dtype, buffer=mapping, offset=lo)
+            yield start, chunk
+            page_lo = lo - lo % mmap.PAGESIZE
+            mapping.madvise(advice, page_lo, hi - page_lo)
+        # Views handed out may still be alive; the mapping closes when the last one goes.
+
+
+def _read_full(f: IO[bytes], out: np.ndarray) -> int:
+    """Fill `out` (C-contiguous) from `f`; the number of bytes read, short only at the end."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_chunks(X: np.memmap, rows: int, reuse: bool) -> Iterator[tuple[int, np.ndarray]]:
+    n, width = X.shape
+    buf = np.empty((min(rows, n), width), dtype=X.dtype) if reuse else None
+    with open(X.filename, "rb", buffering=0) as f:
+        f.seek(X.offset)
+        for start in range(0, n, rows):
+            count = min(rows, n - start)
+            chunk = np.empty((count, width), X.dtype) if buf is None else buf[:count]
+            if _read_full(f, chunk) != chunk.nbytes:
+                raise _truncated(X)
+            yield start, chunk
 
 
 class ChunkWriter:

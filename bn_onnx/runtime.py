@@ -8,7 +8,6 @@ session is checked after creation: `session.get_providers()` must contain what w
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -69,6 +68,8 @@ def short_name(provider: str) -> str:
 
 def installed_onnxruntime_packages() -> list[str]:
     """The onnxruntime distributions installed (they share one `onnxruntime` module)."""
+    import importlib.metadata  # only for error messages: ~30 ms of start-up otherwise
+
     found = []
     for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
         try:
@@ -353,11 +354,22 @@ def _nonfinite_message(X: np.ndarray, row_offset: int = 0) -> str:
 _SMALL = 1024
 
 
+_BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _all_finite(X: np.ndarray) -> bool:
     # A sum of floats is finite iff every term is, unless it overflows: impossible for
     # float32/float16 terms held as Python floats; a float64 overflow gets the exact test.
-    if X.size <= _SMALL and math.isfinite(sum(X.ravel().tolist())):
-        return True
+    if X.size <= _SMALL:
+        if math.isfinite(sum(X.ravel().tolist())):
+            return True
+    elif X.dtype in _BLAS_FLOATS and X.flags.c_contiguous:
+        # Likewise the sum of squares: NaN and Inf propagate through it, and only an overflow
+        # (then the exact test) makes it non-finite otherwise. One BLAS pass, no temporary
+        # array: about 0.6x the time of isfinite().all() on large chunks.
+        flat = X.reshape(-1)
+        if math.isfinite(float(np.dot(flat, flat))):
+            return True
     return bool(np.isfinite(X).all())
 
 
@@ -508,13 +520,14 @@ class Predictor:
         """Validate and convert `X` the way `predict` does; return the array the model gets."""
         return check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite)
 
-    def predict(self, X: Any) -> np.ndarray:
+    def predict(self, X: Any, *, row_offset: int = 0) -> np.ndarray:
         """The model's first output (logits or prediction) for the rows of `X`.
 
         Rows are run in chunks of `batch_size`; X is not copied when it is already a
-        C-contiguous array of the model's dtype.
+        C-contiguous array of the model's dtype. `row_offset` is added to row numbers in error
+        messages, for an `X` that is a chunk of a larger input.
         """
-        X = check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite)
+        X = check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite, row_offset)
         n = X.shape[0]
         if n <= self.batch_size and n:
             return self._run_one(X)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -319,6 +320,57 @@ def test_chunks_of_a_memmapped_npy_equal_its_rows(tmp_path, order, dtype):
     np.testing.assert_array_equal(np.concatenate([c for _, c in chunks]), x)
 
 
+@pytest.fixture(params=["mapped", "read", "read-reused"])
+def chunk_path(request, monkeypatch):
+    """Each way iter_chunks reads a memmapped .npy: released mapping, file reads (+ one buffer)."""
+    from bn_onnx import arrays
+
+    if request.param != "mapped":
+        monkeypatch.setattr(arrays, "_MADV_DONTNEED", None)
+    return request.param == "read-reused"
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 7, 23, 24, 100])
+def test_every_chunk_reader_returns_the_rows_of_np_load(tmp_path, chunk_path, rows):
+    from bn_onnx.arrays import iter_chunks, read_array
+
+    x = _x(23, width=7, seed=rows)
+    np.save(tmp_path / "x.npy", x)
+    mm = read_array(tmp_path / "x.npy")
+    got = [(start, chunk.copy()) for start, chunk in iter_chunks(mm, rows, reuse=chunk_path)]
+    assert [start for start, _ in got] == list(range(0, 23, rows))
+    assert all(len(c) == min(rows, 23 - s) for s, c in got)
+    np.testing.assert_array_equal(np.concatenate([c for _, c in got]), np.load(tmp_path / "x.npy"))
+
+
+def test_reused_buffer_is_one_array_per_call(tmp_path, chunk_path):
+    from bn_onnx.arrays import iter_chunks, read_array
+
+    np.save(tmp_path / "x.npy", _x(20))
+    mm = read_array(tmp_path / "x.npy")
+    first, second = iter_chunks(mm, 8, reuse=chunk_path), iter_chunks(mm, 8, reuse=chunk_path)
+    (_, a0), (_, b0) = next(first), next(second)
+    assert not np.shares_memory(a0, b0)  # two calls (threads) never share a buffer
+    (_, a1) = next(first)
+    assert np.shares_memory(a0, a1) == (chunk_path is True)
+
+
+@pytest.mark.parametrize("cut_at", ["start", "middle"])
+def test_npy_cut_short_while_open_is_an_input_file_error(tmp_path, chunk_path, cut_at):
+    from bn_onnx.arrays import iter_chunks, read_array
+    from bn_onnx.errors import InputFileError
+
+    np.save(tmp_path / "x.npy", _x(4000))
+    mm = read_array(tmp_path / "x.npy")
+    chunks = iter_chunks(mm, 1000, reuse=chunk_path)
+    if cut_at == "middle":
+        start, chunk = next(chunks)
+        np.testing.assert_array_equal(chunk, _x(4000)[:1000])
+    os.truncate(tmp_path / "x.npy", mm.offset + 2500 * mm.shape[1] * 4)
+    with pytest.raises(InputFileError, match="x.npy is truncated"):
+        list(chunks)
+
+
 def test_truncated_npy_is_refused(tmp_path, model, capsys):
     np.save(tmp_path / "x.npy", _x(40))
     data = (tmp_path / "x.npy").read_bytes()
@@ -448,4 +500,20 @@ def test_bad_model_files_exit_2(tmp_path, capsys, content, match):
     rc = main(["run", str(path), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")])
     err = capsys.readouterr().err
     assert rc == 2 and match in err and err.count("\n") == 1
+    assert not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.parametrize("batch", ["7", "50"])
+def test_run_output_is_the_same_with_every_chunk_reader(tmp_path, model, chunk_path, batch, capsys):
+    x = _x(50, seed=9)
+    np.save(tmp_path / "x.npy", x)
+    args = ["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]
+    assert main([*args, "--batch-size", batch, "--quiet"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(model, x))
+    x[43, 2] = -np.inf
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "y.npy").unlink()
+    assert main([*args, "--batch-size", batch]) == 2
+    err = capsys.readouterr().err
+    assert "1 non-finite value (NaN or Inf), the first at row 43, column 2" in err
     assert not (tmp_path / "y.npy").exists()

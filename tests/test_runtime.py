@@ -444,3 +444,42 @@ def test_cuda_start_failure_is_an_error_when_strict_and_a_cpu_fallback_under_aut
     with pytest.warns(runtime.ProviderWarning, match="using the CPU"):
         info = create_session(model_path, provider="auto")
     assert info.providers == [CPU] and info.requested == [CPU]
+
+
+_SPECIAL = st.sampled_from([np.nan, np.inf, -np.inf, 3e38, -3e38, 0.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(17, 300),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+    cells=st.lists(st.tuples(st.integers(0, 10**6), _SPECIAL), max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_large_input_finiteness_check_agrees_with_isfinite(rows, dtype, cells, seed):
+    # Above the small-input path: the sum-of-squares test (float32/64) and the plain one (float16)
+    # must refuse exactly the arrays np.isfinite refuses, and name the same first position.
+    x = np.random.default_rng(seed).standard_normal((rows, 64)).astype(dtype)
+    for pos, value in cells:
+        with np.errstate(over="ignore"):
+            x.flat[pos % x.size] = value  # 3e38 becomes inf in float16: still a real case
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        assert runtime.check_input(x, 64, np.dtype(dtype)) is x
+        return
+    row, col = np.argwhere(bad)[0]
+    with pytest.raises(InputDataError) as err:
+        runtime.check_input(x, 64, np.dtype(dtype))
+    count = int(bad.sum())
+    assert f"{count} non-finite value{'s' if count != 1 else ''}" in str(err.value)
+    assert f"row {row}, column {col};" in str(err.value)
+
+
+def test_predict_row_offset_numbers_rows_of_the_whole_input(predictor, model_path):
+    x = _x(3000)
+    np.testing.assert_array_equal(predictor.predict(x, row_offset=500), _bare(model_path, x))
+    x[2100, 5] = np.inf
+    with pytest.raises(InputDataError, match="row 2600, column 5"):
+        predictor.predict(x, row_offset=500)
+    with pytest.raises(InputDataError, match="row 2100, column 5"):
+        predictor.predict(x)

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from bn_onnx.arrays import array_format, iter_chunks, open_output, read_array
     from bn_onnx.errors import InputDataError, UsageError
     from bn_onnx.files import check_input_file, check_output_path
-    from bn_onnx.runtime import Predictor, ProviderWarning, check_input
+    from bn_onnx.runtime import Predictor, ProviderWarning
 
     check_input_file(args.model, "model file")
     array_format(args.input, "input")
@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(rows, not args.quiet)
     try:
         with open_output(args.output, rows, probe.shape[1:], probe.dtype) as writer:
-            for lo, raw in iter_chunks(X, predictor.batch_size):
-                chunk = check_input(raw, predictor.n_features, predictor.input_dtype, row_offset=lo)
-                writer.write(predictor.predict(chunk))
+            # One reused read buffer; predict checks each chunk (once) and returns a new array.
+            for lo, chunk in iter_chunks(X, predictor.batch_size, reuse=True):
+                writer.write(predictor.predict(chunk, row_offset=lo))
                 progress(writer.done)
     finally:
         progress.close()
