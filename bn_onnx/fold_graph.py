@@ -332,6 +332,28 @@ def _copy_fields(dst: Any, src: Any, skip: str) -> None:
             setattr(dst, field.name, value)
 
 
+# (field, repeated) for every TensorProto field but raw_data; older protobuf has only `label`.
+_TENSOR_FIELDS = [
+    (f, f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED)
+    for f in TensorProto.DESCRIPTOR.fields
+    if f.name != "raw_data"
+]
+
+
+def _copy_tensor_header(dst: TensorProto, src: TensorProto) -> None:
+    """Copy every field set in `src` but raw_data (ListFields would copy raw_data out)."""
+    for f, repeated in _TENSOR_FIELDS:
+        if repeated:
+            values = getattr(src, f.name)
+            if len(values):
+                getattr(dst, f.name).extend(values)
+        elif src.HasField(f.name):
+            if f.message_type is not None:
+                getattr(dst, f.name).CopyFrom(getattr(src, f.name))
+            else:
+                setattr(dst, f.name, getattr(src, f.name))
+
+
 def copy_without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """A copy of `model` whose raw-data initializers are placeholders (name, dtype, dims only).
 
@@ -346,7 +368,7 @@ def copy_without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
     for t in model.graph.initializer:
         placeholder = out.graph.initializer.add()
         if t.HasField("raw_data"):
-            _copy_fields(placeholder, t, skip="raw_data")
+            _copy_tensor_header(placeholder, t)
             sources[t.name] = t
         else:
             placeholder.CopyFrom(t)
