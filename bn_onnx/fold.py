@@ -194,11 +194,12 @@ class FoldBatchNormPass:
 
     def __call__(self, model: onnx.ModelProto, *, copy: bool = True) -> FoldResult:
         """Fold `model` (a copy of it, unless copy=False) and return the result and report."""
-        inferred = self.requires(model)
+        sizes: dict[str, int] = {}
+        inferred = validate_model(model, sizes=sizes)  # self.requires, keeping the data size
         sources = None
         if not copy:
             out = model
-        elif model_data_bytes(model) >= SPLIT_COPY_BYTES:
+        elif model_data_bytes(model, sizes["initializers"]) >= SPLIT_COPY_BYTES:
             out, sources = copy_without_weights(model)  # weights copied only if unchanged
         else:
             out = onnx.ModelProto()

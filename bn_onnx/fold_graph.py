@@ -110,15 +110,15 @@ def item_size(data_type: int) -> int | None:
 
 def _data_bytes(t: TensorProto) -> int:
     """Bytes the tensor's data should take, from its dims and dtype (no copy of the data)."""
-    n = 1
-    for d in t.dims:
-        if d < 0:
-            raise UnsupportedModelError(f"tensor {t.name!r} has a negative dimension")
-        n *= d
-    itemsize = item_size(t.data_type)
+    dims = t.dims
+    if dims and min(dims) < 0:
+        raise UnsupportedModelError(f"tensor {t.name!r} has a negative dimension")
+    itemsize = _ITEMSIZE.get(t.data_type)
     if itemsize is None:
-        raise UnsupportedModelError(f"tensor {t.name!r} has unknown data type {t.data_type}")
-    return n * itemsize
+        itemsize = item_size(t.data_type)
+        if itemsize is None:
+            raise UnsupportedModelError(f"tensor {t.name!r} has unknown data type {t.data_type}")
+    return math.prod(dims) * itemsize
 
 
 def _check_tensor_data(t: TensorProto) -> int:
@@ -184,11 +184,12 @@ def _typed_inputs_blob(tensors: list[TensorProto]) -> bytes:
     return b"".join(parts)
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of `model` without large tensor data: big initializers become typed inputs.
 
     Shape inference and the checker then run on a few kilobytes instead of the weights. Each
     initializer's data size is checked against its dims on the way (as the checker would).
+    Returns the skeleton and the initializers' data bytes (as `model_data_bytes` counts them).
     """
     sk = onnx.ModelProto(ir_version=model.ir_version)
     sk.opset_import.extend(model.opset_import)
@@ -199,8 +200,10 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     input_names = {i.name for i in g.input}
     sg.input.extend(g.input)
     keep, typed = [], []
+    total = 0
     for t in g.initializer:
         nbytes = _check_tensor_data(t)
+        total += nbytes
         # Small tensors (BN vectors, shapes and axes for data propagation) are copied whole:
         # cheaper than typing them. Big ones become typed inputs.
         if nbytes <= SKELETON_KEEP_BYTES:
@@ -230,7 +233,7 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
             sg.node.append(node)
     sg.output.extend(g.output)
     sg.value_info.extend(g.value_info)
-    return sk
+    return sk, total
 
 
 def first_line(exc: BaseException) -> str:
@@ -239,15 +242,20 @@ def first_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def validate_model(model: onnx.ModelProto) -> onnx.ModelProto:
+def validate_model(
+    model: onnx.ModelProto, *, sizes: dict[str, int] | None = None
+) -> onnx.ModelProto:
     """Check `model` (checker + strict shape inference, without tensor data).
 
     Returns the inferred skeleton (for shapes and ranks); raises UnsupportedModelError with one
-    line when the model is not valid ONNX.
+    line when the model is not valid ONNX. `sizes`, when given, receives the initializers' data
+    bytes under "initializers" (for `model_data_bytes`, which then need not count them again).
     """
     if not model.HasField("graph") or not model.opset_import:
         raise UnsupportedModelError("not an ONNX model (no graph or opset)")
-    sk = _skeleton(model)
+    sk, init_bytes = _skeleton(model)
+    if sizes is not None:
+        sizes["initializers"] = init_bytes
     try:
         onnx.checker.check_model(sk)
         inferred = onnx.shape_inference.infer_shapes(
@@ -591,11 +599,16 @@ class Graph:
         return None
 
     def _to_array(self, t: TensorProto) -> np.ndarray:
-        t = self.pending.get(t.name, t)
+        if self.pending:
+            t = self.pending.get(t.name, t)
         fast = _FAST_DTYPES.get(t.data_type)
         try:
             if fast is not None and t.HasField("raw_data"):  # the common case, no overhead
-                return np.frombuffer(t.raw_data, dtype=fast).reshape(tuple(t.dims))
+                value = np.frombuffer(t.raw_data, dtype=fast)
+                dims = t.dims
+                if len(dims) == 1 and dims[0] == value.size:  # a vector: nothing to reshape
+                    return value
+                return value.reshape(tuple(dims))
             return numpy_helper.to_array(t)
         except Exception as exc:
             raise UnsupportedModelError(
@@ -659,7 +672,7 @@ class Graph:
                 and _FAST_TYPES.get(value.dtype) == t.data_type
                 and tuple(t.dims) == value.shape
             ):  # same dtype and shape: replace only the bytes
-                t.raw_data = np.ascontiguousarray(value, value.dtype.newbyteorder("<")).tobytes()
+                t.raw_data = np.ascontiguousarray(value, _FAST_DTYPES[t.data_type]).tobytes()
             else:
                 t.CopyFrom(make_tensor(value, old))
             self.pending.pop(old, None)
@@ -765,13 +778,16 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def model_data_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of tensor data in the main graph (initializers and Constant nodes), from dims."""
-    tensors = list(model.graph.initializer)
+def model_data_bytes(model: onnx.ModelProto, init_bytes: int | None = None) -> int:
+    """Bytes of tensor data in the main graph (initializers and Constant nodes), from dims.
+
+    `init_bytes`: the initializers' share when already known (from `validate_model`).
+    """
+    tensors = list(model.graph.initializer) if init_bytes is None else []
     tensors += [
         a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.t.dims
     ]
-    total = 0
+    total = init_bytes or 0
     for t in tensors:
         size = item_size(t.data_type)
         total += t.ByteSize() if size is None or t.data_type in _NO_SIZE_CHECK else _data_bytes(t)

@@ -8,11 +8,28 @@ dtype with `round_to` (which also says why a rounding is unsafe).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F64 = np.float64
 # Elements per block in the blocked functions: float64 temporaries of ~2 MB stay in cache.
 CHUNK = 1 << 18
+# Dtypes whose product can be rounded by the multiply itself (out=, casting="unsafe").
+_FUSED = frozenset(np.dtype(t) for t in ("float16", "float32", "float64"))
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    """Whether every element is finite: a sum is finite only if every term is, so one
+    reduction settles the usual case; the elementwise test runs only when the sum is not."""
+    return math.isfinite(np.add.reduce(x, axis=None)) or bool(np.isfinite(x).all())
+
+
+def _finite_nonzero(x: np.ndarray) -> bool:
+    """Whether every element of a rounded result is finite and not zero."""
+    if x.dtype in _FUSED:
+        return _all_finite(x) and bool(np.logical_and.reduce(x, axis=None))  # and: no zero
+    return bool(np.isfinite(x).all()) and not (x == 0).any()
 
 
 def bn_affine(
@@ -28,11 +45,14 @@ def bn_affine(
     parameters are not finite, since such a BN cannot be folded.
     """
     denom = np.add(var, F64(eps), dtype=F64)
-    if not ((denom > 0) & (denom < np.inf)).all():  # NaN fails both comparisons
+    # 0 < denom < inf everywhere, as two reductions; NaN propagates and fails both.
+    if denom.size and not (
+        np.minimum.reduce(denom, axis=None) > 0 and np.maximum.reduce(denom, axis=None) < np.inf
+    ):
         raise ValueError("degenerate variance (var + eps <= 0 or not finite)")
     a = np.divide(scale, np.sqrt(denom), dtype=F64)
     c = np.subtract(bias, a * mean, dtype=F64)
-    if not (np.isfinite(a).all() and np.isfinite(c).all()):
+    if not (_all_finite(a) and _all_finite(c)):
         raise ValueError("batch-norm parameters are not finite")
     return a, c
 
@@ -174,11 +194,19 @@ def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     w = np.asarray(weight)
     f = np.asarray(factor, dtype=F64)
     f = f.reshape((1,) * (w.ndim - f.ndim) + f.shape)
+    fused = w.dtype in _FUSED
     if w.size <= CHUNK:  # one block: no buffers to set up
+        if fused:  # the float64 product rounded by the multiply's output cast: no temporary
+            with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+                rounded = np.multiply(
+                    w, f, dtype=F64, out=np.empty(w.shape, w.dtype), casting="unsafe"
+                )
+            if _finite_nonzero(rounded):
+                return rounded
         exact = np.multiply(w, f, dtype=F64)
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             rounded = exact.astype(w.dtype)
-        if np.isfinite(rounded).all() and not (rounded == 0).any():
+        if _finite_nonzero(rounded):
             return rounded
         return round_to(exact, w.dtype, w)
     out = np.empty(w.shape, dtype=w.dtype)
@@ -187,13 +215,16 @@ def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     buf = np.empty((min(step, rows),) + w.shape[1:], dtype=F64)
     for i in range(0, rows, step):
         block = w[i : i + step]
-        exact = buf[: len(block)]
-        np.multiply(block, f if f.shape[0] == 1 else f[i : i + step], out=exact)
+        fb = f if f.shape[0] == 1 else f[i : i + step]
         rounded = out[i : i + step]
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            rounded[...] = exact
-        if not np.isfinite(rounded).all() or (rounded == 0).any():
-            rounded[...] = round_to(exact, w.dtype, block)  # the slow path says what is wrong
+            if fused:
+                np.multiply(block, fb, dtype=F64, out=rounded, casting="unsafe")
+            else:
+                rounded[...] = np.multiply(block, fb, out=buf[: len(block)])
+        if not _finite_nonzero(rounded):  # the slow path says what is wrong
+            exact = np.multiply(block, fb, out=buf[: len(block)])
+            rounded[...] = round_to(exact, w.dtype, block)
     return out
 
 
@@ -213,7 +244,9 @@ def round_to(exact: np.ndarray, dtype: np.dtype, original: np.ndarray | None = N
     exact = np.asarray(exact, dtype=F64)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         rounded = exact.astype(dtype)
-    if not np.isfinite(rounded).all():  # one pass covers the usual case
+    if rounded.dtype in _FUSED and _finite_nonzero(rounded):  # the usual case, two reductions
+        return rounded
+    if not np.isfinite(rounded).all():
         if not np.isfinite(exact).all():
             raise ValueError("folded value is not finite")
         worst = float(np.abs(exact).max())
