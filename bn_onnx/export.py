@@ -259,10 +259,27 @@ def to_onnx(
     if written != {opset}:
         raise UnsupportedModelError(f"torch's exporter wrote opset {written}, not {opset}")
     check_inference_bn(proto, n_bn)
+    strip_stack_traces(proto)
     if metadata:
         onnx_meta.set_metadata(proto, metadata)
     check_model(proto)
     return proto
+
+
+# torch records each node's Python stack trace, with the build machine's absolute file paths:
+# they leak into shipped files and make the bytes depend on where the checkout lies.
+_STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(model: onnx.ModelProto) -> None:
+    """Drop torch's per-node stack-trace metadata (absolute source paths) in place."""
+    graphs = [model.graph, *(f for f in model.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key != _STACK_TRACE_KEY]
+            if len(keep) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
 
 
 def check_model(model: onnx.ModelProto) -> None:

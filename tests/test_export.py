@@ -127,6 +127,16 @@ def test_unfolded_and_folded_match_torch_eval_and_float64(exported, rows):
         np.testing.assert_allclose(got, exact, atol=ATOL, rtol=RTOL, err_msg=str(path))
 
 
+def test_exported_files_hold_no_source_paths_of_the_build_machine(exported):
+    import bn_onnx
+
+    checkout = str(Path(bn_onnx.__file__).resolve().parent.parent)
+    for path in (exported.unfolded, exported.folded):
+        data = path.read_bytes()
+        assert checkout.encode() not in data, path
+        assert b"stack_trace" not in data, path
+
+
 def test_input_output_names_and_symbolic_batch(exported):
     for path in (exported.unfolded, exported.folded):
         model = onnx.load(path)
