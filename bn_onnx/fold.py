@@ -26,11 +26,13 @@ from bn_onnx.fold_graph import (
     attr,
     copy_without_weights,
     drop_attrs,
+    fill_deferred,
     is_standard,
     label,
     model_data_bytes,
     set_float_attr,
     validate_model,
+    write_model,
 )
 
 PASSTHROUGH = ("Identity", "Dropout")
@@ -194,6 +196,13 @@ class FoldBatchNormPass:
 
     def __call__(self, model: onnx.ModelProto, *, copy: bool = True) -> FoldResult:
         """Fold `model` (a copy of it, unless copy=False) and return the result and report."""
+        return self._fold(model, copy=copy, deferred=None)
+
+    def _fold(
+        self, model: onnx.ModelProto, *, copy: bool, deferred: dict[str, np.ndarray] | None
+    ) -> FoldResult:
+        """The pass; with a `deferred` dict, big rewritten weights stay arrays there, out of
+        the result's tensors (for `write_model`)."""
         sizes: dict[str, int] = {}
         inferred = validate_model(model, sizes=sizes)  # self.requires, keeping the data size
         sources = None
@@ -207,10 +216,13 @@ class FoldBatchNormPass:
         nodes_before = len(out.graph.node)
         inits_before = len(out.graph.initializer)
         g = Graph(out, inferred, sources)
+        g.deferred = deferred
         entries = self._run(g)
         g.sweep()
         g.finish()
         if self.check_output:
+            if deferred:
+                fill_deferred(out, deferred)
             self.ensures(out)
         report = FoldReport(
             entries=entries,
@@ -698,12 +710,20 @@ def fold_file(
     step("folding")
     # A copy (without the weights it rewrites) and not in place: the input is freed before the
     # save serializes the output, so the peak stays near two models, not three.
-    result = FoldBatchNormPass()(model)
+    # Big rewritten weights stay arrays until they are written (no copy into protobuf, no
+    # serialized copy of them).
+    deferred: dict[str, np.ndarray] = {}
+    result = FoldBatchNormPass()._fold(model, copy=True, deferred=deferred)
     del model
     step("writing")
     if external_data is None:  # decided here from dims: onnx_io would copy every tensor to count
         external_data = model_data_bytes(result.model) > EXTERNAL_DATA_THRESHOLD
-    save_model(result.model, out, external_data=external_data)
+    if external_data:
+        fill_deferred(result.model, deferred)
+        save_model(result.model, out, external_data=True)
+    else:
+        with atomic_output(out, suffix=".onnx") as tmp:  # as save_model writes one file
+            write_model(result.model, deferred, tmp)
     if report_path is not None:
         with atomic_output(rep, suffix=".json") as tmp:
             tmp.write_text(result.report.to_json() + "\n", encoding="utf-8")

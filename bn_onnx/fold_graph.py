@@ -43,6 +43,11 @@ SKELETON_KEEP_ELEMENTS = 64
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 # Initializers up to this size are copied into the skeleton as they are.
 SKELETON_KEEP_BYTES = 4096
+# Rewritten weights of at least this size may be kept as arrays until `write_model` (a copy
+# into protobuf and the serialized copy of the whole model saved).
+DEFER_BYTES = 1 << 16
+# The fields `make_tensor` sets besides raw_data.
+_BARE_FIELDS = frozenset({"name", "data_type", "dims"})
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -432,6 +437,8 @@ class Graph:
         self.const_nodes: set[int] = set()  # nodes evaluated as constants
         self.overrides: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # merged BN: exact (a, c)
         self.candidates: set[str] = set()  # names that may have become unused
+        # {name: value} of rewritten weights kept out of protobuf (None: write them in).
+        self.deferred: dict[str, np.ndarray] | None = None
 
     # --- maps
     def _link(self, i: int) -> None:
@@ -599,6 +606,10 @@ class Graph:
         return None
 
     def _to_array(self, t: TensorProto) -> np.ndarray:
+        if self.deferred and t.name in self.deferred:
+            value = self.deferred[t.name].view()
+            value.flags.writeable = False  # as read back from raw_data
+            return value
         if self.pending:
             t = self.pending.get(t.name, t)
         fast = _FAST_DTYPES.get(t.data_type)
@@ -667,19 +678,39 @@ class Graph:
             and len(self.consumers[old]) == 1
         ):
             t = self.inits[old]
-            if (
-                t.HasField("raw_data")
-                and _FAST_TYPES.get(value.dtype) == t.data_type
-                and tuple(t.dims) == value.shape
-            ):  # same dtype and shape: replace only the bytes
+            same = _FAST_TYPES.get(value.dtype) == t.data_type and tuple(t.dims) == value.shape
+            if self.deferred is not None and self._defer(old, t, value, same):
+                pass
+            elif same and t.HasField("raw_data"):  # same dtype and shape: replace only the bytes
                 t.raw_data = np.ascontiguousarray(value, _FAST_DTYPES[t.data_type]).tobytes()
             else:
+                if self.deferred:
+                    self.deferred.pop(old, None)
                 t.CopyFrom(make_tensor(value, old))
             self.pending.pop(old, None)
             self._remember(old, value)
             return
         name = self.add_initializer(value, f"{old or (node.name or node.op_type) + '_bias'}_bnfold")
         self.set_input(i, pos, name)
+
+    def _defer(self, name: str, t: TensorProto, value: np.ndarray, same: bool) -> bool:
+        """Keep `value` as the tensor's raw_data without copying it into protobuf (for
+        `write_model`); False when the write must go into the tensor as it is.
+
+        The tensor keeps every other field, as a raw_data write in place would; a placeholder
+        (which the write would replace by a bare tensor) qualifies only when it is bare.
+        """
+        if not same or value.nbytes < DEFER_BYTES:
+            return False
+        if name in self.pending:
+            if not all(f.name in _BARE_FIELDS for f, _ in t.ListFields()):
+                return False
+        elif name not in self.deferred:
+            if not t.HasField("raw_data"):
+                return False
+            t.ClearField("raw_data")
+        self.deferred[name] = value
+        return True
 
     def _remember(self, name: str, value: np.ndarray) -> None:
         if value.size <= CACHE_ELEMENTS:
@@ -722,6 +753,9 @@ class Graph:
             if name not in self.dead_inits:
                 self.inits[name].raw_data = src.raw_data
         self.pending.clear()
+        if self.deferred:
+            for name in self.dead_inits:
+                self.deferred.pop(name, None)
         if self.structure_changed:
             keep = sorted(
                 (k for k in range(len(self.nodes)) if self.alive[k]), key=lambda k: self.order[k]
@@ -792,3 +826,125 @@ def model_data_bytes(model: onnx.ModelProto, init_bytes: int | None = None) -> i
         size = item_size(t.data_type)
         total += t.ByteSize() if size is None or t.data_type in _NO_SIZE_CHECK else _data_bytes(t)
     return total
+
+
+# --------------------------------------------------------------------------------------------
+# Writing a model whose rewritten weights are still arrays
+
+
+def fill_deferred(model: onnx.ModelProto, deferred: dict[str, np.ndarray]) -> None:
+    """Put the deferred arrays into their tensors' raw_data (for the usual writers)."""
+    for t in model.graph.initializer:
+        value = deferred.get(t.name)
+        if value is not None:
+            t.raw_data = np.ascontiguousarray(value, _FAST_DTYPES[t.data_type]).tobytes()
+    deferred.clear()
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview):
+    """(field number, start, payload start, end) of each field of a serialized message."""
+    pos, n = 0, len(buf)
+    while pos < n:
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        wire = tag & 7
+        if wire == 0:
+            _, pos = _read_varint(buf, pos)
+            yield tag >> 3, start, pos, pos
+            continue
+        if wire == 2:
+            size, pos = _read_varint(buf, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected wire type {wire}")
+        yield tag >> 3, start, pos, pos + size
+        pos += size
+    if pos != n:
+        raise ValueError("truncated message")
+
+
+def _spliced(model: onnx.ModelProto, deferred: dict[str, np.ndarray]) -> list[Any] | None:
+    """The pieces of `model`'s serialization with each deferred array as its tensor's raw_data
+    (field 9, after fields 1-8 and before 10 and up, where protobuf puts it), or None when the
+    layout is not the expected one."""
+    data = memoryview(model.SerializeToString())
+    names = {k.encode(): k for k in deferred}
+    found: set[str] = set()
+    out: list[Any] = []
+    graph_seen = False
+    for field, start, payload, end in _fields(data):
+        if field != 7:  # ModelProto.graph
+            out.append(data[start:end])
+            continue
+        if graph_seen:
+            return None
+        graph_seen = True
+        parts: list[Any] = []
+        size = 0
+        graph = data[payload:end]
+        for gfield, gstart, gpayload, gend in _fields(graph):
+            if gfield != 5:  # GraphProto.initializer
+                parts.append(graph[gstart:gend])
+                size += gend - gstart
+                continue
+            tensor = graph[gpayload:gend]
+            name, cut = None, len(tensor)
+            for tfield, tstart, tpayload, tend in _fields(tensor):
+                if tfield == 8:
+                    name = bytes(tensor[tpayload:tend])
+                elif tfield == 9:
+                    name = None  # has raw_data already: not one of ours
+                    break
+                if tfield > 9 and cut == len(tensor):
+                    cut = tstart
+            key = names.get(name) if name is not None else None
+            if key is None:
+                parts.append(graph[gstart:gend])
+                size += gend - gstart
+                continue
+            if key in found:
+                return None
+            found.add(key)
+            value = deferred[key]
+            raw = memoryview(np.ascontiguousarray(value, value.dtype.newbyteorder("<"))).cast("B")
+            head = b"\x4a" + _varint(len(raw))
+            body = len(tensor) + len(head) + len(raw)
+            piece = [
+                b"\x2a" + _varint(body),
+                tensor[:cut],
+                head,
+                raw,
+                tensor[cut:],
+            ]
+            parts += piece
+            size += sum(len(p) for p in piece)
+        out.append(b"\x3a" + _varint(size))
+        out += parts
+    if found != set(deferred):
+        return None
+    return out
+
+
+def write_model(model: onnx.ModelProto, deferred: dict[str, np.ndarray], path: Any) -> None:
+    """Write `model` to the file `path` with the deferred arrays as raw_data, byte for byte as
+    onnx.save would after `fill_deferred`, without the weights' copies into protobuf and into
+    one serialized string."""
+    pieces = _spliced(model, deferred) if deferred else None
+    if pieces is None:
+        fill_deferred(model, deferred)
+        pieces = [model.SerializeToString()]
+    with open(path, "wb") as f:
+        for p in pieces:
+            f.write(p)
