@@ -84,18 +84,6 @@ def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     return read_npy(path) if array_format(path) == ".npy" else read_csv(path)
 
 
-def _read_full(f: IO[bytes], out: np.ndarray) -> int:
-    """Fill `out` (C-contiguous) from `f`; the number of bytes read, short only at the end."""
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
-
-
 # Linux and macOS: pages of a mapping can be handed back once a chunk is done.
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
 
@@ -107,7 +95,7 @@ def iter_chunks(
 
     A memory-mapped .npy input must not end up resident: pages touched through a mapping stay
     in the process's memory, so a 3 GB input would. Where the OS allows, each chunk is a view
-    of a private read-only mapping whose pages are released (`MADV_DONTNEED`) when the next
+    of its own read-only mapping whose pages are released (`MADV_DONTNEED`) when the next
     chunk is asked for: no copy, and the process holds about one chunk. Elsewhere chunks are
     read with plain file reads; with `reuse=True` into one buffer per call, so a chunk is then
     valid only until the next one is yielded (a fresh buffer per chunk costs page faults).

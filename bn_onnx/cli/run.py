@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(rows, not args.quiet)
     try:
         with open_output(args.output, rows, probe.shape[1:], probe.dtype) as writer:
-            # One reused read buffer; predict checks each chunk (once) and returns a new array.
+            # Chunks are views of a mapping (or one reused buffer): predict checks each once
+            # and returns a new array, so nothing holds on to a chunk.
             for lo, chunk in iter_chunks(X, predictor.batch_size, reuse=True):
                 writer.write(predictor.predict(chunk, row_offset=lo))
                 progress(writer.done)
