@@ -475,6 +475,14 @@ def test_large_input_finiteness_check_agrees_with_isfinite(rows, dtype, cells, s
     assert f"row {row}, column {col};" in str(err.value)
 
 
+def test_finiteness_check_of_huge_values_warns_nothing(predictor):
+    x = np.full((100, 64), 3e38, np.float32)  # the sum of squares overflows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert runtime.check_input(x, 64) is x
+        predictor.predict(x)
+
+
 def test_predict_row_offset_numbers_rows_of_the_whole_input(predictor, model_path):
     x = _x(3000)
     np.testing.assert_array_equal(predictor.predict(x, row_offset=500), _bare(model_path, x))
