@@ -6,11 +6,14 @@ temporary folder, then times, interleaved over REPEATS rounds:
   fold_file  bn_onnx.fold.fold_file (load, fold, check, save)
   fold_model bn_onnx.fold.fold_model on an already loaded model (in memory)
   onnxscript onnxscript.optimizer.optimize on an already loaded model (in memory)
-and prints medians with the spread (min..max) and the ratios of medians.
+and prints medians with the spread (min..max), the process CPU time of each (robust when other
+jobs share the cores) and the ratios of medians. `--widths 2048,2048,2048,2048,2048,10` times
+`bn_onnx.graphs.build_mlp` of those widths instead (the suite's "wide 4x2048" model).
 It also reports how many BN each tool removed, and the peak RSS of one fold_file run in a child
 process against one load+save run (Linux, VmHWM from /proc).
 
     python tools/bench_fold.py [--blocks 200] [--width 64] [--repeats 7]
+    python tools/bench_fold.py --widths 2048,2048,2048,2048,2048,10 --repeats 7
     python tools/bench_fold.py --large --blocks 40 --width 4096 --repeats 3   # 2.7 GB
 """
 
@@ -156,6 +159,10 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=200)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument(
+        "--widths",
+        help="comma-separated widths: time bn_onnx.graphs.build_mlp(widths) instead of the chain",
+    )
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument(
         "--large",
@@ -176,7 +183,17 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fold."))
     src = tmp / "chain.onnx"
-    onnx.save(build_chain(args.blocks, args.width), src)
+    if args.widths:
+        from bn_onnx.graphs import build_mlp
+
+        widths = [int(w) for w in args.widths.split(",")]
+        onnx.save(build_mlp(widths, "unfolded"), src)
+        title = f"mlp {args.widths} ({len(widths) - 2} BN)"
+        n_bn = len(widths) - 2
+    else:
+        onnx.save(build_chain(args.blocks, args.width), src)
+        title = f"chain: {args.blocks} blocks x {args.width} wide"
+        n_bn = args.blocks
     loaded = onnx.load(src)
     size_mb = src.stat().st_size / 1e6
 
@@ -200,11 +217,13 @@ def main() -> None:
     for fn in cases.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.repeats):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
 
     removed = {"bn_onnx": fold_model(loaded).n_folded}
     if ox_optimizer is not None:
@@ -212,7 +231,7 @@ def main() -> None:
         m.CopyFrom(loaded)
         opt = ox_optimizer.optimize(m)
         left = sum(n.op_type == "BatchNormalization" for n in opt.graph.node)
-        removed["onnxscript"] = args.blocks - left
+        removed["onnxscript"] = n_bn - left
 
     rss_fold = _peak_rss_mb(
         f"from bn_onnx.fold import fold_file; fold_file({str(src)!r}, {str(tmp / 'r.onnx')!r})"
@@ -223,20 +242,24 @@ def main() -> None:
     rss_python = _peak_rss_mb("import onnx, numpy, bn_onnx.fold")
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(
-        f"chain: {args.blocks} blocks x {args.width} wide, {size_mb:.2f} MB, "
-        f"{args.repeats} interleaved repeats"
-    )
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(f"{title}, {size_mb:.2f} MB, {args.repeats} interleaved repeats")
     for k, v in times.items():
         print(
             f"  {k:11s} median {med[k] * 1e3:8.1f} ms  (min {min(v) * 1e3:.1f}, "
-            f"max {max(v) * 1e3:.1f})"
+            f"max {max(v) * 1e3:.1f}); CPU median {med_cpu[k] * 1e3:.1f} ms"
         )
-    print(f"  fold_file / baseline   = {med['fold_file'] / med['baseline']:.2f}x")
-    print(f"  fold_model / baseline  = {med['fold_model'] / med['baseline']:.2f}x")
+    for k, base in (("fold_file", "baseline"), ("fold_model", "baseline")):
+        print(
+            f"  {k} / {base}   = {med[k] / med[base]:.2f}x "
+            f"(CPU time {med_cpu[k] / med_cpu[base]:.2f}x)"
+        )
     if "onnxscript" in med:
-        print(f"  fold_model / onnxscript = {med['fold_model'] / med['onnxscript']:.2f}x")
-    print(f"  BN removed: {removed} of {args.blocks}")
+        print(
+            f"  fold_model / onnxscript = {med['fold_model'] / med['onnxscript']:.2f}x "
+            f"(CPU time {med_cpu['fold_model'] / med_cpu['onnxscript']:.2f}x)"
+        )
+    print(f"  BN removed: {removed} of {n_bn}")
     print(
         f"  peak RSS: fold_file {rss_fold:.0f} MB, load+save {rss_base:.0f} MB, "
         f"imports only {rss_python:.0f} MB"
@@ -247,6 +270,8 @@ def main() -> None:
                 {
                     "times_s": times,
                     "median_s": med,
+                    "cpu_s": cpu,
+                    "median_cpu_s": med_cpu,
                     "removed": removed,
                     "peak_rss_mb": {
                         "fold_file": rss_fold,
