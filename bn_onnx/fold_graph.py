@@ -44,8 +44,9 @@ _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 # Initializers up to this size are copied into the skeleton as they are.
 SKELETON_KEEP_BYTES = 4096
 # Rewritten weights of at least this size may be kept as arrays until `write_model` (a copy
-# into protobuf and the serialized copy of the whole model saved).
-DEFER_BYTES = 1 << 16
+# into protobuf and the serialized copy of the whole model saved). 0: all of them, which is
+# also a little faster on chains of small tensors and has every fold_file test use the path.
+DEFER_BYTES = 0
 # The fields `make_tensor` sets besides raw_data.
 _BARE_FIELDS = frozenset({"name", "data_type", "dims"})
 
