@@ -19,16 +19,16 @@ CHUNK = 1 << 18
 _FUSED = frozenset(np.dtype(t) for t in ("float16", "float32", "float64"))
 
 
-def _all_finite(x: np.ndarray) -> bool:
-    """Whether every element is finite: a sum is finite only if every term is, so one
-    reduction settles the usual case; the elementwise test runs only when the sum is not."""
-    return math.isfinite(np.add.reduce(x, axis=None)) or bool(np.isfinite(x).all())
-
-
 def _finite_nonzero(x: np.ndarray) -> bool:
-    """Whether every element of a rounded result is finite and not zero."""
+    """Whether every element of a rounded result is finite and not zero.
+
+    A sum is finite only if every term is, so one reduction settles the usual case; the
+    elementwise test runs only when the sum is not. Call it under np.errstate(over="ignore",
+    invalid="ignore"): the sum may overflow, or meet inf - inf, without that being news.
+    """
     if x.dtype in _FUSED:
-        return _all_finite(x) and bool(np.logical_and.reduce(x, axis=None))  # and: no zero
+        finite = math.isfinite(np.add.reduce(x, axis=None)) or bool(np.isfinite(x).all())
+        return finite and bool(np.logical_and.reduce(x, axis=None))  # and: no zero
     return bool(np.isfinite(x).all()) and not (x == 0).any()
 
 
@@ -52,7 +52,7 @@ def bn_affine(
         raise ValueError("degenerate variance (var + eps <= 0 or not finite)")
     a = np.divide(scale, np.sqrt(denom), dtype=F64)
     c = np.subtract(bias, a * mean, dtype=F64)
-    if not (_all_finite(a) and _all_finite(c)):
+    if not (np.isfinite(a).all() and np.isfinite(c).all()):
         raise ValueError("batch-norm parameters are not finite")
     return a, c
 
@@ -201,13 +201,13 @@ def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
                 rounded = np.multiply(
                     w, f, dtype=F64, out=np.empty(w.shape, w.dtype), casting="unsafe"
                 )
-            if _finite_nonzero(rounded):
-                return rounded
-        exact = np.multiply(w, f, dtype=F64)
+                if _finite_nonzero(rounded):
+                    return rounded
+        exact = np.multiply(w, f, dtype=F64)  # outside errstate: warns as it always did
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
             rounded = exact.astype(w.dtype)
-        if _finite_nonzero(rounded):
-            return rounded
+            if _finite_nonzero(rounded):
+                return rounded
         return round_to(exact, w.dtype, w)
     out = np.empty(w.shape, dtype=w.dtype)
     rows = w.shape[0]
@@ -222,7 +222,8 @@ def scale_rounded(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
                 np.multiply(block, fb, dtype=F64, out=rounded, casting="unsafe")
             else:
                 rounded[...] = np.multiply(block, fb, out=buf[: len(block)])
-        if not _finite_nonzero(rounded):  # the slow path says what is wrong
+            ok = _finite_nonzero(rounded)
+        if not ok:  # the slow path (outside errstate, warning as before) says what is wrong
             exact = np.multiply(block, fb, out=buf[: len(block)])
             rounded[...] = round_to(exact, w.dtype, block)
     return out
@@ -244,8 +245,8 @@ def round_to(exact: np.ndarray, dtype: np.dtype, original: np.ndarray | None = N
     exact = np.asarray(exact, dtype=F64)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         rounded = exact.astype(dtype)
-    if rounded.dtype in _FUSED and _finite_nonzero(rounded):  # the usual case, two reductions
-        return rounded
+        if rounded.dtype in _FUSED and _finite_nonzero(rounded):  # the usual case
+            return rounded
     if not np.isfinite(rounded).all():
         if not np.isfinite(exact).all():
             raise ValueError("folded value is not finite")
