@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from bn_onnx import fold_math as fm
+from bn_onnx import onnx_meta
 from bn_onnx.errors import UnsupportedModelError, UsageError
 from bn_onnx.fold_graph import (
     FLOAT_DTYPES,
@@ -220,6 +221,7 @@ class FoldBatchNormPass:
         entries = self._run(g)
         g.sweep()
         g.finish()
+        _update_folded_flag(out)
         if self.check_output:
             if deferred:
                 fill_deferred(out, deferred)
@@ -649,6 +651,14 @@ def _insert_bias_add(g: Graph, m: int, bias: np.ndarray) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Public API
+
+
+def _update_folded_flag(model: onnx.ModelProto) -> None:
+    """Keep a bn-onnx file's `bn_onnx.folded` metadata true to its graph; other files untouched."""
+    if not any(p.key == onnx_meta.FOLDED for p in model.metadata_props):
+        return
+    left = any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    onnx_meta.set_metadata(model, {onnx_meta.FOLDED: "false" if left else "true"})
 
 
 def fold_model(model: onnx.ModelProto, *, check_output: bool = False) -> FoldResult:

@@ -8,6 +8,7 @@ from fold_testing import random_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bn_onnx import onnx_meta
 from bn_onnx.fold import fold_file, fold_model
 from bn_onnx.graphs import build_mlp
 from bn_onnx.onnx_meta import bn_nodes
@@ -43,3 +44,30 @@ def test_fold_file_bytes_equal_serialized_fold_model_on_random_graphs(tmp_path, 
         lambda: data.draw(st.booleans()),
     )
     _assert_same_bytes_as_fold_model(model, tmp_path)
+
+
+def _with_flag(model: onnx.ModelProto, value: str) -> onnx.ModelProto:
+    onnx_meta.set_metadata(model, {onnx_meta.FOLDED: value, "other": "kept"})
+    return model
+
+
+def test_folded_flag_becomes_true_when_no_bn_is_left():
+    out = fold_model(_with_flag(build_mlp([8, 16, 4], "unfolded"), "false")).model
+    meta = onnx_meta.get_metadata(out)
+    assert (meta[onnx_meta.FOLDED], meta["other"]) == ("true", "kept")
+
+
+def test_folded_flag_stays_false_when_a_bn_is_left():
+    from fold_testing import mlp_with_probe
+
+    model = mlp_with_probe()
+    result = fold_model(_with_flag(model, "false"))
+    assert bn_nodes(result.model)
+    assert onnx_meta.get_metadata(result.model)[onnx_meta.FOLDED] == "false"
+
+
+def test_files_without_the_flag_get_none():
+    model = build_mlp([8, 16, 4], "unfolded")
+    del model.metadata_props[:]
+    out = fold_model(model).model
+    assert onnx_meta.FOLDED not in onnx_meta.get_metadata(out)
