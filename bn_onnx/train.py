@@ -89,6 +89,20 @@ class TrainSettings:
         """The learning rate in use: `lr` or the optimizer's default."""
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.optimizer]
 
+    def load_data(self) -> Dataset:
+        """The dataset and seeded split these settings name."""
+        return load_dataset(
+            self.dataset,
+            target=self.target,
+            task=self.task,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            n_samples=self.samples,
+            n_features=self.features,
+            n_classes=self.classes,
+        )
+
     def validate(self) -> None:
         """Raise `UsageError` for values no run can use."""
         if self.optimizer not in OPTIMIZERS:
@@ -343,17 +357,7 @@ def train(
 
     ctx = dist_mod.context(settings.device)
     device = ctx.device if ctx.active else _device(settings.device)
-    data = dataset or load_dataset(
-        settings.dataset,
-        target=settings.target,
-        task=settings.task,
-        seed=settings.seed,
-        val_fraction=settings.val_fraction,
-        test_fraction=settings.test_fraction,
-        n_samples=settings.samples,
-        n_features=settings.features,
-        n_classes=settings.classes,
-    )
+    data = dataset or settings.load_data()
     old_threads = torch.get_num_threads()
     try:
         if settings.threads is not None:

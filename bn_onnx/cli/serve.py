@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Any
 
-from bn_onnx.cli._common import non_negative_float, positive_int
+from bn_onnx.cli._common import non_negative_float, port_number, positive_int
 
 EPILOG = """\
 endpoints:
@@ -25,17 +25,6 @@ example:
   curl -s localhost:8000/predict -H 'content-type: application/json' \\
       -d '{"inputs": [[0, 0, 5, 13, 9, 1, 0, 0, ...64 values...]]}'
 """
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 0..65535 (0: the system picks a free one)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in 0..65535, got {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bn_onnx.cli.serve import port_number
+from bn_onnx.cli._common import port_number
 from bn_onnx.errors import InputFileError, UsageError
 
 EPILOG = """\

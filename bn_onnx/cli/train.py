@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from bn_onnx.cli._common import int_list, non_negative_float, positive_int
+from bn_onnx.cli._common import int_list, non_negative_float, non_negative_int, positive_int
 
 DATASETS = "digits, wine, breast-cancer, iris, synthetic, or a .csv/.npz file"
 
@@ -37,16 +37,6 @@ def _positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
     return value
 
 
@@ -208,7 +198,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     opt.add_argument(
         "--patience",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=15,
         help="stop after this many epochs without a lower validation loss; 0 never stops "
         "early (default: 15)",
@@ -216,7 +206,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     opt.add_argument(
         "--seed",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="seed of the split, initial weights, shuffling and dropout (default: 0)",
     )
@@ -396,21 +386,9 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.validate()
     if args.nproc > 1 and not distributed.launched_by_torchrun():
-        from bn_onnx.data import load_dataset
-
         # Load the data once here so that a bad file is one line from this process, not
         # the same error from every worker wrapped in torchrun's failure report.
-        load_dataset(
-            settings.dataset,
-            target=settings.target,
-            task=settings.task,
-            seed=settings.seed,
-            val_fraction=settings.val_fraction,
-            test_fraction=settings.test_fraction,
-            n_samples=settings.samples,
-            n_features=settings.features,
-            n_classes=settings.classes,
-        )
+        settings.load_data()
         return _launch(args, _child_argv(args))
 
     from bn_onnx.train import train
