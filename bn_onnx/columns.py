@@ -1,0 +1,258 @@
+"""Named columns of a tabular model: the schema kept in its metadata, and rows given by column
+name turned into the model's input arrays.
+
+A tabular bn-onnx model takes the raw columns, one input per column family, and does the
+fill, the missing-value indicators, the category lookup, the embeddings and the normalization
+inside the graph:
+
+- `continuous`: float32 [batch, n_continuous], the raw values in schema order; NaN = missing.
+- `categorical`: string [batch, n_categorical], each value's text (`category_text`);
+  "" = missing. A value not in the column's vocabulary maps to the column's "unknown" code
+  inside the graph.
+
+The schema is the model's metadata `bn_onnx.columns`: a JSON list, one object per column in
+the training file's order (the target excluded), e.g.
+`{"name": "age", "kind": "continuous", "input": "continuous", "index": 0, "fill": 41.0}` and
+`{"name": "city", "kind": "categorical", "input": "categorical", "index": 0,
+"vocabulary": ["Busan", "Seoul"]}`. Apps (`bn-onnx run`, `serve`, `Predictor`) and `verify`
+read it to build the input arrays from CSV, Parquet or JSON rows. numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from bn_onnx.errors import InputDataError, UnsupportedModelError
+
+COLUMNS_KEY = "bn_onnx.columns"
+CONTINUOUS = "continuous"
+CATEGORICAL = "categorical"
+KINDS = (CONTINUOUS, CATEGORICAL)
+# The input of each column family and its element type.
+INPUT_DTYPES = {CONTINUOUS: np.dtype(np.float32), CATEGORICAL: np.dtype(object)}
+MISSING_TEXT = ""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One named column of a tabular model.
+
+    Attributes:
+        name: The column's name in the user's data (CSV header, Parquet field, JSON key).
+        kind: "continuous" (a number, NaN when missing) or "categorical" (text).
+        input: The model input that holds it ("continuous" or "categorical").
+        index: Its position along axis 1 of that input.
+        vocabulary: Categorical only: the categories seen in the training split, in code order.
+        fill: Continuous only: the value a missing cell gets (the training split's median).
+    """
+
+    name: str
+    kind: str
+    input: str
+    index: int
+    vocabulary: tuple[str, ...] | None = None
+    fill: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.vocabulary is None:
+            del d["vocabulary"]
+        else:
+            d["vocabulary"] = list(self.vocabulary)
+        if self.fill is None:
+            del d["fill"]
+        return d
+
+
+def columns_to_json(columns: Sequence[Column]) -> str:
+    """The metadata value of `bn_onnx.columns` for `columns` (compact JSON)."""
+    return json.dumps([c.to_dict() for c in columns], separators=(",", ":"), ensure_ascii=False)
+
+
+def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
+    """The column schema in a model's metadata, or None for a model without one.
+
+    Raises:
+        UnsupportedModelError: the metadata entry is not a valid schema.
+    """
+    text = metadata.get(COLUMNS_KEY)
+    if text is None:
+        return None
+    try:
+        items = json.loads(text)
+        if not isinstance(items, list) or not items:
+            raise ValueError("not a non-empty list")
+        columns = []
+        for item in items:
+            vocab = item.get("vocabulary")
+            fill = item.get("fill")
+            col = Column(
+                name=str(item["name"]),
+                kind=str(item["kind"]),
+                input=str(item["input"]),
+                index=int(item["index"]),
+                vocabulary=None if vocab is None else tuple(str(v) for v in vocab),
+                fill=None if fill is None else float(fill),
+            )
+            if col.kind not in KINDS or col.index < 0:
+                raise ValueError(f"column {col.name!r}: kind {col.kind!r}, index {col.index}")
+            columns.append(col)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UnsupportedModelError(f"model metadata {COLUMNS_KEY} is not valid: {exc}") from None
+    seen: set[tuple[str, int]] = set()
+    for col in columns:
+        if (col.input, col.index) in seen:
+            raise UnsupportedModelError(
+                f"model metadata {COLUMNS_KEY}: two columns at {col.input}[{col.index}]"
+            )
+        seen.add((col.input, col.index))
+    return columns
+
+
+def category_text(value: Any) -> str:
+    """The text a categorical value is looked up by; "" for a missing value.
+
+    One rule for every source, so that training (CSV, Parquet, NPZ) and apps (CSV, Parquet,
+    JSON) agree: None and NaN are missing; text is stripped of surrounding spaces; integers and
+    integral floats are written as integers ("3", as the CSV cell "3" reads: Parquet and
+    pandas turn an integer column with nulls into floats); other floats with `repr`; booleans
+    as "True"/"False" (as pandas writes them to CSV).
+    """
+    if value is None:
+        return MISSING_TEXT
+    if isinstance(value, (str, np.str_)):
+        return str(value).strip()
+    if isinstance(value, (bytes, np.bytes_)):
+        return bytes(value).decode("utf-8", errors="replace").strip()
+    if isinstance(value, (bool, np.bool_)):
+        return "True" if value else "False"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return MISSING_TEXT
+        if v.is_integer():
+            return str(int(v))
+        return repr(v)
+    return str(value).strip()
+
+
+def _number(value: Any, column: str, row: int) -> float:
+    """A continuous cell as a float; NaN for a missing one (None, NaN, empty text)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, (bool, np.bool_)):
+        raise InputDataError(f"column {column!r} row {row}: not a number: {value!r}")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, (str, np.str_, bytes, np.bytes_)):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        text = text.strip()
+        if not text:
+            return math.nan
+        try:
+            return float(text)
+        except ValueError:
+            raise InputDataError(f"column {column!r} row {row}: not a number: {text!r}") from None
+    raise InputDataError(f"column {column!r} row {row}: not a number: {value!r}")
+
+
+def continuous_values(values: Any, column: str) -> np.ndarray:
+    """One continuous column as float32 [n]; NaN where missing.
+
+    Raises:
+        InputDataError: a cell that is neither a number nor missing, naming the column and row.
+    """
+    arr = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if arr.ndim != 1:
+        arr = np.asarray(list(values), dtype=object)
+    if arr.dtype.kind in "fiu":  # numeric already: NaN stays NaN
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "b":
+        raise InputDataError(f"column {column!r}: booleans, not numbers")
+    out = np.empty(len(arr), dtype=np.float32)
+    for i, v in enumerate(arr):
+        out[i] = _number(v, column, i)
+    return out
+
+
+def categorical_values(values: Any) -> np.ndarray:
+    """One categorical column as an object array of str [n] (`category_text` of each cell)."""
+    arr = values if isinstance(values, np.ndarray) else np.asarray(list(values), dtype=object)
+    return np.array([category_text(v) for v in arr.tolist()], dtype=object)
+
+
+def feeds_from_columns(
+    columns: Sequence[Column], data: Mapping[str, Any], n_rows: int | None = None
+) -> dict[str, np.ndarray]:
+    """The model's input arrays from data given by column name.
+
+    Args:
+        columns: The model's schema (`read_columns`).
+        data: Column name -> values (a sequence or 1-D array of n_rows cells). Extra columns
+            (a target column, ids) are ignored.
+        n_rows: The expected number of rows (taken from the first column when None).
+
+    Returns:
+        Input name -> array: float32 [n_rows, k] for "continuous" (NaN = missing), object
+        (str) [n_rows, k] for "categorical" ("" = missing).
+
+    Raises:
+        InputDataError: a column is missing, has the wrong number of rows, or a continuous cell
+            is not a number (the message names the column).
+    """
+    missing = [c.name for c in columns if c.name not in data]
+    if missing:
+        raise InputDataError(
+            f"missing column{'s' if len(missing) > 1 else ''} "
+            + ", ".join(repr(m) for m in missing)
+            + f" (the model reads: {', '.join(c.name for c in columns)})"
+        )
+    widths: dict[str, int] = {}
+    for c in columns:
+        widths[c.input] = max(widths.get(c.input, 0), c.index + 1)
+    feeds: dict[str, np.ndarray] = {}
+    for c in columns:
+        values = data[c.name]
+        if c.kind == CONTINUOUS:
+            col = continuous_values(values, c.name)
+        else:
+            col = categorical_values(values)
+        if n_rows is None:
+            n_rows = len(col)
+        if len(col) != n_rows:
+            raise InputDataError(f"column {c.name!r} has {len(col)} rows, expected {n_rows}")
+        if c.input not in feeds:
+            empty = MISSING_TEXT if c.kind == CATEGORICAL else np.nan
+            feeds[c.input] = np.full((n_rows, widths[c.input]), empty, INPUT_DTYPES[c.kind])
+        feeds[c.input][:, c.index] = col
+    return feeds
+
+
+def feeds_from_records(
+    columns: Sequence[Column], records: Sequence[Mapping[str, Any]]
+) -> dict[str, np.ndarray]:
+    """The model's input arrays from rows given as objects (`{"age": 31, "city": "Busan"}`).
+
+    A key that a record lacks is missing in that row only if another record has it; a column
+    that no record has is an error (as in `feeds_from_columns`).
+
+    Raises:
+        InputDataError: a record is not an object, a column is absent from every record, or a
+            continuous value is not a number.
+    """
+    for i, r in enumerate(records):
+        if not isinstance(r, Mapping):
+            raise InputDataError(f"row {i} is not an object of column values")
+    data: dict[str, list[Any]] = {}
+    for c in columns:
+        if any(c.name in r for r in records):
+            data[c.name] = [r.get(c.name) for r in records]
+    return feeds_from_columns(columns, data, n_rows=len(records))
