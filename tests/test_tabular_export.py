@@ -299,3 +299,29 @@ def test_cli_wrong_column_type_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "column 'city' is declared continuous" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_tabular_checkpoint_tensors_are_checked_by_name_and_shape(run, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from bn_onnx.errors import CheckpointError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run["root"] / "ckpt", ckpt)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    rows, width = tensors["embeddings.0.weight"].shape
+    bad = dict(tensors, **{"embeddings.0.weight": np.zeros((rows + 1, width), np.float32)})
+    save_file(bad, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'embeddings.0.weight' has shape"):
+        read_checkpoint(ckpt)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    read_checkpoint(ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["tabular"]["embedding_dims"][0] = width + 1
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="in_features") as info:
+        read_checkpoint(ckpt)
+    assert "\n" not in str(info.value)
