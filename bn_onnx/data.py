@@ -181,11 +181,19 @@ class _RawColumn:
     source: str
     cells: Any
     where: Callable[[int], str]
+    # "number" columns: the cells in their own type (int64 ids stay exact as categories)
+    originals: Any = None
+    _parsed: tuple[np.ndarray | None, int] | None = field(default=None, repr=False)
 
     def _parse(self) -> tuple[np.ndarray | None, int]:
         """float64 values (NaN where missing), or None and the index of the first non-number."""
         if self.source == "number":
             return np.asarray(self.cells, dtype=np.float64), -1
+        if self._parsed is None:  # inference and conversion both ask: parse the text once
+            self._parsed = self._parse_text()
+        return self._parsed
+
+    def _parse_text(self) -> tuple[np.ndarray | None, int]:
         out = np.empty(len(self.cells), dtype=np.float64)
         for i, cell in enumerate(self.cells):
             if cell is None:
@@ -231,7 +239,8 @@ class _RawColumn:
 
     def categorical(self) -> np.ndarray:
         """`category_text` of every cell, object [n] of str ("" for a missing value)."""
-        cells = self.cells.tolist() if isinstance(self.cells, np.ndarray) else self.cells
+        cells = self.cells if self.originals is None else self.originals
+        cells = cells.tolist() if isinstance(cells, np.ndarray) else cells
         return np.array([category_text(c) for c in cells], dtype=object)
 
 
@@ -319,9 +328,11 @@ def _read_parquet(path: Path, target: str | None) -> tuple[list[_RawColumn], np.
     for name in names:
         col = table.column(name)
         kind = col.type
+        originals = None
         if numeric(kind):
-            values = pc.fill_null(col.cast(pa.float64()), math.nan).to_numpy()
+            values = pc.fill_null(col.cast(pa.float64(), safe=False), math.nan).to_numpy()
             source, cells = "number", np.asarray(values, dtype=np.float64)
+            originals = col.to_pylist() if pa.types.is_integer(kind) else None
         elif textual(kind):
             source, cells = "category", col.to_pylist()
         else:
@@ -333,7 +344,7 @@ def _read_parquet(path: Path, target: str | None) -> tuple[list[_RawColumn], np.
                 raise InputFileError(f"{path.name}: target column {target!r} has empty cells")
             y = cells if source == "number" else np.asarray([category_text(v) for v in cells])
             continue
-        columns.append(_RawColumn(name, source, cells, lambda k: f"row {k + 1}"))
+        columns.append(_RawColumn(name, source, cells, lambda k: f"row {k}", originals))
     assert y is not None
     return columns, y
 
@@ -387,8 +398,10 @@ def _read_npz(path: Path) -> tuple[list[_RawColumn], np.ndarray, list[str] | Non
         ]
     else:
         x64 = x.astype(np.float64)
+        ints = x.dtype.kind in "iu"
         columns = [
-            _RawColumn(n, "number", x64[:, i], lambda k: f"row {k}") for i, n in enumerate(features)
+            _RawColumn(n, "number", x64[:, i], lambda k: f"row {k}", x[:, i] if ints else None)
+            for i, n in enumerate(features)
         ]
     return columns, y, names
 

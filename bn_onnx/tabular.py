@@ -287,10 +287,9 @@ class TabularSpec:
         unknown (1), as the exported graph's LabelEncoder does.
         """
         table = self._lookups[index]
-        return np.fromiter(
-            (table.get(str(v), UNKNOWN_CODE) for v in np.asarray(values).ravel().tolist()),
-            dtype=np.int64,
-        )
+        cells = np.asarray(values).ravel().tolist()
+        texts = (v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in cells)
+        return np.fromiter((table.get(t, UNKNOWN_CODE) for t in texts), dtype=np.int64)
 
     def preprocess(
         self, feeds: Mapping[str, Any], dtype: Any = np.float32

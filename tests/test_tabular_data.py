@@ -223,3 +223,17 @@ def test_infinite_value_in_a_continuous_column_is_refused(tmp_path):
 def test_kinds_only_for_files():
     with pytest.raises(UsageError, match="CSV, Parquet and NPZ files"):
         load_dataset("iris", categorical=["x"])
+
+
+def test_big_integer_ids_stay_exact_as_categories(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    big = 2**53 + 1  # not a float64
+    ids = [big + (i % 3) for i in range(40)]
+    pq.write_table(pa.table({"id": ids, "y": [i % 2 for i in range(40)]}), tmp_path / "t.parquet")
+    d = load_dataset(tmp_path / "t.parquet", target="y", categorical=["id"])
+    assert d.tabular.columns[0].vocabulary == tuple(str(big + k) for k in range(3))
+    np.savez(tmp_path / "t.npz", X=np.array(ids, np.int64)[:, None], y=np.arange(40) % 2)
+    n = load_dataset(tmp_path / "t.npz", categorical=["x0"])
+    assert n.tabular.columns[0].vocabulary == d.tabular.columns[0].vocabulary
