@@ -38,6 +38,9 @@ from bn_onnx.tabular import TabularSpec, fit_spec
 BUNDLED = ("digits", "wine", "breast-cancer", "iris")
 FILE_SUFFIXES = (".csv", ".parquet", ".npz")
 SPLITS = ("train", "val", "test")
+# A text column with at least this share of number cells is taken for a column of numbers
+# with a stray marker ("NA"): an error asks which it is, rather than guessing categorical.
+MOSTLY_NUMBERS = 0.9
 DATASET_NAMES = (*BUNDLED, "synthetic")
 TASKS = ("classification", "regression")
 # A numeric target with at most this many distinct integer values is taken as class labels.
@@ -216,6 +219,20 @@ class _RawColumn:
         if self.source == "category":
             return CATEGORICAL
         return CONTINUOUS if self._parse()[0] is not None else CATEGORICAL
+
+    def mostly_numbers(self) -> bool:
+        """Whether at least `MOSTLY_NUMBERS` of the present text cells are numbers."""
+        present = numbers = 0
+        for cell in self.cells:
+            text = cell.strip() if isinstance(cell, str) else ""
+            if text:
+                present += 1
+                try:
+                    float(text)
+                    numbers += 1
+                except ValueError:
+                    pass
+        return present > 0 and numbers >= MOSTLY_NUMBERS * present
 
     def continuous(self, file: str) -> np.ndarray:
         """float64 [n], NaN for a missing value.
@@ -434,6 +451,15 @@ def _column_kinds(
             kinds[col.name] = CONTINUOUS
         else:
             kinds[col.name] = col.inferred_kind()
+            if kinds[col.name] == CATEGORICAL and col.source == "text" and col.mostly_numbers():
+                # numbers with a stray "NA" or "n/a": as categories every number would be
+                # its own code, which nobody wants without saying so
+                _, bad = col._parse()
+                raise InputFileError(
+                    f"{path.name} {col.where(bad)}: column {col.name!r} holds numbers but also "
+                    f"{col.cells[bad]!r}; empty such cells and give --continuous {col.name}, "
+                    f"or give --categorical {col.name}"
+                )
     return kinds
 
 
