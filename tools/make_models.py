@@ -545,11 +545,12 @@ logits for them (onnxruntime, CPU).
 ```python
 import csv, numpy as np, onnx, onnxruntime as ort
 from bn_onnx.columns import feeds_from_columns, read_columns
+
 path = "models/tabular/model.folded.onnx"
 columns = read_columns({{p.key: p.value for p in onnx.load(path).metadata_props}})
 rows = list(csv.DictReader(open("models/tabular/sample_rows.csv")))
 feeds = feeds_from_columns(columns, {{k: [r[k] for r in rows] for k in rows[0]}})
-logits = ort.InferenceSession(path).run(None, feeds)[0]   # == sample_output.npy
+logits = ort.InferenceSession(path).run(None, feeds)[0]  # == sample_output.npy
 ```
 
 ## How it was made
