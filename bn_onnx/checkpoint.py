@@ -267,13 +267,14 @@ def save_checkpoint(
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[MLP, Checkpoint]:
-    """Load a checkpoint into an `MLP` in eval mode; also return the `Checkpoint` read."""
+    """Load a checkpoint into an `MLP` (a `TabularMLP` for tabular columns) in eval mode; also
+    return the `Checkpoint` read."""
     import torch
 
-    from bn_onnx.model import MLP
+    from bn_onnx.model import build_network
 
     ckpt = read_checkpoint(path)
-    model = MLP(ckpt.config)
+    model = build_network(ckpt.config)
     state = {name: torch.from_numpy(np.array(arr)) for name, arr in ckpt.tensors.items()}
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -1,27 +1,46 @@
-"""Datasets for training: scikit-learn's bundled tables, seeded synthetic data, CSV and NPZ files.
+"""Datasets for training: scikit-learn's bundled tables, seeded synthetic data, CSV, Parquet and
+NPZ files.
 
-Every loader returns a `Dataset` with float32 features split into train/validation/test by a
-seeded, stratified (for classifiers) split. The recipe (`Dataset.spec`) goes into a
-checkpoint's `config.json["dataset"]`, from which `load_split_from_checkpoint_meta` rebuilds
-the same split.
+Every loader returns a `Dataset` split into train/validation/test by a seeded, stratified (for
+classifiers) split. The recipe (`Dataset.spec`) goes into a checkpoint's
+`config.json["dataset"]`, from which `load_split_from_checkpoint_meta` rebuilds the same split.
+
+A file whose feature columns are all numbers without a missing value gives a plain dataset
+(float32 features, the MLP's single input). A file with a text column, an empty cell, or
+column kinds given with `categorical=` / `continuous=` gives a tabular dataset
+(`bn_onnx.tabular`): the raw columns, and the fills, indicators and vocabularies learned from
+the training split. Column kinds are inferred by one rule: a column of numbers (every present
+cell parses as a number; a Parquet or NPZ numeric type) is continuous, any other column is
+categorical. Integer codes that stand for categories (zip codes, product ids) need
+`categorical=`: fastai's `cont_cat_split` guesses them from a small number of distinct
+integers, which would also turn counts (digits' pixel values 0-16) into categories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
 import os
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bn_onnx.columns import CATEGORICAL, CONTINUOUS, category_text
 from bn_onnx.errors import CheckpointError, InputFileError, UsageError
+from bn_onnx.tabular import TabularSpec, fit_spec
 
 BUNDLED = ("digits", "wine", "breast-cancer", "iris")
+FILE_SUFFIXES = (".csv", ".parquet", ".npz")
+SPLITS = ("train", "val", "test")
+# A text column with at least this share of number cells is taken for a column of numbers
+# with a stray marker ("NA"): an error asks which it is, rather than guessing categorical.
+MOSTLY_NUMBERS = 0.9
 DATASET_NAMES = (*BUNDLED, "synthetic")
 TASKS = ("classification", "regression")
 # A numeric target with at most this many distinct integer values is taken as class labels.
@@ -35,10 +54,17 @@ class Dataset:
     Attributes:
         name: Bundled name, "synthetic", or the file name.
         task: "classification" (y int64 class indices) or "regression" (y float32 [N, k]).
-        x_train, y_train, x_val, y_val, x_test, y_test: The splits; X is float32 [N, features].
+        x_train, y_train, x_val, y_val, x_test, y_test: The splits; X is float32 [N, features]
+            (tabular: the `numeric` model input, filled continuous columns and indicators).
         class_names: Class label per output index (classification), else None.
-        feature_names: Column names when known.
+        feature_names: Column names when known (tabular: every feature column, file order).
         spec: The recipe that rebuilds this dataset and split (JSON-able).
+        tabular: The columns, fills and vocabularies learned from the training split (tabular
+            datasets only).
+        codes_train, codes_val, codes_test: Category codes, int64 [N, categorical] (tabular).
+        feeds_train, feeds_val, feeds_test: The raw model inputs (tabular): `continuous`
+            float32 [N, k] with NaN for a missing value, `categorical` str [N, m] with "" for
+            a missing value, as `bn_onnx.columns.feeds_from_columns` builds them.
     """
 
     name: str
@@ -52,11 +78,33 @@ class Dataset:
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
     spec: dict[str, Any] = field(default_factory=dict)
+    tabular: TabularSpec | None = None
+    codes_train: np.ndarray | None = None
+    codes_val: np.ndarray | None = None
+    codes_test: np.ndarray | None = None
+    feeds_train: dict[str, np.ndarray] | None = None
+    feeds_val: dict[str, np.ndarray] | None = None
+    feeds_test: dict[str, np.ndarray] | None = None
 
     @property
     def n_features(self) -> int:
-        """Width of an input row."""
+        """Width of an input row (tabular: of the first layer's input, embeddings included)."""
+        if self.tabular is not None:
+            return self.tabular.in_features
         return int(self.x_train.shape[1])
+
+    def inputs(self, split: str) -> tuple[np.ndarray, ...]:
+        """The model's inputs for a split ("train", "val", "test"), in its forward order.
+
+        `(x,)` for a plain dataset; `(numeric, codes)` for a tabular one, either left out when
+        the model has no such columns.
+        """
+        if split not in SPLITS:
+            raise UsageError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+        x = getattr(self, f"x_{split}")
+        if self.tabular is None:
+            return (x,)
+        return tuple(self.tabular.model_inputs(x, getattr(self, f"codes_{split}")))
 
     @property
     def n_outputs(self) -> int:
@@ -122,8 +170,111 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, list[str], list[str], str]:
-    """Features (float64), raw target strings, feature names, target column name."""
+@dataclass
+class _RawColumn:
+    """One feature column as a file holds it, before its kind is decided.
+
+    `source` says what the file knows of it: "number" (a numeric type: float64 cells, NaN
+    for a missing value), "category" (a text or boolean type: Python values, None for a
+    missing value) or "text" (untyped text cells, CSV and NPZ strings: "" for a missing
+    value). `where(i)` names data row i in an error message.
+    """
+
+    name: str
+    source: str
+    cells: Any
+    where: Callable[[int], str]
+    # "number" columns: the cells in their own type (int64 ids stay exact as categories)
+    originals: Any = None
+    _parsed: tuple[np.ndarray | None, int] | None = field(default=None, repr=False)
+
+    def _parse(self) -> tuple[np.ndarray | None, int]:
+        """float64 values (NaN where missing), or None and the index of the first non-number."""
+        if self.source == "number":
+            return np.asarray(self.cells, dtype=np.float64), -1
+        if self._parsed is None:  # inference and conversion both ask: parse the text once
+            self._parsed = self._parse_text()
+        return self._parsed
+
+    def _parse_text(self) -> tuple[np.ndarray | None, int]:
+        out = np.empty(len(self.cells), dtype=np.float64)
+        for i, cell in enumerate(self.cells):
+            if cell is None:
+                out[i] = math.nan
+                continue
+            if isinstance(cell, (bool, np.bool_)):
+                return None, i
+            text = cell.strip() if isinstance(cell, str) else cell
+            if isinstance(text, str) and not text:
+                out[i] = math.nan
+                continue
+            try:
+                out[i] = float(text)
+            except (TypeError, ValueError):
+                return None, i
+        return out, -1
+
+    def inferred_kind(self) -> str:
+        """continuous for numbers (every present cell a number), else categorical."""
+        if self.source == "category":
+            return CATEGORICAL
+        return CONTINUOUS if self._parse()[0] is not None else CATEGORICAL
+
+    def mostly_numbers(self) -> bool:
+        """Whether at least `MOSTLY_NUMBERS` of the present text cells are numbers."""
+        present = numbers = 0
+        for cell in self.cells:
+            text = cell.strip() if isinstance(cell, str) else ""
+            if text:
+                present += 1
+                try:
+                    float(text)
+                    numbers += 1
+                except ValueError:
+                    pass
+        return present > 0 and numbers >= MOSTLY_NUMBERS * present
+
+    def continuous(self, file: str) -> np.ndarray:
+        """float64 [n], NaN for a missing value.
+
+        Raises:
+            InputFileError: a present cell is not a finite number (names the column and row).
+        """
+        values, bad = self._parse()
+        if values is None:
+            raise InputFileError(
+                f"{file} {self.where(bad)}: column {self.name!r} is declared continuous but "
+                f"is not a number: {self.cells[bad]!r}"
+            )
+        inf = np.flatnonzero(np.isinf(values))
+        if inf.size:
+            raise InputFileError(
+                f"{file} {self.where(int(inf[0]))}: column {self.name!r} is not finite: "
+                f"{values[inf[0]]}"
+            )
+        return values
+
+    def categorical(self) -> np.ndarray:
+        """`category_text` of every cell, object [n] of str ("" for a missing value)."""
+        cells = self.cells if self.originals is None else self.originals
+        cells = cells.tolist() if isinstance(cells, np.ndarray) else cells
+        return np.array([category_text(c) for c in cells], dtype=object)
+
+
+def _check_target(target: str | None, names: list[str], path: Path, kind: str) -> str:
+    if target is None:
+        raise UsageError(f"a {kind} dataset needs --target COLUMN (columns: {', '.join(names)})")
+    if target not in names:
+        raise UsageError(
+            f"target column {target!r} not in {path.name} (columns: {', '.join(names)})"
+        )
+    if len(names) < 2:
+        raise InputFileError(f"{kind} file has no feature columns besides the target: {path}")
+    return target
+
+
+def _read_csv(path: Path, target: str | None) -> tuple[list[_RawColumn], np.ndarray]:
+    """The feature columns (text cells) and the target values of a CSV file with a header."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
@@ -135,41 +286,91 @@ def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, list[str], li
     if len(rows) < 2:
         raise InputFileError(f"CSV file needs a header row and data rows: {path}")
     header = [h.strip() for h in rows[0]]
-    if target is None:
-        raise UsageError(f"a CSV dataset needs --target COLUMN (columns: {', '.join(header)})")
-    if target not in header:
-        raise UsageError(
-            f"target column {target!r} not in {path.name} (columns: {', '.join(header)})"
-        )
-    t_idx = header.index(target)
-    features = [h for i, h in enumerate(header) if i != t_idx]
-    if not features:
-        raise InputFileError(f"CSV file has no feature columns besides the target: {path}")
-    x = np.empty((len(rows) - 1, len(features)), dtype=np.float64)
-    labels: list[str] = []
+    target = _check_target(target, header, path, "CSV")
+    if len(set(header)) != len(header):
+        raise InputFileError(f"CSV file {path.name} has two columns of the same name")
     for r, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
             raise InputFileError(
                 f"{path.name} line {r}: {len(row)} fields, header has {len(header)}"
             )
-        labels.append(row[t_idx].strip())
-        j = 0
-        for i, cell in enumerate(row):
-            if i == t_idx:
-                continue
-            try:
-                x[r - 2, j] = float(cell)
-            except ValueError:
-                raise InputFileError(
-                    f"{path.name} line {r}: column {header[i]!r} is not a number: {cell!r}"
-                ) from None
-            j += 1
+    data = rows[1:]
+    t_idx = header.index(target)
+    labels = [row[t_idx].strip() for row in data]
     if any(label == "" for label in labels):
         raise InputFileError(f"{path.name}: target column {target!r} has empty cells")
-    return x, labels, features, target
+    columns = [
+        _RawColumn(name, "text", [row[i] for row in data], lambda k: f"line {k + 2}")
+        for i, name in enumerate(header)
+        if i != t_idx
+    ]
+    y = np.asarray(labels)
+    with np.errstate(all="ignore"), contextlib.suppress(ValueError):
+        y = y.astype(np.float64)  # numbers when every label is one
+    return columns, y
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+def _read_parquet(path: Path, target: str | None) -> tuple[list[_RawColumn], np.ndarray]:
+    """The feature columns and target values of a Parquet file (pyarrow)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(
+            "reading Parquet needs pyarrow (pip install -c constraints.txt 'bn-onnx[train]')"
+        ) from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputFileError(f"not a readable Parquet file: {path} ({msg})") from None
+    names = [str(n) for n in table.column_names]
+    target = _check_target(target, names, path, "Parquet")
+    if len(set(names)) != len(names):
+        raise InputFileError(f"Parquet file {path.name} has two columns of the same name")
+    if table.num_rows < 1:
+        raise InputFileError(f"Parquet file has no rows: {path}")
+
+    def numeric(t: Any) -> bool:
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+    def textual(t: Any) -> bool:
+        if pa.types.is_dictionary(t):
+            return textual(t.value_type) or numeric(t.value_type)
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)
+
+    columns = []
+    y: np.ndarray | None = None
+    for name in names:
+        col = table.column(name)
+        kind = col.type
+        originals = None
+        if numeric(kind):
+            values = pc.fill_null(col.cast(pa.float64(), safe=False), math.nan).to_numpy()
+            source, cells = "number", np.asarray(values, dtype=np.float64)
+            originals = col.to_pylist() if pa.types.is_integer(kind) else None
+        elif textual(kind):
+            source, cells = "category", col.to_pylist()
+        else:
+            raise InputFileError(
+                f"{path.name}: column {name!r} has Parquet type {kind}, neither numbers nor text"
+            )
+        if name == target:
+            if col.null_count:
+                raise InputFileError(f"{path.name}: target column {target!r} has empty cells")
+            y = cells if source == "number" else np.asarray([category_text(v) for v in cells])
+            continue
+        columns.append(_RawColumn(name, source, cells, lambda k: f"row {k}", originals))
+    assert y is not None
+    return columns, y
+
+
+def _read_npz(path: Path) -> tuple[list[_RawColumn], np.ndarray, list[str] | None]:
+    """The columns of array X (numbers, NaN for a missing value, or text), y, class names.
+
+    Optional arrays: `class_names`, `feature_names` (column names; default x0, x1, ...).
+    """
     try:
         # np.load leaks its own file handle on a broken zip: hand it one we close.
         with path.open("rb") as fh:
@@ -182,6 +383,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
                 raise InputFileError(f"NPZ file must hold arrays 'X' and 'y' (found: {found})")
             x, y = npz["X"], npz["y"]
             names = [str(n) for n in npz["class_names"]] if "class_names" in keys else None
+            features = [str(n) for n in npz["feature_names"]] if "feature_names" in keys else None
     except InputFileError:
         raise
     except ValueError as exc:  # object arrays need pickle: refused
@@ -196,9 +398,85 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         raise InputFileError(
             f"NPZ array y must have one row per row of X ({x.shape[0]}), got shape {list(y.shape)}"
         )
-    if not (np.issubdtype(x.dtype, np.number) and not np.iscomplexobj(x)):
-        raise InputFileError(f"NPZ array X must be numeric, got dtype {x.dtype}")
-    return x.astype(np.float64), y, names
+    text = x.dtype.kind in "US"
+    if not text and not (np.issubdtype(x.dtype, np.number) and not np.iscomplexobj(x)):
+        raise InputFileError(f"NPZ array X must be numbers or text, got dtype {x.dtype}")
+    if features is None:
+        features = [f"x{i}" for i in range(x.shape[1])]
+    elif len(features) != x.shape[1] or len(set(features)) != len(features):
+        raise InputFileError(
+            f"NPZ array feature_names must hold {x.shape[1]} distinct names, one per column of X"
+        )
+    if text:
+        cells = np.char.decode(x, "utf-8", "replace") if x.dtype.kind == "S" else x
+        columns = [
+            _RawColumn(n, "text", cells[:, i].tolist(), lambda k: f"row {k}")
+            for i, n in enumerate(features)
+        ]
+    else:
+        x64 = x.astype(np.float64)
+        ints = x.dtype.kind in "iu"
+        columns = [
+            _RawColumn(n, "number", x64[:, i], lambda k: f"row {k}", x[:, i] if ints else None)
+            for i, n in enumerate(features)
+        ]
+    return columns, y, names
+
+
+def _column_kinds(
+    columns: list[_RawColumn],
+    categorical: tuple[str, ...],
+    continuous: tuple[str, ...],
+    path: Path,
+    target: str | None,
+) -> dict[str, str]:
+    """Each feature column's kind: as given, else inferred (numbers -> continuous)."""
+    names = [c.name for c in columns]
+    for option, given in (("--categorical", categorical), ("--continuous", continuous)):
+        for name in given:
+            if target is not None and name == target:
+                raise UsageError(f"{option}: {name!r} is the target column")
+            if name not in names:
+                raise UsageError(
+                    f"{option}: no column {name!r} in {path.name} (columns: {', '.join(names)})"
+                )
+    both = sorted(set(categorical) & set(continuous))
+    if both:
+        raise UsageError(f"column {both[0]!r} is given as both categorical and continuous")
+    kinds = {}
+    for col in columns:
+        if col.name in categorical:
+            kinds[col.name] = CATEGORICAL
+        elif col.name in continuous:
+            kinds[col.name] = CONTINUOUS
+        else:
+            kinds[col.name] = col.inferred_kind()
+            if kinds[col.name] == CATEGORICAL and col.source == "text" and col.mostly_numbers():
+                # numbers with a stray "NA" or "n/a": as categories every number would be
+                # its own code, which nobody wants without saying so
+                _, bad = col._parse()
+                raise InputFileError(
+                    f"{path.name} {col.where(bad)}: column {col.name!r} holds numbers but also "
+                    f"{col.cells[bad]!r}; empty such cells and give --continuous {col.name}, "
+                    f"or give --categorical {col.name}"
+                )
+    return kinds
+
+
+def _raw_feeds(
+    names: list[str], kinds: dict[str, str], values: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The raw model inputs of all rows: `continuous` float32 [n, k], `categorical` str [n, m]."""
+    n = len(values[names[0]])
+    feeds: dict[str, np.ndarray] = {}
+    for kind, dtype in ((CONTINUOUS, np.float32), (CATEGORICAL, object)):
+        of_kind = [name for name in names if kinds[name] == kind]
+        if of_kind:
+            arr = np.empty((n, len(of_kind)), dtype=dtype)
+            for j, name in enumerate(of_kind):
+                arr[:, j] = values[name]
+            feeds[kind] = arr
+    return feeds
 
 
 def _labels_to_classes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -252,12 +530,12 @@ def split_indices(
 
 
 def check_dataset_name(name_or_path: str | os.PathLike[str]) -> None:
-    """Refuse a dataset that is neither a known name nor a .csv/.npz path (cheap, no I/O)."""
+    """Refuse a dataset that is neither a known name nor a .csv/.parquet/.npz path (no I/O)."""
     text = os.fspath(name_or_path)
-    if text not in DATASET_NAMES and Path(text).suffix.lower() not in (".csv", ".npz"):
+    if text not in DATASET_NAMES and Path(text).suffix.lower() not in FILE_SUFFIXES:
         raise UsageError(
             f"unknown dataset {text!r}: choose from {', '.join(DATASET_NAMES)}, "
-            "or give a .csv or .npz file"
+            "or give a .csv, .parquet or .npz file"
         )
 
 
@@ -272,22 +550,31 @@ def load_dataset(
     n_samples: int = 2000,
     n_features: int = 20,
     n_classes: int = 3,
+    categorical: tuple[str, ...] | list[str] | None = None,
+    continuous: tuple[str, ...] | list[str] | None = None,
 ) -> Dataset:
     """Load a dataset by name or path and split it.
 
     Args:
-        name_or_path: digits, wine, breast-cancer, iris, synthetic, or a .csv / .npz path.
-        target: Target column of a CSV file.
+        name_or_path: digits, wine, breast-cancer, iris, synthetic, or a .csv / .parquet /
+            .npz path.
+        target: Target column of a CSV or Parquet file.
         task: classification or regression; None infers it (synthetic: classification).
         seed: Seed of the split (and of synthetic data).
         val_fraction: Share of rows held out for validation (early stopping, best epoch).
         test_fraction: Share of rows held out for the final test metrics.
         n_samples, n_features, n_classes: Size of synthetic data.
+        categorical, continuous: Columns of a file to take as categorical / continuous
+            (the others are inferred: numbers are continuous, anything else categorical).
+            Either makes the dataset tabular.
 
     Raises:
         UsageError: unknown dataset name or options that do not fit it.
-        InputFileError: a data file that is missing or malformed.
+        InputFileError: a data file that is missing or malformed, or a column declared
+            continuous that holds text (the message names the column and row).
     """
+    categorical = tuple(categorical or ())
+    continuous = tuple(continuous or ())
     if task is not None and task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
     for frac_name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -301,6 +588,9 @@ def load_dataset(
     text = os.fspath(name_or_path)
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
+    table: tuple[list[str], dict[str, str], dict[str, np.ndarray]] | None = None
+    if (categorical or continuous) and text in DATASET_NAMES:
+        raise UsageError("--categorical and --continuous apply to CSV, Parquet and NPZ files")
     if text in BUNDLED:
         if task == "regression":
             raise UsageError(f"dataset {text!r} is a classification dataset")
@@ -332,25 +622,41 @@ def load_dataset(
             raise InputFileError(f"dataset file not found: {path}")
         if path.stat().st_size == 0:
             raise InputFileError(f"dataset file is empty: {path}")
-        if suffix == ".csv":
-            x, labels, feature_names, target = _read_csv(path, target)
-            y_raw = np.asarray(labels)
-            with np.errstate(all="ignore"):
-                try:
-                    numeric = y_raw.astype(np.float64)
-                except ValueError:
-                    numeric = None
-            if numeric is not None:
-                y_raw = numeric
-        else:
+        if suffix == ".npz":
             if target is not None:
-                raise UsageError("--target applies to CSV files only (NPZ files hold X and y)")
-            x, y_raw, class_names = _read_npz(path)
+                raise UsageError(
+                    "--target applies to CSV and Parquet files only (NPZ files hold X and y)"
+                )
+            columns, y_raw, class_names = _read_npz(path)
+        elif suffix == ".parquet":
+            columns, y_raw = _read_parquet(path, target)
+        else:
+            columns, y_raw = _read_csv(path, target)
+        feature_names = [c.name for c in columns]
+        kinds = _column_kinds(columns, categorical, continuous, path, target)
+        values = {
+            c.name: c.continuous(path.name) if kinds[c.name] == CONTINUOUS else c.categorical()
+            for c in columns
+        }
+        if (
+            categorical
+            or continuous
+            or CATEGORICAL in kinds.values()
+            or any(np.isnan(v).any() for n, v in values.items() if kinds[n] == CONTINUOUS)
+        ):
+            table = (feature_names, kinds, values)
+            x = np.zeros((len(y_raw), 0))
+        else:
+            x = np.column_stack([values[n] for n in feature_names])
         task = task or _guess_task(y_raw)
         name = path.name
         spec.update(name=name, source=suffix[1:], path=str(path.resolve()), sha256=_sha256(path))
         if target is not None:
             spec["target"] = target
+        if categorical:
+            spec["categorical"] = list(categorical)
+        if continuous:
+            spec["continuous"] = list(continuous)
         if task == "classification":
             if y_raw.ndim != 1:
                 raise InputFileError("class labels must be one column")
@@ -385,7 +691,7 @@ def load_dataset(
     )
     y_dtype = np.int64 if task == "classification" else np.float32
     x32 = x.astype(np.float32)
-    return Dataset(
+    data = Dataset(
         name=name,
         task=task,
         x_train=x32[train],
@@ -398,6 +704,29 @@ def load_dataset(
         feature_names=feature_names,
         spec=spec,
     )
+    if table is not None:
+        _add_tabular(data, *table, {"train": train, "val": val, "test": test})
+    return data
+
+
+def _add_tabular(
+    data: Dataset,
+    names: list[str],
+    kinds: dict[str, str],
+    values: dict[str, np.ndarray],
+    splits: dict[str, np.ndarray],
+) -> None:
+    """Learn the tabular spec from the training rows and fill in every split's inputs."""
+    train = splits["train"]
+    spec = fit_spec(names, kinds, {n: v[train] for n, v in values.items()})
+    feeds = _raw_feeds(names, kinds, values)
+    data.tabular = spec
+    for split, rows in splits.items():
+        part = {k: v[rows] for k, v in feeds.items()}
+        numeric, codes = spec.preprocess(part)
+        setattr(data, f"x_{split}", numeric)
+        setattr(data, f"codes_{split}", codes)
+        setattr(data, f"feeds_{split}", part)
 
 
 def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
@@ -424,7 +753,7 @@ def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
         kwargs.update(n_samples=int(spec["n_samples"]), n_features=int(spec["n_features"]))
         if "n_classes" in spec:
             kwargs["n_classes"] = int(spec["n_classes"])
-    elif source in ("csv", "npz"):
+    elif source in ("csv", "parquet", "npz"):
         name = str(spec.get("path", ""))
         p = Path(name)
         if not p.is_file():
@@ -433,6 +762,9 @@ def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
             raise CheckpointError(f"the checkpoint's dataset file changed since training: {name}")
         if spec.get("target") is not None:
             kwargs["target"] = spec["target"]
+        for kind in ("categorical", "continuous"):
+            if spec.get(kind):
+                kwargs[kind] = tuple(str(n) for n in spec[kind])
     else:
         raise CheckpointError(f"checkpoint records an unknown dataset source {source!r}")
     try:

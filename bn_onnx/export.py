@@ -27,6 +27,7 @@ import onnx
 
 from bn_onnx import __version__, onnx_meta
 from bn_onnx.checkpoint import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, Checkpoint
+from bn_onnx.columns import COLUMNS_KEY
 from bn_onnx.errors import UnsupportedModelError, UsageError
 from bn_onnx.files import check_output_path
 from bn_onnx.model_config import MLPConfig
@@ -94,8 +95,11 @@ def check_opset(opset: int) -> int:
 
 
 def metadata_for(config: MLPConfig, meta: dict[str, Any], *, folded: bool) -> dict[str, str]:
-    """The `bn_onnx.*` metadata_props of an exported model, from its checkpoint's config.json."""
-    return {
+    """The `bn_onnx.*` metadata_props of an exported model, from its checkpoint's config.json.
+
+    A tabular model also gets `bn_onnx.columns`, its column schema (`bn_onnx.columns`).
+    """
+    values = {
         onnx_meta.PRODUCER_VERSION: __version__,
         onnx_meta.FOLDED: "true" if folded else "false",
         onnx_meta.TASK: config.task,
@@ -103,6 +107,9 @@ def metadata_for(config: MLPConfig, meta: dict[str, Any], *, folded: bool) -> di
         onnx_meta.PREPROCESSING: onnx_meta.json_value(meta.get("preprocessing") or {}),
         onnx_meta.CLASS_NAMES: onnx_meta.json_value(meta.get("class_names")),
     }
+    if config.tabular is not None:
+        values[COLUMNS_KEY] = config.tabular.columns_json()
+    return values
 
 
 def _inference_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:
@@ -220,6 +227,50 @@ def check_inference_bn(model: onnx.ModelProto, expected: int) -> None:
             )
 
 
+def _export_torch(
+    model: torch.nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    task: str,
+    opset: int,
+    *,
+    varargs: bool = False,
+) -> onnx.ModelProto:
+    """torch's dynamo export of an eval copy of `model`, every BN kept and checked.
+
+    Each input has a symbolic batch axis 0; the output is `logits` or `prediction` by `task`.
+    `varargs`: the model's forward takes `*inputs` (torch.export then wants the inputs'
+    dynamic shapes as one tuple).
+    """
+    import torch
+
+    check_opset(opset)
+    if task not in onnx_meta.OUTPUT_NAMES:
+        raise UsageError(f"task must be classification or regression, got {task!r}")
+    clone, n_bn = _inference_copy(model)
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} for _ in examples)
+    with _quiet_torch_exporter(), _reuse_torchlib_registry(), torch.no_grad():
+        program = torch.onnx.export(
+            clone,
+            examples,
+            dynamo=True,
+            optimize=False,
+            input_names=input_names,
+            output_names=[onnx_meta.OUTPUT_NAMES[task]],
+            dynamic_shapes=(shapes,) if varargs else shapes,
+            opset_version=opset,
+            verbose=False,
+        )
+    proto = program.model_proto
+    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if written != {opset}:
+        raise UnsupportedModelError(f"torch's exporter wrote opset {written}, not {opset}")
+    check_inference_bn(proto, n_bn)
+    strip_stack_traces(proto)
+    return proto
+
+
 def to_onnx(
     model: torch.nn.Module,
     in_features: int,
@@ -237,29 +288,46 @@ def to_onnx(
     """
     import torch
 
-    check_opset(opset)
-    if task not in onnx_meta.OUTPUT_NAMES:
-        raise UsageError(f"task must be classification or regression, got {task!r}")
-    clone, n_bn = _inference_copy(model)
     example = torch.zeros(_EXAMPLE_BATCH, in_features, dtype=torch.float32)
-    with _quiet_torch_exporter(), _reuse_torchlib_registry(), torch.no_grad():
-        program = torch.onnx.export(
-            clone,
-            (example,),
-            dynamo=True,
-            optimize=False,
-            input_names=[onnx_meta.INPUT_NAME],
-            output_names=[onnx_meta.OUTPUT_NAMES[task]],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            opset_version=opset,
-            verbose=False,
-        )
-    proto = program.model_proto
-    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
-    if written != {opset}:
-        raise UnsupportedModelError(f"torch's exporter wrote opset {written}, not {opset}")
-    check_inference_bn(proto, n_bn)
-    strip_stack_traces(proto)
+    proto = _export_torch(model, (example,), [onnx_meta.INPUT_NAME], task, opset)
+    if metadata:
+        onnx_meta.set_metadata(proto, metadata)
+    check_model(proto)
+    return proto
+
+
+def tabular_to_onnx(
+    model: torch.nn.Module,
+    config: MLPConfig,
+    *,
+    metadata: dict[str, str] | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> onnx.ModelProto:
+    """Export a `TabularMLP` to one unfolded ONNX model that takes the raw columns.
+
+    torch exports the network from its `numeric` and `codes` inputs; `bn_onnx.tabular_graph`
+    then puts the fill, indicators and category lookup in front, so the file's inputs are
+    `continuous` float32 [batch, k] (NaN = missing) and `categorical` string [batch, m]
+    ("" = missing), each present when the model has such columns (`bn_onnx.columns`). The
+    embeddings are Gather nodes, the input normalization one BatchNormalization node before
+    the first Gemm. Checked with `onnx.checker.check_model(full_check=True)`.
+    """
+    import torch
+
+    from bn_onnx.tabular import NUMERIC_INPUT
+    from bn_onnx.tabular_graph import add_preprocessing
+
+    spec = config.tabular
+    if spec is None:
+        raise UsageError("tabular_to_onnx needs a model config with tabular columns")
+    examples = tuple(
+        torch.zeros(_EXAMPLE_BATCH, spec.n_numeric, dtype=torch.float32)
+        if name == NUMERIC_INPUT
+        else torch.zeros(_EXAMPLE_BATCH, spec.n_categorical, dtype=torch.int64)
+        for name in spec.model_input_names
+    )
+    proto = _export_torch(model, examples, spec.model_input_names, config.task, opset, varargs=True)
+    proto = add_preprocessing(proto, spec)
     if metadata:
         onnx_meta.set_metadata(proto, metadata)
     check_model(proto)
@@ -361,13 +429,13 @@ def export_checkpoint(
             f"exporting {ckpt_root} with torch.onnx (dynamo)" + (", then folding" if fold else "")
         )
     start = time.perf_counter()
-    proto = to_onnx(
-        model,
-        ckpt.config.in_features,
-        task=ckpt.config.task,
-        metadata=metadata_for(ckpt.config, ckpt.meta, folded=False),
-        opset=opset,
-    )
+    metadata = metadata_for(ckpt.config, ckpt.meta, folded=False)
+    if ckpt.config.tabular is not None:
+        proto = tabular_to_onnx(model, ckpt.config, metadata=metadata, opset=opset)
+    else:
+        proto = to_onnx(
+            model, ckpt.config.in_features, task=ckpt.config.task, metadata=metadata, opset=opset
+        )
     n_bn_exported = len(onnx_meta.bn_nodes(proto))
     export_seconds = time.perf_counter() - start
     fold_seconds = 0.0

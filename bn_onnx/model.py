@@ -1,7 +1,8 @@
 """The MLP with batch normalization that bn-onnx trains and exports.
 
 State-dict names are a contract (see `bn_onnx.model_config.expected_tensor_shapes`):
-`input_norm.*`, `blocks.{i}.linear.*`, `blocks.{i}.bn.*`, `head.*`.
+`input_norm.*`, `blocks.{i}.linear.*`, `blocks.{i}.bn.*`, `head.*`, and for a tabular model
+`embeddings.{j}.weight`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ __all__ = [
     "BN_PLACEMENTS",
     "TASKS",
     "MLP",
+    "TabularMLP",
     "Block",
     "FrozenBatchNorm1d",
     "MLPConfig",
+    "build_network",
     "expected_tensor_shapes",
     "make_activation",
 ]
@@ -125,3 +128,70 @@ class MLP(nn.Module):
             raise UsageError("input statistics must be finite with variance >= 0")
         self.input_norm.running_mean.copy_(torch.from_numpy(mean.astype(np.float32)))
         self.input_norm.running_var.copy_(torch.from_numpy(var.astype(np.float32)))
+
+
+class TabularMLP(MLP):
+    """fastai's TabularModel in bn-onnx's shape: embeddings per categorical column, then the MLP.
+
+    forward(numeric, codes) (either left out when the model has no such columns; see
+    `TabularSpec.model_input_names`): `numeric` float32 [batch, continuous + indicators] is
+    what `TabularSpec.preprocess` (or the exported graph) makes of the raw continuous columns,
+    `codes` int64 [batch, categorical] the category codes. The first layer reads
+    `[embedding of each code..., numeric...]`.
+
+    The input normalization (a frozen BatchNorm1d, as in `MLP`) spans that whole vector: its
+    statistics are the training split's mean and variance for the numeric columns and
+    mean 0, variance 1 for the embedding columns, which it therefore scales by the constant
+    1/sqrt(1 + eps) (the learned embeddings absorb it). fastai normalizes the continuous
+    columns only, before the concatenation; normalizing after it keeps the BN next to the
+    first Gemm, so that `bn-onnx fold` folds it there like a plain MLP's input normalization.
+    Embedding rows start from N(0, 0.01) (fastai's `trunc_normal_(std=0.01)`), so the
+    "unknown" row, which no training row uses, stays near zero.
+    """
+
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__(config)
+        spec = config.tabular
+        if spec is None:
+            raise UsageError("TabularMLP needs a model config with tabular columns")
+        self.spec = spec
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(rows, dim)
+            for rows, dim in zip(spec.embedding_rows, spec.embedding_dims, strict=True)
+        )
+        for emb in self.embeddings:
+            nn.init.trunc_normal_(emb.weight, std=0.01)
+        p = spec.embedding_dropout
+        self.embedding_dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        names = self.spec.model_input_names
+        if len(inputs) != len(names):
+            raise UsageError(f"TabularMLP takes {len(names)} inputs ({', '.join(names)})")
+        given = dict(zip(names, inputs, strict=True))
+        parts = []
+        if self.embeddings:
+            codes = given["codes"]
+            emb = [e(codes.select(1, j)) for j, e in enumerate(self.embeddings)]
+            parts.append(self.embedding_dropout(torch.cat(emb, dim=1)))
+        if "numeric" in given:
+            parts.append(given["numeric"])
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return super().forward(x)
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: np.ndarray, var: np.ndarray) -> None:
+        """Store the numeric columns' mean and population variance; embeddings get (0, 1).
+
+        `mean` and `var` have one value per numeric column (`spec.n_numeric`).
+        """
+        width = self.spec.embedding_width
+        super().set_input_stats(
+            np.concatenate([np.zeros(width), np.asarray(mean, dtype=np.float64)]),
+            np.concatenate([np.ones(width), np.asarray(var, dtype=np.float64)]),
+        )
+
+
+def build_network(config: MLPConfig) -> MLP:
+    """The module a config describes: `TabularMLP` when it has tabular columns, else `MLP`."""
+    return TabularMLP(config) if config.tabular is not None else MLP(config)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bn_onnx.errors import UsageError
+from bn_onnx.tabular import TabularSpec
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu")
 BN_PLACEMENTS = ("pre", "post", "none")
@@ -34,6 +35,10 @@ class MLPConfig:
         input_norm: Normalize raw inputs with frozen training-set statistics.
         dropout: Dropout probability after each block (0 disables it).
         task: "classification" (outputs logits) or "regression" (outputs predictions).
+        tabular: For a model of raw table columns (`bn_onnx.tabular`): the columns, fills,
+            vocabularies and embedding widths; `in_features` is then the width of the first
+            layer's input (embeddings, continuous columns, indicators). None for a plain MLP
+            whose input is `in_features` numbers.
     """
 
     in_features: int
@@ -46,6 +51,7 @@ class MLPConfig:
     input_norm: bool = True
     dropout: float = 0.0
     task: str = "classification"
+    tabular: TabularSpec | None = None
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
@@ -92,13 +98,28 @@ class MLPConfig:
             raise UsageError(
                 f"model config: input_norm must be true or false, got {self.input_norm!r}"
             )
+        if self.tabular is not None:
+            if not isinstance(self.tabular, TabularSpec):
+                raise UsageError("model config: tabular must be a TabularSpec")
+            if self.in_features != self.tabular.in_features:
+                raise UsageError(
+                    f"model config: in_features {self.in_features} differs from the tabular "
+                    f"columns' {self.tabular.in_features}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able form stored in `config.json["model"]`."""
-        return {
-            f.name: (list(getattr(self, f.name)) if f.name == "hidden" else getattr(self, f.name))
-            for f in dataclasses.fields(self)
-        }
+        """The JSON-able form stored in `config.json["model"]` (no `tabular` key when None)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "hidden":
+                value = list(value)
+            elif f.name == "tabular":
+                if value is None:
+                    continue
+                value = value.to_dict()
+            out[f.name] = value
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> MLPConfig:
@@ -117,6 +138,8 @@ class MLPConfig:
             if not isinstance(kwargs["hidden"], (list, tuple)):
                 raise UsageError(f"model config: hidden must be a list, got {kwargs['hidden']!r}")
             kwargs["hidden"] = tuple(kwargs["hidden"])
+        if kwargs.get("tabular") is not None:
+            kwargs["tabular"] = TabularSpec.from_dict(kwargs["tabular"])
         return cls(**kwargs)
 
 
@@ -138,6 +161,10 @@ def expected_tensor_shapes(config: MLPConfig) -> dict[str, tuple[int, ...]]:
         width = out
     shapes["head.weight"] = (config.out_features, width)
     shapes["head.bias"] = (config.out_features,)
+    if config.tabular is not None:
+        spec = config.tabular
+        for j, (rows, dim) in enumerate(zip(spec.embedding_rows, spec.embedding_dims, strict=True)):
+            shapes[f"embeddings.{j}.weight"] = (rows, dim)
     return shapes
 
 

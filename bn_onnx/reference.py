@@ -108,17 +108,48 @@ def _tensor(tensors: Mapping[str, Any], name: str) -> Array:
     return np.asarray(tensors[name], dtype=np.float64)
 
 
+def _first_layer_input(config: Any, tensors: Mapping[str, Any], x: Any) -> Array:
+    """The first layer's input in float64: `x` itself, or a tabular model's preprocessed columns.
+
+    A tabular model (config with `tabular`) takes feeds `{"continuous": float [n, k] with NaN,
+    "categorical": str [n, m]}`: fill and indicators and codes by `TabularSpec.preprocess` in
+    float64, each code's embedding row, then `[embeddings..., numeric...]` as
+    `bn_onnx.model.TabularMLP` concatenates them. A plain MLP takes an array or `{"input": x}`.
+    """
+    from bn_onnx.onnx_meta import INPUT_NAME
+    from bn_onnx.tabular import TabularSpec
+
+    spec = _cfg(config, "tabular")
+    if spec is None:
+        if isinstance(x, Mapping):
+            if set(x) != {INPUT_NAME}:
+                raise InputDataError(f"this model takes one input {INPUT_NAME!r}, got {sorted(x)}")
+            x = x[INPUT_NAME]
+        return np.asarray(x, dtype=np.float64)
+    if not isinstance(spec, TabularSpec):
+        spec = TabularSpec.from_dict(spec)
+    if not isinstance(x, Mapping):
+        names = sorted({c.input for c in spec.columns})
+        raise InputDataError(f"a tabular model takes its raw columns by input name: {names}")
+    numeric, codes = spec.preprocess(x, dtype=np.float64)
+    parts = [_tensor(tensors, f"embeddings.{j}.weight")[codes[:, j]] for j in range(codes.shape[1])]
+    return np.concatenate([*parts, numeric], axis=1)
+
+
 def forward_tensors(config: Any, tensors: Mapping[str, Any], x: Any) -> Forward:
     """float64 forward of an MLP given its config (MLPConfig or its dict) and state_dict arrays.
 
     Follows `bn_onnx.model.MLP` in eval mode: input norm (affine=False BN), then per block
     linear -> BN -> act ("pre"), linear -> act -> BN ("post") or linear -> act ("none"); dropout
-    is the identity; then the head.
+    is the identity; then the head. `x` is the input array (or `{"input": x}`); a tabular
+    model (`bn_onnx.model.TabularMLP`) takes its raw columns, `{"continuous": ...,
+    "categorical": ...}`, and starts with the fill, indicators, category codes and
+    embeddings (see `_first_layer_input`).
     """
-    h = np.asarray(x, dtype=np.float64)
+    h = _first_layer_input(config, tensors, x)
     in_features = int(_cfg(config, "in_features"))
     if h.ndim != 2 or h.shape[1] != in_features:
-        raise InputDataError(f"input must be [rows, {in_features}], got shape {tuple(np.shape(x))}")
+        raise InputDataError(f"input must be [rows, {in_features}], got shape {tuple(h.shape)}")
     eps = float(_cfg(config, "bn_eps", 1e-5))
     bn = str(_cfg(config, "bn", "pre"))
     name = str(_cfg(config, "activation", "relu"))
@@ -164,7 +195,11 @@ def forward_tensors(config: Any, tensors: Mapping[str, Any], x: Any) -> Forward:
 
 
 def checkpoint_forward(checkpoint: Any, x: Any) -> Forward:
-    """float64 forward of a checkpoint: a directory, or a `Checkpoint` (`.config`, `.tensors`)."""
+    """float64 forward of a checkpoint: a directory, or a `Checkpoint` (`.config`, `.tensors`).
+
+    `x`: the input array, or feeds by input name (a tabular model's raw columns); see
+    `forward_tensors`.
+    """
     if isinstance(checkpoint, (str, os.PathLike)):
         from bn_onnx.checkpoint import read_checkpoint
 

@@ -23,7 +23,7 @@ from torch import nn
 from bn_onnx.checkpoint import library_versions, save_checkpoint
 from bn_onnx.data import Dataset, load_dataset
 from bn_onnx.errors import UsageError
-from bn_onnx.model import MLP, MLPConfig
+from bn_onnx.model import MLP, MLPConfig, build_network
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 # Learning rates that work for the default MLP on the bundled data, per optimizer.
@@ -36,8 +36,11 @@ class TrainSettings:
     """Everything a training run depends on; stored in `config.json["training"]`.
 
     Attributes:
-        dataset: digits, wine, breast-cancer, iris, synthetic, or a .csv/.npz path.
-        target: Target column of a CSV file.
+        dataset: digits, wine, breast-cancer, iris, synthetic, or a .csv/.parquet/.npz path.
+        target: Target column of a CSV or Parquet file.
+        categorical, continuous: File columns to take as categorical / continuous (others
+            are inferred; see `bn_onnx.data`); None or empty: all inferred.
+        embedding_dropout: Dropout on the concatenated embeddings of a tabular model.
         task: classification or regression (None: inferred from the data).
         samples, features, classes: Size of synthetic data.
         hidden, bn, input_norm, activation, dropout, bn_eps, bn_momentum: The model
@@ -80,10 +83,17 @@ class TrainSettings:
     test_fraction: float = 0.15
     device: str = "auto"
     threads: int | None = 1
+    categorical: tuple[str, ...] | None = None
+    continuous: tuple[str, ...] | None = None
+    embedding_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.hidden = tuple(self.hidden)
         self.dataset = os.fspath(self.dataset)
+        if self.categorical is not None:
+            self.categorical = tuple(self.categorical)
+        if self.continuous is not None:
+            self.continuous = tuple(self.continuous)
 
     def resolved_lr(self) -> float:
         """The learning rate in use: `lr` or the optimizer's default."""
@@ -101,6 +111,8 @@ class TrainSettings:
             n_samples=self.samples,
             n_features=self.features,
             n_classes=self.classes,
+            categorical=self.categorical,
+            continuous=self.continuous,
         )
 
     def validate(self) -> None:
@@ -127,6 +139,9 @@ class TrainSettings:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
         if self.bn != "none" and self.batch_size < 2:
             raise UsageError("batch norm needs a batch size of at least 2")
+        p = self.embedding_dropout
+        if not (math.isfinite(p) and 0 <= p < 1):
+            raise UsageError(f"embedding dropout must be in [0, 1), got {p}")
 
 
 @dataclass
@@ -285,24 +300,34 @@ class _Objective:
 def evaluate(
     model: nn.Module,
     objective: _Objective,
-    x: torch.Tensor,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
     y: torch.Tensor,
     batch_size: int = 4096,
 ) -> tuple[float, float]:
-    """Mean loss and metric of `model` in eval mode on (x, y)."""
+    """Mean loss and metric of `model` in eval mode on (x, y).
+
+    `x` is the model's input, or a tuple of its inputs (a tabular model's numeric and codes).
+    """
     model.eval()
+    xs = x if isinstance(x, tuple) else (x,)
     loss_sum = metric_sum = 0.0
-    for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size])
+    n = len(y)
+    for i in range(0, n, batch_size):
+        out = model(*(t[i : i + batch_size] for t in xs))
         yb = y[i : i + batch_size]
         loss_sum += float(objective.loss(out, yb)) * len(yb)
         metric_sum += objective.metric_sum(out, yb)
-    n = len(x)
     return loss_sum / n, objective.finish(metric_sum, n)
 
 
 def build_model(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, Any]]:
-    """The untrained MLP for `data` (input stats set) and the preprocessing record."""
+    """The untrained MLP for `data` (input stats set) and the preprocessing record.
+
+    A tabular dataset gets a `TabularMLP` whose config holds the dataset's columns, fills and
+    vocabularies (`data.tabular`).
+    """
+    if data.tabular is not None:
+        return _build_tabular(settings, data)
     config = MLPConfig(
         in_features=data.n_features,
         out_features=data.n_outputs,
@@ -330,6 +355,54 @@ def build_model(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, 
             "mean": [float(v) for v in mean.astype(np.float32)],
             "var": [float(v) for v in var.astype(np.float32)],
             "constant_features": constant,
+        }
+    return model, preprocessing
+
+
+def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, Any]]:
+    assert data.tabular is not None
+    spec = data.tabular.with_embedding_dropout(settings.embedding_dropout)
+    config = MLPConfig(
+        in_features=spec.in_features,
+        out_features=data.n_outputs,
+        hidden=settings.hidden,
+        activation=settings.activation,
+        bn=settings.bn,
+        bn_eps=settings.bn_eps,
+        bn_momentum=settings.bn_momentum,
+        input_norm=settings.input_norm,
+        dropout=settings.dropout,
+        task=data.task,
+        tabular=spec,
+    )
+    model = build_network(config)
+    inputs = ", ".join(
+        f"{c} {'float32' if c == 'continuous' else 'string'} [batch, {n}]"
+        for c, n in (("continuous", spec.n_continuous), ("categorical", spec.n_categorical))
+        if n
+    )
+    preprocessing: dict[str, Any] = {
+        "input": f"raw columns by family: {inputs}; NaN / empty string = missing",
+        "feature_names": data.feature_names,
+        "first_layer_inputs": spec.feature_labels(),
+        "fill": "a missing continuous value gets the training split's median "
+        "(tabular.columns[].fill); columns with a missing value in the training split also "
+        "get a was-missing indicator (tabular.indicators)",
+        "categories": "code 0 = missing, 1 = unknown (not in the training split), "
+        "2 + k = vocabulary[k]; one embedding row per code",
+        "input_norm": None,
+    }
+    if settings.input_norm:
+        mean, var, constant = input_statistics(data.x_train)
+        model.set_input_stats(mean, var)
+        width = spec.embedding_width
+        preprocessing["input_norm"] = {
+            "in_model": True,
+            "eps": settings.bn_eps,
+            "mean": [0.0] * width + [float(v) for v in mean.astype(np.float32)],
+            "var": [1.0] * width + [float(v) for v in var.astype(np.float32)],
+            "constant_features": [width + i for i in constant],
+            "note": "spans the first layer's input; the embedding columns have mean 0, var 1",
         }
     return model, preprocessing
 
@@ -389,12 +462,12 @@ def _fit(
     optimizer = make_optimizer(
         settings.optimizer, model.parameters(), settings.resolved_lr(), settings.weight_decay
     )
-    x_train = torch.from_numpy(data.x_train).to(device)
+    x_train = tuple(torch.from_numpy(a).to(device) for a in data.inputs("train"))
     y_train = objective.targets(data.y_train)
-    x_val = torch.from_numpy(data.x_val).to(device)
+    x_val = tuple(torch.from_numpy(a).to(device) for a in data.inputs("val"))
     y_val = objective.targets(data.y_val)
     generator = torch.Generator().manual_seed(settings.seed)
-    n = len(x_train)
+    n = len(y_train)
 
     def report(event: ProgressEvent) -> None:
         if progress is not None and ctx.is_main:
@@ -417,8 +490,8 @@ def _fit(
         seen = 0
         for idx in _batches(len(order), settings.batch_size, order, settings.bn != "none"):
             idx = idx.to(device)
-            xb, yb = x_train[idx], y_train[idx]
-            out = model(xb)
+            xb, yb = tuple(t[idx] for t in x_train), y_train[idx]
+            out = model(*xb)
             loss = objective.loss(out, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -467,7 +540,7 @@ def _fit(
             break
     seconds = time.perf_counter() - t_start
 
-    final = MLP(base.config)
+    final = build_network(base.config)
     final.load_state_dict({k: v.cpu() for k, v in best_state.items()})
     final.eval()
     objective_cpu = _Objective(data, torch.device("cpu"))
@@ -512,6 +585,13 @@ def _fit(
 def _training_record(settings: TrainSettings, ctx: Any, device: torch.device) -> dict[str, Any]:
     record = dataclasses.asdict(settings)
     record["hidden"] = list(settings.hidden)
+    # The tabular options are recorded when set, so that earlier checkpoints' config.json
+    # (the shipped digits model's) stay byte for byte what this version writes.
+    for name, default in (("categorical", None), ("continuous", None), ("embedding_dropout", 0.0)):
+        if record[name] == default:
+            del record[name]
+        elif isinstance(record[name], tuple):
+            record[name] = list(record[name])
     record["lr"] = settings.resolved_lr()
     record["device"] = device.type
     record["world_size"] = ctx.world_size
@@ -533,11 +613,12 @@ def _final_metrics(
     # The head now predicts raw units: compare against raw targets, without rescaling.
     raw = _RawObjective(objective)
     metrics: dict[str, Any] = {"task": data.task, "metric": objective.metric_name}
-    for split, x, y in (("val", data.x_val, data.y_val), ("test", data.x_test, data.y_test)):
-        loss, metric = evaluate(model, raw, torch.from_numpy(x), torch.from_numpy(y))
+    for split, y in (("val", data.y_val), ("test", data.y_test)):
+        x = tuple(torch.from_numpy(a) for a in data.inputs(split))
+        loss, metric = evaluate(model, raw, x, torch.from_numpy(y))
         metrics[f"{split}_loss"] = loss
         metrics[f"{split}_{objective.metric_name}"] = metric
-        metrics[f"n_{split}"] = len(x)
+        metrics[f"n_{split}"] = len(y)
     metrics.update(
         best_epoch=best_epoch,
         epochs_run=len(history),

@@ -222,6 +222,350 @@ Versions: {_versions(versions)}.
 """
 
 
+# ---------------------------------------------------------------------------------------------
+# models/tabular: a model of raw table columns (categories, empty cells), on synthetic data
+
+TABULAR_CSV = "people.csv"
+TABULAR_ROWS = 2000
+TABULAR_SETTINGS: dict[str, Any] = {
+    # bn-onnx train's defaults, but for the device and the thread count that make it
+    # reproducible
+    "target": "label",
+    "seed": 0,
+    "device": "cpu",
+    "threads": 1,
+}
+# Each city moves the score by this much; age and the "pro" plan by less. The label is
+# "yes" when the score (with noise) is positive, so the city column decides most rows.
+CITY_EFFECT = {
+    "Busan": 2.0,
+    "Daegu": 1.2,
+    "Gwangju": 0.4,
+    "Incheon": -0.4,
+    "Seoul": -1.2,
+    "Ulsan": -2.0,
+}
+PLANS = ("basic", "plus", "pro")
+TABULAR_FILES = [
+    "checkpoint/config.json",
+    "checkpoint/model.safetensors",
+    "checkpoint/metrics.json",
+    "model.onnx",
+    "model.folded.onnx",
+    TABULAR_CSV,
+    "sample_rows.csv",
+    "sample_output.npy",
+]
+
+
+def people_rows(n_rows: int = TABULAR_ROWS, seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    """A seeded synthetic table where a categorical column decides the label, with gaps.
+
+    Columns `age` (whole years, 10% empty), `income` (5% empty), `city` (six cities, 5%
+    empty), `plan` (basic/plus/pro) and `label` ("yes"/"no"): label = score > 0 for
+    score = CITY_EFFECT[city] + 0.06 (age - 42) + 0.8 [plan = pro] + N(0, 0.5), computed from
+    the values before any cell is emptied. Income is noise. Returns the header and the rows
+    as CSV text cells ("" = empty).
+    """
+    rng = np.random.default_rng(seed)
+    cities = rng.choice(list(CITY_EFFECT), size=n_rows)
+    plans = rng.choice(PLANS, size=n_rows, p=[0.5, 0.3, 0.2])
+    age = rng.normal(42, 12, size=n_rows).clip(18, 90).round()
+    income = rng.lognormal(8, 0.5, size=n_rows)
+    score = (
+        np.array([CITY_EFFECT[c] for c in cities])
+        + 0.06 * (age - 42)
+        + 0.8 * (plans == "pro")
+        + rng.normal(0, 0.5, size=n_rows)
+    )
+    label = np.where(score > 0, "yes", "no")
+    empty_age = rng.random(n_rows) < 0.10
+    empty_income = rng.random(n_rows) < 0.05
+    empty_city = rng.random(n_rows) < 0.05
+    rows = [
+        [
+            "" if empty_age[i] else f"{age[i]:.0f}",
+            "" if empty_income[i] else f"{income[i]:.2f}",
+            "" if empty_city[i] else str(cities[i]),
+            str(plans[i]),
+            str(label[i]),
+        ]
+        for i in range(n_rows)
+    ]
+    return ["age", "income", "city", "plan", "label"], rows
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """Write a CSV file atomically (LF line ends, so the bytes do not depend on the platform)."""
+    import csv
+
+    from bn_onnx.files import atomic_output
+
+    with atomic_output(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _number_text(value: float) -> str:
+    return "" if np.isnan(value) else np.format_float_positional(np.float32(value), trim="-")
+
+
+def _ort_feeds(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def make_tabular(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dict[str, Any]:
+    """Build `out_dir/tabular/` (created if needed); return the figures the model card quotes.
+
+    Writes people.csv (`people_rows`), trains on it with `bn-onnx train`'s defaults (CPU, one
+    thread, seed 0), exports model.onnx and model.folded.onnx, and writes the first 16 rows
+    of the test split as sample_rows.csv with the folded model's outputs for them.
+    """
+    import json
+    import time
+
+    from bn_onnx.checkpoint import read_checkpoint, write_checkpoint_files
+    from bn_onnx.columns import feeds_from_columns, read_columns
+    from bn_onnx.data import load_dataset
+    from bn_onnx.export import export_checkpoint
+    from bn_onnx.files import atomic_output
+    from bn_onnx.onnx_meta import get_metadata
+    from bn_onnx.reference import checkpoint_forward
+
+    target = out_dir / "tabular"
+    target.mkdir(parents=True, exist_ok=True)
+    csv_path = target / TABULAR_CSV
+    ckpt_dir = target / "checkpoint"
+    header, rows = people_rows()
+    write_csv(csv_path, header, rows)
+    train_seconds = None
+    if retrain:
+        from bn_onnx.train import TrainSettings, train
+
+        log(f"training {ckpt_dir} ...")
+        start = time.perf_counter()
+        train(TrainSettings(dataset=str(csv_path), **TABULAR_SETTINGS), ckpt_dir)
+        train_seconds = time.perf_counter() - start
+        # config.json records the data file's path as given (dataset.path absolute); ship
+        # it relative to the repository so the bytes do not depend on the checkout's place.
+        ckpt = read_checkpoint(ckpt_dir)
+        meta = dict(ckpt.meta)
+        shipped = f"models/tabular/{TABULAR_CSV}"
+        meta["dataset"] = {**meta["dataset"], "path": shipped}
+        meta["training"] = {**meta["training"], "dataset": shipped}
+        write_checkpoint_files(ckpt_dir, ckpt.config, ckpt.tensors, meta, ckpt.metrics)
+    ckpt = read_checkpoint(ckpt_dir)
+
+    log("exporting model.onnx and model.folded.onnx ...")
+    unfolded = export_checkpoint(ckpt_dir, target / "model.onnx")
+    folded = export_checkpoint(ckpt_dir, target / "model.folded.onnx", fold=True)
+
+    spec = ckpt.meta["dataset"]
+    data = load_dataset(
+        csv_path,
+        target="label",
+        seed=spec["seed"],
+        val_fraction=spec["val_fraction"],
+        test_fraction=spec["test_fraction"],
+    )
+    feeds = data.feeds_test
+    assert feeds is not None and data.tabular == ckpt.config.tabular.with_embedding_dropout(0.0)
+    sample = {k: v[:N_SAMPLES] for k, v in feeds.items()}
+    by_name: dict[str, list[str]] = {}
+    for col in data.tabular.columns:
+        values = sample[col.input][:, col.index]
+        by_name[col.name] = [
+            _number_text(v) if col.kind == "continuous" else str(v) for v in values
+        ]
+    labels = [ckpt.class_names[i] for i in data.y_test[:N_SAMPLES]]
+    sample_rows = [[by_name[h][i] for h in header[:-1]] + [labels[i]] for i in range(N_SAMPLES)]
+    write_csv(target / "sample_rows.csv", header, sample_rows)
+    # the sample rows as an app reads them back: through the model's own column schema
+    schema = read_columns(get_metadata(_onnx_load(folded.path)))
+    assert schema is not None
+    again = feeds_from_columns(
+        schema, {h: [r[j] for r in sample_rows] for j, h in enumerate(header)}
+    )
+    sample_output = _ort_feeds(folded.path, again).astype(np.float32)
+    with atomic_output(target / "sample_output.npy", suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, sample_output, allow_pickle=False)
+
+    exact = checkpoint_forward(ckpt, feeds).output
+    y_unfolded = _ort_feeds(unfolded.path, feeds)
+    y_folded = _ort_feeds(folded.path, feeds)
+    city = [c.index for c in data.tabular.columns if c.name == "city"][0]
+    no_city = feeds["categorical"][:, city] == ""
+    right = y_folded.argmax(1) == data.y_test
+    blanked = {k: v.copy() for k, v in feeds.items()}
+    blanked["categorical"][:, city] = ""
+    y_blanked = _ort_feeds(folded.path, blanked)
+    figures = {
+        "n_test": len(data.y_test),
+        "acc_unfolded": float(np.mean(y_unfolded.argmax(1) == data.y_test)),
+        "acc_folded": float(np.mean(right)),
+        "acc_city_known": float(np.mean(right[~no_city])),
+        "acc_city_missing": float(np.mean(right[no_city])) if no_city.any() else float("nan"),
+        "n_city_missing": int(no_city.sum()),
+        "acc_city_blanked": float(np.mean(y_blanked.argmax(1) == data.y_test)),
+        "argmax_agree": int(np.sum(y_unfolded.argmax(1) == y_folded.argmax(1))),
+        "err_folded_unfolded": float(np.max(np.abs(y_folded - y_unfolded))),
+        "err_unfolded_f64": float(np.max(np.abs(y_unfolded - exact))),
+        "err_folded_f64": float(np.max(np.abs(y_folded - exact))),
+        "unfolded_ops": unfolded.op_counts,
+        "folded_ops": folded.op_counts,
+        "fold_report": folded.fold_report,
+        "train_seconds": train_seconds,
+        "columns": json.loads(ckpt.config.tabular.columns_json()),
+    }
+    card = tabular_model_card(target, ckpt, figures)
+    with atomic_output(target / "MODEL_CARD.md", suffix=".md") as tmp:
+        tmp.write_text(card, encoding="utf-8")
+    log(f"wrote {target}")
+    return figures
+
+
+def _onnx_load(path: Path) -> Any:
+    import onnx
+
+    return onnx.load(path)
+
+
+def tabular_model_card(target: Path, ckpt: Any, fig: dict[str, Any]) -> str:
+    """The tabular model card's markdown: data, columns, architecture, accuracy, files."""
+    metrics = ckpt.metrics or {}
+    meta = ckpt.meta
+    cfg = ckpt.config
+    spec = cfg.tabular
+    sizes = meta["dataset"].get("sizes", {})
+    n_params = sum(int(np.prod(a.shape)) for k, a in ckpt.tensors.items() if "num_batches" not in k)
+    versions = dict(meta.get("versions", {}))
+    versions.setdefault("sklearn", versions.get("scikit-learn"))  # the key _versions reads
+    file_rows = "\n".join(
+        f"| `{f}` | "
+        + ("varies (training timings)" if f.endswith("metrics.json") else "")
+        + (f"{(target / f).stat().st_size:,}" if not f.endswith("metrics.json") else "")
+        + " |"
+        for f in TABULAR_FILES
+    )
+
+    def treatment(c: dict[str, Any]) -> str:
+        if c["kind"] == "continuous":
+            extra = ", was-missing indicator" if c["name"] in spec.indicators else ""
+            return f"fill {c['fill']:g}{extra}"
+        vocab = ", ".join(c["vocabulary"])
+        width = spec.embedding_dims[c["index"]]
+        return f"{len(c['vocabulary'])} values ({vocab}), embedding width {width}"
+
+    column_rows = "\n".join(
+        f"| `{c['name']}` | {c['kind']} | `{c['input']}[:, {c['index']}]` | {treatment(c)} |"
+        for c in fig["columns"]
+    )
+    folds = "\n".join(
+        f"  - `{e['node']}` -> `{e['target']}` ({e['direction']})" for e in fig["fold_report"]["bn"]
+    )
+    widths = " -> ".join(str(w) for w in (cfg.in_features, *cfg.hidden, cfg.out_features))
+    n_num, n_cat = spec.n_numeric, spec.n_categorical
+    return f"""# Model card: tabular MLP on raw columns (bn-onnx)
+
+A small classifier of table rows with a categorical column, missing values and a number
+column that does not matter, shipped to show that one ONNX file can take the raw columns:
+the fill of missing values, the was-missing indicators, the category lookup, the embeddings
+and the normalization are all inside the graph, and `--fold` still removes every
+BatchNormalization. Regenerate everything with `python tools/make_models.py`.
+
+## Data
+
+`{TABULAR_CSV}`: {meta["dataset"].get("n_rows")} synthetic rows from
+`tools/make_models.py:people_rows` (seed 0). The label is "yes" when
+`CITY_EFFECT[city] + 0.06 (age - 42) + 0.8 [plan = pro] + N(0, 0.5)` is positive (city
+effects from -2.0 for Ulsan to +2.0 for Busan), so the city decides most rows; `income` is
+noise. 10% of the ages, 5% of the incomes and 5% of the cities are empty cells. Split
+stratified with seed {meta["dataset"].get("seed")}: {sizes.get("train")} train,
+{sizes.get("val")} validation, {sizes.get("test")} test rows. Fills, indicators and
+vocabularies come from the training rows only.
+
+## Inputs and columns
+
+Inputs: `continuous` float32 `[batch, {spec.n_continuous}]` (raw values, NaN = missing) and
+`categorical` string `[batch, {spec.n_categorical}]` (the cell text, "" = missing; a city not
+in the vocabulary maps to the "unknown" code). Output: `logits` float32 `[batch, 2]`, classes
+{", ".join(f"`{n}`" for n in ckpt.class_names)}. The metadata prop `bn_onnx.columns` lists:
+
+| column | kind | input | preprocessing in the graph |
+| --- | --- | --- | --- |
+{column_rows}
+
+## Architecture
+
+    continuous -> IsNaN -> Where(fill), Cast(indicators) -> Concat = numeric [batch, {n_num}]
+    categorical -> Split -> LabelEncoder per column -> Concat      = codes [batch, {n_cat}]
+    Concat(Gather(embeddings, codes), numeric)                      [batch, {cfg.in_features}]
+      -> input normalization (BatchNorm, frozen training statistics)
+      -> Linear -> BatchNorm -> ReLU (x{len(cfg.hidden)}) -> Linear -> logits
+
+Widths {widths}; `MLPConfig`: bn `{cfg.bn}`, activation `{cfg.activation}`, bn_eps
+{cfg.bn_eps}, dropout {cfg.dropout}; {n_params:,} float32 values (parameters, embeddings and
+BN statistics).
+
+- `model.onnx` (unfolded): {_ops(fig["unfolded_ops"])}.
+- `model.folded.onnx`: {_ops(fig["folded_ops"])}. Each BatchNormalization went into a Gemm:
+{folds}
+
+## Accuracy
+
+| | test accuracy ({fig["n_test"]} rows) |
+| --- | --- |
+| checkpoint, torch eval (`metrics.json`) | {metrics.get("test_accuracy", float("nan")):.4f} |
+| `model.onnx`, onnxruntime CPU, raw columns | {fig["acc_unfolded"]:.4f} |
+| `model.folded.onnx`, onnxruntime CPU, raw columns | {fig["acc_folded"]:.4f} |
+
+The folded model is right on {fig["acc_city_known"]:.4f} of the test rows with a city and
+{fig["acc_city_missing"]:.4f} of the {fig["n_city_missing"]} rows whose city is empty; with
+every test row's city emptied, it scores {fig["acc_city_blanked"]:.4f}: the categorical
+column carries most of the signal. Folded
+and unfolded pick the same class for {fig["argmax_agree"]} of {fig["n_test"]} rows; the
+largest logit difference between them is {fig["err_folded_unfolded"]:.2e}, and against a
+float64 numpy forward of the checkpoint (the same fill, lookup and embeddings in numpy) it is
+{fig["err_unfolded_f64"]:.2e} (unfolded) and {fig["err_folded_f64"]:.2e} (folded).
+
+## Files
+
+| file | bytes |
+| --- | --- |
+{file_rows}
+
+`sample_rows.csv` holds the first {N_SAMPLES} rows of the test split as CSV cells (the
+`label` column is the truth; the model ignores it); `sample_output.npy` the folded model's
+logits for them (onnxruntime, CPU).
+
+```python
+import csv, numpy as np, onnx, onnxruntime as ort
+from bn_onnx.columns import feeds_from_columns, read_columns
+
+path = "models/tabular/model.folded.onnx"
+columns = read_columns({{p.key: p.value for p in onnx.load(path).metadata_props}})
+rows = list(csv.DictReader(open("models/tabular/sample_rows.csv")))
+feeds = feeds_from_columns(columns, {{k: [r[k] for r in rows] for k in rows[0]}})
+logits = ort.InferenceSession(path).run(None, feeds)[0]  # == sample_output.npy
+```
+
+## How it was made
+
+`python tools/make_models.py`: `bn_onnx.train.train` with `bn-onnx train`'s defaults
+(`bn-onnx train --dataset {TABULAR_CSV} --target label`: hidden {list(cfg.hidden)}, adam,
+batch size 64, up to 60 epochs with patience 15) on one CPU thread with seed 0; the best
+validation epoch was {metrics.get("best_epoch")} of {metrics.get("epochs_run")}. Then
+`bn-onnx export` and `bn-onnx export --fold`. `checkpoint/config.json` records the data file
+as `models/tabular/{TABULAR_CSV}` (relative to the repository).
+
+Versions: {_versions(versions)}.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: regenerate models/ (or `--out`)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -236,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         make_digits(args.out, retrain=not args.from_checkpoint)
+        make_tabular(args.out, retrain=not args.from_checkpoint)
     except BnOnnxError as exc:
         print(f"make_models: error: {exc}", file=sys.stderr)
         return 2

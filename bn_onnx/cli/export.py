@@ -13,7 +13,10 @@ The unfolded file holds one BatchNormalization node per batch-norm layer (the in
 normalization included): Gemm -> BatchNormalization -> Relu ... . With --fold every one is
 folded into its neighbouring Gemm and none remains. Input `input` float32 [batch, features],
 output `logits` (classification) or `prediction` (regression); the metadata holds the model
-config, preprocessing and class names.
+config, preprocessing and class names. A tabular checkpoint (categorical columns or missing
+values) gives a file that takes the raw columns instead, `continuous` float32 (NaN = missing)
+and `categorical` strings ("" = missing), with the fill, indicators, category lookup and
+embeddings inside the graph and the columns in the metadata `bn_onnx.columns`.
 
 example:
   bn-onnx export runs/digits -o digits.onnx

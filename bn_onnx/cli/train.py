@@ -9,7 +9,7 @@ from typing import Any
 
 from bn_onnx.cli._common import int_list, non_negative_float, non_negative_int, positive_int
 
-DATASETS = "digits, wine, breast-cancer, iris, synthetic, or a .csv/.npz file"
+DATASETS = "digits, wine, breast-cancer, iris, synthetic, or a .csv/.parquet/.npz file"
 
 
 def _fraction(text: str) -> float:
@@ -17,6 +17,13 @@ def _fraction(text: str) -> float:
     if not 0 < value < 0.5:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 0.5, got {text}")
     return value
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated column names, e.g. city,zip")
+    return names
 
 
 def _dropout(text: str) -> float:
@@ -58,6 +65,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "  bn-onnx train --dataset iris --hidden 32,16 --bn post --activation tanh "
             "--out runs/iris\n"
             "  bn-onnx train --dataset data.csv --target label --out runs/csv\n"
+            "  bn-onnx train --dataset people.parquet --target label --categorical zip "
+            "--out runs/people\n"
             "  bn-onnx train --dataset synthetic --task regression --samples 5000 --out runs/reg\n"
             "  bn-onnx train --nproc 2 --dataset digits --out runs/ddp   "
             "(DistributedDataParallel)"
@@ -72,7 +81,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"training data: {DATASETS} (default: digits)",
     )
     data.add_argument(
-        "--target", metavar="COLUMN", help="target column of a CSV file (required for CSV)"
+        "--target",
+        metavar="COLUMN",
+        help="target column of a CSV or Parquet file (required for them)",
+    )
+    data.add_argument(
+        "--categorical",
+        type=_names,
+        metavar="A,B",
+        help="columns of a file to treat as categories (learned embeddings); others are "
+        "inferred: numbers are continuous, anything else categorical",
+    )
+    data.add_argument(
+        "--continuous",
+        type=_names,
+        metavar="C,D",
+        help="columns of a file to treat as numbers (a text cell is then an error); an "
+        "empty cell is a missing value, filled with the training median",
     )
     data.add_argument(
         "--task",
@@ -149,6 +174,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=_dropout,
         default=0.0,
         help="dropout probability after each hidden block (default: 0)",
+    )
+    model.add_argument(
+        "--embedding-dropout",
+        metavar="P",
+        type=_dropout,
+        default=0.0,
+        help="dropout on the categorical embeddings of a tabular model (default: 0)",
     )
     model.add_argument(
         "--bn-eps",
@@ -271,6 +303,9 @@ def _settings(args: argparse.Namespace) -> Any:
         test_fraction=args.test_fraction,
         device=args.device,
         threads=args.threads,
+        categorical=tuple(args.categorical) if args.categorical else None,
+        continuous=tuple(args.continuous) if args.continuous else None,
+        embedding_dropout=args.embedding_dropout,
     )
 
 
@@ -306,11 +341,14 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         "dataset", "target", "task", "samples", "features", "classes", "val_fraction",
         "test_fraction", "bn", "activation", "dropout", "bn_eps", "bn_momentum", "optimizer",
         "lr", "weight_decay", "epochs", "batch_size", "patience", "seed", "device", "threads",
-        "out",
+        "embedding_dropout", "out",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
+    for name in ("categorical", "continuous"):
+        if getattr(args, name):
+            argv += [f"--{name}", ",".join(getattr(args, name))]
     argv += ["--hidden", ",".join(str(h) for h in args.hidden)]
     if args.quiet:
         argv.append("--quiet")
@@ -379,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_out(args.out)
     check_dataset_name(args.dataset)  # before the slow torch import
-    if args.dataset.lower().endswith((".csv", ".npz")):
+    if args.dataset.lower().endswith((".csv", ".parquet", ".npz")):
         check_input_file(args.dataset, "dataset file")
     from bn_onnx import distributed
 
