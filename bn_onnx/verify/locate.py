@@ -138,6 +138,17 @@ def _node_label(node: onnx.NodeProto | None) -> str | None:
     return f"{node.op_type} -> {', '.join(o for o in node.output if o)}"
 
 
+def reads(node: onnx.NodeProto, initializers: set[str]) -> list[str]:
+    """The initializers a node reads, its subgraphs' outer-scope reads included."""
+    names = list(node.input)
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names += reads(inner, initializers)
+    return [n for n in dict.fromkeys(names) if n in initializers]
+
+
 def region(model: onnx.ModelProto, tensor: str, agree: set[str]) -> list[onnx.NodeProto]:
     """The nodes computing `tensor` from values known to agree (or the graph inputs).
 
@@ -229,7 +240,7 @@ def by_names(
         loc.first = p
         nodes = region(ma, p.name, agree | renamed_here)
         loc.nodes = [str(_node_label(n)) for n in nodes]
-        loc.reads = list(dict.fromkeys(i for n in nodes for i in n.input if i in init))
+        loc.reads = list(dict.fromkeys(i for n in nodes for i in reads(n, init)))
         loc.expected_node = _node_label(producers_e.get(p.expected_name))
     notes = []
     if renamed_here:

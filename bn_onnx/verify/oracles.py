@@ -87,21 +87,28 @@ def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
 
 
 def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-feature (mean, variance) of each input from the checkpoint's preprocessing."""
+    """Per-feature (mean, var + eps) of each input from the checkpoint's input normalization.
+
+    var + eps is what the model divides by: a feature with no variance in training is probed
+    at sqrt(eps), the scale at which the model sees values of order 1.
+    """
     tensors = checkpoint.tensors
+    eps = float(getattr(checkpoint.config, "bn_eps", 1e-5))
     if "input_norm.running_mean" in tensors:
         return {
             INPUT_NAME: (
                 np.asarray(tensors["input_norm.running_mean"], np.float64),
-                np.asarray(tensors["input_norm.running_var"], np.float64),
+                np.asarray(tensors["input_norm.running_var"], np.float64) + eps,
             )
         }
     norm = checkpoint.preprocessing.get("input_norm")
     if isinstance(norm, dict) and "mean" in norm and "var" in norm:
         try:
-            return {INPUT_NAME: (np.asarray(norm["mean"], float), np.asarray(norm["var"], float))}
+            eps = float(norm.get("eps", eps))
+            mean, var = np.asarray(norm["mean"], float), np.asarray(norm["var"], float)
         except (TypeError, ValueError):
             return {}
+        return {INPUT_NAME: (mean, var + eps)}
     return {}
 
 

@@ -4,11 +4,14 @@ Real data shows the models agree where they are used; it cannot show it where th
 goes (a pixel that is always 0 multiplies a weight column nobody checks). So a random probe
 always runs too, spanning each input's range:
 
-- float inputs: N(mean, std) of the checkpoint's input statistics; else uniform over the given
-  data's per-feature [min, max] (axis 1: the column of a table, the channel of an image); else
-  N(0, 1). A feature that never varies (std 0, min == max) is spread by max(|value|, 1) around
-  its value, so that its weights are exercised too. Columns that the model's metadata
-  (`bn_onnx.columns`) marks continuous get 10% NaN (missing values).
+- float inputs: N(mean, std) of the checkpoint's input statistics, else of the
+  BatchNormalization that normalizes the input in the graph (std = sqrt(var + eps): the scale
+  the model itself divides by, so a feature whose training variance was 0 is probed at
+  sqrt(eps), not at a scale the model multiplies by 316); else uniform over the given data's
+  per-feature [min, max] (axis 1: the column of a table, the channel of an image); else
+  N(0, 1). A feature that never varies in the given data (min == max) is spread by
+  max(|value|, 1) around its value, so that its weights are exercised too. Columns that the
+  model's metadata (`bn_onnx.columns`) marks continuous get 10% NaN (missing values).
 - integer inputs: below the size of the axis they index where they feed a Gather,
   GatherElements, GatherND or OneHot (through Cast, Reshape and similar, and Add of a constant
   offset); else the codes of a categorical column's vocabulary; else the keys of an
@@ -353,6 +356,45 @@ def index_uses(model: onnx.ModelProto, name: str) -> tuple[int | None, list[str]
     return (min(bounds) if bounds else None), keys
 
 
+_PASS_THROUGH = ("Identity", "Cast")
+
+
+def graph_input_stats(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-feature (mean, var + eps) of BatchNormalization nodes that normalize a graph input.
+
+    Only a BN reading the input directly (or through Identity or Cast) with constant
+    statistics counts: it is the model's own input normalization.
+    """
+    init = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for n in node.input[:1]:
+            consumers.setdefault(n, []).append(node)
+    out = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        frontier = [vi.name]
+        while frontier:
+            t = frontier.pop()
+            for node in consumers.get(t, []):
+                if node.op_type in _PASS_THROUGH:
+                    frontier.extend(node.output[:1])
+                elif (
+                    node.op_type == "BatchNormalization"
+                    and len(node.input) >= 5
+                    and node.input[3] in init
+                    and node.input[4] in init
+                    and vi.name not in out
+                ):
+                    eps = float(_attr(node, "epsilon", 1e-5))
+                    mean = numpy_helper.to_array(init[node.input[3]]).astype(np.float64)
+                    var = numpy_helper.to_array(init[node.input[4]]).astype(np.float64)
+                    if mean.ndim == 1:
+                        out[vi.name] = (mean, var + eps)
+    return out
+
+
 def _column_values(columns: list[dict[str, Any]], name: str) -> list[list[str]] | None:
     mine = [c for c in columns if c.get("input") == name and c.get("kind") == "categorical"]
     if not mine:
@@ -372,6 +414,7 @@ def input_ranges(
     """How to draw random values for each input (see the module docstring for the order)."""
     columns = columns_metadata(model)
     stats = stats or {}
+    in_graph = graph_input_stats(model)
     out: dict[str, InputRange] = {}
     for spec in inputs:
         name = spec.name
@@ -390,7 +433,11 @@ def input_ranges(
                 if any(c.get("input") == name and c.get("kind") == "continuous" for c in columns)
                 else 0.0
             )
-            out[name] = _float_range(name, given, stats.get(name), stats_source, missing)
+            if name in stats:
+                stat, source = stats[name], stats_source
+            else:
+                stat, source = in_graph.get(name), "the input's BatchNormalization in the graph"
+            out[name] = _float_range(name, given, stat, source, missing)
         elif spec.kind == "int":
             bound, keys = index_uses(model, name)
             vocab = _column_values(columns, name)
@@ -445,15 +492,9 @@ def _float_range(
     if stat is not None:
         mean = np.asarray(stat[0], dtype=np.float64)
         std = np.sqrt(np.maximum(np.asarray(stat[1], dtype=np.float64), 0.0))
-        flat = std == 0
-        std = np.where(flat, np.maximum(np.abs(mean), 1.0), std)
-        note = (
-            f"; {int(flat.sum())} constant feature(s) spread by max(|mean|, 1)"
-            if flat.any()
-            else ""
-        )
+        std = np.where(std > 0, std, 1.0)  # no epsilon known and no variance: unit spread
         return InputRange(
-            "normal", f"N(mean, std) of {stats_source}{note}{extra}", mean, std, missing=missing
+            "normal", f"N(mean, std) of {stats_source}{extra}", mean, std, missing=missing
         )
     if given is not None and given.size:
         g = given.astype(np.float64)
