@@ -564,3 +564,58 @@ def test_float64_reference_equals_the_numpy_mlp_oracle(engine):
         rtol=1e-12,
         atol=1e-12,
     )
+
+
+# ---- probes ----------------------------------------------------------------------------------
+
+
+def test_given_rows_fill_a_fixed_batch_run_by_run():
+    from bn_onnx.verify.probes import data_probe
+    from bn_onnx.verify.signature import TensorSpec
+
+    spec = [TensorSpec("x", onnx.TensorProto.FLOAT, (2, 3))]
+    x = np.arange(15, dtype=np.float64).reshape(5, 3)
+    p = data_probe(spec, {"x": x}, "given")
+    assert (p.runs, p.rows) == (3, 6) and p.feeds[0]["x"].dtype == np.float32
+    np.testing.assert_array_equal(p.feeds[2]["x"], x[[4, 0]])
+    assert "filled up with the first rows" in p.notes[0]
+    x[3, 1] = np.nan
+    with pytest.raises(InputDataError, match=r"1 non-finite value\(s\) .* first at \[3, 1\]"):
+        data_probe(spec, {"x": x}, "given")
+    with pytest.raises(InputDataError, match="has 4 features \(columns\), the model expects 3"):
+        data_probe(spec, {"x": np.zeros((2, 4))}, "given")
+    with pytest.raises(InputDataError, match="takes float32, got <U1"):
+        data_probe(spec, {"x": np.array([["a", "b", "c"]])}, "given")
+
+
+def test_random_ranges_follow_the_input_bn_then_the_data_then_unit_normal():
+    from bn_onnx import graphs
+    from bn_onnx.verify.probes import input_ranges, random_probe
+    from bn_onnx.verify.signature import plan_shapes, signature
+
+    model = graphs.build_mlp([4, 6, 2], "unfolded", seed=0)
+    sig = signature(model)
+    data_probe = verify.probes.data_probe(
+        sig.inputs, {"input": np.array([[1.0, 5, 0, -2], [3, 5, 0, 4]], np.float32)}, "d"
+    )
+    ranges = input_ranges(model, sig.inputs, data=data_probe)
+    r = ranges["input"]
+    assert r.kind == "uniform" and "given data" in r.source and "2 constant feature(s)" in r.source
+    np.testing.assert_array_equal(r.center, [1, 0, -1, -2])  # constant 5 and 0 spread by 5 and 1
+    np.testing.assert_array_equal(r.spread, [3, 10, 1, 4])
+    x = random_probe(sig.inputs, plan_shapes(sig.inputs, rows=500), ranges, 0).feeds[0]["input"]
+    assert (x.min(0) >= [1, 0, -1, -2]).all() and (x.max(0) <= [3, 10, 1, 4]).all()
+    assert (x.max(0) - x.min(0) > [1.8, 9, 1.8, 5.5]).all()  # spans each range
+    # a model whose input goes through a BatchNormalization: its statistics, var + eps
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[N, 2] x) => (float[N, 2] y) {{
+          c = Identity (x)
+          y = BatchNormalization <epsilon=0.01> (c, s, b, mu, var)
+        }}""",
+        {"s": np.ones(2), "b": np.zeros(2), "mu": np.array([3.0, -1]), "var": np.array([4.0, 0])},
+    )
+    (r,) = input_ranges(model, signature(model).inputs).values()
+    assert r.kind == "normal" and "BatchNormalization in the graph" in r.source
+    np.testing.assert_allclose(r.center, [3, -1])
+    np.testing.assert_allclose(r.spread, [np.sqrt(4.01), 0.1])
