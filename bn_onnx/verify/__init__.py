@@ -27,7 +27,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bn_onnx.compare import TolerancePolicy, compare_outputs, lowest_precision
+from bn_onnx.compare import (
+    TolerancePolicy,
+    compare_outputs,
+    is_float_dtype,
+    lowest_precision,
+)
 from bn_onnx.errors import BnOnnxError, ProviderError, UnsupportedModelError, UsageError
 from bn_onnx.onnx_meta import get_metadata
 from bn_onnx.runtime import CUDA, resolve_providers, short_name
@@ -341,9 +346,21 @@ class _Verifier:
         self.report.pairs.append(pair)
         return pair
 
+    def warn_nonfinite(self, base: Run) -> None:
+        for probe, outputs in base.outputs.items():
+            for name, arr in outputs.items():
+                if is_float_dtype(arr.dtype) and not np.isfinite(arr.astype(np.float64)).all():
+                    n = int(np.sum(~np.isfinite(arr.astype(np.float64))))
+                    self.report.warnings.append(
+                        f"{base.label} has {n} of {arr.size} values of {name} ({probe} probe) "
+                        "that are NaN or infinite: there a run matches only the same value"
+                    )
+
     def add_pairs(self, used: list[str]) -> None:
         runs = {r.label: r for r in self.report.runs}
         base = runs.get(CKPT) or runs.get(F64)
+        if base is not None:
+            self.warn_nonfinite(base)
         model_runs = [r for r in self.report.runs if r.kind == "onnx"]
         for p in self.report.probes:
             if base is not None:

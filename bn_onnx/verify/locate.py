@@ -224,30 +224,52 @@ def by_names(
         loc.points.append(_point(a, e, va[a], ve[e], policy, scale, producers.get(a)))
     shared = {p.name for p in loc.points}
     agree = {p.name for p in loc.points if p.passed}
-    # A value that differs while a value computed straight from it agrees holds something
-    # else under the same name (a fold that kept a Gemm's output name for the Gemm+BN value),
-    # not a divergence: the computation reading it is right.
+    # A shared name may hold another value in each graph: a fold that kept a Gemm's output
+    # name for the Gemm+BN value, or a Dropout's output name after moving a BN across it.
+    # Such a value is not a divergence. Two signs: (1) a value computed straight from it
+    # agrees; (2) it differs although it is computed without any weight from values that
+    # agree (a weight-free node cannot diverge by itself).
     for p in loc.points:
         if p.passed:
             for node in region(ma, p.name, shared - {p.name}):
                 for name in node.input:
                     if name in shared and name not in agree:
                         renamed_here.add(name)
+    known = agree | {i.name for i in ma.graph.input} | init
+    float_init = {t.name for t in ma.graph.initializer if t.data_type in FLOAT_TYPES}
+    candidates = []
+    for p in loc.points:
+        if p.passed:
+            continue
+        if p.name not in renamed_here:
+            nodes = region(ma, p.name, agree | renamed_here)
+            made = {o for n in nodes for o in n.output}
+            inputs = {i for n in nodes for i in n.input if i and i not in made}
+            weight_free = not any(reads(n, float_init) for n in nodes)
+            if weight_free and inputs <= known | renamed_here:
+                renamed_here.add(p.name)
+            else:
+                candidates.append((p, nodes))
     for p in loc.points:
         p.same_name_other_value = p.name in renamed_here
-        if p.passed or p.same_name_other_value or loc.first is not None:
-            continue
-        loc.first = p
-        nodes = region(ma, p.name, agree | renamed_here)
+    if not candidates:  # nothing else differs: the first renamed-looking value is the answer
+        first = next((p for p in loc.points if not p.passed), None)
+        if first is not None:
+            first.same_name_other_value = False
+            renamed_here.discard(first.name)
+            candidates = [(first, region(ma, first.name, agree))]
+    if candidates:
+        first, nodes = candidates[0]
+        loc.first = first
         loc.nodes = [str(_node_label(n)) for n in nodes]
         loc.reads = list(dict.fromkeys(i for n in nodes for i in reads(n, init)))
-        loc.expected_node = _node_label(producers_e.get(p.expected_name))
+        loc.expected_node = _node_label(producers_e.get(first.expected_name))
     notes = []
     if renamed_here:
         notes.append(
-            f"{len(renamed_here)} shared name(s) hold other values in the two graphs while "
-            f"their readers agree ({', '.join(sorted(renamed_here)[:3])}"
-            f"{', ...' if len(renamed_here) > 3 else ''}): not counted as divergences"
+            f"{len(renamed_here)} shared name(s) seem to hold other values in the two graphs "
+            f"({', '.join(sorted(renamed_here)[:3])}{', ...' if len(renamed_here) > 3 else ''}"
+            "): not counted as divergences"
         )
     if skipped:
         notes.append(f"{skipped} shared name(s) without a comparable value were skipped")
