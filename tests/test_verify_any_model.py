@@ -582,7 +582,7 @@ def test_given_rows_fill_a_fixed_batch_run_by_run():
     x[3, 1] = np.nan
     with pytest.raises(InputDataError, match=r"1 non-finite value\(s\) .* first at \[3, 1\]"):
         data_probe(spec, {"x": x}, "given")
-    with pytest.raises(InputDataError, match="has 4 features \(columns\), the model expects 3"):
+    with pytest.raises(InputDataError, match=r"has 4 features \(columns\), the model expects 3"):
         data_probe(spec, {"x": np.zeros((2, 4))}, "given")
     with pytest.raises(InputDataError, match="takes float32, got <U1"):
         data_probe(spec, {"x": np.array([["a", "b", "c"]])}, "given")
@@ -619,3 +619,33 @@ def test_random_ranges_follow_the_input_bn_then_the_data_then_unit_normal():
     assert r.kind == "normal" and "BatchNormalization in the graph" in r.source
     np.testing.assert_allclose(r.center, [3, -1])
     np.testing.assert_allclose(r.spread, [np.sqrt(4.01), 0.1])
+
+
+def test_locate_past_a_dropout_a_bn_was_moved_across(tmp_path):
+    # BN -> Dropout -> MatMul: the fold moves the BN through the Dropout into the MatMul, and
+    # the Dropout keeps its output name for a value without the BN
+    rng = np.random.default_rng(12)
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[N, 4] x) => (float[N, 3] y) {{
+          n = BatchNormalization (x, s, b, mu, var)
+          d = Dropout (n)
+          m = MatMul (d, W)
+          y = Relu (m)
+        }}""",
+        {"W": rng.normal(size=(4, 3)).astype(np.float32), **bn_params(rng, 4)},
+    )
+    u, f = pair(model, tmp_path)
+    assert verify.verify([u, f], provider="cpu").passed
+    folded = onnx.load(f)
+    weight = next(n.input[1] for n in folded.graph.node if n.op_type in ("MatMul", "Gemm"))
+    bad = tmp_path / "bad.onnx"
+    tamper(f, bad, weight)
+    report = verify.verify([u, bad], provider="cpu", locate=True)
+    (loc,) = report.locations
+    assert loc.first.name == "d" and loc.weight_free
+    assert loc.expected_nodes == ["BatchNormalization -> n", "Dropout -> d"]
+    assert loc.weighted is not None and weight in loc.reads
+    text = verify.render(report)
+    assert "computed without weights from values that agree" in text
+    assert "next divergence computed with weights" in text

@@ -53,7 +53,11 @@ class Location:
 
     `nodes` are the nodes of the actual graph between the last values that agree and the first
     that diverges (usually one: the node next to a changed weight), `reads` the initializers
-    they read (their weights); `expected_node` computes the same value on the expected side.
+    they read (their weights); `expected_node` computes the same value on the expected side,
+    `expected_nodes` are the expected graph's nodes over the same stretch. When the first
+    diverging value is computed without weights from values that agree (`weight_free`: the
+    other graph computes it with a BN this one moved or dropped), `weighted` is the next
+    diverging value that weights compute, and `nodes` and `reads` are that one's.
     """
 
     actual: str
@@ -62,6 +66,8 @@ class Location:
     method: str  # "tensor names" | "MLP matching points"
     points: list[Point] = field(default_factory=list)
     first: Point | None = None
+    weight_free: bool = False
+    weighted: Point | None = None
     nodes: list[str] = field(default_factory=list)
     reads: list[str] = field(default_factory=list)
     expected_node: str | None = None
@@ -78,6 +84,8 @@ class Location:
             "method": self.method,
             "first": self.first.to_dict() if self.first else None,
             "node": self.first.node if self.first else None,
+            "weight_free": self.weight_free,
+            "weighted": self.weighted.to_dict() if self.weighted else None,
             "nodes": self.nodes,
             "reads": self.reads,
             "expected_node": self.expected_node,
@@ -224,46 +232,45 @@ def by_names(
         loc.points.append(_point(a, e, va[a], ve[e], policy, scale, producers.get(a)))
     shared = {p.name for p in loc.points}
     agree = {p.name for p in loc.points if p.passed}
-    # A shared name may hold another value in each graph: a fold that kept a Gemm's output
-    # name for the Gemm+BN value, or a Dropout's output name after moving a BN across it.
-    # Such a value is not a divergence. Two signs: (1) a value computed straight from it
-    # agrees; (2) it differs although it is computed without any weight from values that
-    # agree (a weight-free node cannot diverge by itself).
+    # A shared name may hold another value in each graph (a fold that kept a Gemm's output
+    # name for the Gemm+BN value): when a value computed straight from it agrees, it is not
+    # a divergence.
     for p in loc.points:
         if p.passed:
             for node in region(ma, p.name, shared - {p.name}):
                 for name in node.input:
                     if name in shared and name not in agree:
                         renamed_here.add(name)
-    known = agree | {i.name for i in ma.graph.input} | init
-    float_init = {t.name for t in ma.graph.initializer if t.data_type in FLOAT_TYPES}
-    candidates = []
-    for p in loc.points:
-        if p.passed:
-            continue
-        if p.name not in renamed_here:
-            nodes = region(ma, p.name, agree | renamed_here)
-            made = {o for n in nodes for o in n.output}
-            inputs = {i for n in nodes for i in n.input if i and i not in made}
-            weight_free = not any(reads(n, float_init) for n in nodes)
-            if weight_free and inputs <= known | renamed_here:
-                renamed_here.add(p.name)
-            else:
-                candidates.append((p, nodes))
     for p in loc.points:
         p.same_name_other_value = p.name in renamed_here
-    if not candidates:  # nothing else differs: the first renamed-looking value is the answer
-        first = next((p for p in loc.points if not p.passed), None)
-        if first is not None:
-            first.same_name_other_value = False
-            renamed_here.discard(first.name)
-            candidates = [(first, region(ma, first.name, agree))]
-    if candidates:
-        first, nodes = candidates[0]
+    diverging = [p for p in loc.points if not p.passed and p.name not in renamed_here]
+    if not diverging:  # nothing else differs: the first renamed-looking value is the answer
+        diverging = [p for p in loc.points if not p.passed][:1]
+        for p in diverging:
+            p.same_name_other_value = False
+            renamed_here.discard(p.name)
+    if diverging:
+        float_init = {t.name for t in ma.graph.initializer if t.data_type in FLOAT_TYPES}
+        stop = agree | renamed_here
+        first = diverging[0]
+        nodes = region(ma, first.name, stop)
         loc.first = first
+        loc.expected_node = _node_label(producers_e.get(first.expected_name))
+        agree_e = {p.expected_name for p in loc.points if p.passed}
+        loc.expected_nodes = [str(_node_label(n)) for n in region(me, first.expected_name, agree_e)]
+        if not any(reads(n, float_init) for n in nodes):
+            # Computed without weights from values that agree: the other graph computes it
+            # differently (a BN moved across this node, or dropped). Name the next diverging
+            # value that weights compute, too: with a moved BN, that is where it went.
+            loc.weight_free = True
+            later = [(p, region(ma, p.name, stop | {first.name})) for p in diverging[1:]]
+            weighted = next(
+                ((p, n) for p, n in later if any(reads(x, float_init) for x in n)), None
+            )
+            if weighted is not None:
+                loc.weighted, nodes = weighted
         loc.nodes = [str(_node_label(n)) for n in nodes]
         loc.reads = list(dict.fromkeys(i for n in nodes for i in reads(n, init)))
-        loc.expected_node = _node_label(producers_e.get(first.expected_name))
     notes = []
     if renamed_here:
         notes.append(

@@ -325,12 +325,22 @@ def _render_location(loc: Location) -> list[str]:
         lines.append(f"  no divergence among {len(points)} shared values")
     elif loc.method == "tensor names":
         lines.append(f"  first divergence: {first.name}, computed by {first.node}")
+        if loc.expected_nodes:
+            lines.append(f"    in {loc.expected}: {', '.join(loc.expected_nodes)}")
+        if loc.weight_free:
+            lines.append(
+                "    computed without weights from values that agree: the graphs compute it "
+                "differently (a batch norm moved across this node, or dropped)"
+            )
+            if loc.weighted is not None:
+                lines.append(
+                    f"  next divergence computed with weights: {loc.weighted.name}, computed "
+                    f"by {loc.weighted.node}"
+                )
         if len(loc.nodes) > 1:
             lines.append(f"    from the last values that agree: {', '.join(loc.nodes)}")
         if loc.reads:
             lines.append(f"    reading initializers {', '.join(loc.reads)}")
-        if loc.expected_node:
-            lines.append(f"    in {loc.expected}: node {loc.expected_node}")
     else:
         lines.append(f"  first divergence: {layer_words(first.name)}")
         lines.append(f"    nodes in {loc.actual}: {', '.join(loc.actual_nodes) or '-'}")
