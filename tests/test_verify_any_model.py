@@ -485,6 +485,7 @@ def test_a_quantized_model_falls_back_to_float32_pairs_and_says_why(tmp_path):
     (o,) = p.comparison.outputs
     assert (o.atol, o.rtol) == (2e-5, 2e-4) and o.origin == "float32 default x2 (two float runs)"
     assert report.passed
+    assert "so each model is compared with the first one" in verify.render(report)
     bad = tmp_path / "bad.onnx"
     tamper(f, bad)
     assert not verify.verify([u, bad], provider="cpu")

@@ -27,16 +27,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bn_onnx.compare import (
-    TolerancePolicy,
-    compare_outputs,
-    is_float_dtype,
-    lowest_precision,
-)
+from bn_onnx.compare import TolerancePolicy
 from bn_onnx.errors import BnOnnxError, ProviderError, UnsupportedModelError, UsageError
 from bn_onnx.onnx_meta import get_metadata
 from bn_onnx.runtime import CUDA, resolve_providers, short_name
-from bn_onnx.verify import float64, oracles, probes, signature
+from bn_onnx.verify import float64, oracles, pairs, probes, signature
 from bn_onnx.verify import locate as locating
 from bn_onnx.verify.locate import Location
 from bn_onnx.verify.oracles import TorchRunner
@@ -61,8 +56,6 @@ __all__ = [
 
 DEFAULT_ROWS = 256
 REFERENCE = "reference"  # the pseudo-provider: onnx.reference in the model's own dtypes
-PAIR_SCALE = 2.0  # two float runs, each within tolerance of the truth, may be twice as far apart
-PAIR_REASON = "two float runs"
 F64 = "float64 reference"
 CKPT = "float64 checkpoint"
 TORCH = "torch eval"
@@ -236,12 +229,9 @@ class _Verifier:
     def add_checkpoint(self) -> None:
         out = self.m.outputs[0]
         run = Run(CKPT, "checkpoint", f"numpy float64 forward of {self.ckpt_path}")
-        self.ckpt_taps: dict[str, Any] = {}
         try:
             for p in self.report.probes:
-                run.outputs[p.kind], self.ckpt_taps[p.kind] = oracles.float64_outputs(
-                    self.ckpt, p.feeds, out
-                )
+                run.outputs[p.kind], _ = oracles.float64_outputs(self.ckpt, p.feeds, out)
         except BnOnnxError as exc:
             self.report.warnings.append(f"the checkpoint's float64 forward cannot run: {exc}")
             return
@@ -250,9 +240,8 @@ class _Verifier:
             self.report.warnings.append("torch is not installed: torch eval skipped")
             return
         trun = Run(TORCH, "torch", "torch float32, CPU, eval mode")
-        self.torch_taps: dict[str, Any] = {}
         for p in self.report.probes:
-            trun.outputs[p.kind], self.torch_taps[p.kind] = oracles.torch_outputs(
+            trun.outputs[p.kind], _ = oracles.torch_outputs(
                 self.torch_runner, str(self.ckpt_path), p.feeds, out
             )
         self.report.runs.append(trun)
@@ -318,86 +307,6 @@ class _Verifier:
             )
             return _reference_runner(proto), REFERENCE_DETAIL, REFERENCE
         return runner, f"onnxruntime {runner.info.describe()}", prov
-
-    # -- pairs --------------------------------------------------------------------------------
-
-    def compare(self, probe: str, a: Run, b: Run, *, counted: bool, kind: str) -> Pair:
-        scale, why = (PAIR_SCALE, PAIR_REASON) if kind != "float64" else (1.0, "")
-        inside = [a.compute_dtype] if kind == "float64" else [a.compute_dtype, b.compute_dtype]
-        dtypes = {
-            name: lowest_precision(arr.dtype, *inside) for name, arr in a.outputs[probe].items()
-        }
-        comp = compare_outputs(
-            a.outputs[probe],
-            b.outputs[probe],
-            policy=self.policy,
-            scale=scale,
-            scale_reason=why,
-            actual_label=a.label,
-            expected_label=b.label,
-            classifier=bool(self.classifier),
-            equal_nan=True,
-            tolerance_dtypes=dtypes,
-        )
-        for o in comp.outputs:
-            if o.name not in self.classifier:
-                o.argmax_agreement = None
-        pair = Pair(probe, a.label, b.label, comp, counted, kind if counted else "info")
-        self.report.pairs.append(pair)
-        return pair
-
-    def warn_nonfinite(self, base: Run) -> None:
-        for probe, outputs in base.outputs.items():
-            for name, arr in outputs.items():
-                if is_float_dtype(arr.dtype) and not np.isfinite(arr.astype(np.float64)).all():
-                    n = int(np.sum(~np.isfinite(arr.astype(np.float64))))
-                    self.report.warnings.append(
-                        f"{base.label} has {n} of {arr.size} values of {name} ({probe} probe) "
-                        "that are NaN or infinite: there a run matches only the same value"
-                    )
-
-    def add_pairs(self, used: list[str]) -> None:
-        runs = {r.label: r for r in self.report.runs}
-        base = runs.get(CKPT) or runs.get(F64)
-        if base is not None:
-            self.warn_nonfinite(base)
-        model_runs = [r for r in self.report.runs if r.kind == "onnx"]
-        for p in self.report.probes:
-            if base is not None:
-                for r in self.report.runs:
-                    if r is not base:
-                        self.compare(p.kind, r, base, counted=True, kind="float64")
-            for prov in used:
-                same = [r for r in model_runs if r.label.endswith(f"[{prov}]")]
-                for r in same[1:]:
-                    if base is None:
-                        self.compare(p.kind, r, same[0], counted=True, kind="float32 pair")
-                    else:
-                        self.compare(p.kind, r, same[0], counted=False, kind="info")
-        if base is None:
-            return
-        errors = {
-            (pr.probe, pr.actual): pr for pr in self.report.pairs if pr.expected == base.label
-        }
-        for p in self.report.probes:
-            for prov in used:
-                same = [r for r in model_runs if r.label.endswith(f"[{prov}]")]
-                unf = [r for r in same if not r.folded]
-                fol = [r for r in same if r.folded]
-                if unf and fol:
-                    u, f = errors[(p.kind, unf[0].label)], errors[(p.kind, fol[0].label)]
-                    self.report.folding.append(
-                        FoldingRow(
-                            p.kind,
-                            prov,
-                            unf[0].label,
-                            fol[0].label,
-                            u.max_abs,
-                            f.max_abs,
-                            u.median_abs,
-                            f.median_abs,
-                        )
-                    )
 
     # -- locate -------------------------------------------------------------------------------
 
@@ -472,7 +381,7 @@ class _Verifier:
 
     def _locate_pair(self, pair: Pair, renamed: Mapping[str, str] | None) -> Location:
         feed = self._feed(pair)
-        scale = 1.0 if pair.kind == "float64" else PAIR_SCALE
+        scale = 1.0 if pair.kind == "float64" else pairs.PAIR_SCALE
         expected = pair.expected
         note = None
         if expected == CKPT and pair.actual != F64 and self.ref:
@@ -587,7 +496,7 @@ def verify(
     used = v.add_models(providers, provider.strip().lower() == "auto")
     if not used:
         raise ProviderError("no execution provider could run the models")
-    v.add_pairs(used)
+    pairs.add_pairs(report, used, policy, v.classifier, baseline=(CKPT, F64))
     if not report.counted:
         raise UnsupportedModelError(
             f"nothing to compare: one model and no float64 reference "

@@ -212,6 +212,12 @@ def render(report: VerifyReport) -> str:
             lines.append(f"          {note}")
     if report.reference is not None:
         lines.append(f"float64 reference: {report.reference}")
+    if any(p.kind == "float32 pair" for p in report.pairs):
+        lines.append(
+            "  so each model is compared with the first one on the same provider instead "
+            "(float32 pairs, counted, at twice the default tolerance: both sides carry "
+            "rounding error)"
+        )
     lines.append("tolerance (an element fails only where |a - b| > atol + rtol * |b|):")
     for name, dtype, o in report.tolerances():
         lines.append(f"  {name} ({dtype}): atol {_fmt(o.atol)}, rtol {_fmt(o.rtol)} [{o.origin}]")
