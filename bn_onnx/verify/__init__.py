@@ -8,7 +8,8 @@ The pieces, composed by `verify()` (and by `bn-onnx verify` through it):
 - `runs`: a model on an execution provider (or onnx.reference), every output by name;
 - `float64`: the float64 reference of any graph (its float tensors cast to double, run in
   onnxruntime or onnx.reference); `oracles`: a checkpoint's own float64 forward and torch eval;
-- `bn_onnx.compare`: per-output comparison with per-dtype tolerances and overrides;
+- `bn_onnx.compare`: per-output comparison with per-dtype tolerances and overrides; `pairs`:
+  which runs are compared with which;
 - `locate`: the first intermediate tensor where two runs part ways; `report`: the result.
 
 Reference chain (DESIGN.md): float64 (checkpoint, else the first unfolded graph) -> torch
