@@ -78,6 +78,250 @@ def batch_norm(x: Array, gamma: Any, beta: Any, mean: Any, var: Any, eps: float)
     return z
 
 
+def batch_norm_node(
+    x: Array,
+    scale: Any,
+    bias: Any,
+    mean: Any,
+    var: Any,
+    epsilon: float | None = None,
+    training_mode: int | None = None,
+    spatial: int | None = None,
+) -> Array:
+    """An inference BatchNormalization node of any opset, by its equation, in float64.
+
+    Parameters of rank > 1 (opset < 9 with `spatial=0`: one value per element of a sample)
+    broadcast against one sample; rank-1 ones are per channel (axis 1).
+
+    Raises:
+        UnsupportedModelError: `training_mode=1` (batch statistics are not an inference map).
+    """
+    if training_mode:
+        raise UnsupportedModelError(
+            "the float64 reference cannot run BatchNormalization with training_mode=1"
+        )
+    eps = 1e-5 if epsilon is None else float(epsilon)
+    params = [np.asarray(p, dtype=np.float64) for p in (scale, bias, mean, var)]
+    if params[0].ndim > 1 or (spatial == 0 and params[0].size == int(np.prod(np.shape(x)[1:]))):
+        x = np.asarray(x, dtype=np.float64)
+        s, b, m, v = (p.reshape(1, *x.shape[1:]) for p in params)
+        return (x - m) / np.sqrt(v + eps) * s + b
+    return batch_norm(x, *params[:2], *params[2:], eps)
+
+
+def _conv_pads(
+    in_shape: tuple[int, ...],
+    extent: list[int],
+    strides: list[int],
+    pads: Any,
+    auto_pad: str,
+) -> list[int]:
+    nd = len(in_shape)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        head, tail = [], []
+        for i in range(nd):
+            out = -(-in_shape[i] // strides[i])
+            total = max(0, (out - 1) * strides[i] + extent[i] - in_shape[i])
+            lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            head.append(lo)
+            tail.append(total - lo)
+        return head + tail
+    if auto_pad == "VALID" or pads is None:
+        return [0] * (2 * nd)
+    return [int(p) for p in pads]
+
+
+def _letters(n: int, start: int) -> str:
+    return "".join(chr(ord("a") + start + i) for i in range(n))
+
+
+def conv(
+    x: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    strides: Any = None,
+    pads: Any = None,
+    dilations: Any = None,
+    group: int = 1,
+    auto_pad: str = "NOTSET",
+) -> Array:
+    """ONNX Conv in float64 for any number of spatial dims, groups, dilations and padding.
+
+    x: [N, C, *spatial]; w: [M, C / group, *kernel]; b: [M] or None. Padding follows the ONNX
+    spec (`pads` = [x1_begin, x2_begin, ..., x1_end, ...]; SAME_UPPER puts the odd one at the
+    end). Each output is an explicit sum over its window (einsum over the im2col view), so it
+    shares no code with onnxruntime's kernels.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    nd = x.ndim - 2
+    k = list(w.shape[2:])
+    strides = [int(s) for s in strides] if strides else [1] * nd
+    dilations = [int(d) for d in dilations] if dilations else [1] * nd
+    extent = [(k[i] - 1) * dilations[i] + 1 for i in range(nd)]
+    p = _conv_pads(x.shape[2:], extent, strides, pads, auto_pad)
+    xp = np.pad(x, [(0, 0), (0, 0), *[(p[i], p[i + nd]) for i in range(nd)]])
+    view = np.lib.stride_tricks.sliding_window_view(xp, extent, axis=tuple(range(2, 2 + nd)))
+    view = view[
+        (
+            slice(None),
+            slice(None),
+            *[slice(None, None, s) for s in strides],
+            *[slice(None, None, d) for d in dilations],
+        )
+    ]
+    n, c = x.shape[:2]
+    g = int(group)
+    out = view.shape[2 : 2 + nd]
+    view = view.reshape(n, g, c // g, *out, *k)
+    wg = w.reshape(g, w.shape[0] // g, c // g, *k)
+    o, kk = _letters(nd, 0), _letters(nd, nd)
+    y = np.einsum(f"NGC{o}{kk},GMC{kk}->NGM{o}", view, wg, optimize=True)
+    y = y.reshape(n, w.shape[0], *out)
+    if b is not None:
+        y = y + np.asarray(b, dtype=np.float64).reshape(1, -1, *([1] * nd))
+    return y
+
+
+def pool(
+    x: Array,
+    kind: str,
+    kernel_shape: Any,
+    *,
+    strides: Any = None,
+    pads: Any = None,
+    dilations: Any = None,
+    ceil_mode: int = 0,
+    count_include_pad: int = 0,
+    auto_pad: str = "NOTSET",
+) -> Array:
+    """ONNX MaxPool (`kind="max"`) or AveragePool (`"avg"`) in float64, any spatial rank.
+
+    With `ceil_mode` the last window may run past the padded input (but must start inside the
+    input or its leading pad, as onnxruntime and PyTorch count); positions past the padding
+    never count. Explicit pads count in an average only with `count_include_pad`.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    nd = x.ndim - 2
+    k = [int(v) for v in kernel_shape]
+    s = [int(v) for v in strides] if strides else [1] * nd
+    d = [int(v) for v in dilations] if dilations else [1] * nd
+    extent = [(k[i] - 1) * d[i] + 1 for i in range(nd)]
+    ins = list(x.shape[2:])
+    p = _conv_pads(tuple(ins), extent, s, pads, auto_pad)
+    out, extra = [], []
+    for i in range(nd):
+        span = ins[i] + p[i] + p[i + nd] - extent[i]
+        o = (-(-span // s[i]) if ceil_mode else span // s[i]) + 1
+        if ceil_mode and (o - 1) * s[i] >= ins[i] + p[i]:
+            o -= 1
+        out.append(o)
+        extra.append(max(0, (o - 1) * s[i] + extent[i] - (ins[i] + p[i] + p[i + nd])))
+    widths = [(0, 0), (0, 0), *[(p[i], p[i + nd] + extra[i]) for i in range(nd)]]
+    axes = tuple(range(2, 2 + nd))
+    window = tuple(range(2 + nd, 2 + 2 * nd))
+
+    def windows(a: Array) -> Array:
+        v = np.lib.stride_tricks.sliding_window_view(a, extent, axis=axes)
+        return v[
+            (
+                slice(None),
+                slice(None),
+                *[slice(0, (out[i] - 1) * s[i] + 1, s[i]) for i in range(nd)],
+                *[slice(None, None, step) for step in d],
+            )
+        ]
+
+    if kind == "max":
+        return windows(np.pad(x, widths, constant_values=-np.inf)).max(axis=window)
+    total = windows(np.pad(x, widths)).sum(axis=window)
+    mask = np.ones([1, 1, *ins])
+    mask = np.pad(
+        mask,
+        [(0, 0), (0, 0), *[(p[i], p[i + nd]) for i in range(nd)]],
+        constant_values=1.0 if count_include_pad else 0.0,
+    )
+    mask = np.pad(mask, [(0, 0), (0, 0), *[(0, e) for e in extra]])
+    return total / windows(mask).sum(axis=window)
+
+
+def conv_transpose(
+    x: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    strides: Any = None,
+    pads: Any = None,
+    dilations: Any = None,
+    group: int = 1,
+    auto_pad: str = "NOTSET",
+    output_padding: Any = None,
+    output_shape: Any = None,
+) -> Array:
+    """ONNX ConvTranspose in float64: every input element scatters its kernel, then the crop.
+
+    x: [N, C, *spatial]; w: [C, M / group, *kernel]. The full output is
+    `stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1` long per axis, cropped
+    by `pads`, or by the padding `output_shape` implies (ONNX spec: SAME_UPPER puts the larger
+    half of an odd total at the end, otherwise at the start).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(w, dtype=np.float64)
+    nd = x.ndim - 2
+    n, c = x.shape[:2]
+    ins = list(x.shape[2:])
+    k = list(w.shape[2:])
+    g = int(group)
+    m = w.shape[1] * g
+    strides = [int(s) for s in strides] if strides else [1] * nd
+    dilations = [int(d) for d in dilations] if dilations else [1] * nd
+    extra = [int(v) for v in output_padding] if output_padding else [0] * nd
+    full = [strides[i] * (ins[i] - 1) + extra[i] + (k[i] - 1) * dilations[i] + 1 for i in range(nd)]
+    if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = (
+            [int(v) for v in output_shape][-nd:]
+            if output_shape is not None
+            else [ins[i] * strides[i] for i in range(nd)]
+        )
+        total = [full[i] - target[i] for i in range(nd)]
+        upper = auto_pad == "SAME_UPPER"
+        head = [t // 2 if upper else t - t // 2 for t in total]
+        p = head + [t - h for t, h in zip(total, head, strict=True)]
+    elif auto_pad == "VALID" or pads is None:
+        p = [0] * (2 * nd)
+    else:
+        p = [int(v) for v in pads]
+    y = np.zeros((n, g, m // g, *full))
+    xg = x.reshape(n, g, c // g, *ins)
+    wg = w.reshape(g, c // g, m // g, *k)
+    sp = _letters(nd, 0)
+    for offset in np.ndindex(*k):
+        contrib = np.einsum(
+            f"NGC{sp},GCM->NGM{sp}", xg, wg[(slice(None), slice(None), slice(None), *offset)]
+        )
+        index = tuple(
+            slice(
+                offset[i] * dilations[i],
+                offset[i] * dilations[i] + (ins[i] - 1) * strides[i] + 1,
+                strides[i],
+            )
+            for i in range(nd)
+        )
+        y[(slice(None), slice(None), slice(None), *index)] += contrib
+    y = y.reshape(n, m, *full)
+    # Crop by the pads (a negative pad extends with zeros).
+    lo = [max(0, -p[i]) for i in range(nd)]
+    hi = [max(0, -p[i + nd]) for i in range(nd)]
+    if any(lo) or any(hi):
+        y = np.pad(y, [(0, 0), (0, 0), *zip(lo, hi, strict=True)])
+    crop = tuple(slice(max(p[i], 0), y.shape[2 + i] - max(p[i + nd], 0)) for i in range(nd))
+    y = y[(slice(None), slice(None), *crop)]
+    if b is not None:
+        y = y + np.asarray(b, dtype=np.float64).reshape(1, -1, *([1] * nd))
+    return y
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoint forward
 
@@ -197,8 +441,13 @@ def forward_tensors(config: Any, tensors: Mapping[str, Any], x: Any) -> Forward:
 def checkpoint_forward(checkpoint: Any, x: Any) -> Forward:
     """float64 forward of a checkpoint: a directory, or a `Checkpoint` (`.config`, `.tensors`).
 
-    `x`: the input array, or feeds by input name (a tabular model's raw columns); see
-    `forward_tensors`.
+    `x`: the input array [rows, features], or feeds by input name: `{"input": x}` for an
+    MLP (what `bn_onnx.verify.oracles.checkpoint_input` gives), a tabular model's raw columns
+    `{"continuous": ..., "categorical": ...}`; see `forward_tensors`.
+
+    Raises:
+        UnsupportedModelError: feeds that are not the model's inputs.
+        InputDataError: an input of the wrong shape.
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         from bn_onnx.checkpoint import read_checkpoint

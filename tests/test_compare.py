@@ -109,3 +109,59 @@ def test_to_dict_is_json_safe_with_infinities():
 
     r = compare_arrays(np.array([np.inf, 0.0]), np.array([1.0, 0.0]))
     json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_tolerance_defaults_per_dtype_and_exact_for_integers_and_strings():
+    import ml_dtypes
+
+    assert default_tolerance(np.float16) == (1e-2, 1e-2)
+    assert default_tolerance(ml_dtypes.bfloat16) == (5e-2, 5e-2)
+    assert default_tolerance(np.float64) == (1e-7, 1e-7)
+    assert default_tolerance(np.int64) == (0.0, 0.0) == default_tolerance(np.bool_)
+    r = compare_arrays(np.array([1, 2, 3]), np.array([1, 2, 4]))
+    assert r.n_mismatched == 1 and r.worst_index == (2,)
+    s = compare_arrays(np.array(["a", "b"], dtype=object), np.array(["a", "c"], dtype=object))
+    assert not s and s.n_mismatched == 1 and s.worst_index == (1,)
+    assert compare_arrays(np.array(["a"], dtype=object), np.array(["a"]))
+
+
+def test_tolerance_policy_overrides_by_output_and_says_where_each_value_came_from():
+    from bn_onnx.compare import TolerancePolicy
+
+    policy = TolerancePolicy.from_values({"*": 1e-3, "probs": 0.5}, None)
+    assert (
+        str(policy.resolve("logits", np.float32))
+        == "atol 0.001, rtol 0.0001 [--atol, float32 default]"
+    )
+    t = policy.resolve("probs", np.float16)
+    assert (t.atol, t.rtol, t.origin) == (0.5, 1e-2, "--atol probs=, float16 default")
+    t = TolerancePolicy().resolve("y", np.float32, scale=2.0, what="two float runs")
+    assert (t.atol, t.rtol) == (2e-5, 2e-4) and t.origin == "float32 default x2 (two float runs)"
+    # a value given by the user is used as given, never scaled
+    t = TolerancePolicy(atol=1e-6, rtol=1e-6).resolve("y", np.float32, scale=2.0)
+    assert (t.atol, t.rtol, t.origin) == (1e-6, 1e-6, "--atol, --rtol")
+    assert policy.unknown_outputs(["logits"]) == ["probs"]
+    with pytest.raises(UsageError, match="rtol"):
+        TolerancePolicy(output_rtol={"y": -1.0})
+
+
+def test_compare_outputs_uses_the_policy_and_the_models_inner_dtype():
+    from bn_onnx.compare import TolerancePolicy
+
+    exp = {"y": np.zeros(4)}
+    got = {"y": np.full(4, 5e-3, np.float32)}
+    assert not compare_outputs(got, exp, policy=TolerancePolicy())
+    comp = compare_outputs(got, exp, policy=TolerancePolicy(), tolerance_dtypes={"y": "float16"})
+    assert comp and comp.outputs[0].origin == "float16 default"
+
+
+def test_float_dtype_helpers_know_ml_dtypes():
+    import ml_dtypes
+
+    from bn_onnx.compare import is_float_dtype, lowest_precision
+
+    assert is_float_dtype(ml_dtypes.bfloat16) and is_float_dtype(np.float16)
+    assert not is_float_dtype(np.int32) and not is_float_dtype(object)
+    assert lowest_precision(np.float32, "float16", None) == "float16"
+    assert lowest_precision(np.float32, ml_dtypes.bfloat16) == "bfloat16"
+    assert lowest_precision(np.int64) is None

@@ -53,3 +53,32 @@ def test_verify_on_cpu_and_cuda_passes_and_says_tf32_off(models):
     assert report.tf32_line() == "TF32: off on every CUDA session"
     assert report.passed, verify.render(report)
     assert {row.provider for row in report.folding} == {"cpu", "cuda"}
+
+
+def test_verify_a_conv_net_on_cuda_against_the_float64_reference(tmp_path):
+    from pathlib import Path
+
+    from bn_onnx.fold import fold_model
+
+    case = Path(__file__).parent / "data" / "fold_cases" / "depthwise_bias_bn.onnx"
+    folded = tmp_path / "f.onnx"
+    onnx.save(fold_model(onnx.load(case)).model, folded)
+    report = verify.verify([case, folded], provider="cuda")
+    assert {r.provider for r in report.runs if r.kind == "onnx"} == {"cuda"}
+    assert report.tf32_line() == "TF32: off on every CUDA session"
+    assert report.passed, verify.render(report)
+
+
+def test_locate_on_cuda_names_the_changed_gemm(models, tmp_path):
+    from onnx import numpy_helper
+
+    bad = onnx.load(models[1])
+    for t in bad.graph.initializer:
+        if t.name == "block1.weight":
+            w = numpy_helper.to_array(t).copy()
+            w[3] += 0.5
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    onnx.save(bad, tmp_path / "bad.onnx")
+    report = verify.verify([models[0], tmp_path / "bad.onnx"], provider="cuda", locate=True)
+    assert not report.passed
+    assert report.locations[0].first.node == "block1.gemm (Gemm)", verify.render(report)

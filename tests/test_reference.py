@@ -328,3 +328,159 @@ def test_onnx_forward_of_checkpoint_graph_names_missing_inputs():
     with pytest.raises(InputDataError, match="input"):
         reference.onnx_forward(model, {"wrong": np.zeros((1, 3))})
     assert onnx.checker.check_model(model) is None
+
+
+# ---- the float64 kernels the float64 reference of any graph uses ------------------------------
+
+
+def _t(a):
+    return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 4]),
+    per_group=st.integers(1, 3),
+    out_per_group=st.integers(1, 3),
+    k=st.integers(1, 3),
+    stride=st.integers(1, 3),
+    pad=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    size=st.integers(5, 9),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_conv_and_conv_transpose_equal_torch_in_float64(
+    n, groups, per_group, out_per_group, k, stride, pad, dilation, size, bias, seed
+):
+    rng = np.random.default_rng(seed)
+    c, m = groups * per_group, groups * out_per_group
+    x = rng.normal(size=(n, c, size, size + 1))
+    w = rng.normal(size=(m, per_group, k, k))
+    b = rng.normal(size=m) if bias else None
+    got = reference.conv(
+        x, w, b, strides=[stride] * 2, pads=[pad] * 4, dilations=[dilation] * 2, group=groups
+    )
+    want = torch.nn.functional.conv2d(
+        _t(x), _t(w), None if b is None else _t(b), stride, pad, dilation, groups
+    ).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # ConvTranspose: weight [C, M / group, k, k]; output_padding below the stride
+    wt = rng.normal(size=(c, out_per_group, k, k))
+    extra = stride - 1 if stride > 1 and dilation == 1 else 0
+    got = reference.conv_transpose(
+        x,
+        wt,
+        b,
+        strides=[stride] * 2,
+        pads=[pad] * 4,
+        dilations=[dilation] * 2,
+        group=groups,
+        output_padding=[extra] * 2,
+    )
+    want = torch.nn.functional.conv_transpose2d(
+        _t(x), _t(wt), None if b is None else _t(b), stride, pad, extra, groups, dilation
+    ).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ceil_mode", [0, 1])
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+def test_pools_equal_torch_in_float64(kind, ceil_mode, count_include_pad):
+    x = np.random.default_rng(4).normal(size=(2, 3, 9, 8))
+    got = reference.pool(
+        x,
+        kind,
+        [3, 3],
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+        ceil_mode=ceil_mode,
+        count_include_pad=count_include_pad,
+    )
+    f = torch.nn.functional
+    if kind == "max":
+        want = f.max_pool2d(_t(x), 3, 2, 1, ceil_mode=bool(ceil_mode))
+    else:
+        want = f.avg_pool2d(
+            _t(x), 3, 2, 1, ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad)
+        )
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "op, attrs",
+    [
+        ("Conv", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        ("Conv", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}),
+        ("ConvTranspose", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        ("ConvTranspose", {"strides": [2, 2], "output_shape": [10, 8]}),
+        ("MaxPool", {"kernel_shape": [3, 3], "auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        ("AveragePool", {"kernel_shape": [2, 2], "auto_pad": "SAME_LOWER", "strides": [2, 2]}),
+    ],
+)
+def test_onnx_padding_modes_equal_onnxruntime(op, attrs):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 3, 5, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 3, 3)).astype(np.float32)
+    ins = ["x", "w"] if "Conv" in op else ["x"]
+    node = helper.make_node(op, ins, ["y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ins],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 10
+    feeds = {"x": x, "w": w}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {n: feeds[n] for n in ins}
+    )[0]
+    kw = {k: v for k, v in attrs.items() if k != "kernel_shape"}
+    if op == "Conv":
+        got = reference.conv(x, w, **kw)
+    elif op == "ConvTranspose":
+        got = reference.conv_transpose(x, w, **kw)
+    else:
+        got = reference.pool(x, "max" if op == "MaxPool" else "avg", attrs["kernel_shape"], **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_node_is_inference_in_every_opset_and_spatial0_is_per_element():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(4, 3, 2, 2))
+    s, b, m = (rng.normal(size=3) for _ in range(3))
+    v = rng.uniform(0.5, 2, 3)
+    want = torch.nn.functional.batch_norm(
+        _t(x), _t(m), _t(v), _t(s), _t(b), training=False, eps=1e-3
+    ).numpy()
+    np.testing.assert_allclose(reference.batch_norm_node(x, s, b, m, v, 1e-3), want, rtol=1e-12)
+    # spatial=0 (opset < 9): one value per element of a sample
+    s2, b2, m2 = (rng.normal(size=(3, 2, 2)) for _ in range(3))
+    v2 = rng.uniform(0.5, 2, (3, 2, 2))
+    got = reference.batch_norm_node(x, s2, b2, m2, v2, 1e-5, spatial=0)
+    np.testing.assert_allclose(got, (x - m2) / np.sqrt(v2 + 1e-5) * s2 + b2, rtol=1e-12)
+    with pytest.raises(UnsupportedModelError, match="training_mode"):
+        reference.batch_norm_node(x, s, b, m, v, training_mode=1)
+
+
+def test_checkpoint_forward_takes_feeds_by_input_name():
+    config = MLPConfig(in_features=3, out_features=2, hidden=(4,))
+    x = np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)
+    tensors = make_tensors(config, x)
+
+    class Ckpt:
+        pass
+
+    ckpt = Ckpt()
+    ckpt.config, ckpt.tensors = config, tensors
+    np.testing.assert_array_equal(
+        reference.checkpoint_forward(ckpt, {"input": x}).output,
+        reference.forward_tensors(config, tensors, x).output,
+    )
+    with pytest.raises(InputDataError, match="one input 'input'"):
+        reference.checkpoint_forward(ckpt, {"continuous": x, "categorical": x})

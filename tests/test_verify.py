@@ -1,4 +1,8 @@
-"""verify: folded vs unfolded vs float64 vs torch on real datasets; tampering caught and located."""
+"""verify on MLP checkpoints: folded vs unfolded vs float64 vs torch on real datasets.
+
+Tampering is caught on the given data and on the random probe, and located: by tensor name
+between graphs, by matching point where torch or the checkpoint is one side.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activati
     )
     labels = [r.label for r in report.runs]
     assert labels == [
+        "float64 checkpoint",
         "float64 reference",
         "torch eval",
         "model.onnx [cpu]",
@@ -54,12 +59,22 @@ def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activati
     ]
     assert report.passed, verify.render(report)
     assert report.exit_code == 0
-    # every run against float64, and folded against unfolded
-    assert len(report.pairs) == 4
-    assert all(p.comparison.argmax_agreement == 1.0 for p in report.pairs)
-    (row,) = report.folding
-    assert not row.adds_error
-    assert row.folded_max_abs < 1e-4 * max(1.0, float(np.abs(report.runs[0].output).max()))
+    # per probe kind (the data and the random probe): every run against the checkpoint's
+    # float64 forward, and folded against unfolded (not counted)
+    assert [p.kind for p in report.probes] == ["data", "random"]
+    assert len(report.pairs) == 2 * 5 and len(report.counted) == 2 * 4
+    assert all(p.comparison.outputs[0].argmax_agreement == 1.0 for p in report.pairs)
+    # the graph's float64 reference agrees with the checkpoint's far below float32 error: the
+    # graph differs only by its float32 constants (epsilon 1e-5 is 1e-5 * (1 - 2.5e-9) in
+    # float32, GELU's sqrt(2) is off by 1.7e-8 relative)
+    for p in [p for p in report.pairs if p.actual == "float64 reference"]:
+        out = report.runs[0].outputs[p.probe]["logits"]
+        assert p.passed and p.max_abs < 1e-6 * max(1.0, float(np.abs(out).max()))
+    assert len(report.folding) == 2
+    for row in report.folding:
+        assert not row.adds_error
+        out = report.runs[0].outputs[row.probe]["logits"]
+        assert row.folded_max_abs < 1e-4 * max(1.0, float(np.abs(out).max()))
 
 
 @pytest.mark.parametrize("bn", ["pre", "post"])
@@ -72,19 +87,16 @@ def test_a_perturbed_weight_fails_and_locate_names_its_layer(tmp_path, bn, layer
         [unfolded, tampered], checkpoint=ckpt, inputs=x, provider="cpu", locate=True
     )
     assert not report.passed and report.exit_code == 1
-    failed = {(p.actual, p.expected) for p in report.pairs if not p.passed}
-    assert ("tampered.onnx [cpu]", "float64 reference") in failed
-    assert ("tampered.onnx [cpu]", "model.onnx [cpu]") in failed
-    expected_first = {
-        "blocks.0.linear": "block 0 pre-activation",
-        "blocks.1.linear": "block 1 pre-activation",
-        "head": "output",
-    }[layer]
-    locs = {(loc.actual, loc.expected): loc for loc in report.locations}
-    for key in failed:
-        loc = locs[key]
-        assert loc.first == expected_first, verify.render(report)
-        assert layer in loc.nodes_actual
+    failed = {(p.probe, p.actual, p.expected) for p in report.pairs if not p.passed}
+    for probe in ("data", "random"):
+        assert (probe, "tampered.onnx [cpu]", "float64 checkpoint") in failed
+        assert (probe, "tampered.onnx [cpu]", "model.onnx [cpu]") in failed
+    # one location per failing run: by tensor name against the float64 reference of the
+    # unfolded graph (which agrees with the checkpoint), naming the Gemm whose weight changed
+    (loc,) = report.locations
+    assert (loc.actual, loc.method) == ("tampered.onnx [cpu]", "tensor names")
+    assert loc.first is not None and loc.first.node == f"{layer} (Gemm)", verify.render(report)
+    assert f"{layer}.w" in loc.reads
     assert "first divergence" in verify.render(report)
 
 
@@ -95,18 +107,14 @@ def test_float64_reference_of_the_unfolded_graph_without_checkpoint(tmp_path):
     onnx.save(graphs.build_mlp(widths, "folded", seed=7, bn="post"), f)
     # folded first: the reference must still come from the unfolded graph
     report = verify.verify([f, u], provider="cpu", rows=64, seed=3)
-    assert report.runs[0].detail == "numpy float64 of u.onnx"
-    assert "seeded random" in report.input_source and report.n_rows == 64
+    assert report.runs[0].label == "float64 reference"
+    assert report.runs[0].detail.startswith("u.onnx in float64")
+    (probe,) = report.probes
+    assert probe.kind == "random" and "seeded random" in probe.source and probe.rows == 64
     assert report.passed
     np.testing.assert_allclose(
-        report.runs[0].output,
-        graphs.mlp_reference(
-            widths,
-            np.random.default_rng(3).standard_normal((64, 10)).astype(np.float32),
-            "unfolded",
-            seed=7,
-            bn="post",
-        ),
+        report.runs[0].outputs["random"]["logits"],
+        graphs.mlp_reference(widths, probe.feeds[0]["input"], "unfolded", seed=7, bn="post"),
         rtol=1e-10,
         atol=1e-12,
     )
@@ -119,9 +127,11 @@ def test_dropping_a_bn_is_caught_without_a_checkpoint(tmp_path):
     onnx.save(graphs.build_mlp(widths, "no_bn", seed=1), n)
     report = verify.verify([u, n], provider="cpu", locate=True)
     assert not report
-    loc = report.locations[0]
-    assert loc.first == "block 0 pre-activation"
-    assert "block0.bn" in loc.nodes_expected and "block0.bn" not in loc.nodes_actual
+    (loc,) = report.locations
+    # the BN's output is gone from the no-BN graph: the first shared value that differs is
+    # the ReLU that now reads the raw Gemm output
+    assert loc.first is not None and loc.first.name == "block0.relu", verify.render(report)
+    assert loc.expected_node == "block0.relu (Relu)"
 
 
 @pytest.mark.parametrize("bn", ["pre", "post", "none"])
@@ -170,10 +180,28 @@ def test_report_json_and_render(tmp_path):
     data = json.loads(path.read_text())
     assert data["passed"] is True
     assert data["tf32"].startswith("TF32: not applicable")
-    assert data["input"]["rows"] == len(x) or "random" in data["input"]["source"]
+    assert [p["kind"] for p in data["probes"]] == ["random"]  # no dataset recipe: random only
+    assert data["tolerances"] == [
+        {
+            "output": "logits",
+            "dtype": "float64, of a float32 model",
+            "atol": 1e-5,
+            "rtol": 1e-4,
+            "origin": "float32 default",
+        },
+        {
+            "output": "logits",
+            "dtype": "float32",
+            "atol": 1e-5,
+            "rtol": 1e-4,
+            "origin": "float32 default",
+        },
+    ]
+    assert {p["actual"] for p in data["pairs"]} >= {"float64 reference", "model.onnx [cpu]"}
     text = verify.render(report)
     assert "providers used: cpu" in text and text.endswith("within tolerance")
     assert "torch is not installed" in text  # no torch runner passed
+    assert "logits (float32): atol 1e-05, rtol 0.0001 [float32 default]" in text
 
 
 def test_checkpoint_test_split_is_the_default_input(tmp_path, monkeypatch):
@@ -191,7 +219,9 @@ def test_checkpoint_test_split_is_the_default_input(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bn_onnx.data, "load_split_from_checkpoint_meta", lambda m: _Split())
     report = verify.verify([u, f], checkpoint=ckpt, provider="cpu")
-    assert report.n_rows == 17 and "test split (iris" in report.input_source
+    data, random = report.probes
+    assert data.rows == 17 and "test split (iris" in data.source
+    assert random.kind == "random" and "input statistics" in random.source
 
 
 def test_bad_inputs_raise_project_errors(tmp_path):
@@ -205,8 +235,10 @@ def test_bad_inputs_raise_project_errors(tmp_path):
         verify.verify([u], provider="cuda")
     other = tmp_path / "o.onnx"
     onnx.save(graphs.build_mlp([7, 4, 2], "unfolded"), other)
-    with pytest.raises(UsageError, match="features"):
+    with pytest.raises(UsageError, match="7 features"):
         verify.verify([u, other], provider="cpu")
+    with pytest.raises(InputDataError, match="no data for input"):
+        verify.verify([u], inputs={"x": np.zeros((3, 6), np.float32)}, provider="cpu")
 
 
 def test_torch_free_modules_do_not_import_torch():
@@ -214,7 +246,10 @@ def test_torch_free_modules_do_not_import_torch():
         "import sys\n"
         "import bn_onnx.runtime, bn_onnx.verify, bn_onnx.reference, bn_onnx.compare, "
         "bn_onnx.arrays\n"
-        "import bn_onnx.cli.run, bn_onnx.cli.verify\n"
+        "import bn_onnx.verify.float64, bn_onnx.verify.locate, bn_onnx.verify.oracles, "
+        "bn_onnx.verify.probes, bn_onnx.verify.report, bn_onnx.verify.runs, "
+        "bn_onnx.verify.signature, bn_onnx.verify.taps\n"
+        "import bn_onnx.cli.run, bn_onnx.cli.verify, bn_onnx.cli.fold\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
@@ -250,8 +285,12 @@ def test_any_mlp_folded_passes_and_any_tampered_layer_is_located(
     onnx.save(folded, t)
     report = verify.verify([u, t], provider="cpu", rows=32, seed=seed, locate=True)
     assert not report.passed
-    expected = "output" if k == len(widths) - 2 else f"block {k} pre-activation"
-    assert report.locations[0].first == expected, verify.render(report)
+    # graphs.build_mlp's folded graph keeps the Gemm's output name for the Gemm+BN value:
+    # locate must see through that and still name the Gemm whose weight changed
+    expected = "head (Gemm)" if k == len(widths) - 2 else f"block{k}.gemm (Gemm)"
+    (loc,) = report.locations
+    assert loc.first is not None and loc.first.node == expected, verify.render(report)
+    assert f"block{k}.weight" in loc.reads
 
 
 def test_auto_skips_a_cuda_provider_that_does_not_start_and_says_so(tmp_path, monkeypatch):
@@ -266,6 +305,7 @@ def test_auto_skips_a_cuda_provider_that_does_not_start_and_says_so(tmp_path, mo
         report = verify.verify([u], provider="auto")
     assert report.passed
     assert [r.label for r in report.runs] == ["float64 reference", "u.onnx [cpu]"]
+    assert report.runs[1].provider == "cpu"
     assert any(w.startswith("CUDA skipped") for w in report.warnings)
     with pytest.raises(ProviderError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -306,5 +346,7 @@ def test_locate_names_the_layer_where_torch_diverges(tmp_path):
     )
     assert not report.passed
     (loc,) = [loc for loc in report.locations if loc.actual == "torch eval"]
-    assert loc.first == "block 1 pre-activation"
-    assert "blocks.1.linear" in loc.nodes_actual
+    assert loc.method == "MLP matching points"
+    assert loc.first is not None and loc.first.name == "block 1 pre-activation"
+    assert "blocks.1.linear" in loc.actual_nodes
+    assert "block 1: its linear layer" in verify.render(report)

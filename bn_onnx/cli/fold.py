@@ -35,6 +35,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="write the weights to OUT.onnx.data (default: only when the model nears 2 GB)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="prove the folded model computes what IN.onnx does (bn-onnx verify with its "
+        "defaults) before writing it: exit 1 and no output file when the proof fails",
+    )
     return p
 
 
@@ -82,6 +88,8 @@ def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
 def run(args: argparse.Namespace) -> int:
     from bn_onnx.fold import fold_file
 
+    if args.verify:
+        return _fold_verified(args)
     callback, context = _progress(args)
     with context:
         report = fold_file(
@@ -94,4 +102,56 @@ def run(args: argparse.Namespace) -> int:
         )
     if not args.quiet:
         print("\n".join(summary_lines(report, args.model, args.output)))
+    return 0
+
+
+def _fold_verified(args: argparse.Namespace) -> int:
+    """Fold into a temporary folder beside OUT, verify against IN, and only then rename."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from bn_onnx.files import check_output_path
+    from bn_onnx.fold import fold_file
+    from bn_onnx.verify import render, verify
+
+    out = check_output_path(args.output, [args.model], in_place=args.in_place)
+    if args.report:
+        check_output_path(args.report, [args.model, out])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        folded = tmp / out.name
+        callback, context = _progress(args)
+        with context:
+            report = fold_file(
+                args.model,
+                folded,
+                report_path=tmp / "report.json",
+                external_data=args.external_data,
+                progress=callback,
+            )
+        names = [Path(args.model).name, out.name]
+        if names[0] == names[1]:
+            names = [f"{names[0]} (original)", f"{names[1]} (folded)"]
+        proof = verify(
+            [args.model, folded],
+            labels=names,
+            locate=True,
+            renamed=report.to_dict().get("renamed"),
+        )
+        if not proof:
+            print(render(proof))
+            print(f"not written: {out} (the folded model does not compute what {args.model} does)")
+            return 1
+        for f in sorted(tmp.iterdir(), key=lambda f: f == folded):
+            if f.name != "report.json":
+                os.replace(f, out.parent / f.name)  # external data first, the model last
+        if args.report:
+            os.replace(tmp / "report.json", args.report)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not args.quiet:
+        print("\n".join(summary_lines(report, args.model, args.output)))
+        print(f"verified: {render(proof).splitlines()[-1]}")
     return 0

@@ -3,8 +3,81 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from bn_onnx.cli._common import non_negative_float, positive_int
+from bn_onnx.cli._common import positive_int
+
+INPUT_FORMATS = (".npz", ".npy", ".csv")
+
+
+def tolerance_arg(text: str) -> tuple[str, float]:
+    """argparse type: `VALUE` (every output, key `*`) or `NAME=VALUE` (one output)."""
+    name, sep, value = text.rpartition("=")
+    key = name if sep else "*"
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"expected VALUE or NAME=VALUE, got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected VALUE or NAME=VALUE, got {text!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return key, number
+
+
+def shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    """argparse type: `NAME:1x3x224x224`."""
+    from bn_onnx.errors import UsageError
+    from bn_onnx.verify.signature import parse_shape
+
+    try:
+        return parse_shape(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_verify_options(p: argparse.ArgumentParser) -> None:
+    """The probe, provider and tolerance options, shared with `bn-onnx fold --verify`."""
+    p.add_argument(
+        "--shape",
+        type=shape_arg,
+        action="append",
+        default=[],
+        metavar="NAME:DIMS",
+        help="dims of an input with symbolic dims, e.g. input:1x3x224x224 (repeatable); "
+        "default: a symbolic first dim is the probe batch, others 16",
+    )
+    p.add_argument(
+        "--provider",
+        default="auto",
+        help="auto (every available of cuda, cpu), cpu, cuda, reference (onnx.reference), "
+        "or a list such as cpu,cuda (default: auto)",
+    )
+    p.add_argument(
+        "--atol",
+        type=tolerance_arg,
+        action="append",
+        default=[],
+        metavar="[NAME=]A",
+        help="absolute tolerance for every output, or NAME=A for one (repeatable); "
+        "default per dtype: 1e-5 for float32, 1e-2 for float16",
+    )
+    p.add_argument(
+        "--rtol",
+        type=tolerance_arg,
+        action="append",
+        default=[],
+        metavar="[NAME=]R",
+        help="relative tolerance, like --atol; default 1e-4 for float32, 1e-2 for float16",
+    )
+    p.add_argument(
+        "--rows",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="rows of the random probe (default 256; fewer for big inputs)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probe (default 0)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -13,10 +86,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "verify",
         help="compare models against each other, torch and a float64 reference",
         description=(
-            "Run every MODEL on every provider and compare the outputs with the float64 "
-            "reference (of the checkpoint, else of the first unfolded model), torch eval "
-            "(with --checkpoint) and each other. Exit 0 when all agree, 1 on a mismatch, "
-            "2 on bad input."
+            "Run every MODEL on every provider over the given data and a seeded random probe, "
+            "and compare every output with the float64 reference (the checkpoint's forward, "
+            "or the first unfolded model cast to float64), torch eval (with --checkpoint) and "
+            "each other. Exit 0 when all agree, 1 on a mismatch, 2 on bad input."
         ),
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files (unfolded, folded...)")
@@ -24,47 +97,88 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--input",
         metavar="X",
-        help="rows to run (.npy or .csv); default: the checkpoint's test split, else random rows",
+        help="data to run: .npz (one array per input name), .npy or .csv (one input); "
+        "default: the checkpoint's test split; a random probe always runs too",
     )
-    p.add_argument(
-        "--provider",
-        default="auto",
-        help="auto (every available of cuda, cpu), cpu, cuda, or cpu,cuda (default: auto)",
-    )
-    p.add_argument(
-        "--atol",
-        type=non_negative_float,
-        default=None,
-        help="absolute tolerance (default 1e-5 for float32)",
-    )
-    p.add_argument(
-        "--rtol",
-        type=non_negative_float,
-        default=None,
-        help="relative tolerance (default 1e-4 for float32)",
-    )
+    add_verify_options(p)
     p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
     p.add_argument(
         "--locate",
         action="store_true",
-        help="for models that disagree, name the first layer whose values diverge",
+        help="for models that disagree, name the first node whose values diverge",
     )
     p.add_argument(
-        "--rows",
-        type=positive_int,
-        default=256,
-        metavar="N",
-        help="number of random rows when there is no input (default 256)",
+        "--fold-report",
+        metavar="R.json",
+        help="a fold report whose `renamed` mapping (original -> folded tensor names) --locate "
+        "uses",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random rows (default 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="print only the verdict")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    """Verify, print the table, write the report; 0 all pass, 1 any mismatch."""
+def tolerances(pairs: list[tuple[str, float]]) -> dict[str, float] | None:
+    """The --atol/--rtol values as output name -> value (`*`: every output), None if none."""
+    return dict(pairs) if pairs else None
+
+
+def read_inputs(path: str) -> Any:
+    """`--input`: an .npz as name -> array, an .npy or .csv as one array (no pickles)."""
+    from pathlib import Path
+
     import numpy as np
 
+    from bn_onnx.errors import InputFileError
+
+    if Path(path).suffix.lower() == ".npz":
+        from bn_onnx.files import check_input_file
+
+        p = check_input_file(path, "input file")
+        try:
+            with np.load(p, allow_pickle=False) as data:
+                return {k: np.asarray(data[k]) for k in data.files}
+        except (ValueError, OSError, EOFError) as exc:
+            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputFileError(f"not a readable .npz of arrays: {p} ({line})") from None
+    from bn_onnx.arrays import array_format, read_array
+
+    if Path(path).suffix.lower() not in INPUT_FORMATS:
+        array_format(path)  # the usual one-line error for a wrong suffix
+        raise InputFileError(f"input {path} must be .npz, .npy or .csv")
+    return np.asarray(read_array(path))
+
+
+def read_renamed(path: str | None) -> dict[str, str] | None:
+    """The `renamed` mapping of a fold report JSON (absent: None)."""
+    if not path:
+        return None
+    import json
+
+    from bn_onnx.errors import InputFileError
+    from bn_onnx.files import check_input_file
+
+    p = check_input_file(path, "fold report")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputFileError(f"not a JSON fold report: {p} ({exc})") from None
+    renamed = data.get("renamed") if isinstance(data, dict) else None
+    if isinstance(renamed, dict):
+        return {str(k): str(v) for k, v in renamed.items()}
+    return None
+
+
+def torch_runner_or_none() -> Any:
+    """torch eval of a checkpoint, or None on a torch-free install."""
+    try:
+        from bn_onnx.torch_eval import run_checkpoint_taps
+    except ImportError:
+        return None
+    return run_checkpoint_taps
+
+
+def run(args: argparse.Namespace) -> int:
+    """Verify, print the table, write the report; 0 all pass, 1 any mismatch."""
     from bn_onnx.files import check_input_file, check_output_path
     from bn_onnx.verify import render, verify, write_report
 
@@ -72,32 +186,21 @@ def run(args: argparse.Namespace) -> int:
         check_input_file(m, "model file")
     if args.report:
         check_output_path(args.report, [*args.models, *([args.input] if args.input else [])])
-    inputs = None
-    source = None
-    if args.input:
-        from bn_onnx.arrays import read_array
-
-        inputs = np.asarray(read_array(args.input))
-        source = f"from {args.input}"
-    torch_runner = None
-    if args.checkpoint:
-        try:
-            from bn_onnx.torch_eval import run_checkpoint_taps
-        except ImportError:  # torch-free install: verify without the torch run
-            run_checkpoint_taps = None
-        torch_runner = run_checkpoint_taps
+    inputs = read_inputs(args.input) if args.input else None
     report = verify(
         args.models,
         checkpoint=args.checkpoint,
         inputs=inputs,
-        input_source=source,
+        input_source=f"from {args.input}" if args.input else None,
+        shapes=dict(args.shape),
         provider=args.provider,
-        atol=args.atol,
-        rtol=args.rtol,
+        atol=tolerances(args.atol),
+        rtol=tolerances(args.rtol),
         locate=args.locate,
-        torch_runner=torch_runner,
+        torch_runner=torch_runner_or_none() if args.checkpoint else None,
         rows=args.rows,
         seed=args.seed,
+        renamed=read_renamed(args.fold_report),
     )
     text = render(report)
     print(text.splitlines()[-1] if args.quiet else text)

@@ -1,0 +1,403 @@
+"""A float64 reference for any graph of standard ops: the model's float tensors cast to double.
+
+`to_double` rewrites a copy of the model so that it computes in float64: initializers,
+Constant and ConstantOfShape values, Cast/EyeLike/Random* targets, and graph input, output and
+subgraph types of float32, float16 and bfloat16 become double (model-local functions are
+inlined first, so their bodies are cast too). The result runs in onnxruntime where it has a
+double kernel for every op (with graph optimizations off), else in onnx.reference, whose Erf
+whose Erf, Conv, ConvTranspose, MaxPool, AveragePool and BatchNormalization are replaced by
+`bn_onnx.reference`'s (see `reference_ops` for why).
+
+A model with quantization ops (QuantizeLinear, QLinearConv, ...) has values whose meaning is
+tied to float32 and cannot be cast; `Float64Reference` then holds the reason (`bool()` False)
+and verify falls back to comparing the float32 models with each other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from bn_onnx.compare import is_float_dtype
+from bn_onnx.errors import BnOnnxError, UnsupportedModelError
+from bn_onnx.verify.runs import OrtRunner, Outputs, ReferenceRunner, mark_outputs
+
+FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+# Ops whose values are defined by a float32 (or integer) quantization grid: no float64 meaning.
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearSigmoid",
+    "QLinearLeakyRelu",
+    "QLinearAveragePool",
+    "QLinearGlobalAveragePool",
+    "QLinearConcat",
+    "DynamicQuantizeMatMul",
+    "MatMulNBits",
+}
+_DTYPE_ATTRS = {
+    "Cast": "to",
+    "EyeLike": "dtype",
+    "RandomNormal": "dtype",
+    "RandomUniform": "dtype",
+    "RandomNormalLike": "dtype",
+    "RandomUniformLike": "dtype",
+    "Bernoulli": "dtype",
+}
+_NO_KERNEL = re.compile(
+    r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
+)
+
+
+def reference_ops() -> list[type]:
+    """onnx.reference kernels replaced by `bn_onnx.reference`'s float64 ones.
+
+    Erf: onnx's rounds through float32. Conv and ConvTranspose: onnx's mix up the groups of a
+    grouped (depthwise) convolution when the batch has more than one row.
+    BatchNormalization: onnx's versions 6-13 use the batch's own statistics (is_test=0 and a
+    momentum are their defaults); an inference graph means the running statistics, as
+    onnxruntime computes them. MaxPool and AveragePool: onnx's loop over every window in
+    Python (30 s for one ResNet-18 pool on 6 images); a MaxPool asked for its Indices output
+    keeps onnx's.
+    """
+    from onnx.reference.op_run import OpRun
+    from onnx.reference.ops.op_max_pool import MaxPool as OnnxMaxPool
+
+    from bn_onnx.reference import batch_norm_node, conv, conv_transpose, erf, pool
+
+    class Erf(OpRun):  # the class name is the op it replaces
+        op_domain = ""
+
+        def _run(self, x: np.ndarray) -> tuple[np.ndarray]:
+            return (erf(x).astype(x.dtype),)
+
+    class Conv(OpRun):
+        op_domain = ""
+
+        def _run(
+            self,
+            x,
+            w,
+            b=None,
+            auto_pad=None,
+            dilations=None,
+            group=None,  # noqa: ANN001
+            kernel_shape=None,
+            pads=None,
+            strides=None,
+        ):
+            y = conv(
+                x,
+                w,
+                b,
+                strides=strides,
+                pads=pads,
+                dilations=dilations,
+                group=group or 1,
+                auto_pad=auto_pad or "NOTSET",
+            )
+            return (y.astype(x.dtype),)
+
+    class ConvTranspose(OpRun):
+        op_domain = ""
+
+        def _run(
+            self,
+            x,
+            w,
+            b=None,
+            auto_pad=None,
+            dilations=None,
+            group=None,  # noqa: ANN001
+            kernel_shape=None,
+            output_padding=None,
+            output_shape=None,
+            pads=None,
+            strides=None,
+        ):
+            y = conv_transpose(
+                x,
+                w,
+                b,
+                strides=strides,
+                pads=pads,
+                dilations=dilations,
+                group=group or 1,
+                auto_pad=auto_pad or "NOTSET",
+                output_padding=output_padding,
+                output_shape=output_shape,
+            )
+            return (y.astype(x.dtype),)
+
+    class BatchNormalization(OpRun):
+        op_domain = ""
+
+        def _run(
+            self,
+            x,
+            scale,
+            bias,
+            mean,
+            var,
+            epsilon=None,
+            momentum=None,  # noqa: ANN001
+            training_mode=None,
+            is_test=None,
+            spatial=None,
+            consumed_inputs=None,
+        ):
+            y = batch_norm_node(x, scale, bias, mean, var, epsilon, training_mode, spatial)
+            return (y.astype(x.dtype),)
+
+    class MaxPool(OnnxMaxPool):
+        op_domain = ""
+
+        def _run(
+            self,
+            x,
+            auto_pad=None,
+            ceil_mode=None,
+            dilations=None,  # noqa: ANN001
+            kernel_shape=None,
+            pads=None,
+            storage_order=None,
+            strides=None,
+        ):
+            if len([o for o in self.onnx_node.output if o]) > 1:
+                return super()._run(
+                    x, auto_pad, ceil_mode, dilations, kernel_shape, pads, storage_order, strides
+                )
+            y = pool(
+                x,
+                "max",
+                kernel_shape,
+                strides=strides,
+                pads=pads,
+                dilations=dilations,
+                ceil_mode=ceil_mode or 0,
+                auto_pad=auto_pad or "NOTSET",
+            )
+            return (y.astype(x.dtype),)
+
+    class AveragePool(OpRun):
+        op_domain = ""
+
+        def _run(
+            self,
+            x,
+            auto_pad=None,
+            ceil_mode=None,
+            count_include_pad=None,  # noqa: ANN001
+            dilations=None,
+            kernel_shape=None,
+            pads=None,
+            strides=None,
+        ):
+            y = pool(
+                x,
+                "avg",
+                kernel_shape,
+                strides=strides,
+                pads=pads,
+                dilations=dilations,
+                ceil_mode=ceil_mode or 0,
+                count_include_pad=count_include_pad or 0,
+                auto_pad=auto_pad or "NOTSET",
+            )
+            return (y.astype(x.dtype),)
+
+    return [Erf, Conv, ConvTranspose, BatchNormalization, MaxPool, AveragePool]
+
+
+def _double_tensor(t: TensorProto) -> None:
+    if t.data_type in FLOATS:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+
+
+def _double_value_info(vi: onnx.ValueInfoProto) -> None:
+    tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+    if tt is not None and tt.elem_type in FLOATS:
+        tt.elem_type = TensorProto.DOUBLE
+
+
+def _double_graph(graph: onnx.GraphProto) -> None:
+    for t in graph.initializer:
+        _double_tensor(t)
+    for vi in [*graph.input, *graph.output]:
+        _double_value_info(vi)
+    del graph.value_info[:]  # stale types; inference recomputes them
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            continue
+        if node.op_type in QUANTIZED_OPS:
+            raise UnsupportedModelError(
+                f"op {node.op_type} (node {node.name or '<unnamed>'!r}) works on a float32 "
+                "quantization grid and has no float64 meaning"
+            )
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                _double_tensor(a.t)
+            elif a.type == onnx.AttributeProto.GRAPH:
+                _double_graph(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _double_graph(g)
+            elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                raise UnsupportedModelError(
+                    f"the float64 reference does not cast sparse constants (node {node.name!r})"
+                )
+        attr = _DTYPE_ATTRS.get(node.op_type)
+        if attr is not None:
+            for a in node.attribute:
+                if a.name == attr and a.i in FLOATS:
+                    a.i = TensorProto.DOUBLE
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name in ("value_float", "value_floats"):
+                    value = np.asarray(
+                        a.f if a.name == "value_float" else list(a.floats), dtype=np.float64
+                    )
+                    node.attribute.remove(a)
+                    node.attribute.append(
+                        onnx.helper.make_attribute("value", numpy_helper.from_array(value))
+                    )
+                    break
+
+
+def to_double(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` computing in float64 (see the module docstring).
+
+    Raises:
+        UnsupportedModelError: an op without a float64 meaning (quantization), naming it.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if out.functions:
+        from onnx import inliner
+
+        out = inliner.inline_local_functions(out)
+    for p in list(out.metadata_props):
+        if p.key.startswith("bn_onnx."):
+            out.metadata_props.remove(p)
+    _double_graph(out.graph)
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+@dataclass
+class Float64Reference:
+    """The float64 reference of one model, and how it runs.
+
+    `bool(ref)` is True when it can run. `engine` is `onnxruntime` or `onnx.reference`;
+    `notes` say why onnxruntime was not used (the op without a double kernel); `blocker` says
+    why there is no float64 reference at all.
+    """
+
+    label: str
+    source: str
+    model: onnx.ModelProto | None = None
+    engine: str | None = None
+    notes: list[str] = field(default_factory=list)
+    blocker: str | None = None
+    _runner: OrtRunner | ReferenceRunner | None = None
+
+    def __bool__(self) -> bool:
+        return self.model is not None and self.blocker is None
+
+    def describe(self) -> str:
+        """One line for the report."""
+        if self.blocker:
+            why = f" ({'; '.join(self.notes)})" if self.notes else ""
+            return f"none: {self.blocker}{why}"
+        where = (
+            "onnxruntime (CPU, graph optimizations off)"
+            if self.engine == "onnxruntime"
+            else "onnx.reference (numpy; Conv, ConvTranspose, pools, BatchNormalization and Erf "
+            "from bn_onnx.reference)"
+        )
+        why = f": {'; '.join(self.notes)}" if self.notes else ""
+        return f"{self.source} cast to float64, run in {where}{why}"
+
+    def _fallback(self, reason: str) -> None:
+        self.notes.append(reason)
+        self.engine = "onnx.reference"
+        self._runner = ReferenceRunner(self.model, new_ops=reference_ops())
+
+    def run(
+        self, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str] | None = None
+    ) -> Outputs:
+        """float64 outputs for the probe's feeds (float inputs cast to float64).
+
+        Raises:
+            UnsupportedModelError: neither engine can run the graph.
+        """
+        if not self:
+            raise UnsupportedModelError(f"no float64 reference: {self.blocker}")
+        feeds = [
+            {k: (v.astype(np.float64) if is_float_dtype(v.dtype) else v) for k, v in f.items()}
+            for f in feeds
+        ]
+        assert self._runner is not None
+        runner = self._runner
+        if names:
+            runner = _runner_with(self, names)
+        try:
+            return runner.run(feeds, names)
+        except UnsupportedModelError:
+            raise
+        except BnOnnxError as exc:
+            if self.engine != "onnxruntime":
+                raise
+            self._fallback(f"onnxruntime failed to run it in float64 ({exc})")
+            return self.run(feeds, names)
+
+
+def _runner_with(ref: Float64Reference, names: Sequence[str]) -> OrtRunner | ReferenceRunner:
+    assert ref.model is not None
+    if ref.engine == "onnx.reference":
+        assert isinstance(ref._runner, ReferenceRunner)
+        return ref._runner  # it returns intermediate values by name as they are
+    return OrtRunner(mark_outputs(ref.model, names), "cpu", optimization="disable")
+
+
+def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
+    """Cast `model` to float64 and pick the engine: onnxruntime if it has every kernel."""
+    ref = Float64Reference(label, source)
+    try:
+        ref.model = to_double(model)
+    except UnsupportedModelError as exc:
+        ref.blocker = str(exc)
+        return ref
+    try:
+        ref._runner = OrtRunner(ref.model, "cpu", optimization="disable")
+        ref.engine = "onnxruntime"
+        return ref
+    except BnOnnxError as exc:
+        m = _NO_KERNEL.search(str(exc))
+        reason = (
+            f"onnxruntime has no float64 kernel for {m.group(1)} (opset {m.group(2)})"
+            if m
+            else f"onnxruntime cannot load it in float64 ({_first_line(exc)})"
+        )
+    try:
+        ref._fallback(reason)
+    except UnsupportedModelError as exc:
+        ref.blocker = f"{reason}, and {exc}"
+        ref.model = None
+    return ref

@@ -1,0 +1,119 @@
+"""The checkpoint's own oracles: its numpy float64 forward and torch eval, fed by input name.
+
+`checkpoint_input(feeds)` is the one place that turns verify's feeds (input name -> array) into
+what a checkpoint's oracles take: for an MLP checkpoint, whose model has the one input
+`input` [batch, features], that array; for a checkpoint whose model takes several named inputs
+(tabular columns), the feeds dict itself, which `bn_onnx.reference.checkpoint_forward` and the
+torch runner then accept. No torch here: the torch runner is passed in by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bn_onnx import reference
+from bn_onnx.errors import UsageError
+from bn_onnx.onnx_meta import INPUT_NAME
+from bn_onnx.verify.runs import Outputs, merge
+from bn_onnx.verify.signature import Signature
+
+# f(checkpoint_dir, inputs) -> outputs, or (outputs, [(label, values), ...]) at the MLP's
+# matching points; `inputs` is what `checkpoint_input` returns.
+TorchRunner = Callable[[str, Any], Any]
+Taps = dict[str, np.ndarray]
+
+
+def checkpoint_input(feeds: Mapping[str, np.ndarray]) -> Any:
+    """What the checkpoint oracles take for one run's feeds (see the module docstring)."""
+    if set(feeds) == {INPUT_NAME}:
+        return feeds[INPUT_NAME]
+    return dict(feeds)
+
+
+def check_inputs(checkpoint: Any, sig: Signature) -> None:
+    """Raise `UsageError` when an MLP checkpoint's width differs from the models' input."""
+    names = [s.name for s in sig.inputs]
+    if names != [INPUT_NAME]:
+        return  # several named inputs: the checkpoint's own oracles check their feeds
+    dims = sig.inputs[0].dims
+    width = dims[1] if dims is not None and len(dims) == 2 else None
+    n = int(checkpoint.config.in_features)
+    if isinstance(width, int) and width != n:
+        raise UsageError(f"checkpoint takes {n} features, the models take {width}")
+
+
+def _merge_taps(per_run: Sequence[Sequence[tuple[str, np.ndarray]]]) -> Taps:
+    labels = [label for label, _ in per_run[0]]
+    return merge([dict(t) for t in per_run]) if labels else {}
+
+
+def float64_outputs(
+    checkpoint: Any, feeds: Sequence[dict[str, np.ndarray]], output: str
+) -> tuple[Outputs, Taps]:
+    """The checkpoint's numpy float64 forward over each run: outputs by name, and taps."""
+    runs = [reference.checkpoint_forward(checkpoint, checkpoint_input(f)) for f in feeds]
+    return merge([{output: r.output} for r in runs]), _merge_taps([r.taps for r in runs])
+
+
+def torch_outputs(
+    runner: TorchRunner, path: str, feeds: Sequence[dict[str, np.ndarray]], output: str
+) -> tuple[Outputs, Taps | None]:
+    """torch eval of the checkpoint over each run: outputs by name, and taps when given."""
+    outs, taps = [], []
+    for f in feeds:
+        result = runner(path, checkpoint_input(f))
+        if isinstance(result, tuple):
+            result, t = result
+            taps.append(list(t))
+        outs.append({output: np.asarray(result)})
+    return merge(outs), (_merge_taps(taps) if taps else None)
+
+
+def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
+    """The checkpoint's test split as feeds, rebuilt from the recipe in its config.json.
+
+    Raises:
+        BnOnnxError: the recipe is missing or its data file is gone or changed.
+    """
+    from bn_onnx.data import load_split_from_checkpoint_meta
+
+    data = load_split_from_checkpoint_meta(checkpoint.meta)
+    x = np.asarray(data.x_test)
+    name = checkpoint.meta["dataset"].get("name", "dataset")
+    return {INPUT_NAME: x}, f"the checkpoint's test split ({name}, {len(x)} rows)"
+
+
+def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-feature (mean, var + eps) of each input from the checkpoint's input normalization.
+
+    var + eps is what the model divides by: a feature with no variance in training is probed
+    at sqrt(eps), the scale at which the model sees values of order 1.
+    """
+    tensors = checkpoint.tensors
+    eps = float(getattr(checkpoint.config, "bn_eps", 1e-5))
+    if "input_norm.running_mean" in tensors:
+        return {
+            INPUT_NAME: (
+                np.asarray(tensors["input_norm.running_mean"], np.float64),
+                np.asarray(tensors["input_norm.running_var"], np.float64) + eps,
+            )
+        }
+    norm = checkpoint.preprocessing.get("input_norm")
+    if isinstance(norm, dict) and "mean" in norm and "var" in norm:
+        try:
+            eps = float(norm.get("eps", eps))
+            mean, var = np.asarray(norm["mean"], float), np.asarray(norm["var"], float)
+        except (TypeError, ValueError):
+            return {}
+        return {INPUT_NAME: (mean, var + eps)}
+    return {}
+
+
+def read(path: Any) -> Any:
+    """Read a checkpoint directory (numpy only)."""
+    from bn_onnx.checkpoint import read_checkpoint
+
+    return read_checkpoint(path)
