@@ -211,6 +211,7 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
         except ValueError as exc:
             return Refusal(str(exc))
     shape = ctx.shape(x)
+    elem_type = ctx.elem_type(x)
     return AffineSite(
         kind="BatchNormalization",
         label=label(node),
@@ -221,7 +222,7 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
         c=c,
         axis=1,
         rank=None if shape is None else len(shape),
-        dtype=x.dtype,
+        dtype=None if elem_type is None else ir.DataType(elem_type),
         graph=ctx.graph,
         where=MAIN_GRAPH,
     )
