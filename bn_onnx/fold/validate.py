@@ -37,7 +37,13 @@ class FoldOutputError(RuntimeError, ir.passes.PostconditionError):
 
 
 def first_line(exc: BaseException) -> str:
-    """An exception's message as one line of at most 300 characters."""
+    """An exception's message as one line of at most 300 characters.
+
+    onnx-ir wraps errors in `SerdeError("Error calling _deserialize_graph with: ...")`: the
+    innermost cause says what is wrong.
+    """
+    while exc.__cause__ is not None and type(exc).__name__ == "SerdeError":
+        exc = exc.__cause__
     text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
     text = text or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
