@@ -44,9 +44,29 @@ CACHE_ELEMENTS = 1 << 16
 COPY_EXTERNAL_BYTES = 1 << 20
 
 
+# Little-endian numpy dtypes read straight from a TensorProto's raw_data (the common case).
+_FAST_DTYPES = {
+    int(ir.DataType.FLOAT): np.dtype("<f4"),
+    int(ir.DataType.FLOAT16): np.dtype("<f2"),
+    int(ir.DataType.DOUBLE): np.dtype("<f8"),
+    int(ir.DataType.INT64): np.dtype("<i8"),
+}
+
+
 def read_tensor(tensor: ir.TensorProtocol, name: str) -> np.ndarray:
     """The tensor as a numpy array (memory-mapped for big external data), or a one-line error."""
     try:
+        if isinstance(tensor, ir.serde.TensorProtoTensor):
+            proto = tensor.raw
+            fast = _FAST_DTYPES.get(proto.data_type)
+            if fast is not None and proto.HasField("raw_data"):  # skips onnx-ir's Shape objects
+                array = np.frombuffer(proto.raw_data, dtype=fast)
+                dims = proto.dims
+                return (
+                    array
+                    if len(dims) == 1 and dims[0] == array.size
+                    else array.reshape(tuple(dims))
+                )
         array = np.asarray(tensor.numpy())
         if isinstance(tensor, ir.ExternalTensor) and array.nbytes <= COPY_EXTERNAL_BYTES:
             array = array.copy()

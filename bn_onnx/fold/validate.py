@@ -78,17 +78,19 @@ class ShapeTable:
 def _tensor_nbytes(tensor: ir.TensorProtocol, name: str) -> int:
     """Bytes the tensor's data should take, from its dims and dtype (no data read)."""
     try:
-        dims = tensor.shape.numpy()
-        n = 1
-        for d in dims:
-            if d < 0:
-                raise UnsupportedModelError(f"tensor {name!r} has a negative dimension")
-            n *= d
-        return (n * tensor.dtype.bitwidth + 7) // 8
-    except UnsupportedModelError:
-        raise
+        if isinstance(tensor, ir.serde.TensorProtoTensor):  # dims without building a Shape
+            proto = tensor.raw
+            dims, bits = proto.dims, ir.DataType(proto.data_type).bitwidth
+        else:
+            dims, bits = tensor.shape.numpy(), tensor.dtype.bitwidth
     except Exception as exc:
         raise UnsupportedModelError(f"tensor {name!r}: {first_line(exc)}") from None
+    n = 1
+    for d in dims:
+        if d < 0:
+            raise UnsupportedModelError(f"tensor {name!r} has a negative dimension")
+        n *= d
+    return (n * bits + 7) // 8
 
 
 def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
@@ -97,12 +99,13 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
     Only tensors read from a protobuf message are checked here, up to `CHECK_BYTES` (bigger
     ones fail when the fold reads them); external tensors are checked by `io.check_external_data`.
     """
-    if tensor.dtype in (ir.DataType.STRING, ir.DataType.UNDEFINED):
-        if tensor.dtype == ir.DataType.UNDEFINED:
-            raise UnsupportedModelError(f"tensor {name!r} has an undefined data type")
+    proto = tensor.raw if isinstance(tensor, ir.serde.TensorProtoTensor) else None
+    data_type = proto.data_type if proto is not None else int(tensor.dtype)
+    if data_type == ir.DataType.UNDEFINED:
+        raise UnsupportedModelError(f"tensor {name!r} has an undefined data type")
+    if data_type == ir.DataType.STRING:
         return 0
     expected = _tensor_nbytes(tensor, name)
-    proto = tensor.raw if isinstance(tensor, ir.serde.TensorProtoTensor) else None
     if proto is not None:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
             raise UnsupportedModelError(
@@ -110,9 +113,9 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
                 "(load the model with onnx_ir.load or bn_onnx.fold.io)"
             )
         if (
-            proto.HasField("raw_data")
-            and expected <= CHECK_BYTES
-            and tensor.dtype.bitwidth % 8 == 0
+            expected <= CHECK_BYTES
+            and proto.HasField("raw_data")
+            and ir.DataType(data_type).bitwidth % 8 == 0
             and len(proto.raw_data) != expected
         ):
             raise UnsupportedModelError(
@@ -122,60 +125,69 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
     return expected
 
 
+def _typed_input(graph: onnx.GraphProto, name: str, tensor: ir.TensorProtocol) -> None:
+    vi = graph.input.add()
+    vi.name = name
+    tt = vi.type.tensor_type
+    tt.elem_type = int(tensor.dtype)
+    tt.shape.SetInParent()
+    for d in tensor.shape.numpy():
+        tt.shape.dim.add().dim_value = d
+
+
 def _skeleton(model: ir.Model) -> onnx.ModelProto:
-    """The model serialized without its big initializers, which become typed inputs."""
+    """The model as a ModelProto without its big initializers, declared as typed inputs.
+
+    Built from onnx-ir's serde pieces rather than `serialize_model`, which would copy every
+    weight and write a value_info for every initializer.
+    """
     graph = model.graph
+    sk = onnx.ModelProto(ir_version=model.ir_version)
+    for domain, version in model.opset_imports.items():
+        sk.opset_import.add(domain=domain, version=version)
+    g = sk.graph
+    g.name = graph.name or "graph"
     input_ids = {id(v) for v in graph.inputs}
-    inputs = list(graph.inputs)
-    small = []
+    for value in graph.inputs:
+        ir.serde.serialize_value_into(g.input.add(), value)
     for value in graph.initializers.values():
         tensor = value.const_value
+        name = value.name or ""
         if tensor is None:
             continue
-        nbytes = check_tensor_data(tensor, value.name or "")
-        if nbytes <= SKELETON_KEEP_BYTES:
-            if isinstance(tensor, ir.ExternalTensor):  # the checker would look for the file
-                try:
-                    array = tensor.numpy().copy()  # no view left on the memory map
-                except Exception as exc:
-                    raise UnsupportedModelError(
-                        f"cannot read tensor {value.name!r}: {first_line(exc)}"
-                    ) from None
-                value = ir.Value(
-                    name=value.name,
-                    type=ir.TensorType(tensor.dtype),
-                    shape=ir.Shape(tensor.shape.numpy()),
-                    const_value=ir.Tensor(array, dtype=tensor.dtype, name=value.name),
-                )
-            small.append(value)
-        elif id(value) not in input_ids:  # declared by type only (IR < 4 lists it already)
-            inputs.append(
-                ir.Value(
-                    name=value.name,
-                    type=ir.TensorType(tensor.dtype),
-                    shape=ir.Shape(tensor.shape.numpy()),
-                )
-            )
-    for node in graph:  # Constant tensors are serialized whole: check their data first
-        if node.op_type == "Constant" and node.domain == "":
+        nbytes = check_tensor_data(tensor, name)
+        if nbytes > SKELETON_KEEP_BYTES:
+            if id(value) not in input_ids:  # IR < 4 lists it as an input already
+                _typed_input(g, name, tensor)
+            continue
+        if isinstance(tensor, ir.ExternalTensor):  # the checker would look for the file
+            try:
+                array = tensor.numpy().copy()  # no view left on the memory map
+            except Exception as exc:
+                raise UnsupportedModelError(
+                    f"cannot read tensor {name!r}: {first_line(exc)}"
+                ) from None
+            tensor = ir.Tensor(array, dtype=tensor.dtype, name=name)
+        ir.serde.serialize_tensor_into(g.initializer.add(), tensor)
+        g.initializer[-1].name = name
+    for node in graph:
+        if node.op_type == "Constant" and node.domain == "":  # serialized whole: check it
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR and attr.value is not None:
                 check_tensor_data(attr.value, node.outputs[0].name or "")
-    view = ir.GraphView(
-        inputs,
-        graph.outputs,
-        nodes=graph,
-        initializers=small,
-        opset_imports=graph.opset_imports,
-        name=graph.name or "graph",
-        doc_string=graph.doc_string,
-    )
-    skeleton = ir.Model(
-        view,  # type: ignore[arg-type]
-        ir_version=model.ir_version,
-        functions=model.functions.values(),
-    )
-    return ir.serde.serialize_model(skeleton)
+        ir.serde.serialize_node_into(g.node.add(), node, model_ir_version=model.ir_version)
+        for out in node.outputs:  # declared types and shapes, for inference to check
+            declared = out.type is not None or out.shape is not None
+            if declared and out.name and not out.is_graph_output():
+                ir.serde.serialize_value_into(g.value_info.add(), out)
+    for value in graph.outputs:
+        ir.serde.serialize_value_into(g.output.add(), value)
+    create_value_info = model.ir_version >= 10
+    for function in model.functions.values():
+        sk.functions.append(
+            ir.serde.serialize_function(function, create_value_info=create_value_info)
+        )
+    return sk
 
 
 def _collect(inferred: onnx.ModelProto) -> ShapeTable:
