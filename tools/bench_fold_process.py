@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -30,10 +31,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _time(cmd: list[str], env: dict[str, str]) -> float:
+def _time(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of `cmd` in a fresh process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tempfile.gettempdir())
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,21 +72,33 @@ def main(argv: list[str] | None = None) -> int:
     for cmd, e in cases.values():  # warm-up: page cache, .pyc files
         _time(cmd, e)
     times: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
+    load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
         for name, (cmd, e) in cases.items():
-            times[name].append(_time(cmd, e))
+            wall, cpu_s = _time(cmd, e)
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
     shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{Path(src).name}, {args.repeats} interleaved rounds, load average {os.getloadavg()}")
+    mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+    print(
+        f"{Path(src).name}, {args.repeats} interleaved rounds, "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+    )
     for k, v in times.items():
         print(
-            f"  {k:13s} median {med[k] * 1e3:7.0f} ms "
-            f"(min {min(v) * 1e3:.0f}, max {max(v) * 1e3:.0f})"
+            f"  {k:13s} median {med[k] * 1e3:6.0f} ms (min {min(v) * 1e3:.0f}, "
+            f"max {max(v) * 1e3:.0f}); CPU median {mcpu[k] * 1e3:.0f} ms "
+            f"(min {min(cpu[k]) * 1e3:.0f}, max {max(cpu[k]) * 1e3:.0f})"
         )
-    print(f"  fold / ir load+save = {med['fold'] / med['ir load+save']:.2f}x")
-    if args.other:
-        print(f"  fold (other) / ir load+save = {med['fold (other)'] / med['ir load+save']:.2f}x")
+    base = "ir load+save"
+    for k in ("fold", "fold (other)"):
+        if k in med:
+            print(
+                f"  {k} / {base} = {med[k] / med[base]:.2f}x (CPU time {mcpu[k] / mcpu[base]:.2f}x)"
+            )
     return 0
 
 

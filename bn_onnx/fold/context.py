@@ -163,9 +163,12 @@ class FoldContext:
             and not self.legacy_inputs
             and list(old.uses()) == [(node, pos)]
         ):
-            old.const_value = ir.Tensor(array, name=old.name)
-            old.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-            old.shape = ir.Shape(array.shape)  # a broadcast Gemm C may have grown
+            tensor = ir.Tensor(array, name=old.name)
+            old.const_value = tensor
+            if old.dtype != tensor.dtype:
+                old.type = ir.TensorType(tensor.dtype)
+            if old.shape is None or old.shape.dims != array.shape:  # a broadcast C may grow
+                old.shape = ir.Shape(array.shape)
             self.constants.remember(old, array)
             return
         stem = old.name if old is not None and old.name else f"{node.name or node.op_type}_bias"

@@ -75,14 +75,30 @@ class ShapeTable:
         return self.elem_types.get(value.name or "")
 
 
+def _bits(data_type: int) -> int:
+    """Bits per element of an ONNX data type (UnsupportedModelError when unknown)."""
+    bits = _BITS.get(data_type)
+    if bits is None:
+        try:
+            bits = _BITS[data_type] = ir.DataType(data_type).bitwidth
+        except Exception as exc:
+            raise UnsupportedModelError(f"unknown tensor data type {data_type}: {exc}") from None
+    return bits
+
+
+_BITS: dict[int, int] = {}
+
+
 def _tensor_nbytes(tensor: ir.TensorProtocol, name: str) -> int:
     """Bytes the tensor's data should take, from its dims and dtype (no data read)."""
     try:
         if isinstance(tensor, ir.serde.TensorProtoTensor):  # dims without building a Shape
             proto = tensor.raw
-            dims, bits = proto.dims, ir.DataType(proto.data_type).bitwidth
+            dims, bits = proto.dims, _bits(proto.data_type)
         else:
             dims, bits = tensor.shape.numpy(), tensor.dtype.bitwidth
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"tensor {name!r}: {exc}") from None
     except Exception as exc:
         raise UnsupportedModelError(f"tensor {name!r}: {first_line(exc)}") from None
     n = 1
@@ -115,7 +131,7 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
         if (
             expected <= CHECK_BYTES
             and proto.HasField("raw_data")
-            and ir.DataType(data_type).bitwidth % 8 == 0
+            and _bits(data_type) % 8 == 0
             and len(proto.raw_data) != expected
         ):
             raise UnsupportedModelError(
@@ -168,8 +184,11 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
                     f"cannot read tensor {name!r}: {first_line(exc)}"
                 ) from None
             tensor = ir.Tensor(array, dtype=tensor.dtype, name=name)
-        ir.serde.serialize_tensor_into(g.initializer.add(), tensor)
-        g.initializer[-1].name = name
+        if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.raw.name == name:
+            g.initializer.append(tensor.raw)  # a copy of the small proto, as serde would make
+        else:
+            ir.serde.serialize_tensor_into(g.initializer.add(), tensor)
+            g.initializer[-1].name = name
     for node in graph:
         if node.op_type == "Constant" and node.domain == "":  # serialized whole: check it
             attr = node.attributes.get("value")
@@ -190,12 +209,14 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
     return sk
 
 
-def _collect(inferred: onnx.ModelProto) -> ShapeTable:
+def _collect(inferred: onnx.ModelProto, typed: set[str]) -> ShapeTable:
+    """The inferred types and shapes of the graph's values (initializers aside: their Values
+    carry their tensors' shapes)."""
     dims: dict[str, tuple[int | None, ...] | None] = {}
     elem_types: dict[str, int] = {}
     g = inferred.graph
     for vi in (*g.input, *g.value_info, *g.output):
-        if not vi.type.HasField("tensor_type"):
+        if vi.name in typed or not vi.type.HasField("tensor_type"):
             continue
         tt = vi.type.tensor_type
         if tt.elem_type:
@@ -206,9 +227,6 @@ def _collect(inferred: onnx.ModelProto) -> ShapeTable:
             )
         else:
             dims[vi.name] = None
-    for t in g.initializer:
-        dims[t.name] = tuple(t.dims)
-        elem_types[t.name] = t.data_type
     return ShapeTable(dims, elem_types)
 
 
@@ -234,4 +252,4 @@ def validate_model(model: ir.Model) -> ShapeTable:
         )
     except Exception as exc:  # ValidationError, InferenceError, and odd protobuf errors
         raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
-    return _collect(inferred)
+    return _collect(inferred, set(model.graph.initializers))
