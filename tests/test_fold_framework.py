@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -111,3 +113,21 @@ def test_a_new_rule_family_plugs_in_without_touching_the_driver(identity):
     assert {t.name for t in folded.graph.initializer} == set()  # parameters swept
     x = rng.normal(size=(2, 3, 4)).astype(np.float32)
     np.testing.assert_allclose(run_ort(folded, {"x": x})[0], run_ort(proto, {"x": x})[0], 1e-5)
+
+
+def test_where_names_the_graph_of_a_node_in_a_subgraph_or_function():
+    """The report's path of a graph (rule 2b will report BNs there; today they are not sites)."""
+    cases = Path(__file__).parent / "data" / "fold_cases"
+    found = []
+    for name in ("bn_in_if_branches.onnx", "bn_in_local_function.onnx"):
+        model = ir.load(cases / name)
+        ctx = FoldContext(model, validate_model(model))
+        nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+        for function in model.functions.values():
+            nodes += list(function)
+        found += sorted(ctx.where(n.graph) for n in nodes if n.op_type == "BatchNormalization")
+    assert found == [
+        "main/If 'If(y)'/else_branch",
+        "main/If 'If(y)'/then_branch",
+        "function pkg.blocks::ConvBn",
+    ]

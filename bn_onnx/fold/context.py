@@ -61,7 +61,7 @@ class FoldContext:
         self.exact_affine: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
         self.candidates: list[ir.Value] = []
         self._names: set[str] | None = None
-        self._owners: dict[int, ir.Node] | None = None
+        self._owners: dict[int, tuple[ir.Node, str]] | None = None
 
     # --- reading
     def is_graph_input(self, value: ir.Value) -> bool:
@@ -93,23 +93,46 @@ class FoldContext:
         plus one if it is a graph output."""
         return len(self.readers(value)) + value.is_graph_output()
 
-    def owner_in(self, node: ir.Node, graph: ir.Graph) -> ir.Node:
-        """The node of `graph` that holds `node` in one of its subgraphs (or `node` itself)."""
+    def _owner(self, graph: ir.Graph) -> tuple[ir.Node, str] | None:
+        """The node (and its attribute) that holds `graph` as a subgraph; None for the main
+        graph."""
         if self._owners is None:
             self._owners = {}
             for n in ir.traversal.RecursiveGraphIterator(self.graph):
-                for a in n.attributes.values():
+                for key, a in n.attributes.items():
                     if a.type == ir.AttributeType.GRAPH and a.value is not None:
-                        self._owners[id(a.value)] = n
+                        self._owners[id(a.value)] = (n, key)
                     elif a.type == ir.AttributeType.GRAPHS and a.value is not None:
-                        for g in a.value:
-                            self._owners[id(g)] = n
+                        for i, g in enumerate(a.value):
+                            self._owners[id(g)] = (n, f"{key}[{i}]")
+        return self._owners.get(id(graph))
+
+    def owner_in(self, node: ir.Node, graph: ir.Graph) -> ir.Node:
+        """The node of `graph` that holds `node` in one of its subgraphs (or `node` itself)."""
         while node.graph is not graph and node.graph is not None:
-            parent = self._owners.get(id(node.graph))
-            if parent is None:
+            owner = self._owner(node.graph)  # type: ignore[arg-type]
+            if owner is None:
                 break
-            node = parent
+            node = owner[0]
         return node
+
+    def where(self, graph: ir.Graph | ir.Function | None) -> str:
+        """A graph's path for the report: "main", or the path of the node holding it, then
+        `/Op 'label'/attribute`, e.g. `main/If 'cond'/then_branch`."""
+        from bn_onnx.fold.sites import MAIN_GRAPH, label
+
+        if graph is None or graph is self.graph:
+            return MAIN_GRAPH
+        if isinstance(graph, ir.Function):
+            return f"function {graph.domain}::{graph.name}"
+        owner = self._owner(graph)
+        if owner is None:
+            for function in self.model.functions.values():
+                if any(n.graph is graph for n in function):  # a function's body
+                    return f"function {function.domain}::{function.name}"
+            return graph.name or "?"
+        node, key = owner
+        return f"{self.where(node.graph)}/{node.op_type} {label(node)!r}/{key}"
 
     # --- names
     def fresh(self, base: str) -> str:

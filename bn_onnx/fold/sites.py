@@ -223,8 +223,8 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
         axis=1,
         rank=None if shape is None else len(shape),
         dtype=None if elem_type is None else ir.DataType(elem_type),
-        graph=ctx.graph,
-        where=MAIN_GRAPH,
+        graph=node.graph,  # type: ignore[arg-type]
+        where=ctx.where(node.graph),
     )
 
 
