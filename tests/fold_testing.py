@@ -71,7 +71,7 @@ def fold_and_compare(
     assert result.report.n_folded == expect, result.report.to_dict()
     assert op_count(result.model, "BatchNormalization") == n_bn - expect
     assert _real_inputs(result.model) == _real_inputs(model)
-    assert [o.name for o in result.model.graph.output] == [o.name for o in model.graph.output]
+    assert _interface(result.model) == _interface(model)  # names, dtypes and shapes
     assert [(o.domain, o.version) for o in result.model.opset_import] == [
         (o.domain, o.version) for o in model.opset_import
     ]
@@ -87,6 +87,13 @@ def _real_inputs(model: onnx.ModelProto) -> list[str]:
     """Graph input names, without the initializers IR < 4 lists as inputs."""
     inits = {t.name for t in model.graph.initializer} if model.ir_version < 4 else set()
     return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _interface(model: onnx.ModelProto) -> list[tuple[str, bytes]]:
+    """The real graph inputs and the outputs, each as (name, serialized TypeProto)."""
+    inputs = set(_real_inputs(model))
+    values = [vi for vi in model.graph.input if vi.name in inputs] + list(model.graph.output)
+    return [(vi.name, vi.type.SerializeToString()) for vi in values]
 
 
 def reasons(result: FoldResult) -> list[str]:

@@ -172,3 +172,41 @@ def test_fold_file_reports_progress_stages(model_path, tmp_path):
     stages = []
     fold_file(model_path, tmp_path / "f.onnx", progress=stages.append)
     assert stages == ["loading", "folding", "writing"]
+
+
+def test_fold_cli_truncated_external_data_exits_2(tmp_path, capsys):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(
+        mlp_with_probe(k=300),
+        str(src),
+        save_as_external_data=True,
+        location="w.data",
+        size_threshold=0,
+    )
+    data = tmp_path / "w.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    assert main(["fold", str(src), "-o", str(tmp_path / "f.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "is truncated" in err and err.count("\n") == 1
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_fold_file_in_place_with_external_data_keeps_a_valid_model(tmp_path):
+    """In place, the new data file replaces the one the input's tensors are mapped from."""
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(
+        mlp_with_probe(k=300),
+        str(src),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    report = fold_file(src, src, in_place=True, external_data=True)
+    assert report.n_folded == 1
+    folded = onnx.load(str(src))
+    onnx.checker.check_model(folded, full_check=True)
+    x = np.random.default_rng(2).normal(size=(2, 300)).astype(np.float32)
+    want = run_ort(mlp_with_probe(k=300), {"input": x})[0]
+    np.testing.assert_allclose(run_ort(folded, {"input": x})[0], want, atol=1e-5, rtol=1e-4)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -1,0 +1,51 @@
+"""Fold inference-mode BatchNormalization (and later other per-channel affine maps) into
+neighbouring linear nodes, on onnx-ir.
+
+Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The package:
+
+- `sites`: what an affine site is, the rule interface (`Rule`, `Plan`, `Refusal`), the
+  BatchNormalization site;
+- `context`: readers, constants, shapes and safe rewrites, shared by every rule;
+- `preceding`, `following`, `chains`: the rule families;
+- `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_model`, `inspect_model`;
+- `io`: `fold_file` (load with onnx-ir, fold, save tensor by tensor, atomically);
+- `math`: the float64 arithmetic, pure numpy;
+- `validate`: the checker and strict shape inference on the model without its weights;
+- `report`: the report objects.
+"""
+
+from __future__ import annotations
+
+from bn_onnx.fold._pass import (
+    DEFAULT_RULES,
+    DEFAULT_SITE_KINDS,
+    FoldBatchNormPass,
+    FoldPassResult,
+    fold_model,
+    inspect_model,
+)
+from bn_onnx.fold.io import fold_file
+from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
+from bn_onnx.fold.validate import FoldOutputError, InvalidModelError
+
+__all__ = [
+    "DEFAULT_RULES",
+    "DEFAULT_SITE_KINDS",
+    "AffineSite",
+    "BnEntry",
+    "BnInfo",
+    "FoldBatchNormPass",
+    "FoldOutputError",
+    "FoldPassResult",
+    "FoldReport",
+    "FoldResult",
+    "InvalidModelError",
+    "Plan",
+    "Refusal",
+    "Rule",
+    "SiteKind",
+    "fold_file",
+    "fold_model",
+    "inspect_model",
+]

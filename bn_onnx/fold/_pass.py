@@ -1,0 +1,259 @@
+"""The fold pass: find affine sites, try each rule family on each, apply the first plan.
+
+The driver knows no rule: site kinds (`DEFAULT_SITE_KINDS`) say where sites are, rule families
+(`DEFAULT_RULES`) say how each folds. A new family is a module with a `Rule` and one more entry
+in `DEFAULT_RULES`; a new kind of site is a `SiteKind` in `DEFAULT_SITE_KINDS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+
+import onnx
+import onnx_ir as ir
+
+from bn_onnx import onnx_meta
+from bn_onnx.errors import BnOnnxError
+from bn_onnx.fold import chains, following, preceding
+from bn_onnx.fold.context import FoldContext
+from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
+from bn_onnx.fold.sites import BATCH_NORM, Plan, Refusal, Rule, SiteKind, combine, label
+from bn_onnx.fold.validate import (
+    FoldOutputError,
+    InvalidModelError,
+    ShapeTable,
+    first_line,
+    validate_model,
+)
+
+# Tried in this order on every site; the first plan wins. Their refusals make the reason text.
+DEFAULT_RULES: tuple[Rule, ...] = (preceding.RULE, following.RULE, chains.MERGE)
+DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (BATCH_NORM,)
+
+
+@dataclasses.dataclass
+class FoldPassResult(ir.passes.PassResult):
+    """onnx-ir's PassResult with the fold report."""
+
+    report: FoldReport | None = None
+
+
+class FoldBatchNormPass(ir.passes.InPlacePass):
+    """Fold every inference-mode BatchNormalization that provably can be folded.
+
+    An onnx-ir pass on an `ir.Model`, in place. With (a, c) the BN's per-channel affine map
+    (a = scale/sqrt(var+eps), c = B - a*mean, computed in float64 and rounded once to the
+    model's dtype), the pass rewrites:
+
+    1. Gemm -> BN: scale the weight's output columns (any transA/transB), fold alpha into the
+       weight and beta into the bias; C is created when missing and expanded when broadcast.
+    2. MatMul -> BN and MatMul -> Add -> BN (bias as either Add input): scale the weight's
+       columns, bias a*b + c (an Add is inserted when there was none). Rank-2 only.
+    3. Conv -> BN, with or without bias, any group (grouped, depthwise).
+    4. ConvTranspose -> BN, with or without bias, group-aware ((C_in, C_out/group, k...)).
+    5. BN -> Gemm: when every reader of the BN output is a Gemm reading it as A (transA=0),
+       scale the weight's input rows and add c @ W to the bias (alpha, beta, transB honoured).
+    6. BN -> MatMul(+Add): as 5 for rank-2 MatMul; the bias goes into the following Add or a
+       new one. Readers of 5 and 6 may be mixed; each gets its own copy of a shared weight.
+    7. BN -> BN: two BNs in a row become one (then 1-6 may apply to it).
+    8. Identity and inference-mode Dropout between the linear node and the BN are looked
+       through (before the BN) and kept (after it).
+    9. Parameters and weights may be initializers, Constant nodes or constant subgraphs
+       (Identity, Cast, CastLike, Shape of a static shape, Expand, ConstantOfShape, ...).
+    10. A weight or bias read by any other node is cloned, never changed under that node.
+    11. float32, float16, bfloat16 and float64 models keep their dtype; IR < 4 models (whose
+        initializers are all listed as inputs, and constant) keep that convention.
+    12. Readers that see only a value's shape or type (Shape, Size, CastLike's second input)
+        never block a fold.
+
+    A BN is left, with the reason, when its parameters are not constant (graph inputs
+    included), training_mode=1 or it has extra outputs, the linear node's output is also a
+    graph output or read by another node, the channel axis is not the linear node's output
+    axis (MatMul of rank > 2, Gemm with transA=1 after the BN), shapes disagree, the variance
+    is degenerate (var + eps <= 0 or not finite), or a folded value would not be finite,
+    would overflow the dtype, or would underflow to zero where the original was not.
+
+    `requires` validates the model (checker and strict shape inference without the weights)
+    and raises `InvalidModelError` (a `BnOnnxError` and an onnx-ir `PreconditionError`);
+    `ensures` re-validates the result when `check_output` is set and raises
+    `FoldOutputError` (a bug in the pass). `call` returns a `FoldPassResult` with the report.
+    """
+
+    def __init__(
+        self,
+        *,
+        check_output: bool = False,
+        rules: Sequence[Rule] = DEFAULT_RULES,
+        site_kinds: Sequence[SiteKind] = DEFAULT_SITE_KINDS,
+    ) -> None:
+        super().__init__()
+        self.check_output = check_output
+        self.rules = tuple(rules)
+        self.site_kinds = tuple(site_kinds)
+        self._validated: tuple[ir.Model, ShapeTable] | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        self._validated = (model, validate_model(model))
+
+    def ensures(self, model: ir.Model) -> None:
+        if not self.check_output:
+            return
+        try:
+            validate_model(model)
+        except InvalidModelError as exc:
+            raise FoldOutputError(f"fold produced an invalid model: {exc}") from None
+
+    def call(self, model: ir.Model) -> FoldPassResult:
+        if self._validated is not None and self._validated[0] is model:
+            shapes = self._validated[1]
+        else:  # called directly, without requires
+            shapes = validate_model(model)
+        self._validated = None
+        graph = model.graph
+        nodes_before, inits_before = len(graph), len(graph.initializers)
+        ctx = FoldContext(model, shapes)
+        entries = self._run(ctx)
+        ctx.sweep()
+        update_folded_flag(model)
+        report = FoldReport(
+            entries=entries,
+            nodes_before=nodes_before,
+            nodes_after=len(graph),
+            initializers_before=inits_before,
+            initializers_after=len(graph.initializers),
+        )
+        return FoldPassResult(model, modified=report.n_folded > 0, report=report)
+
+    def _run(self, ctx: FoldContext) -> list[BnEntry]:
+        """The driver: every site is tried, in graph order, until a round folds nothing (a
+        fold can make another possible: a merge, a reader freed)."""
+        anchors: list[tuple[ir.Node, SiteKind]] = []
+        for node in ctx.graph:  # 2b: the subgraphs and functions join here
+            kind = next((k for k in self.site_kinds if k.claims(node)), None)
+            if kind is not None:
+                anchors.append((node, kind))
+        entries = {
+            node: BnEntry(node=label(node), status="left", kind=kind.kind) for node, kind in anchors
+        }
+        changed = True
+        while changed:
+            changed = False
+            for node, kind in anchors:
+                if node.graph is None:  # folded (or merged) away
+                    continue
+                entry = entries[node]
+                site = kind.build(node, ctx)
+                if isinstance(site, Refusal):
+                    entry.reason = site.reason
+                    continue
+                entry.where = site.where
+                refusals: list[tuple[Rule, Refusal]] = []
+                plan: Plan | None = None
+                for rule in self.rules:
+                    outcome = rule.apply(site, ctx)
+                    if isinstance(outcome, Plan):
+                        plan = outcome
+                        break
+                    refusals.append((rule, outcome))
+                if plan is None:
+                    entry.reason = combine(refusals).reason
+                    continue
+                entry.target = ", ".join(label(t) for t in plan.targets)
+                entry.target_op = ", ".join(sorted({t.op_type for t in plan.targets}))
+                plan.rewrite()
+                changed = True
+                entry.status = "folded"
+                entry.reason = None
+                entry.direction = plan.direction
+        return [entries[node] for node, _ in anchors]
+
+
+def update_folded_flag(model: ir.Model) -> None:
+    """Keep a bn-onnx file's `bn_onnx.folded` metadata true to its graph (any BN left anywhere,
+    subgraphs and functions included, makes it "false"); other files are not touched."""
+    if onnx_meta.FOLDED not in model.metadata_props:
+        return
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    left = any(n.op_type == "BatchNormalization" for n in nodes)
+    model.metadata_props[onnx_meta.FOLDED] = "false" if left else "true"
+
+
+@contextlib.contextmanager
+def quiet_onnx_ir() -> Iterator[None]:
+    """Silence onnx-ir's warnings (an invalid graph logs some while it is read): the fold
+    reports problems as one-line errors, and a CLI's stderr gets nothing else."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def to_ir(model: onnx.ModelProto) -> ir.Model:
+    """Read a ModelProto into onnx-ir (sharing its tensors, which are never written).
+
+    Raises:
+        InvalidModelError: no graph or opset, or a proto onnx-ir cannot read.
+    """
+    if not model.HasField("graph") or not model.opset_import:
+        raise InvalidModelError("not an ONNX model (no graph or opset)")
+    try:
+        with quiet_onnx_ir():
+            return ir.serde.deserialize_model(model)
+    except BnOnnxError:
+        raise
+    except Exception as exc:
+        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+
+
+def fold_model(model: onnx.ModelProto | ir.Model, *, check_output: bool = False) -> FoldResult:
+    """Fold every foldable BatchNormalization of `model`; the input model is not changed.
+
+    Args:
+        model: an `onnx.ModelProto`, or an `onnx_ir.Model` (which is cloned first).
+        check_output: also run the checker and strict shape inference on the result.
+
+    Returns:
+        The folded model, of the type given, and the report.
+
+    Raises:
+        UnsupportedModelError: the model is not valid ONNX (`InvalidModelError`).
+        FoldOutputError: (a RuntimeError) the result failed `check_output`: a bug in the pass.
+    """
+    as_proto = isinstance(model, onnx.ModelProto)
+    work = to_ir(model) if as_proto else model.clone()  # type: ignore[union-attr]
+    with quiet_onnx_ir():
+        result = FoldBatchNormPass(check_output=check_output)(work)
+        out = ir.serde.serialize_model(work) if as_proto else work
+    assert isinstance(result, FoldPassResult) and result.report is not None
+    return FoldResult(model=out, report=result.report)
+
+
+def inspect_model(model: onnx.ModelProto | ir.Model) -> list[BnInfo]:
+    """Say, for each BatchNormalization of `model`, whether `fold_model` folds it and how.
+
+    Runs the fold on a private copy; `model` is not changed.
+    """
+    work = to_ir(model) if isinstance(model, onnx.ModelProto) else model.clone()
+    with quiet_onnx_ir():
+        result = FoldBatchNormPass()(work)
+    assert isinstance(result, FoldPassResult) and result.report is not None
+    return [
+        BnInfo(
+            node=e.node,
+            foldable=e.status == "folded",
+            direction=e.direction,
+            target=e.target,
+            reason=e.reason,
+            kind=e.kind,
+            where=e.where,
+        )
+        for e in result.report.entries
+    ]

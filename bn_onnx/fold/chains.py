@@ -1,0 +1,86 @@
+"""Chains: nodes a fold looks through, and two BNs in a row merged into one.
+
+- Identity and inference-mode Dropout (no training_mode input, or a constant false one; before
+  opset 7, `is_test=1`) pass values through unchanged: the rules look through them before a
+  site and keep them after it.
+- BN -> BN: the first site's map is composed into the second BN, whose parameters become
+  scale = a2*a1, B = a2*c1 + c2, mean = 0, var = 1, epsilon = 0; the exact float64 map is kept
+  in `ctx.exact_affine`, so a later fold of the merged BN rounds once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bn_onnx.fold import math as fm
+from bn_onnx.fold.context import FoldContext
+from bn_onnx.fold.sites import (
+    AffineSite,
+    Plan,
+    Refusal,
+    Rule,
+    attr_int,
+    batch_norm_site,
+    is_standard,
+    label,
+)
+
+PASSTHROUGH = ("Identity", "Dropout")
+
+
+def is_passthrough(node: ir.Node, ctx: FoldContext) -> bool:
+    """Whether `node` copies its first input to its first output (Identity, inference
+    Dropout)."""
+    if not is_standard(node) or node.op_type not in PASSTHROUGH or not node.inputs:
+        return False
+    if node.inputs[0] is None:
+        return False
+    if node.op_type == "Identity":
+        return True
+    if ctx.opset < 7 and not attr_int(node, "is_test", 0):
+        return False
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        mode = ctx.const(node.inputs[2])
+        return mode is not None and mode.size == 1 and not bool(mode.reshape(-1)[0])
+    return True
+
+
+def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
+    """Rule 7: a BN whose only reader is another BN is merged into it."""
+    y = site.y
+    readers = ctx.readers(y)
+    if y.is_graph_output() or len(readers) != 1:
+        return Refusal("", silent=True)
+    nxt, index = readers[0]
+    if nxt.op_type != "BatchNormalization" or not is_standard(nxt) or index != 0:
+        return Refusal("", silent=True)
+    if nxt.graph is not site.graph:
+        return Refusal("", silent=True)
+    second = batch_norm_site(nxt, ctx)
+    if isinstance(second, Refusal):
+        return Refusal(f"next BN {label(nxt)!r}: {second.reason}")
+    a2, c2 = fm.compose_affine(site.a, site.c, second.a, second.c)
+    params = [ctx.const(v) for v in nxt.inputs[1:5]]
+    if any(p is None for p in params):  # an exact merged map without its parameters
+        return Refusal(f"next BN {label(nxt)!r}: parameters are not constant")
+    try:
+        scale = fm.round_to(a2, params[0].dtype)  # type: ignore[union-attr]
+        bias = fm.round_to(c2, params[1].dtype)  # type: ignore[union-attr]
+    except ValueError as exc:
+        return Refusal(f"merging with {label(nxt)!r}: {exc}")
+    mean = np.zeros(a2.shape, params[2].dtype)  # type: ignore[union-attr]
+    var = np.ones(a2.shape, params[3].dtype)  # type: ignore[union-attr]
+
+    def rewrite() -> None:
+        for pos, array in zip((1, 2, 3, 4), (scale, bias, mean, var), strict=True):
+            value = nxt.inputs[pos]
+            ctx.write_input(nxt, pos, array, value.name if value is not None else None)
+        ctx.set_attribute_float(nxt, "epsilon", 0.0)
+        ctx.exact_affine[nxt] = (a2, c2)
+        ctx.remove_site(site, keep_name=False)
+
+    return Plan("merged", [nxt], rewrite)
+
+
+MERGE = Rule("merged", "", merge_into_next_bn)

@@ -1,0 +1,217 @@
+"""`fold_file`: load with onnx-ir, fold, save tensor by tensor, atomically.
+
+External data is memory-mapped by onnx-ir, and read only from inside the model's folder: a
+location that escapes it, a missing or short data file, is refused before anything is read.
+Tensors the fold does not rewrite stay mapped until they are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from bn_onnx.errors import InputFileError, UsageError
+from bn_onnx.fold._pass import FoldBatchNormPass, FoldPassResult, quiet_onnx_ir
+from bn_onnx.fold.report import FoldReport
+from bn_onnx.fold.validate import first_line
+from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD
+
+# With external data, tensors of more than this many bytes go to the data file.
+EXTERNAL_SIZE_THRESHOLD = 1024
+
+
+def _all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value
+    for node in _nodes(model):
+        for attr in node.attributes.values():
+            if attr.is_ref() or attr.value is None:
+                continue
+            if attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from attr.value
+
+
+def _nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node of the model: main graph, subgraphs, functions."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return nodes
+
+
+def check_external_data(model: ir.Model, base_dir: Path) -> None:
+    """Refuse external data that is missing, truncated, or points outside `base_dir`."""
+    base = base_dir.resolve()
+    for tensor in _all_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        name = tensor.name
+        location = os.fspath(tensor.location or "")
+        if not location or os.path.isabs(location):
+            raise InputFileError(
+                f"tensor {name!r}: external data location {location!r} must be a relative "
+                "path inside the model's folder"
+            )
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise InputFileError(
+                f"tensor {name!r}: external data {location!r} points outside the model's "
+                f"folder {base_dir}"
+            )
+        if not target.is_file():
+            raise InputFileError(f"tensor {name!r}: external data file missing: {target}")
+        stat = target.stat()
+        offset = int(tensor.offset or 0)
+        need = max(int(tensor.length or 0), tensor.nbytes)
+        if offset < 0 or offset + need > stat.st_size:
+            raise InputFileError(
+                f"tensor {name!r}: external data file {target.name} is truncated "
+                f"(needs bytes {offset}..{offset + need}, has {stat.st_size})"
+            )
+        if stat.st_nlink > 1:  # onnx-ir refuses these (a hard link can reach any file)
+            raise InputFileError(
+                f"tensor {name!r}: external data file {target.name} has {stat.st_nlink} hard "
+                "links; copy it to a file of its own"
+            )
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX file with onnx-ir (external data memory-mapped), with one-line errors.
+
+    Raises:
+        InputFileError: missing, empty, unreadable or non-ONNX file; unsafe, missing or
+            truncated external data.
+    """
+    from bn_onnx.files import check_input_file
+
+    p = check_input_file(path, "model file")
+    try:
+        with quiet_onnx_ir():
+            model = ir.load(os.path.abspath(p))
+    except Exception as exc:  # DecodeError, OSError, onnx-ir's own errors
+        raise InputFileError(f"not a readable ONNX model: {p} ({type(exc).__name__})") from None
+    if model.ir_version <= 0 or not model.opset_imports:
+        raise InputFileError(f"not an ONNX model (no graph, IR version or opset): {p}")
+    check_external_data(model, p.parent)
+    return model
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of the model's tensors, from their dims (no data is read)."""
+    return sum(t.nbytes for t in _all_tensors(model))
+
+
+def save_model(
+    model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
+) -> list[Path]:
+    """Write `model` to `path` atomically with `onnx_ir.save`; return the files written.
+
+    `external_data=None` writes one file unless the tensors approach protobuf's 2 GiB limit,
+    in which case the tensors of at least 1 kB go to `<name>.data` beside it. The model is
+    not changed (tensors mapped from the input's data file stay mapped).
+    """
+    from bn_onnx.files import atomic_output, atomic_output_dir
+
+    p = Path(path)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    try:
+        with quiet_onnx_ir():
+            if not external_data:
+                with _in_memory(model), atomic_output(p, suffix=".onnx") as tmp:
+                    ir.save(model, tmp)
+                return [p]
+            data_name = p.name + ".data"
+            with atomic_output_dir(p) as tmp_dir:
+                ir.save(
+                    model,
+                    tmp_dir / p.name,
+                    external_data=data_name,
+                    size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD,
+                )
+            return [p, p.parent / data_name]
+    except ValueError as exc:  # onnx-ir refused to read an external tensor
+        raise InputFileError(f"cannot write {p}: {first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def _in_memory(model: ir.Model) -> Iterator[None]:
+    """For a one-file save: external tensors are given as (memory-mapped) arrays, so that
+    `ir.save` writes their bytes into the file instead of a reference to the input's data
+    file. The model is restored afterwards."""
+    values: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    attrs: list[tuple[ir.Node, ir.Attr]] = []
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                values.append((value, tensor))
+                value.const_value = _loaded(tensor)
+    for node in _nodes(model):
+        for key, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                attrs.append((node, attr))
+                node.attributes[key] = ir.AttrTensor(key, _loaded(attr.value))
+    try:
+        yield
+    finally:
+        for value, tensor in values:
+            value.const_value = tensor
+        for node, attr in attrs:
+            node.attributes[attr.name] = attr
+
+
+def _loaded(tensor: ir.ExternalTensor) -> ir.Tensor:
+    return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+def fold_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    report_path: str | os.PathLike[str] | None = None,
+    in_place: bool = False,
+    external_data: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> FoldReport:
+    """Fold the model at `in_path` and write it to `out_path` (atomically), with its report.
+
+    External data is read only from inside the model's folder; the output is one file unless
+    `external_data` is True or it nears protobuf's 2 GB limit. The input file is never changed
+    unless `in_place` and `out_path` is the input. `progress` is called with the stage
+    ("loading", "folding", "writing") as each one starts.
+
+    Raises:
+        InputFileError, UsageError, UnsupportedModelError: bad input or paths (one line).
+    """
+    from bn_onnx.files import atomic_output, check_output_path
+
+    step = progress or (lambda stage: None)
+    src = Path(in_path)
+    out = check_output_path(out_path, [src], in_place=in_place)
+    rep = None
+    if report_path is not None:
+        rep = check_output_path(report_path, [src, out])
+        if rep.resolve() in (src.resolve(), out.resolve()):
+            raise UsageError(f"report path {rep} is the model input or output")
+    step("loading")
+    model = load_model(src)
+    step("folding")
+    with quiet_onnx_ir():
+        result = FoldBatchNormPass()(model)
+    assert isinstance(result, FoldPassResult) and result.report is not None
+    step("writing")
+    save_model(model, out, external_data=external_data)
+    if rep is not None:
+        with atomic_output(rep, suffix=".json") as tmp:
+            tmp.write_text(result.report.to_json() + "\n", encoding="utf-8")
+    return result.report

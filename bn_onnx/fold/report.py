@@ -1,0 +1,106 @@
+"""The fold's report objects: one entry per affine site, and graph sizes before and after."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class BnEntry:
+    """What happened to one BatchNormalization node (or, later, another affine site).
+
+    Attributes:
+        node: the site's label (node name, or `Op(output)` for a nameless node).
+        status: "folded" or "left".
+        direction: "preceding", "following" or "merged" (folded entries).
+        target: the node(s) it went into, comma-separated.
+        target_op: their op types, comma-separated.
+        reason: why it was left.
+        kind: what the site is ("BatchNormalization").
+        where: the graph it sits in ("main" for the main graph).
+    """
+
+    node: str
+    status: str
+    direction: str | None = None
+    target: str | None = None
+    target_op: str | None = None
+    reason: str | None = None
+    kind: str = "BatchNormalization"
+    where: str = "main"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """The outcome of a fold: one entry per BN node, and main-graph sizes before and after."""
+
+    entries: list[BnEntry]
+    nodes_before: int
+    nodes_after: int
+    initializers_before: int
+    initializers_after: int
+
+    @property
+    def n_bn(self) -> int:
+        return len(self.entries)
+
+    @property
+    def n_folded(self) -> int:
+        return sum(e.status == "folded" for e in self.entries)
+
+    @property
+    def left(self) -> list[BnEntry]:
+        return [e for e in self.entries if e.status == "left"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_bn": self.n_bn,
+            "n_folded": self.n_folded,
+            "n_left": self.n_bn - self.n_folded,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "initializers_before": self.initializers_before,
+            "initializers_after": self.initializers_after,
+            "bn": [e.to_dict() for e in self.entries],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclasses.dataclass
+class FoldResult:
+    """The folded model (an `onnx.ModelProto`, or an `onnx_ir.Model` when one was given) and
+    its report."""
+
+    model: Any
+    report: FoldReport
+
+    @property
+    def n_bn(self) -> int:
+        return self.report.n_bn
+
+    @property
+    def n_folded(self) -> int:
+        return self.report.n_folded
+
+
+@dataclasses.dataclass
+class BnInfo:
+    """Foldability of one BN node, as `bn-onnx inspect` shows it."""
+
+    node: str
+    foldable: bool
+    direction: str | None
+    target: str | None
+    reason: str | None
+    kind: str = "BatchNormalization"
+    where: str = "main"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
