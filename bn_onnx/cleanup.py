@@ -6,8 +6,9 @@ second input is a runtime tensor whose *type* alone is read, so onnxruntime sees
 min/max and loses its Conv+Clip fusion), `Shape` of static dims, `Expand`/`ConstantOfShape` of
 constants, `Identity` chains, sequence ops around `Split`, and one `Constant` node per scalar.
 `CleanupPass` folds them with onnxscript's constant folder (`FoldConstantsPass`, the folder of
-`onnxscript.optimizer.optimize`, on the same onnx-ir model) and removes what is left with
-onnx-ir's passes. Only the decisions the libraries leave open are made here:
+`onnxscript.optimizer.optimize`, on the same onnx-ir model) and most of its default rewrite
+rules, and removes what is left with onnx-ir's passes. Only the decisions the libraries leave
+open are made here:
 
 1. *When* to fold: `needs_constant_folder` scans the model cheaply, without importing
    onnxscript (about 0.2 to 0.4 s here), for a node the folder would change; a model without
@@ -28,13 +29,15 @@ onnx-ir's passes. Only the decisions the libraries leave open are made here:
    shapes and their order, `metadata_props`, the opset imports of the model and of every
    function, and the set of function signatures never change, and no node of a domain that was
    not already used appears. Constant graph outputs stay graph outputs with their names.
+5. Which rewrite rules: onnxscript's defaults except the BatchNormalization fusions and the two
+   that are not exact (see `CleanupPass`, rule 2).
 
 References: onnxscript `optimizer/_constant_folding.py` (FoldConstantsPass, its partial
 evaluators for Shape, Size, CastLike, Cast, Expand, Reshape, Gather of a shape, Identity,
-Dropout, If of a constant condition and the sequence ops); onnx-ir `passes/common/`
-(`RemoveUnusedNodesPass`, `RemoveUnusedFunctionsPass`, `LiftConstantsToInitializersPass`,
-`DeduplicateInitializersPass`, `DeduplicateHashedInitializersPass`,
-`IdentityEliminationPass`).
+Dropout, If of a constant condition and the sequence ops), `rewriter/rules/common/`; onnx-ir
+`passes/common/` (`RemoveUnusedNodesPass`, `RemoveUnusedFunctionsPass`,
+`LiftConstantsToInitializersPass`, `DeduplicateInitializersPass`,
+`DeduplicateHashedInitializersPass`, `IdentityEliminationPass`).
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class CleanupResult(ir.passes.PassResult):
         removed_ops: net number of nodes removed per op type (negative where nodes were
             added, e.g. a CastLike turned into a Cast that could not be folded).
         deduplicated: initializers replaced by an identical one.
+        rewrites: onnxscript rewrite rules applied (see `CleanupPass`, rule 2).
         used_constant_folder: whether onnxscript's constant folder ran (and was imported).
     """
 
@@ -140,6 +144,7 @@ class CleanupResult(ir.passes.PassResult):
     initializers_after: int = 0
     removed_ops: dict[str, int] = dataclasses.field(default_factory=dict)
     deduplicated: int = 0
+    rewrites: int = 0
     used_constant_folder: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +157,7 @@ class CleanupResult(ir.passes.PassResult):
             "initializers_after": self.initializers_after,
             "removed_ops": dict(self.removed_ops),
             "deduplicated": self.deduplicated,
+            "rewrites": self.rewrites,
             "used_constant_folder": self.used_constant_folder,
         }
 
@@ -259,6 +265,11 @@ def _folder_would_change(node: ir.Node) -> bool:
         rank = len(first.shape)
         start, end = _int_attr(node, "start", 0), _int_attr(node, "end", None)
         return all(isinstance(d, int) for d in first.shape.dims[slice(start, end)][:rank])
+    if op == "Reshape" and len(inputs) > 1 and not _is_constant(inputs[1]):
+        # a shape computed at run time where the output has at most one unknown dim: the
+        # rewriter writes it as a constant (`-1` for the unknown one)
+        shape = node.outputs[0].shape
+        return shape is not None and sum(not isinstance(d, int) for d in shape) <= 1
     if op in ("Reshape", "Expand"):
         dims = _static_dims(first)
         target = _const_ints(inputs[1]) if len(inputs) > 1 else None
@@ -491,10 +502,20 @@ class CleanupPass(ir.passes.InPlacePass):
        `SplitToSequence`/`SequenceAt` into `Split`, and folds every other node whose inputs
        are all constants (Expand, ConstantOfShape, Reshape, Unsqueeze, Squeeze, Concat, Cast,
        arithmetic ...) when `should_fold` allows. Subgraphs and functions included.
-    2. `Identity` nodes are removed (`_SafeIdentityEliminationPass`).
-    3. Dead nodes, unused initializers (in subgraphs too) and unused functions are removed.
-    4. Constant nodes become initializers (in functions they stay nodes: functions have none).
-    5. Identical initializers are merged: small ones (<= 1024 elements) by bytes; larger ones by
+    2. With the folder, onnxscript's default rewrite rules (those of `optimizer.optimize`), then
+       the folder again if a rule applied. They remove what a folder cannot: a Reshape whose
+       shape is computed at run time but whose output shape is known (at most one unknown dim)
+       gets a constant shape, so the Shape/Gather/Concat chain before it dies; Relu/Clip and
+       Min/Max chains merge; Transpose, Reshape and Unsqueeze pairs merge; Pad merges into
+       Conv; an all-zero bias is dropped; no-op Cast, Expand, Transpose and Slice go. Left
+       out: the BatchNormalization fusions (the BN fold owns BN and reports each one), the
+       no-op arithmetic rules (`x * 1`, `x + 0` ...: they match constants within a tolerance,
+       so `x * 1.000001` would become `x`) and Cast-Cast (dropping the middle cast rounds
+       once instead of twice).
+    3. `Identity` nodes are removed (`_SafeIdentityEliminationPass`).
+    4. Dead nodes, unused initializers (in subgraphs too) and unused functions are removed.
+    5. Constant nodes become initializers (in functions they stay nodes: functions have none).
+    6. Identical initializers are merged: small ones (<= 1024 elements) by bytes; larger ones by
        hash, only when two share dtype and shape.
 
     Graph inputs and outputs (names, dtypes, shapes, order), metadata_props, opset imports and
@@ -505,7 +526,8 @@ class CleanupPass(ir.passes.InPlacePass):
             create beyond the constant inputs it frees.
         max_heavy_input_elements: input elements (all inputs together) above which an op
             outside CHEAP_OPS is left to the runtime.
-        fold_constants: False skips rule 1 (and never imports onnxscript).
+        fold_constants: False skips rules 1 and 2 (and never imports onnxscript).
+        rewrite: False skips rule 2.
     """
 
     def __init__(
@@ -514,8 +536,10 @@ class CleanupPass(ir.passes.InPlacePass):
         max_new_elements: int = DEFAULT_MAX_NEW_ELEMENTS,
         max_heavy_input_elements: int = DEFAULT_MAX_HEAVY_INPUT_ELEMENTS,
         fold_constants: bool = True,
+        rewrite: bool = True,
     ) -> None:
         super().__init__()
+        self.rewrite = rewrite
         self.max_new_elements = max_new_elements
         self.max_heavy_input_elements = max_heavy_input_elements
         self.fold_constants = fold_constants
@@ -572,10 +596,16 @@ class CleanupPass(ir.passes.InPlacePass):
         inits_before = _count_initializers(model)
         modified = False
         used_folder = False
+        rewrites = 0
         with _quiet_library_loggers():
             if self.fold_constants and needs_constant_folder(model):
                 used_folder = True
                 modified |= self._run_constant_folder(model)
+                if self.rewrite:
+                    rewrites = _rewrite_rules().apply_to_model(model)
+                    if rewrites:
+                        modified = True
+                        self._run_constant_folder(model)
             modified |= _SafeIdentityEliminationPass()(model).modified
             modified |= common_passes.RemoveUnusedNodesPass()(model).modified
             modified |= _remove_unused_subgraph_initializers(model) > 0
@@ -598,6 +628,7 @@ class CleanupPass(ir.passes.InPlacePass):
             initializers_after=_count_initializers(model),
             removed_ops={op: n for op, n in removed.items() if n},
             deduplicated=deduplicated,
+            rewrites=rewrites,
             used_constant_folder=used_folder,
         )
 
@@ -625,12 +656,26 @@ class CleanupPass(ir.passes.InPlacePass):
         return modified
 
 
+def _rewrite_rules() -> Any:
+    """onnxscript's default rewrite rules without those `CleanupPass` rule 2 leaves out."""
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import _basic_rules, _fuse_batchnorm, _no_op
+
+    excluded = {
+        id(rule)
+        for rule in (*_fuse_batchnorm.rules.rules, *_no_op.rules.rules, _basic_rules.cast_cast_rule)
+    }
+    rules = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if id(rule) not in excluded]
+    return rewriter.pattern.RewriteRuleSet(rules)
+
+
 def cleanup(
     model: ir.Model,
     *,
     max_new_elements: int = DEFAULT_MAX_NEW_ELEMENTS,
     max_heavy_input_elements: int = DEFAULT_MAX_HEAVY_INPUT_ELEMENTS,
     fold_constants: bool = True,
+    rewrite: bool = True,
 ) -> CleanupResult:
     """Clean `model` in place after the BN fold; see `CleanupPass` for the rules.
 
@@ -641,6 +686,7 @@ def cleanup(
             CHEAP_OPS are not folded.
         fold_constants: False runs only the dead-code, Identity, lifting and deduplication
             passes, never importing onnxscript.
+        rewrite: False leaves out onnxscript's rewrite rules (rule 2).
 
     Returns:
         The counts of what changed.
@@ -652,6 +698,7 @@ def cleanup(
         max_new_elements=max_new_elements,
         max_heavy_input_elements=max_heavy_input_elements,
         fold_constants=fold_constants,
+        rewrite=rewrite,
     )
     result = cleanup_pass(model)
     assert isinstance(result, CleanupResult)

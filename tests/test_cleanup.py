@@ -195,9 +195,12 @@ def test_shape_of_static_dims_and_gather_of_them_fold_while_the_dynamic_dim_stay
         tail = Shape<start = 1>(x)
         n_el = ReduceProd<keepdims = 0>(tail)
     }}""")
-    out, _ = clean_and_compare(model, {"x": x_feed(2, 3, 4)})
+    out, _ = clean_and_compare(model, {"x": x_feed(2, 3, 4)}, rewrite=False)
     # Only the batch dimension is still read at run time.
     assert ops(out) == {"Shape": 1, "Gather": 1, "Concat": 1, "Reshape": 1}
+    # The rewriter writes that Reshape's shape as [-1, 12] from y's known shape [N, 12].
+    rewritten, result = clean_and_compare(model, {"x": x_feed(2, 3, 4)})
+    assert ops(rewritten) == {"Reshape": 1} and result.rewrites == 1
     consts = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert consts["n_el"] == 12  # a constant graph output keeps its name
 
@@ -313,6 +316,55 @@ def test_dead_nodes_unused_initializers_and_unused_functions_are_removed():
     # the now unused "local" opset import stays: the opset list never changes
     assert [(o.domain, o.version) for o in out.opset_import] == [("", 18), ("local", 1)]
     assert result.removed_ops == {"Add": 1, "Relu": 2}
+
+
+def test_rewrite_rules_merge_relu_and_clip_chains_and_drop_a_zero_conv_bias():
+    model = from_text(
+        f"""{HEADER}
+    g (float[1, 2, 5, 5] x) => (float[1, 2, 5, 5] y) {{
+        lo = Constant<value_float = 0.0>()
+        hi = Constant<value_float = 6.0>()
+        lo_c = CastLike(lo, x)
+        hi_c = CastLike(hi, x)
+        r1 = Relu(x)
+        r2 = Relu(r1)
+        c = Conv<pads = [1, 1, 1, 1]>(r2, w, zero)
+        y = Clip(c, lo_c, hi_c)
+    }}""",
+        {"w": x_feed(2, 2, 3, 3, seed=1), "zero": np.zeros(2, np.float32)},
+    )
+    out, result = clean_and_compare(model, {"x": x_feed(1, 2, 5, 5)})
+    assert [n.op_type for n in out.graph.node] == ["Relu", "Conv", "Clip"]
+    assert len(out.graph.node[1].input) == 2  # the zero bias is gone
+    assert result.rewrites == 2
+
+
+def test_inexact_rewrites_and_the_bn_fusion_are_left_out():
+    model = from_text(
+        f"""{HEADER}
+    g (float[1, 2, 4, 4] x, double[3] d) => (float[1, 2, 4, 4] y, float16[3] h) {{
+        lo = Constant<value_float = 0.0>()
+        lo_c = CastLike(lo, x)
+        near_one = Constant<value_float = 1.000001>()
+        m = Mul(x, near_one)
+        c = Conv(m, w, b)
+        bn = BatchNormalization(c, s, b, mu, var)
+        y = Max(bn, lo_c)
+        f = Cast<to = 1>(d)
+        h = Cast<to = 10>(f)
+    }}""",
+        {
+            "w": x_feed(2, 2, 1, 1, seed=1),
+            "b": np.array([0.5, -0.5], np.float32),
+            "s": np.array([2.0, 0.5], np.float32),
+            "mu": np.array([0.1, 0.2], np.float32),
+            "var": np.array([1.5, 0.7], np.float32),
+        },
+    )
+    feeds = {"x": x_feed(1, 2, 4, 4), "d": np.array([1 + 2**-11, 0.1, 65519.0])}
+    out, _ = clean_and_compare(model, feeds)
+    left = ops(out)
+    assert left["Mul"] == 1 and left["BatchNormalization"] == 1 and left["Cast"] == 2
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ Three commands:
         Export CNNs with torch's dynamo exporter (`dynamo=True, optimize=False`), BN statistics
         and affine parameters randomized. `tiny_mobilenet` and `tiny_densenet` are built here
         in plain torch; the torchvision and timm names need those packages.
-    python tools/bench_cleanup.py latency DIR/*.onnx [--rounds 15] [--runs 20] [--json OUT]
+    python tools/bench_cleanup.py latency DIR/*.onnx [--rounds 100] [--runs 2] [--json OUT]
         Per file: the exporter's output, today's `bn_onnx.fold.fold_model`, that plus
         `bn_onnx.cleanup.cleanup`, and `onnxscript.optimizer.optimize` of the same file. Node
         counts, the largest difference to the exporter's output (onnxruntime, optimizations
         off), and latency in onnxruntime (CPU, default graph optimizations, one intra-op
         thread), the variants interleaved round by round; medians with min-max, and per-round
-        ratios against onnxscript's output.
+        ratios against onnxscript's output. Also the ops of the graph onnxruntime runs after
+        its own optimizations (saved with `optimized_model_filepath`): where fold+cleanup and
+        onnxscript's output give the same ops, their latency differs only by noise.
     python tools/bench_cleanup.py process FILE.onnx [...] [--repeats 10]
         Wall time of whole processes, interleaved: onnx-ir load + save; load + cleanup + save;
         `bn-onnx fold` as it is today. Shows what importing onnxscript costs when it is needed.
@@ -23,6 +25,7 @@ torch, torchvision and timm are needed only by `export`.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -186,10 +189,12 @@ def _variants(path: Path) -> dict[str, bytes]:
     }
 
 
-def _session(data: bytes, optimize: bool) -> Any:
+def _session(data: bytes, optimize: bool, save_to: str | None = None) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if save_to is not None:
+        so.optimized_model_filepath = save_to
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
@@ -214,6 +219,23 @@ def _node_count(data: bytes) -> int:
     return len(onnx.load_from_string(data).graph.node)
 
 
+def _runtime_ops(data: bytes) -> collections.Counter[str]:
+    """Op types (domain-qualified) of the graph onnxruntime runs after its own optimizations.
+
+    Two files whose runtime graphs hold the same ops run the same kernels: a comparison that
+    does not depend on the machine's load.
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "optimized.onnx")
+        _session(data, optimize=True, save_to=path)
+        graph = onnx.load(path).graph
+    return collections.Counter(
+        f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node
+    )
+
+
 def _spread(xs: list[float]) -> dict[str, float]:
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "q1": q[0], "q3": q[2]}
@@ -227,6 +249,11 @@ def cmd_latency(args: argparse.Namespace) -> None:
         feeds = _feeds(oracle)
         want = oracle.run(None, feeds)
         row: dict[str, Any] = {"model": path.stem, "nodes": {}, "max_abs_err": {}}
+        runtime = {name: _runtime_ops(data) for name, data in variants.items()}
+        row["runtime_nodes"] = {name: sum(c.values()) for name, c in runtime.items()}
+        mine, theirs = runtime["fold+cleanup"], runtime["onnxscript"]
+        row["runtime_ops_only_in_cleanup"] = dict(mine - theirs)
+        row["runtime_ops_only_in_onnxscript"] = dict(theirs - mine)
         sessions = {}
         for name, data in variants.items():
             row["nodes"][name] = _node_count(data)
@@ -264,6 +291,13 @@ def _print_row(row: dict[str, Any]) -> None:
     print(
         f"{row['model']}: nodes export {n['export']}, fold {n['fold']}, "
         f"fold+cleanup {n['fold+cleanup']}, onnxscript {n['onnxscript']}"
+    )
+    r = row["runtime_nodes"]
+    print(
+        f"  after onnxruntime's optimizations: export {r['export']}, fold {r['fold']}, "
+        f"fold+cleanup {r['fold+cleanup']}, onnxscript {r['onnxscript']}; ops only in "
+        f"fold+cleanup {row['runtime_ops_only_in_cleanup']}, only in onnxscript "
+        f"{row['runtime_ops_only_in_onnxscript']}"
     )
     for name, s in row["ms"].items():
         err = row["max_abs_err"][name]
@@ -335,8 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p = sub.add_parser("latency", help="node counts and onnxruntime latency")
     p.add_argument("models", nargs="+")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--runs", type=int, default=20, help="runs per variant per round")
+    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--runs", type=int, default=2, help="runs per variant per round")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json")
     p = sub.add_parser("process", help="whole-process wall time")
