@@ -14,7 +14,8 @@ open are made here:
    onnxscript (about 0.2 to 0.4 s here), for a node the folder would change; a model without
    one never pays for the import.
 2. *What* may be folded (`CleanupPass.should_fold`): only deterministic ops of the standard
-   domain; never BatchNormalization (the fold reports each one), the quantization ops, random
+   domain without attributes that refer to a function's attributes; never BatchNormalization
+   (the fold reports each one), the quantization ops, random
    ops, Bernoulli or Dropout (onnxscript's list misses the last two), nor a node whose output
    would be a new constant of more than `max_new_elements` elements not paid for by the
    constants it frees (an Expand/ConstantOfShape/Tile "bomb"). Output sizes come from ONNX
@@ -36,8 +37,7 @@ References: onnxscript `optimizer/_constant_folding.py` (FoldConstantsPass, its 
 evaluators for Shape, Size, CastLike, Cast, Expand, Reshape, Gather of a shape, Identity,
 Dropout, If of a constant condition and the sequence ops), `rewriter/rules/common/`; onnx-ir
 `passes/common/` (`RemoveUnusedNodesPass`, `RemoveUnusedFunctionsPass`,
-`LiftConstantsToInitializersPass`, `DeduplicateInitializersPass`,
-`DeduplicateHashedInitializersPass`, `IdentityEliminationPass`).
+`LiftConstantsToInitializersPass`, `DeduplicateInitializersPass`, `IdentityEliminationPass`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -69,6 +70,9 @@ DEFAULT_MAX_NEW_ELEMENTS = 1 << 20
 # Ops outside CHEAP_OPS (Conv, MatMul, Resize ...) run in onnx.reference's numpy kernels when
 # folded; inputs above this many elements in all are left to the runtime.
 DEFAULT_MAX_HEAVY_INPUT_ELEMENTS = 1 << 16
+# Initializers up to this size are deduplicated by onnx-ir (by their bytes); larger ones here.
+_SMALL_ELEMENTS = 1024
+_FINGERPRINT_BYTES = 4096
 # Small constant inputs are handed to shape inference as data (shape, repeats, pads, starts).
 _SHAPE_DATA_ELEMENTS = 64
 
@@ -388,19 +392,45 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> int:
     return count
 
 
-def _has_large_duplicate_candidates(model: ir.Model, size_limit: int) -> bool:
-    """Whether two initializers above `size_limit` elements share dtype and shape in a graph."""
+def _deduplicate_large_initializers(model: ir.Model, min_elements: int) -> int:
+    """Merge identical initializers of more than `min_elements` elements; return how many went.
+
+    As onnx-ir's DeduplicateHashedInitializersPass, but without reading every tensor whole
+    (it hashes all of them: seconds for a model of gigabytes): tensors are compared only
+    within the same dtype and shape, first by their first and last 4 KiB, and byte for byte
+    only where those agree. Graph inputs and outputs are never merged.
+    """
+    count = 0
     for graph in model.graphs():
-        seen: set[tuple[Any, ...]] = set()
+        groups: dict[tuple[Any, ...], list[ir.Value]] = collections.defaultdict(list)
         for value in graph.initializers.values():
             tensor = value.const_value
-            if tensor is None or tensor.size <= size_limit:
+            if (
+                tensor is None
+                or tensor.size <= min_elements
+                or tensor.dtype == ir.DataType.STRING
+                or value.is_graph_input()
+                or value.is_graph_output()
+            ):
                 continue
-            key = (tensor.dtype, tuple(tensor.shape.numpy()))
-            if key in seen:
-                return True
-            seen.add(key)
-    return False
+            groups[(tensor.dtype, tuple(tensor.shape.numpy()))].append(value)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            kept: dict[bytes, list[tuple[ir.Value, np.ndarray]]] = collections.defaultdict(list)
+            for value in members:
+                flat = np.ascontiguousarray(value.const_value.numpy()).reshape(-1)  # type: ignore[union-attr]
+                raw = flat.view(np.uint8)  # bitwise: NaN equals NaN, -0.0 differs from 0.0
+                ends = raw[:_FINGERPRINT_BYTES].tobytes() + raw[-_FINGERPRINT_BYTES:].tobytes()
+                same = next((k for k, r in kept[ends] if np.array_equal(r, raw)), None)
+                if same is None:
+                    kept[ends].append((value, raw))
+                    continue
+                value.replace_all_uses_with(same)
+                assert value.name is not None
+                graph.initializers.pop(value.name)
+                count += 1
+    return count
 
 
 @contextlib.contextmanager
@@ -515,8 +545,10 @@ class CleanupPass(ir.passes.InPlacePass):
     3. `Identity` nodes are removed (`_SafeIdentityEliminationPass`).
     4. Dead nodes, unused initializers (in subgraphs too) and unused functions are removed.
     5. Constant nodes become initializers (in functions they stay nodes: functions have none).
-    6. Identical initializers are merged: small ones (<= 1024 elements) by bytes; larger ones by
-       hash, only when two share dtype and shape.
+    6. Identical initializers are merged: small ones (<= 1024 elements) by onnx-ir's
+       DeduplicateInitializersPass; larger ones by `_deduplicate_large_initializers`, which
+       reads a tensor whole only when another one of its dtype and shape has the same first
+       and last 4 KiB.
 
     Graph inputs and outputs (names, dtypes, shapes, order), metadata_props, opset imports and
     function signatures are checked unchanged afterwards (PostconditionError otherwise).
@@ -557,6 +589,8 @@ class CleanupPass(ir.passes.InPlacePass):
             return False
         if node.op_type in NON_DETERMINISTIC_OPS or _has_graph_attr(node):
             return False
+        if any(a.is_ref() for a in node.attributes.values()):
+            return False  # a function's attribute: its value is known only at the call
         if any(v is not None and v.const_value is None for v in node.inputs):
             return False
         in_sizes = [v.const_value.size for v in node.inputs if v is not None]  # type: ignore[union-attr]
@@ -612,9 +646,9 @@ class CleanupPass(ir.passes.InPlacePass):
             modified |= common_passes.RemoveUnusedFunctionsPass()(model).modified
             modified |= _LiftConstantsPass(lift_all_constants=True, size_limit=0)(model).modified
             n_inits = _count_initializers(model)
-            modified |= common_passes.DeduplicateInitializersPass(size_limit=1024)(model).modified
-            if _has_large_duplicate_candidates(model, 1024):
-                modified |= common_passes.DeduplicateHashedInitializersPass()(model).modified
+            dedup = common_passes.DeduplicateInitializersPass(size_limit=_SMALL_ELEMENTS)
+            modified |= dedup(model).modified
+            modified |= _deduplicate_large_initializers(model, _SMALL_ELEMENTS) > 0
             deduplicated = n_inits - _count_initializers(model)
         self._contract.restore_types(model)
         after = collections.Counter(n.op_type for n in _all_nodes(model))

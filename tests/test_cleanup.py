@@ -295,6 +295,24 @@ def test_duplicated_initializers_are_merged_small_and_large():
     assert result.deduplicated == 2
 
 
+def test_large_initializers_that_differ_only_in_the_middle_are_not_merged():
+    a = np.random.default_rng(2).normal(size=(64, 64)).astype(np.float32)
+    b = a.copy()
+    b[32, 5] += 1.0  # same first and last 4 KiB
+    model = from_text(
+        f"""{HEADER}
+    g (float[64, 64] x) => (float[64, 64] y) {{
+        m = Add(x, a)
+        n = Add(m, b)
+        y = Add(n, a2)
+    }}""",
+        {"a": a, "b": b, "a2": a.copy()},
+    )
+    out, result = clean_and_compare(model, {"x": x_feed(64, 64)})
+    assert sorted(t.name for t in out.graph.initializer) == ["a", "b"]
+    assert result.deduplicated == 1
+
+
 def test_dead_nodes_unused_initializers_and_unused_functions_are_removed():
     model = from_text(
         """<ir_version: 10, opset_import: ["" : 18, "local" : 1]>
@@ -403,6 +421,36 @@ def test_if_branches_are_cleaned_and_keep_their_outer_scope_references(cond):
     assert [n.op_type for n in else_g.node] == ["Identity"]
 
 
+def test_nested_subgraphs_are_cleaned_and_keep_references_two_levels_up():
+    model = from_text(f"""{HEADER}
+    g (bool c1, bool c2, float[N, 4] x) => (float[N, 4] y) {{
+        v = Relu(x)
+        y = If(c1) <
+            then_branch = outer_then () => (float[N, 4] o1) {{
+                o1 = If(c2) <
+                    then_branch = inner_then () => (float[N, 4] i1) {{
+                        lo = Constant<value_float = 0.0>()
+                        lo_c = CastLike(lo, v)
+                        i1 = Max(v, lo_c)
+                    }},
+                    else_branch = inner_else () => (float[N, 4] i2) {{
+                        i2 = Identity(v)
+                    }}
+                >
+            }},
+            else_branch = outer_else () => (float[N, 4] o2) {{
+                o2 = Neg(v)
+            }}
+        >
+    }}""")
+    for c1, c2 in [(True, True), (True, False), (False, True)]:
+        feeds = {"c1": np.array(c1), "c2": np.array(c2), "x": x_feed(3, 4)}
+        out, _ = clean_and_compare(model, feeds)
+    inner = out.graph.node[1].attribute[0].g.node[0]
+    assert [n.op_type for n in inner.attribute[0].g.node] == ["Max"]
+    assert [n.op_type for n in inner.attribute[1].g.node] == ["Identity"]
+
+
 def test_if_with_a_constant_condition_is_replaced_by_its_branch():
     model = from_text(
         IF_MODEL.replace("(bool cond, float[N, 4] x)", "(float[N, 4] x)").replace(
@@ -453,6 +501,26 @@ def test_model_local_functions_are_cleaned_and_keep_their_signature():
     # Functions hold no initializers: a folded value stays a Constant node there.
     assert [n.op_type for n in f.node] == ["Constant", "Mul"]
     assert ops(out)["Add"] == 0 and [n.op_type for n in out.graph.node] == ["scale"]
+
+
+def test_a_function_node_whose_attribute_comes_from_the_call_is_not_folded():
+    # Folded without the call's perm, Transpose would reverse the axes: (2, 4, 3), not (2, 3, 4).
+    model = from_text(
+        """<ir_version: 10, opset_import: ["" : 18, "local" : 1]>
+    g (float[2, 3, 4] x) => (float[2, 3, 4] y) {
+        y = local.add_t<perm = [0, 2, 1]>(x)
+    }
+    <domain: "local", opset_import: ["" : 18]>
+    add_t <perm> (a) => (b) {
+        c = Constant<value = float[2, 4, 3] {
+            0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23
+        }>()
+        t = Transpose<perm: ints = @perm>(c)
+        b = Add(a, t)
+    }"""
+    )
+    out, _ = clean_and_compare(model, {"x": x_feed(2, 3, 4)})
+    assert [n.op_type for n in out.functions[0].node] == ["Constant", "Transpose", "Add"]
 
 
 # --------------------------------------------------------------------------------------------
