@@ -266,9 +266,9 @@ def _folder_would_change(node: ir.Node) -> bool:
     if op == "Shape":
         if first is None or first.shape is None:
             return first is not None
-        rank = len(first.shape)
+        # one static dim is enough: a Gather or Slice of it is a constant
         start, end = _int_attr(node, "start", 0), _int_attr(node, "end", None)
-        return all(isinstance(d, int) for d in first.shape.dims[slice(start, end)][:rank])
+        return any(isinstance(d, int) for d in first.shape.dims[slice(start, end)])
     if op == "Reshape" and len(inputs) > 1 and not _is_constant(inputs[1]):
         # a shape computed at run time where the output has at most one unknown dim: the
         # rewriter writes it as a constant (`-1` for the unknown one)
@@ -392,6 +392,72 @@ def _remove_unused_subgraph_initializers(model: ir.Model) -> int:
     return count
 
 
+def _raw_bytes(value: ir.Value) -> np.ndarray:
+    """A tensor's elements as bytes (bitwise: NaN equals NaN, -0.0 differs from 0.0)."""
+    assert value.const_value is not None
+    return np.ascontiguousarray(value.const_value.numpy()).reshape(-1).view(np.uint8)
+
+
+def _fold_initializer_transposes(model: ir.Model) -> int:
+    """Replace `Transpose(W)` of an initializer read only there by W transposed, lazily.
+
+    torch's dynamo exporter writes a Linear on 3-D input as `MatMul(x, Transpose(W))`.
+    onnxscript's folder would transpose every such weight in memory at once; here the new
+    initializer is an `ir.LazyTensor` computed from the (possibly memory-mapped) source when the
+    model is saved, one tensor at a time. Returns the number of Transpose nodes replaced.
+    """
+    count = 0
+    for graph in model.graphs():
+        for node in list(graph):
+            if node.op_type != "Transpose" or not _is_standard(node) or len(node.inputs) != 1:
+                continue
+            src, out = node.inputs[0], node.outputs[0]
+            perm_attr = node.attributes.get("perm")
+            if (
+                src is None
+                or src.const_value is None
+                or src.const_value.dtype == ir.DataType.STRING
+                or src.graph is not graph
+                or not src.is_initializer()
+                or src.is_graph_input()
+                or src.is_graph_output()
+                or out.is_graph_output()
+                or len(src.uses()) != 1
+                or (
+                    perm_attr is not None
+                    and (perm_attr.is_ref() or perm_attr.type != ir.AttributeType.INTS)
+                )
+            ):
+                continue
+            tensor = src.const_value
+            dims = tuple(int(d) for d in tensor.shape.numpy())
+            perm = (
+                tuple(perm_attr.as_ints())
+                if perm_attr is not None
+                else tuple(reversed(range(len(dims))))
+            )
+            if sorted(perm) != list(range(len(dims))):
+                continue  # an invalid perm: left for onnxruntime to reject
+
+            def transposed(
+                tensor: ir.TensorProtocol = tensor, perm: tuple[int, ...] = perm
+            ) -> ir.TensorProtocol:
+                return ir.tensor(np.transpose(tensor.numpy(), perm), dtype=tensor.dtype)
+
+            shape = ir.Shape([dims[p] for p in perm])
+            lazy = ir.LazyTensor(transposed, dtype=tensor.dtype, shape=shape)
+            new = ir.Value(
+                name=out.name, type=ir.TensorType(tensor.dtype), shape=shape, const_value=lazy
+            )
+            out.replace_all_uses_with(new)
+            graph.remove(node, safe=True)
+            assert src.name is not None
+            graph.initializers.pop(src.name)
+            graph.register_initializer(new)
+            count += 1
+    return count
+
+
 def _deduplicate_large_initializers(model: ir.Model, min_elements: int) -> int:
     """Merge identical initializers of more than `min_elements` elements; return how many went.
 
@@ -417,14 +483,15 @@ def _deduplicate_large_initializers(model: ir.Model, min_elements: int) -> int:
         for members in groups.values():
             if len(members) < 2:
                 continue
-            kept: dict[bytes, list[tuple[ir.Value, np.ndarray]]] = collections.defaultdict(list)
+            # Values, not arrays, are kept: an array may be a copy (float_data) or a lazy result.
+            kept: dict[bytes, list[ir.Value]] = collections.defaultdict(list)
             for value in members:
-                flat = np.ascontiguousarray(value.const_value.numpy()).reshape(-1)  # type: ignore[union-attr]
-                raw = flat.view(np.uint8)  # bitwise: NaN equals NaN, -0.0 differs from 0.0
+                raw = _raw_bytes(value)
                 ends = raw[:_FINGERPRINT_BYTES].tobytes() + raw[-_FINGERPRINT_BYTES:].tobytes()
-                same = next((k for k, r in kept[ends] if np.array_equal(r, raw)), None)
+                same = next((k for k in kept[ends] if np.array_equal(_raw_bytes(k), raw)), None)
+                del raw
                 if same is None:
-                    kept[ends].append((value, raw))
+                    kept[ends].append(value)
                     continue
                 value.replace_all_uses_with(same)
                 assert value.name is not None
@@ -524,6 +591,11 @@ class CleanupPass(ir.passes.InPlacePass):
 
     Rules, in order:
 
+    0. Identical initializers above 1024 elements are merged (`_deduplicate_large_initializers`,
+       which reads a tensor whole only when another one of its dtype and shape has the same
+       first and last 4 KiB), and `Transpose` of an initializer read only there becomes the
+       transposed initializer, computed lazily when the model is saved
+       (`_fold_initializer_transposes`: the exporter's `MatMul(x, Transpose(W))` for a Linear).
     1. If `needs_constant_folder` finds work: onnxscript's `FoldConstantsPass` with ONNX shape
        inference, deciding with `should_fold`. It turns `CastLike(c, x)` into a constant of
        x's dtype, `Shape`/`Size` of static dims (and `Gather` of them) into constants, `Expand`
@@ -545,10 +617,8 @@ class CleanupPass(ir.passes.InPlacePass):
     3. `Identity` nodes are removed (`_SafeIdentityEliminationPass`).
     4. Dead nodes, unused initializers (in subgraphs too) and unused functions are removed.
     5. Constant nodes become initializers (in functions they stay nodes: functions have none).
-    6. Identical initializers are merged: small ones (<= 1024 elements) by onnx-ir's
-       DeduplicateInitializersPass; larger ones by `_deduplicate_large_initializers`, which
-       reads a tensor whole only when another one of its dtype and shape has the same first
-       and last 4 KiB.
+    6. Identical initializers up to 1024 elements are merged (onnx-ir's
+       DeduplicateInitializersPass).
 
     Graph inputs and outputs (names, dtypes, shapes, order), metadata_props, opset imports and
     function signatures are checked unchanged afterwards (PostconditionError otherwise).
@@ -558,7 +628,8 @@ class CleanupPass(ir.passes.InPlacePass):
             create beyond the constant inputs it frees.
         max_heavy_input_elements: input elements (all inputs together) above which an op
             outside CHEAP_OPS is left to the runtime.
-        fold_constants: False skips rules 1 and 2 (and never imports onnxscript).
+        fold_constants: False skips the Transpose fold of rule 0 and rules 1 and 2 (and never
+            imports onnxscript).
         rewrite: False skips rule 2.
     """
 
@@ -632,6 +703,11 @@ class CleanupPass(ir.passes.InPlacePass):
         used_folder = False
         rewrites = 0
         with _quiet_library_loggers():
+            # Large duplicates first, while they are still the file's (memory-mapped) tensors.
+            deduplicated = _deduplicate_large_initializers(model, _SMALL_ELEMENTS)
+            modified |= deduplicated > 0
+            if self.fold_constants:
+                modified |= _fold_initializer_transposes(model) > 0
             if self.fold_constants and needs_constant_folder(model):
                 used_folder = True
                 modified |= self._run_constant_folder(model)
@@ -648,8 +724,7 @@ class CleanupPass(ir.passes.InPlacePass):
             n_inits = _count_initializers(model)
             dedup = common_passes.DeduplicateInitializersPass(size_limit=_SMALL_ELEMENTS)
             modified |= dedup(model).modified
-            modified |= _deduplicate_large_initializers(model, _SMALL_ELEMENTS) > 0
-            deduplicated = n_inits - _count_initializers(model)
+            deduplicated += n_inits - _count_initializers(model)
         self._contract.restore_types(model)
         after = collections.Counter(n.op_type for n in _all_nodes(model))
         removed = {op: before[op] - after[op] for op in sorted(before | after)}

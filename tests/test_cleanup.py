@@ -205,6 +205,20 @@ def test_shape_of_static_dims_and_gather_of_them_fold_while_the_dynamic_dim_stay
     assert consts["n_el"] == 12  # a constant graph output keeps its name
 
 
+def test_the_scan_sees_a_static_dim_behind_a_dynamic_one():
+    model = from_text(f"""{HEADER}
+    g (float[N, 3] x) => (float[N, 3] y) {{
+        s = Shape(x)
+        i = Constant<value_ints = [1]>()
+        c = Gather<axis = 0>(s, i)
+        f = Cast<to = 1>(c)
+        y = Div(x, f)
+    }}""")
+    assert needs_constant_folder(ir.serde.deserialize_model(model))
+    out, _ = clean_and_compare(model, {"x": x_feed(2, 3)})
+    assert ops(out) == {"Div": 1}
+
+
 def test_size_of_a_static_shape_folds():
     model = from_text(f"""{HEADER}
     g (float[2, 3] x) => (float[2, 3] y) {{
@@ -251,6 +265,23 @@ def test_reshape_unsqueeze_squeeze_concat_cast_of_constants_fold():
     assert ops(out) == {"Mul": 1}
     (t,) = out.graph.initializer
     assert t.data_type == TensorProto.FLOAT
+
+
+def test_transpose_of_a_weight_becomes_the_transposed_weight_without_onnxscript():
+    # torch's dynamo export of Linear on 3-D input
+    model = from_text(
+        f"""{HEADER}
+    g (float[N, 5, 8] x) => (float[N, 5, 16] y) {{
+        wt = Transpose<perm = [1, 0]>(w)
+        y = MatMul(x, wt)
+    }}""",
+        {"w": x_feed(16, 8, seed=3)},
+    )
+    out, result = clean_and_compare(model, {"x": x_feed(2, 5, 8)})
+    assert ops(out) == {"MatMul": 1}
+    (t,) = out.graph.initializer
+    np.testing.assert_array_equal(numpy_helper.to_array(t), x_feed(16, 8, seed=3).T)
+    assert result.removed_ops == {"Transpose": 1} and not result.used_constant_folder
 
 
 def test_identity_chains_go_but_identities_that_keep_an_output_name_stay():
