@@ -11,13 +11,17 @@ Three commands:
         `bn_onnx.cleanup.cleanup`, and `onnxscript.optimizer.optimize` of the same file. Node
         counts, the largest difference to the exporter's output (onnxruntime, optimizations
         off), and latency in onnxruntime (CPU, default graph optimizations, one intra-op
-        thread), the variants interleaved round by round; medians with min-max, and per-round
-        ratios against onnxscript's output. Also the ops of the graph onnxruntime runs after
-        its own optimizations (saved with `optimized_model_filepath`): where fold+cleanup and
-        onnxscript's output give the same ops, their latency differs only by noise.
+        thread), the variants interleaved round by round: wall time and the calling thread's
+        CPU time (onnxruntime runs there with one intra-op thread, so other processes' time is
+        left out); medians with min-max, and per-round ratios against onnxscript's output.
+        Each round runs a variant at least `--runs` times and for at least 5 ms. Also the ops
+        of the graph onnxruntime runs after its own optimizations (saved with
+        `optimized_model_filepath`): where fold+cleanup and onnxscript's output give the same
+        ops, their latency differs only by noise.
     python tools/bench_cleanup.py process FILE.onnx [...] [--repeats 10]
-        Wall time of whole processes, interleaved: onnx-ir load + save; load + cleanup + save;
-        `bn-onnx fold` as it is today. Shows what importing onnxscript costs when it is needed.
+        Wall and CPU time of whole processes, interleaved: onnx-ir load + save; load + cleanup +
+        save; `bn-onnx fold` as it is today. Shows what importing onnxscript costs when it is
+        needed.
 
 torch, torchvision and timm are needed only by `export`.
 """
@@ -28,6 +32,7 @@ import argparse
 import collections
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -264,21 +269,30 @@ def cmd_latency(args: argparse.Namespace) -> None:
             sessions[name] = _session(data, optimize=True)
             for _ in range(args.warmup):
                 sessions[name].run(None, feeds)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
+        # Wall time, and this thread's CPU time: with one intra-op thread onnxruntime runs on
+        # the calling thread, so the CPU time leaves out the time other processes took.
+        wall: dict[str, list[float]] = {name: [] for name in sessions}
+        cpu: dict[str, list[float]] = {name: [] for name in sessions}
         names = list(sessions)
+        start = time.perf_counter()
+        sessions["onnxscript"].run(None, feeds)
+        runs = max(args.runs, int(0.005 / (time.perf_counter() - start)))
+        row["runs_per_round"] = runs
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                start = time.perf_counter()
-                for _ in range(args.runs):
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                for _ in range(runs):
                     sessions[name].run(None, feeds)
-                times[name].append((time.perf_counter() - start) / args.runs * 1e3)
-        row["ms"] = {name: _spread(ts) for name, ts in times.items()}
-        row["ratio_vs_onnxscript"] = {
-            name: _spread([a / b for a, b in zip(times[name], times["onnxscript"], strict=True)])
-            for name in names
-            if name != "onnxscript"
-        }
+                cpu[name].append((time.thread_time() - start_cpu) / runs * 1e3)
+                wall[name].append((time.perf_counter() - start) / runs * 1e3)
+        for key, times in (("ms", wall), ("cpu_ms", cpu)):
+            row[key] = {name: _spread(ts) for name, ts in times.items()}
+            row[f"{key}_ratio_vs_onnxscript"] = {
+                name: _spread([a / b for a, b in zip(ts, times["onnxscript"], strict=True)])
+                for name, ts in times.items()
+                if name != "onnxscript"
+            }
         results.append(row)
         _print_row(row)
     print(f"load average: {os.getloadavg()}")
@@ -299,17 +313,20 @@ def _print_row(row: dict[str, Any]) -> None:
         f"fold+cleanup {row['runtime_ops_only_in_cleanup']}, only in onnxscript "
         f"{row['runtime_ops_only_in_onnxscript']}"
     )
-    for name, s in row["ms"].items():
-        err = row["max_abs_err"][name]
+    for name, s in row["cpu_ms"].items():
+        w = row["ms"][name]
         print(
-            f"  {name:13s} {s['median']:8.3f} ms [{s['min']:.3f}-{s['max']:.3f}]  "
-            f"max |diff| {err:.2e}"
+            f"  {name:13s} cpu {s['median']:8.3f} ms [{s['min']:.3f}-{s['max']:.3f}]  "
+            f"wall {w['median']:8.3f} ms [{w['min']:.3f}-{w['max']:.3f}]  "
+            f"max |diff| {row['max_abs_err'][name]:.2e}"
         )
-    for name, s in row["ratio_vs_onnxscript"].items():
-        print(
-            f"  {name:13s} / onnxscript {s['median']:.3f}x "
-            f"(IQR {s['q1']:.3f}-{s['q3']:.3f}, range {s['min']:.3f}-{s['max']:.3f})"
-        )
+    for key in ("cpu_ms", "ms"):
+        for name, s in row[f"{key}_ratio_vs_onnxscript"].items():
+            print(
+                f"  {'cpu ' if key == 'cpu_ms' else 'wall'} {name:13s} / onnxscript "
+                f"{s['median']:.3f}x (IQR {s['q1']:.3f}-{s['q3']:.3f}, "
+                f"range {s['min']:.3f}-{s['max']:.3f})"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,25 +352,35 @@ def cmd_process(args: argparse.Namespace) -> None:
                     sys.executable, "-m", "bn_onnx", "fold", path, "-o", out, "-q",
                 ],
             }  # fmt: skip
-            times: dict[str, list[float]] = {k: [] for k in commands}
+            # Wall time, and the child's CPU time (user + system: not the time other processes
+            # took; a process that waits on the disk would show less CPU than wall time).
+            wall: dict[str, list[float]] = {k: [] for k in commands}
+            cpu: dict[str, list[float]] = {k: [] for k in commands}
             notes = set()
             for r in range(args.repeats):
                 keys = list(commands)
                 for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
                     start = time.perf_counter()
                     done = subprocess.run(commands[key], capture_output=True, text=True, check=True)
-                    times[key].append(time.perf_counter() - start)
+                    wall[key].append(time.perf_counter() - start)
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpu[key].append(
+                        after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                    )
                     if key == "load+cleanup+save":
                         notes.add(done.stderr.strip())
-            base = times["onnx-ir load+save"]
             print(f"{Path(path).name} ({', '.join(sorted(notes))}):")
-            for key, ts in times.items():
-                s = _spread(ts)
-                ratio = _spread([a / b for a, b in zip(ts, base, strict=True)])
-                print(
-                    f"  {key:22s} {s['median']:.3f} s [{s['min']:.3f}-{s['max']:.3f}]  "
-                    f"{ratio['median']:.2f}x load+save [{ratio['min']:.2f}-{ratio['max']:.2f}]"
-                )
+            for label, times in (("cpu ", cpu), ("wall", wall)):
+                base = times["onnx-ir load+save"]
+                for key, ts in times.items():
+                    s = _spread(ts)
+                    ratio = _spread([a / b for a, b in zip(ts, base, strict=True)])
+                    print(
+                        f"  {label} {key:22s} {s['median']:.3f} s [{s['min']:.3f}-{s['max']:.3f}]"
+                        f"  {ratio['median']:.2f}x load+save "
+                        f"[{ratio['min']:.2f}-{ratio['max']:.2f}]"
+                    )
     print(f"load average: {os.getloadavg()}")
 
 
