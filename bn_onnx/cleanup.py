@@ -673,11 +673,11 @@ class CleanupPass(ir.passes.InPlacePass):
             for v in {v for v in node.inputs if v is not None}
             if len(v.uses()) == sum(1 for u in node.inputs if u is v) and not v.is_graph_output()
         )
+        if node.op_type in NON_GROWING_OPS and sum(in_sizes) - freed <= self.max_new_elements:
+            return True  # no need to infer: the output is at most the inputs together
         out = _inferred_output_elements(node, self._opset)
         if out is None:
-            if node.op_type not in NON_GROWING_OPS:
-                return False
-            out = sum(in_sizes)
+            return False
         return out - freed <= self.max_new_elements
 
     # -- the pass ----------------------------------------------------------------------------
