@@ -697,6 +697,34 @@ def test_metadata_opsets_and_declared_output_shapes_never_change():
     assert "folded_from" not in out.SerializeToString().decode("latin-1")
 
 
+def test_the_contract_check_sees_each_kind_of_change():
+    from bn_onnx.cleanup import _Interface
+
+    text = f"""{HEADER}
+    g (float[N] x) => (float[N] y) {{
+        y = Relu(x)
+    }}"""
+
+    def changed(change) -> list[str]:
+        model = ir.serde.deserialize_model(from_text(text))
+        contract = _Interface.capture(model)
+        change(model)
+        return contract.differences(model)
+
+    assert changed(lambda m: None) == []
+    assert changed(lambda m: setattr(m.graph.outputs[0], "name", "z")) == ["outputs changed"]
+    assert changed(lambda m: setattr(m.graph.inputs[0], "shape", ir.Shape([3]))) == [
+        "inputs changed"
+    ]
+    assert changed(lambda m: m.metadata_props.update(k="v")) == ["metadata_props changed"]
+    assert changed(lambda m: m.opset_imports.update({"x.y": 1})) == ["opsets changed"]
+
+    def custom_node(m: ir.Model) -> None:
+        m.graph.append(ir.Node("com.microsoft", "Gelu", [m.graph.inputs[0]]))
+
+    assert changed(custom_node) == ["nodes of new domains ['com.microsoft']"]
+
+
 def test_overridable_initializers_are_not_folded():
     # An initializer that is also a graph input (IR < 4 style) can be fed at run time.
     model = from_text(
