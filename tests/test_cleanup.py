@@ -754,6 +754,7 @@ def _probe(path: Path, extra: str = "") -> str:
         "need = needs_constant_folder(m)\n"
         f"r = cleanup(m{extra})\n"
         "print(need, r.used_constant_folder, 'onnxscript' in sys.modules)\n"
+        "assert 'torch' not in sys.modules  # the fold layer never imports torch\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return done.stdout.strip()
