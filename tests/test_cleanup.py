@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper, parser
 from onnx.reference import ReferenceEvaluator
 
-from bn_onnx.cleanup import CleanupResult, cleanup, needs_constant_folder
+from bn_onnx.fold.cleanup import CleanupResult, cleanup, needs_constant_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_FOLDED = ROOT / "models" / "digits" / "model.folded.onnx"
@@ -698,7 +698,7 @@ def test_metadata_opsets_and_declared_output_shapes_never_change():
 
 
 def test_the_contract_check_sees_each_kind_of_change():
-    from bn_onnx.cleanup import _Interface
+    from bn_onnx.fold.cleanup import _Interface
 
     text = f"""{HEADER}
     g (float[N] x) => (float[N] y) {{
@@ -749,7 +749,7 @@ def test_overridable_initializers_are_not_folded():
 def _probe(path: Path, extra: str = "") -> str:
     code = (
         "import sys, onnx_ir as ir\n"
-        "from bn_onnx.cleanup import cleanup, needs_constant_folder\n"
+        "from bn_onnx.fold.cleanup import cleanup, needs_constant_folder\n"
         f"m = ir.load({str(path)!r})\n"
         "need = needs_constant_folder(m)\n"
         f"r = cleanup(m{extra})\n"

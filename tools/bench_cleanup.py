@@ -8,7 +8,7 @@ Three commands:
         in plain torch; the torchvision and timm names need those packages.
     python tools/bench_cleanup.py latency DIR/*.onnx [--rounds 100] [--runs 2] [--json OUT]
         Per file: the exporter's output, today's `bn_onnx.fold.fold_model`, that plus
-        `bn_onnx.cleanup.cleanup`, and `onnxscript.optimizer.optimize` of the same file. Node
+        `bn_onnx.fold.cleanup.cleanup`, and `onnxscript.optimizer.optimize` of the same file. Node
         counts, the largest difference to the exporter's output (onnxruntime, optimizations
         off), and latency in onnxruntime (CPU, default graph optimizations, one intra-op
         thread), the variants interleaved round by round: wall time and the calling thread's
@@ -177,7 +177,7 @@ def _variants(path: Path) -> dict[str, bytes]:
     import onnx_ir as ir
     import onnxscript.optimizer
 
-    from bn_onnx.cleanup import cleanup
+    from bn_onnx.fold.cleanup import cleanup
     from bn_onnx.fold import fold_model
 
     original = onnx.load(path)
@@ -343,7 +343,7 @@ def _print_row(row: dict[str, Any]) -> None:
 
 _LOAD_SAVE = "import sys, onnx_ir as ir; ir.save(ir.load(sys.argv[1]), sys.argv[2])"
 _LOAD_CLEAN_SAVE = (
-    "import sys, onnx_ir as ir; from bn_onnx.cleanup import cleanup; "
+    "import sys, onnx_ir as ir; from bn_onnx.fold.cleanup import cleanup; "
     "m = ir.load(sys.argv[1]); r = cleanup(m); ir.save(m, sys.argv[2]); "
     "print('used onnxscript' if 'onnxscript' in sys.modules else 'no onnxscript', file=sys.stderr)"
 )
