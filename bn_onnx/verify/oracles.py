@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bn_onnx import reference
+from bn_onnx.columns import CONTINUOUS
 from bn_onnx.errors import UsageError
 from bn_onnx.onnx_meta import INPUT_NAME
 from bn_onnx.verify.runs import Outputs, merge
@@ -81,8 +82,12 @@ def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
     from bn_onnx.data import load_split_from_checkpoint_meta
 
     data = load_split_from_checkpoint_meta(checkpoint.meta)
-    x = np.asarray(data.x_test)
     name = checkpoint.meta["dataset"].get("name", "dataset")
+    if data.feeds_test is not None:  # a tabular model takes the raw columns
+        feeds = {k: np.asarray(v) for k, v in data.feeds_test.items()}
+        rows = len(next(iter(feeds.values())))
+        return feeds, f"the checkpoint's test split ({name}, {rows} rows of raw columns)"
+    x = np.asarray(data.x_test)
     return {INPUT_NAME: x}, f"the checkpoint's test split ({name}, {len(x)} rows)"
 
 
@@ -94,6 +99,16 @@ def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """
     tensors = checkpoint.tensors
     eps = float(getattr(checkpoint.config, "bn_eps", 1e-5))
+    spec = _tabular_spec(checkpoint)
+    if spec is not None:
+        # The input BN spans [embeddings..., continuous..., indicators...]: the raw
+        # `continuous` input's statistics are its slice after the embeddings.
+        if "input_norm.running_mean" not in tensors or not spec.n_continuous:
+            return {}
+        part = slice(spec.embedding_width, spec.embedding_width + spec.n_continuous)
+        mean = np.asarray(tensors["input_norm.running_mean"], np.float64)[part]
+        var = np.asarray(tensors["input_norm.running_var"], np.float64)[part] + eps
+        return {CONTINUOUS: (mean, var)}
     if "input_norm.running_mean" in tensors:
         return {
             INPUT_NAME: (
@@ -110,6 +125,16 @@ def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
             return {}
         return {INPUT_NAME: (mean, var + eps)}
     return {}
+
+
+def _tabular_spec(checkpoint: Any) -> Any:
+    """The checkpoint's `TabularSpec`, or None for a plain MLP."""
+    spec = getattr(checkpoint.config, "tabular", None)
+    if spec is None:
+        return None
+    from bn_onnx.tabular import TabularSpec
+
+    return spec if isinstance(spec, TabularSpec) else TabularSpec.from_dict(spec)
 
 
 def read(path: Any) -> Any:
