@@ -59,6 +59,7 @@ def test_launcher_passes_every_option_to_the_workers():
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_sensitive
 def test_two_process_cpu_training_checkpoint_exports_folds_and_verifies(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "bn_onnx", "train", "--nproc", "2", "--dataset", "iris"]

@@ -226,6 +226,7 @@ def test_state_dict_keys_for_default_config_are_exactly_listed():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bn", BN_PLACEMENTS)
+@pytest.mark.cpu_sensitive
 def test_every_placement_and_activation_trains(bn, activation):
     torch.manual_seed(0)
     config = MLPConfig(6, 3, hidden=(16, 8), bn=bn, activation=activation, dropout=0.1)
