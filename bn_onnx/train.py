@@ -2,7 +2,8 @@
 
 `train(TrainSettings(...), out_dir)` is the Python API behind `bn-onnx train`; it returns a
 `TrainResult` with the per-epoch history and prints nothing. The same seed on CPU gives a
-bit-identical `model.safetensors`.
+bit-identical `model.safetensors` under the same torch build, CPU kernels and thread count,
+which `config.json["reproducibility"]` records (`reproducibility_record`).
 """
 
 from __future__ import annotations

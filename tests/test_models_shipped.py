@@ -31,9 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
 ATOL, RTOL = 1e-5, 1e-4
 # Test accuracy of a retrain on this CPU's own kernels may differ from the shipped model's by at
-# most this (4 of 270 test rows). Measured with make_models' settings on the shipped split:
-# see test_retraining_on_this_cpu_stays_within_the_accuracy_band.
-ACCURACY_BAND = 4 / 270
+# most this: 6 of 270 test rows (see test_retraining_on_this_cpu_stays_within_the_accuracy_band).
+ACCURACY_BAND = 6 / 270
 FILES = [
     "checkpoint/config.json",
     "checkpoint/model.safetensors",
@@ -239,12 +238,15 @@ def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for
 @pytest.mark.slow
 def test_retraining_on_this_cpu_stays_within_the_accuracy_band():
     """A retrain with make_models' settings on this CPU's own kernels, whatever they are, tests
-    within ACCURACY_BAND (4 of 270 rows, 0.0148) of the shipped model's accuracy.
+    within ACCURACY_BAND (6 of 270 rows, 0.022) of the shipped model's accuracy (0.9741).
 
     Its weights differ wherever the kernels do (40 epochs amplify last-bit differences), so
-    only the accuracy is compared. The band comes from the spread measured on the shipped split
-    (seed 0), 0.9704-0.9852 (see docs/training.md, "Reproducibility"): training seeds 0-9 under
-    ATen DEFAULT, AVX2 and AVX-512 with oneMKL as it picks, and under MKL_CBWR=COMPATIBLE.
+    only the accuracy is compared. Measured on the shipped split with make_models' settings,
+    training seeds 0-19 under ATen DEFAULT, AVX2 and AVX-512 (oneMKL as it picks) and under
+    DEFAULT with MKL_CBWR=COMPATIBLE, 80 runs: 0.9704-0.9889 (262-267 rows, median 0.9815),
+    1 row below to 4 above the shipped model; for one seed the four kernel sets differed by at
+    most 2 rows. Another CPU's kernels move a run like another seed does, so the band covers the
+    whole seed range with 2 rows to spare (docs/training.md, "Reproducibility").
     """
     from bn_onnx.train import TrainSettings, train
 
