@@ -59,8 +59,11 @@ def test_every_optimizer_learns_iris(optimizer):
         None,
     )
     losses = [h.val_loss for h in r.history]
+    # Thresholds that hold on any CPU: another CPU's kernels move the run as another seed does.
+    # Over training seeds 0-19 on this split: loss ratio at most 0.47 (adam), validation
+    # accuracy at least 16 of 22 rows (adam; most seeds 17, seed 0 19), chance 1/3.
     assert losses[-1] < 0.6 * losses[0]
-    assert r.metrics["val_accuracy"] >= 0.8
+    assert r.metrics["val_accuracy"] >= 0.6
 
 
 def test_kept_model_is_the_best_validation_epoch_and_metrics_are_recomputable(tmp_path):
