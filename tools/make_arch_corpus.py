@@ -576,7 +576,7 @@ def _conv3d_zero_bias(model: nn.Module) -> Iterator[int]:
     import torch
     from torch import nn
 
-    changed = [m for m in model.modules() if type(m) is nn.Conv3d and m.bias is None]
+    changed = [m for m in model.modules() if isinstance(m, nn.Conv3d) and m.bias is None]
     for m in changed:
         m.bias = nn.Parameter(torch.zeros(m.out_channels), requires_grad=False)
     try:
