@@ -83,7 +83,7 @@ def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
 
     data = load_split_from_checkpoint_meta(checkpoint.meta)
     name = checkpoint.meta["dataset"].get("name", "dataset")
-    if data.feeds_test is not None:  # a tabular model takes the raw columns
+    if getattr(data, "feeds_test", None) is not None:  # a tabular model: its raw columns
         feeds = {k: np.asarray(v) for k, v in data.feeds_test.items()}
         rows = len(next(iter(feeds.values())))
         return feeds, f"the checkpoint's test split ({name}, {rows} rows of raw columns)"
