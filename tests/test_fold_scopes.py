@@ -772,6 +772,79 @@ def test_function_with_subgraph_in_its_body_and_a_nested_call():
     )
 
 
+def test_function_never_called_keeps_its_bn_with_the_reason():
+    rng = np.random.default_rng(18)
+    inits = {"W": rng.normal(size=(5, 4)).astype(np.float32)}
+    model = _function_model(
+        f"""Block (x, W, s, b, mu, var) => (y) {{
+          h = Gemm (x, W)
+          {bn("y", "h", "")}
+        }}""",
+        "y1 = Gemm (x1, W)",
+        "float[N, 5] x1",
+        "float[N, 4] y1",
+        inits,
+    )
+    feeds = [{"x1": rng.normal(size=(3, 5)).astype(np.float32)}]
+    result = fold_scoped(model, feeds, folded=0)
+    assert result.report.entries[0].reason == (
+        "parameter 's' is a function input of a function the model never calls, not a constant"
+    )
+
+
+# --- shapes per scope and the cleanup after the fold --------------------------------------------
+
+
+def test_shape_table_knows_subgraph_and_function_values():
+    import onnx_ir as ir
+
+    from bn_onnx.fold.validate import validate_model
+
+    model = ir.serde.deserialize_model(_depth3(np.random.default_rng(19)))
+    table = validate_model(model)
+    nodes = {n.outputs[0].name: n for n in ir.traversal.RecursiveGraphIterator(model.graph)}
+    assert table.shape(nodes["h2"].outputs[0]) == (None, 5)  # N is symbolic
+    assert table.elem_type(nodes["h1"].outputs[0]) == onnx.TensorProto.FLOAT
+    assert table.shape(nodes["vout"].outputs[0]) == (None, 5)
+    assert table.shape(nodes["vout"].inputs[0]) == ()  # `small`, a bool scalar
+    fn = ir.load(CASES / "bn_in_local_function.onnx")
+    table = validate_model(fn)
+    body = next(iter(fn.functions.values()))
+    assert [table.shape(n.outputs[0]) for n in body] == [(1, 4, 5, 5), (1, 4, 5, 5)]
+    # the same name in the main graph and in a body are different values
+    assert table.shape(body.inputs[0]) == (1, 3, 5, 5)
+
+
+def test_cleanup_after_the_fold_keeps_every_scope_valid_and_equal():
+    """The cleanup pass (which `fold` will run next) accepts what the scoped folds leave:
+    subgraph initializers, Constant nodes in function bodies, unused function inputs."""
+    import onnx_ir as ir
+
+    from bn_onnx.fold.cleanup import cleanup
+
+    rng = np.random.default_rng(20)
+    x4 = rng.normal(size=(1, 3, 5, 5)).astype(np.float32)
+    x2 = rng.normal(size=(3, 5)).astype(np.float32)
+    cases = [
+        (
+            onnx.load(CASES / "bn_in_if_branches.onnx"),
+            [{"cond": np.array(c), "x": x4} for c in (True, False)],
+        ),
+        (onnx.load(CASES / "bn_in_local_function.onnx"), [{"x": x4}]),
+        (_depth3(rng), [{"x": x2, "M": np.array(3), "c": np.array(c)} for c in (True, False)]),
+    ]
+    for model, feeds in cases:
+        work = ir.serde.deserialize_model(model)
+        folded = fold_model(work).model
+        cleanup(folded)
+        out = ir.serde.serialize_model(folded)
+        onnx.checker.check_model(out, full_check=True)
+        assert count_bn(out) == 0 and signatures(out) == signatures(model)
+        for f in feeds:
+            for w, g in zip(run_ort(model, f), run_ort(out, f), strict=True):
+                np.testing.assert_allclose(g, w, atol=ATOL, rtol=RTOL)
+
+
 # --- the report and the CLI ---------------------------------------------------------------------
 
 

@@ -68,6 +68,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         initializers are all listed as inputs, and constant) keep that convention.
     12. Readers that see only a value's shape or type (Shape, Size, CastLike's second input)
         never block a fold.
+    13. Every scope is folded alike: If/Loop/Scan bodies at any depth and model-local function
+        bodies (`bn_onnx.fold.scopes`); a fold stays in its BN's graph, a function input is a
+        constant only when every call passes the same one, and a node with a function
+        attribute reference is never folded.
 
     A BN is left, with the reason, when its parameters are not constant (graph inputs
     included), training_mode=1 or it has extra outputs, the linear node's output is also a
