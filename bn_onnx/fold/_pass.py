@@ -116,12 +116,12 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         else:  # called directly, without requires
             shapes = validate_model(model)
         self._validated = None
-        nodes_before, inits_before = scopes.count(model)  # subgraphs and functions too
         ctx = FoldContext(model, shapes)
+        nodes_before, inits_before = scopes.count(ctx.scopes)  # subgraphs and functions too
         entries = self._run(ctx)
         ctx.sweep()
         update_folded_flag(model)
-        nodes_after, inits_after = scopes.count(model)
+        nodes_after, inits_after = scopes.count(ctx.scopes)
         report = FoldReport(
             entries=entries,
             nodes_before=nodes_before,

@@ -29,6 +29,7 @@ one scope to the next is decided here:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -102,23 +103,28 @@ class ScopeIndex:
         for function in model.functions.values():
             self.functions[function.graph] = function
             self._walk(function.graph, function)
-        self.nodes = _ordered_nodes(self.main, self.functions)
 
     def _walk(self, graph: ir.Graph, function: ir.Function | None) -> None:
-        stack: list[tuple[ir.Graph, ir.Node | None, str]] = [(graph, None, "")]
-        while stack:  # depth first, without recursion (nesting depth is the model's)
-            g, owner, key = stack.pop()
-            if owner is not None:
-                self.owners[g] = (owner, key)
-            self.graphs.append(g)
-            self.enclosing[g] = function
-            inner: list[tuple[ir.Graph, ir.Node | None, str]] = []
-            for node in g:
-                calls = self.calls.get(node.op_identifier())
-                if calls is not None:
-                    calls.append(node)
-                inner.extend((sub, node, k) for k, sub in _subgraphs(node))
-            stack.extend(reversed(inner))
+        """One pass over `graph` and its subgraphs, depth first, in graph order (each node
+        before the nodes of its subgraphs, as `ir.traversal.RecursiveGraphIterator`)."""
+        self.graphs.append(graph)
+        self.enclosing[graph] = function
+        stack: list[Iterator[ir.Node]] = [iter(graph)]
+        while stack:  # no recursion: the nesting depth is the model's
+            node = next(stack[-1], None)
+            if node is None:
+                stack.pop()
+                continue
+            self.nodes.append(node)
+            calls = self.calls.get(node.op_identifier())
+            if calls is not None:
+                calls.append(node)
+            inner = _subgraphs(node)
+            for key, sub in inner:
+                self.owners[sub] = (node, key)
+                self.graphs.append(sub)
+                self.enclosing[sub] = function
+            stack.extend(iter(sub) for _, sub in reversed(inner))
 
     # --- naming
     def where(self, graph: ir.Graph | ir.Function | None) -> str:
@@ -210,18 +216,9 @@ class ScopeIndex:
         return f"an input of {self.where(graph)}"
 
 
-def _ordered_nodes(main: ir.Graph, functions: dict[ir.Graph, ir.Function]) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(main))
-    for function in functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
-    return nodes
-
-
-def count(model: ir.Model) -> tuple[int, int]:
-    """Nodes and initializers of the whole model: main graph, subgraphs and function bodies."""
-    functions = {f.graph: f for f in model.functions.values()}
-    nodes = len(_ordered_nodes(model.graph, functions))
-    return nodes, sum(len(g.initializers) for g in model.graphs())
+def count(index: ScopeIndex) -> tuple[int, int]:
+    """Nodes and initializers of every scope: main graph, subgraphs and function bodies."""
+    return sum(len(g) for g in index.graphs), sum(len(g.initializers) for g in index.graphs)
 
 
 def check_plan(plan: Plan, site: AffineSite, ctx: FoldContext) -> Plan | Refusal:

@@ -18,6 +18,7 @@ the results are joined: a dim is known only where every call agrees on it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 
@@ -280,7 +281,8 @@ def validate_model(model: ir.Model) -> ShapeTable:
     table = _collect(inferred.graph, model.graph.initializers)
     table.main = model.graph
     _collect_subgraphs(model.graph, inferred.graph, table.scopes)
-    _infer_functions(model, table)
+    with contextlib.suppress(Exception):  # best effort: function shapes stay unknown
+        _infer_functions(model, table)
     return table
 
 
