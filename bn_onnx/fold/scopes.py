@@ -80,8 +80,8 @@ class ScopeIndex:
 
     Attributes:
         main: the main graph.
-        graphs: every scope in graph order: the main graph and its subgraphs (depth first,
-            each after the node holding it), then each function body and its subgraphs.
+        graphs: every scope: the main graph and its subgraphs (each listed when the node
+            holding it is reached), then each function body and its subgraphs.
         nodes: every node in the same order (a node before the nodes of its subgraphs).
         owners: subgraph -> (the node holding it, the attribute key).
         functions: function body graph -> its `ir.Function`.
