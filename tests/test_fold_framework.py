@@ -116,7 +116,7 @@ def test_a_new_rule_family_plugs_in_without_touching_the_driver(identity):
 
 
 def test_where_names_the_graph_of_a_node_in_a_subgraph_or_function():
-    """The report's path of a graph (rule 2b will report BNs there; today they are not sites)."""
+    """The report's path of a graph: a subgraph by the nodes holding it, a function body by name."""
     cases = Path(__file__).parent / "data" / "fold_cases"
     found = []
     for name in ("bn_in_if_branches.onnx", "bn_in_local_function.onnx"):

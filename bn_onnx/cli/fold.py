@@ -46,14 +46,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def summary_lines(report: Any, src: str, dst: str) -> list[str]:
     """The one-screen summary of a FoldReport."""
+    from bn_onnx.cli.inspect import located
+
     lines = [f"folded {report.n_folded} of {report.n_bn} BatchNormalization nodes: {src} -> {dst}"]
     folded = [e for e in report.entries if e.status == "folded"]
     for e in folded[:MAX_FOLDED_LINES]:
-        lines.append(f"  folded  {e.node}  {e.direction} -> {e.target} ({e.target_op})")
+        lines.append(
+            f"  folded  {e.node}{located(e.where)}  {e.direction} -> {e.target} ({e.target_op})"
+        )
     if len(folded) > MAX_FOLDED_LINES:
         lines.append(f"  ... and {len(folded) - MAX_FOLDED_LINES} more folded")
     for e in report.left:
-        lines.append(f"  left    {e.node}: {e.reason}")
+        lines.append(f"  left    {e.node}{located(e.where)}: {e.reason}")
     lines.append(
         f"nodes {report.nodes_before} -> {report.nodes_after}, "
         f"initializers {report.initializers_before} -> {report.initializers_after}"

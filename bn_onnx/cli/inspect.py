@@ -14,7 +14,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="show a model's inputs, outputs, metadata, ops and which BN nodes fold",
         description=(
             "List the inputs and outputs (names, shapes, dtypes), metadata, opset, op counts "
-            "and every BatchNormalization node with whether `bn-onnx fold` folds it, and why not."
+            "and every BatchNormalization node (in subgraphs and model-local functions too, with "
+            "where it sits) with whether `bn-onnx fold` folds it, and why not."
         ),
     )
     p.add_argument("model", metavar="MODEL.onnx", help="the model to inspect")
@@ -50,8 +51,23 @@ def describe_model(model: Any) -> dict[str, Any]:
         "ops": dict(sorted(Counter(n.op_type for n in g.node).items())),
         "n_nodes": len(g.node),
         "n_initializers": len(g.initializer),
+        "functions": [
+            {
+                "function": f"{f.domain}::{f.name}",
+                "inputs": list(f.input),
+                "outputs": list(f.output),
+                "ops": dict(sorted(Counter(n.op_type for n in f.node).items())),
+            }
+            for f in model.functions
+        ],
         "batch_norm": [b.to_dict() for b in inspect_model(model)],
     }
+
+
+def located(where: str | None) -> str:
+    """How a text line says where a BN sits: nothing for the main graph, else `  in WHERE`
+    (`in main/If 'cond'/then_branch`, `in function pkg::Block`)."""
+    return "" if where in (None, "main") else f"  in {where}"
 
 
 def text_lines(info: dict[str, Any], path: str) -> list[str]:
@@ -73,14 +89,21 @@ def text_lines(info: dict[str, Any], path: str) -> list[str]:
             lines.append(f"  {k} = {short}")
     ops = ", ".join(f"{op} {n}" for op, n in info["ops"].items())
     lines.append(f"ops ({info['n_nodes']} nodes, {info['n_initializers']} initializers): {ops}")
+    if info["functions"]:
+        lines.append("functions:")
+        for f in info["functions"]:
+            ops = ", ".join(f"{op} {n}" for op, n in f["ops"].items())
+            sig = f"({', '.join(f['inputs'])}) => ({', '.join(f['outputs'])})"
+            lines.append(f"  {f['function']} {sig}: {ops}")
     bns = info["batch_norm"]
     n_fold = sum(b["foldable"] for b in bns)
     lines.append(f"BatchNormalization: {len(bns)}, {n_fold} foldable")
     for b in bns:
+        at = located(b.get("where"))
         if b["foldable"]:
-            lines.append(f"  foldable  {b['node']}  {b['direction']} -> {b['target']}")
+            lines.append(f"  foldable  {b['node']}{at}  {b['direction']} -> {b['target']}")
         else:
-            lines.append(f"  kept      {b['node']}: {b['reason']}")
+            lines.append(f"  kept      {b['node']}{at}: {b['reason']}")
     return lines
 
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from bn_onnx import onnx_meta
 from bn_onnx.errors import BnOnnxError
-from bn_onnx.fold import chains, following, preceding
+from bn_onnx.fold import chains, following, preceding, scopes
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
 from bn_onnx.fold.sites import BATCH_NORM, Plan, Refusal, Rule, SiteKind, combine, label
@@ -68,6 +68,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         initializers are all listed as inputs, and constant) keep that convention.
     12. Readers that see only a value's shape or type (Shape, Size, CastLike's second input)
         never block a fold.
+    13. Every scope is folded alike: If/Loop/Scan bodies at any depth and model-local function
+        bodies (`bn_onnx.fold.scopes`); a fold stays in its BN's graph, a function input is a
+        constant only when every call passes the same one, and a node with a function
+        attribute reference is never folded.
 
     A BN is left, with the reason, when its parameters are not constant (graph inputs
     included), training_mode=1 or it has extra outputs, the linear node's output is also a
@@ -112,31 +116,39 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         else:  # called directly, without requires
             shapes = validate_model(model)
         self._validated = None
-        graph = model.graph
-        nodes_before, inits_before = len(graph), len(graph.initializers)
         ctx = FoldContext(model, shapes)
+        nodes_before, inits_before = scopes.count(ctx.scopes)  # subgraphs and functions too
         entries = self._run(ctx)
         ctx.sweep()
         update_folded_flag(model)
+        nodes_after, inits_after = scopes.count(ctx.scopes)
         report = FoldReport(
             entries=entries,
             nodes_before=nodes_before,
-            nodes_after=len(graph),
+            nodes_after=nodes_after,
             initializers_before=inits_before,
-            initializers_after=len(graph.initializers),
+            initializers_after=inits_after,
         )
         return FoldPassResult(model, modified=report.n_folded > 0, report=report)
 
     def _run(self, ctx: FoldContext) -> list[BnEntry]:
         """The driver: every site is tried, in graph order, until a round folds nothing (a
-        fold can make another possible: a merge, a reader freed)."""
+        fold can make another possible: a merge, a reader freed).
+
+        Sites are found in every scope (`scopes`): the main graph, the subgraphs of If, Loop
+        and Scan at any depth (each after the node that holds it), then model-local function
+        bodies; a plan must stay in the site's own graph (`scopes.check_plan`).
+        """
         anchors: list[tuple[ir.Node, SiteKind]] = []
-        for node in ctx.graph:  # 2b: the subgraphs and functions join here
+        for node in ctx.scopes.nodes:
             kind = next((k for k in self.site_kinds if k.claims(node)), None)
             if kind is not None:
                 anchors.append((node, kind))
         entries = {
-            node: BnEntry(node=label(node), status="left", kind=kind.kind) for node, kind in anchors
+            node: BnEntry(
+                node=label(node), status="left", kind=kind.kind, where=ctx.where(node.graph)
+            )
+            for node, kind in anchors
         }
         changed = True
         while changed:
@@ -145,6 +157,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 if node.graph is None:  # folded (or merged) away
                     continue
                 entry = entries[node]
+                refs = scopes.describe_references(node)
+                if refs is not None:  # epsilon=@eps: set per call of the function
+                    entry.reason = refs
+                    continue
                 site = kind.build(node, ctx)
                 if isinstance(site, Refusal):
                     entry.reason = site.reason
@@ -155,6 +171,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 for rule in self.rules:
                     outcome = rule.apply(site, ctx)
                     if isinstance(outcome, Plan):
+                        outcome = scopes.check_plan(outcome, site, ctx)
+                    if isinstance(outcome, Plan):
                         plan = outcome
                         break
                     refusals.append((rule, outcome))
@@ -163,7 +181,11 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                     continue
                 entry.target = ", ".join(label(t) for t in plan.targets)
                 entry.target_op = ", ".join(sorted({t.op_type for t in plan.targets}))
-                plan.rewrite()
+                ctx.scope = site.graph  # new constants go into the site's graph
+                try:
+                    plan.rewrite()
+                finally:
+                    ctx.scope = ctx.graph
                 changed = True
                 entry.status = "folded"
                 entry.reason = None

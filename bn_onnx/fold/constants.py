@@ -5,7 +5,9 @@ output of a Constant node, the Shape of a value whose dims are static, or the ou
 `CONST_OPS` whose inputs are all constant (CastLike needs only its first input: the second
 gives the type). Subgraphs are evaluated node by node, with numpy for Identity and CastLike and
 `onnx.reference` (imported on first use) for the rest. The nodes so evaluated are remembered:
-the fold removes them once nothing reads their outputs.
+the fold removes them once nothing reads their outputs. A function input is a constant when
+every call of the function passes the same constant (`scopes.ScopeIndex.argument`); a node with
+an attribute that refers to a function attribute is never evaluated.
 """
 
 from __future__ import annotations
@@ -164,8 +166,8 @@ class Constants:
             return None
         if not is_standard(node) or node.op_type not in CONST_OPS or node.op_type == "Shape":
             return None
-        if _has_subgraph(node):
-            return None
+        if _has_subgraph(node) or any(a.is_ref() for a in node.attributes.values()):
+            return None  # an attribute set by each call of a function is no constant
         if node.op_type == "CastLike":  # the second input only gives the type
             if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
                 return None
@@ -177,8 +179,12 @@ class Constants:
             return None
         if value.const_value is not None:
             return read_tensor(value.const_value, value.name or "")
+        if value.is_graph_input():  # a function input that every call sets to one constant
+            return self.ctx.scopes.argument(self.ctx, value)
         node = value.producer()
         if node is None or not is_standard(node):
+            return None
+        if any(a.is_ref() for a in node.attributes.values()):
             return None
         if node.op_type == "Constant":
             array = _constant_node_value(node)

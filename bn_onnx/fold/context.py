@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import scopes
 from bn_onnx.fold.constants import Constants
 from bn_onnx.fold.sites import AffineSite, is_standard
 from bn_onnx.fold.validate import ShapeTable
@@ -48,6 +49,8 @@ class FoldContext:
         constants: the constant evaluator.
         exact_affine: for a BN rewritten by a merge, its exact float64 (a, c).
         candidates: values that may have lost their last reader (for `sweep`).
+        scope: the graph of the site being rewritten (set by the driver): new constants go
+            there (`add_initializer`).
     """
 
     def __init__(self, model: ir.Model, shapes: ShapeTable) -> None:
@@ -61,14 +64,30 @@ class FoldContext:
         self.exact_affine: dict[ir.Node, tuple[np.ndarray, np.ndarray]] = {}
         self.candidates: list[ir.Value] = []
         self._names: set[str] | None = None
-        self._owners: dict[int, tuple[ir.Node, str]] | None = None
+        self._scopes: scopes.ScopeIndex | None = None
+        self.scope: ir.Graph = self.graph
+
+    @property
+    def scopes(self) -> scopes.ScopeIndex:
+        """The model's scopes: subgraphs, function bodies and their calls (built on first use)."""
+        if self._scopes is None:
+            self._scopes = scopes.ScopeIndex(self.model)
+        return self._scopes
 
     # --- reading
     def is_graph_input(self, value: ir.Value) -> bool:
-        """Whether the value is fed by the caller (an IR < 4 initializer is a constant)."""
+        """Whether the value is fed by the caller (an IR < 4 initializer is a constant; a
+        function input is one when every call passes the same constant)."""
         if not value.is_graph_input():
             return False
+        if value.graph is not None and value.graph in self.scopes.functions:
+            return self.scopes.not_constant(self, value) is not None
         return not (self.legacy_inputs and value.const_value is not None)
+
+    def describe_input(self, value: ir.Value) -> str:
+        """What feeds an input, for reasons ("a graph input", "a function input", "an input
+        of main/Loop 'l'/body")."""
+        return self.scopes.describe_input(self, value)
 
     def const(self, value: ir.Value | None) -> np.ndarray | None:
         """The value's array if it is a constant (see `bn_onnx.fold.constants`)."""
@@ -93,24 +112,10 @@ class FoldContext:
         plus one if it is a graph output."""
         return len(self.readers(value)) + value.is_graph_output()
 
-    def _owner(self, graph: ir.Graph) -> tuple[ir.Node, str] | None:
-        """The node (and its attribute) that holds `graph` as a subgraph; None for the main
-        graph."""
-        if self._owners is None:
-            self._owners = {}
-            for n in ir.traversal.RecursiveGraphIterator(self.graph):
-                for key, a in n.attributes.items():
-                    if a.type == ir.AttributeType.GRAPH and a.value is not None:
-                        self._owners[id(a.value)] = (n, key)
-                    elif a.type == ir.AttributeType.GRAPHS and a.value is not None:
-                        for i, g in enumerate(a.value):
-                            self._owners[id(g)] = (n, f"{key}[{i}]")
-        return self._owners.get(id(graph))
-
     def owner_in(self, node: ir.Node, graph: ir.Graph) -> ir.Node:
         """The node of `graph` that holds `node` in one of its subgraphs (or `node` itself)."""
         while node.graph is not graph and node.graph is not None:
-            owner = self._owner(node.graph)  # type: ignore[arg-type]
+            owner = self.scopes.owners.get(node.graph)
             if owner is None:
                 break
             node = owner[0]
@@ -118,30 +123,18 @@ class FoldContext:
 
     def where(self, graph: ir.Graph | ir.Function | None) -> str:
         """A graph's path for the report: "main", or the path of the node holding it, then
-        `/Op 'label'/attribute`, e.g. `main/If 'cond'/then_branch`."""
-        from bn_onnx.fold.sites import MAIN_GRAPH, label
-
-        if graph is None or graph is self.graph:
-            return MAIN_GRAPH
-        if isinstance(graph, ir.Function):
-            return f"function {graph.domain}::{graph.name}"
-        owner = self._owner(graph)
-        if owner is None:
-            for function in self.model.functions.values():
-                if any(n.graph is graph for n in function):  # a function's body
-                    return f"function {function.domain}::{function.name}"
-            return graph.name or "?"
-        node, key = owner
-        return f"{self.where(node.graph)}/{node.op_type} {label(node)!r}/{key}"
+        `/Op 'label'/attribute`, e.g. `main/If 'cond'/then_branch`; `function dom::name`."""
+        return self.scopes.where(graph)
 
     # --- names
     def fresh(self, base: str) -> str:
         """A value or node name not used anywhere in the model, made from `base`."""
         if self._names is None:
             names: set[str] = set()
-            for v in (*self.graph.inputs, *self.graph.outputs, *self.graph.initializers.values()):
-                names.add(v.name or "")
-            for node in ir.traversal.RecursiveGraphIterator(self.graph):
+            for graph in self.scopes.graphs:  # subgraphs and function bodies too
+                for v in (*graph.inputs, *graph.outputs, *graph.initializers.values()):
+                    names.add(v.name or "")
+            for node in self.scopes.nodes:
                 names.add(node.name or "")
                 names.update(v.name or "" for v in node.outputs)
                 names.update(v.name or "" for v in node.inputs if v is not None)
@@ -156,15 +149,20 @@ class FoldContext:
 
     # --- rewriting
     def add_initializer(self, array: np.ndarray, base: str) -> ir.Value:
-        """A new initializer holding `array`, under a fresh name made from `base`."""
+        """A new initializer holding `array`, under a fresh name made from `base`, in the
+        graph being rewritten (`scope`; the main graph for IR < 4); inside a function body,
+        which has no initializers, a Constant node at the top of that graph instead."""
         name = self.fresh(base)
+        if self.scopes.in_function(self.scope):
+            return scopes.constant_node(self, array, name, self.scope)
         value = ir.Value(
             name=name,
             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
             shape=ir.Shape(array.shape),
             const_value=ir.Tensor(array, name=name),
         )
-        self.graph.register_initializer(value)
+        graph = self.graph if self.legacy_inputs else self.scope
+        graph.register_initializer(value)
         if self.legacy_inputs:  # IR < 4: every initializer is listed as an input too
             self.graph.inputs.append(value)
         self.constants.remember(value, array)
@@ -178,6 +176,8 @@ class FoldContext:
         the old name) + "_bnfold", so that no other reader sees a changed value.
         """
         old = node.inputs[pos] if pos < len(node.inputs) else None
+        if old is not None and scopes.write_through(self, node, pos, old, array, base):
+            return  # a function input: the callers' initializers were rewritten
         if (
             old is not None
             and old.is_initializer()

@@ -41,7 +41,7 @@ def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np
     """A linear node's constant float weight of rank `ndim` (any rank when None)."""
     name = value.name if value is not None else ""
     if value is not None and ctx.is_graph_input(value):
-        return Refusal(f"weight {name!r} is a graph input, not a constant")
+        return Refusal(f"weight {name!r} is {ctx.describe_input(value)}, not a constant")
     w = ctx.const(value)
     if w is None:
         return Refusal(f"weight {name!r} is not a constant")
@@ -58,7 +58,7 @@ def bias(ctx: FoldContext, value: ir.Value | None, n: int) -> np.ndarray | None 
         return None
     name = value.name
     if ctx.is_graph_input(value):
-        return Refusal(f"bias {name!r} is a graph input, not a constant")
+        return Refusal(f"bias {name!r} is {ctx.describe_input(value)}, not a constant")
     b = ctx.const(value)
     if b is None:
         return Refusal(f"bias {name!r} is not a constant")

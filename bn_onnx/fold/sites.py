@@ -196,7 +196,7 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
         for value in inputs[1:5]:
             name = value.name if value is not None else ""
             if value is not None and ctx.is_graph_input(value):
-                return Refusal(f"parameter {name!r} is a graph input, not a constant")
+                return Refusal(f"parameter {name!r} is {ctx.describe_input(value)}, not a constant")
             v = ctx.const(value)
             if v is None:
                 return Refusal(f"parameter {name!r} is not a constant")

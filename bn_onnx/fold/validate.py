@@ -8,11 +8,19 @@ swallows a failed inference (the fold must refuse the model instead), writes eve
 shape into the model (which would then be saved as value_info the input did not have), and the
 two passes together would serialize the model twice. Here one skeleton is serialized, checked,
 and inferred with `strict_mode=True, data_prop=True`; the inferred shapes stay in a side table.
+
+The table has one part per scope (issue 12, rule 2b): onnx's inference writes the value_info of
+If/Loop/Scan bodies, read here by walking the skeleton beside the onnx-ir graph. It infers no
+function body, so each model-local function is inferred once per distinct call (its inputs
+typed as that call's arguments, attribute references replaced by the call's attributes) and
+the results are joined: a dim is known only where every call agrees on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterable
 
 import onnx
 import onnx_ir as ir
@@ -49,22 +57,37 @@ def first_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+Dims = tuple[int | None, ...]
+
+
 @dataclasses.dataclass
 class ShapeTable:
-    """Shapes and element types from shape inference, by value name (main graph).
+    """Shapes and element types from shape inference, by value name, per scope.
 
     `dims[name]` is the tuple of dims (None where symbolic or unknown), or None when even the
-    rank is unknown. Subgraph and function scopes are not recorded yet (issue 12, rule 2b).
+    rank is unknown. The fields hold the main graph's values; `scopes` holds one table per
+    subgraph and function body (keyed by its `ir.Graph`), and `shape`/`elem_type` look a value
+    up in the table of the graph that defines it (a value captured from an outer graph in
+    the outer graph's table). `main` is the main graph (None: one flat table, as before).
     """
 
-    dims: dict[str, tuple[int | None, ...] | None]
+    dims: dict[str, Dims | None]
     elem_types: dict[str, int]
+    scopes: dict[ir.Graph, ShapeTable] = dataclasses.field(default_factory=dict)
+    main: ir.Graph | None = None
 
-    def shape(self, value: ir.Value) -> tuple[int | None, ...] | None:
+    def _table(self, value: ir.Value) -> ShapeTable:
+        graph = value.graph
+        if self.main is None or graph is None or graph is self.main:
+            return self
+        return self.scopes.get(graph, _UNKNOWN)
+
+    def shape(self, value: ir.Value) -> Dims | None:
         """The value's dims from inference, else from its own type information."""
         name = value.name or ""
-        if name in self.dims:
-            return self.dims[name]
+        table = self._table(value)
+        if name in table.dims:
+            return table.dims[name]
         if value.shape is not None:
             return tuple(d if isinstance(d, int) else None for d in value.shape)
         return None
@@ -72,7 +95,10 @@ class ShapeTable:
     def elem_type(self, value: ir.Value) -> int | None:
         if value.dtype is not None:
             return int(value.dtype)
-        return self.elem_types.get(value.name or "")
+        return self._table(value).elem_types.get(value.name or "")
+
+
+_UNKNOWN = ShapeTable({}, {})  # a scope inference knows nothing of
 
 
 def _bits(data_type: int) -> int:
@@ -209,12 +235,12 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
     return sk
 
 
-def _collect(inferred: onnx.ModelProto, typed: set[str]) -> ShapeTable:
-    """The inferred types and shapes of the graph's values (initializers aside: their Values
+def _collect(g: onnx.GraphProto, typed: Iterable[str]) -> ShapeTable:
+    """The inferred types and shapes of one graph's values (initializers aside: their Values
     carry their tensors' shapes)."""
-    dims: dict[str, tuple[int | None, ...] | None] = {}
+    dims: dict[str, Dims | None] = {}
     elem_types: dict[str, int] = {}
-    g = inferred.graph
+    typed = set(typed)
     for vi in (*g.input, *g.value_info, *g.output):
         if vi.name in typed or not vi.type.HasField("tensor_type"):
             continue
@@ -252,4 +278,205 @@ def validate_model(model: ir.Model) -> ShapeTable:
         )
     except Exception as exc:  # ValidationError, InferenceError, and odd protobuf errors
         raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
-    return _collect(inferred, set(model.graph.initializers))
+    table = _collect(inferred.graph, model.graph.initializers)
+    table.main = model.graph
+    _collect_subgraphs(model.graph, inferred.graph, table.scopes)
+    with contextlib.suppress(Exception):  # best effort: function shapes stay unknown
+        _infer_functions(model, table)
+    return table
+
+
+def _collect_subgraphs(
+    graph: ir.Graph, proto: onnx.GraphProto, tables: dict[ir.Graph, ShapeTable]
+) -> None:
+    """The tables of the subgraphs of `graph`, at any depth, from its inferred `proto` (the
+    same nodes in the same order: it was serialized from `graph`)."""
+    stack = [(graph, proto)]
+    while stack:
+        g, p = stack.pop()
+        for node, node_proto in zip(g, p.node, strict=False):
+            protos = {a.name: a for a in node_proto.attribute}
+            for key, attr in node.attributes.items():
+                a = protos.get(key)
+                if attr.is_ref() or attr.value is None or a is None:
+                    continue
+                if attr.type == ir.AttributeType.GRAPH:
+                    pairs = [(attr.value, a.g)]
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    pairs = list(zip(attr.value, a.graphs, strict=False))
+                else:
+                    continue
+                for sub, sub_proto in pairs:
+                    tables[sub] = _collect(sub_proto, sub.initializers)
+                    stack.append((sub, sub_proto))
+
+
+# --------------------------------------------------------------------------------------------
+# Function bodies: inferred per call, joined over the calls
+
+
+def _infer_functions(model: ir.Model, table: ShapeTable) -> None:
+    """Add each model-local function body's table (and its subgraphs') to `table.scopes`.
+
+    A function is inferred once its callers' scopes are known (a function called from another
+    function's body waits for that one); a function without calls, or one whose call cannot be
+    inferred, gets no table (its shapes stay unknown, and rules that need them refuse).
+    """
+    if not model.functions:
+        return
+    from bn_onnx.fold.scopes import ScopeIndex
+
+    index = ScopeIndex(model)
+    protos = {
+        key: ir.serde.serialize_function(f, create_value_info=model.ir_version >= 10)
+        for key, f in model.functions.items()
+    }
+    pending = dict(model.functions)
+
+    def waits(key: tuple[str, str, str]) -> bool:
+        """Whether a call of this function sits in a function not inferred yet."""
+        for call in index.calls[key]:
+            caller = index.enclosing.get(call.graph) if call.graph is not None else None
+            if caller is not None and caller.identifier() in pending:
+                return True
+        return False
+
+    while pending:
+        ready = [key for key in pending if not waits(key)]
+        if not ready:  # calls in a cycle (invalid): leave them unknown
+            return
+        for key in ready:
+            function = pending.pop(key)
+            found: list[dict[ir.Graph, ShapeTable]] = []
+            seen: set[bytes] = set()
+            for call in index.calls[key]:
+                inferred = _infer_call(model, function, protos, call, table, seen)
+                if inferred is False:
+                    continue  # the same types and attributes as a call already inferred
+                if inferred is None:
+                    found = []
+                    break
+                found.append(inferred)
+            if found:
+                for graph in found[0]:
+                    table.scopes[graph] = _join([f.get(graph, _UNKNOWN) for f in found])
+
+
+def _infer_call(
+    model: ir.Model,
+    function: ir.Function,
+    protos: dict[tuple[str, str, str], onnx.FunctionProto],
+    call: ir.Node,
+    table: ShapeTable,
+    seen: set[bytes],
+) -> dict[ir.Graph, ShapeTable] | None | bool:
+    """The tables of `function`'s body for one call: None when it cannot be inferred, False
+    when a call with the same argument types and attributes was inferred already."""
+    fp = protos[function.identifier()]
+    g = onnx.GraphProto(name=function.name)
+    for i, name in enumerate(fp.input):
+        arg = call.inputs[i] if i < len(call.inputs) else None
+        if arg is None:
+            return None
+        vi = g.input.add(name=name)
+        elem_type, dims = table.elem_type(arg), table.shape(arg)
+        if elem_type is None:
+            return None
+        tt = vi.type.tensor_type
+        tt.elem_type = elem_type
+        if dims is not None:
+            tt.shape.SetInParent()
+            for d in dims:
+                dim = tt.shape.dim.add()
+                if d is not None:
+                    dim.dim_value = d
+    given = {}
+    for key, attr in call.attributes.items():
+        if attr.is_ref():
+            return None  # set by the caller's own caller
+        given[key] = ir.serde.serialize_attribute(attr)
+    defaults = {a.name: a for a in fp.attribute_proto}
+    nodes = [onnx.NodeProto() for _ in fp.node]
+    for node, src in zip(nodes, fp.node, strict=True):
+        node.CopyFrom(src)
+        if not _resolve_references(node, given, defaults):
+            return None
+    key = b"".join([g.SerializeToString()] + [given[k].SerializeToString() for k in sorted(given)])
+    if key in seen:
+        return False
+    seen.add(key)
+    g.node.extend(nodes)
+    g.value_info.extend(fp.value_info)
+    for name in fp.output:
+        g.output.add(name=name)
+    opsets = {**model.opset_imports, **function.opset_imports}
+    probe = onnx.helper.make_model(
+        g,
+        ir_version=model.ir_version,
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()],
+        functions=list(protos.values()),
+    )
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True)
+    except Exception:  # the body does not infer for these types: unknown
+        return None
+    tables = {function.graph: _collect(inferred.graph, ())}
+    _collect_subgraphs(function.graph, inferred.graph, tables)
+    return tables
+
+
+def _resolve_references(
+    node: onnx.NodeProto,
+    given: dict[str, onnx.AttributeProto],
+    defaults: dict[str, onnx.AttributeProto],
+) -> bool:
+    """Replace `node`'s attribute references (`@name`, in its subgraphs too) by the call's
+    attributes or the function's defaults; an unset reference drops the attribute, as at a
+    call. False when a reference names an attribute of another type."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        attributes = []
+        for a in n.attribute:
+            src = a
+            if a.ref_attr_name:
+                src = given.get(a.ref_attr_name) or defaults.get(a.ref_attr_name)
+                if src is None:
+                    continue
+                if src.type != a.type:
+                    return False
+            new = onnx.AttributeProto()
+            new.CopyFrom(src)
+            new.name = a.name
+            attributes.append(new)
+        del n.attribute[:]
+        n.attribute.extend(attributes)  # copies: the subgraphs are walked in the new ones
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                stack.extend(a.g.node)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                stack.extend(sub_node for sub in a.graphs for sub_node in sub.node)
+    return True
+
+
+def _join(tables: list[ShapeTable]) -> ShapeTable:
+    """What every table agrees on: a dim where all give it, a rank where all give it."""
+    first, rest = tables[0], tables[1:]
+    dims: dict[str, Dims | None] = {}
+    for name, shape in first.dims.items():
+        if any(name not in t.dims for t in rest):
+            continue  # unknown for some call
+        shapes = [shape, *(t.dims[name] for t in rest)]
+        known = [s for s in shapes if s is not None]
+        if len(known) < len(shapes) or len({len(s) for s in known}) != 1:
+            dims[name] = None  # the rank differs or is unknown for some call
+            continue
+        dims[name] = tuple(
+            column[0] if len(set(column)) == 1 else None for column in zip(*known, strict=True)
+        )
+    elem_types = {
+        name: t
+        for name, t in first.elem_types.items()
+        if all(other.elem_types.get(name) == t for other in rest)
+    }
+    return ShapeTable(dims, elem_types)
