@@ -64,6 +64,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="longest wait for more requests to join a batch (default 1 ms)",
     )
     p.add_argument(
+        "--inline-max-ms",
+        type=non_negative_float,
+        default=1.0,
+        help=(
+            "a request that is alone runs at once on the event loop while the model's calls "
+            "take at most this long (default 1 ms; 0: always in the worker thread)"
+        ),
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=1 << 20,
@@ -91,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_body_bytes=args.max_body_bytes,
         batch_wait_ms=args.batch_wait_ms,
+        inline_max_ms=args.inline_max_ms,
     )
     sock = serve.bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
