@@ -1,10 +1,12 @@
 """An HTTP JSON service for a model: `POST /predict`, `GET /health`, `GET /metadata`.
 
-Starlette under uvicorn; no torch. Requests that arrive together are batched: a micro-batcher
+Starlette under uvicorn; no torch. Rows of numbers, or rows as objects by column name for a
+tabular model (`bn_onnx.columns`). Requests that arrive together are batched: a micro-batcher
 collects the rows of concurrent requests (up to `max_batch` rows, waiting at most
-`batch_wait_ms` and only while other requests are still being read), runs one `predict` in a
-worker thread so the event loop stays free, and hands each request its own rows back.
-On shutdown (uvicorn does this on SIGTERM/Ctrl-C) new requests get 503 and queued ones finish.
+`batch_wait_ms` and only while other requests are still being read), runs one call for them
+(on the event loop for a fast model, else in a worker thread so the event loop stays free),
+and hands each request its own rows back; a request alone runs at once. On shutdown (uvicorn
+does this on SIGTERM/Ctrl-C) new requests get 503 and queued ones finish.
 """
 
 from __future__ import annotations
@@ -88,21 +90,23 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Runs the rows of concurrent requests as one batch in a worker thread.
+    """Runs the rows of concurrent requests as one batch.
 
     `submit(X)` takes an array or feeds and waits for the model's outputs.
 
-    A request that is alone - nothing queued, no batch being collected or run, no other request
-    being read - runs at once, on the event loop, when the model's recent calls took at most
-    `inline_max_s` (a moving average): handing it to a thread and back would cost more than
-    the call, so a single client pays what a plain endpoint calling `session.run` pays.
+    A fast model - its recent calls took at most `inline_max_s` (a moving average) - runs on
+    the event loop: handing a call to a thread and back (a future, a wake-up, the GIL) costs
+    more than the call. A slower one runs in a worker thread, so that the event loop keeps
+    reading requests meanwhile. The first call, whose time is unknown, runs in the thread.
 
-    Otherwise the request is queued: a single background task takes the first queued request,
-    then more while there are fewer than `max_rows` rows and other requests are still being
-    read (`reading`), for at most `wait_s`, and runs them as one batch in a worker thread so
-    that the event loop keeps reading requests; a request larger than `max_rows` runs alone.
-    One batch runs at a time; requests queue meanwhile, so under load the next batch is fuller
-    without any waiting, and while batches keep coming no request is alone.
+    A request that is alone - nothing queued, no batch being collected or run, no other request
+    being read - runs at once, so a single client pays what a plain endpoint calling
+    `session.run` pays. Otherwise the request is queued: a single background task takes the
+    first queued request, then more while there are fewer than `max_rows` rows and other
+    requests are still being read (`reading`), for at most `wait_s`, and runs them as one
+    batch; a request larger than `max_rows` runs alone. One batch runs at a time; requests
+    queue meanwhile, so under load the next batch is fuller without any waiting, and while
+    batches keep coming no request is alone.
 
     Requests that reached the server together are scheduled on the event loop one after the
     other, and each would find itself alone and run inline, one by one: no batching under
@@ -282,7 +286,11 @@ class MicroBatcher:
             return
         try:
             X = live[0][0] if len(live) == 1 else concat([x for x, _, _ in live])
-            Y, seconds = await loop.run_in_executor(self._executor, self._timed, X)
+            run_s = self._run_s
+            if run_s is not None and run_s <= self.inline_max_s:
+                Y, seconds = self._timed(X)  # a fast model: a thread hop costs more
+            else:
+                Y, seconds = await loop.run_in_executor(self._executor, self._timed, X)
         except Exception as exc:
             for _, _, f in live:
                 if not f.done():
@@ -305,8 +313,11 @@ def _reject_constant(name: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
-def _rows_of(body: bytes, example: str) -> list[Any]:
-    """The non-empty list of rows under "inputs" in a JSON body, or a `RequestError`."""
+def _rows_of(body: bytes, columns: list[Column] | None) -> list[Any]:
+    """The non-empty list of rows under "inputs" in a JSON body, or a `RequestError`.
+
+    `columns`: the model's schema (rows are objects), None for rows of numbers.
+    """
     try:
         try:
             text = body.decode("utf-8")
@@ -321,13 +332,14 @@ def _rows_of(body: bytes, example: str) -> list[Any]:
     except RecursionError:
         raise RequestError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict) or "inputs" not in doc:
+        example = _example(columns)
         raise RequestError(400, f'body must be a JSON object {{"inputs": [{example}, ...]}}')
     if len(doc) > 1:
         extra = sorted(set(doc) - {"inputs"})
         raise RequestError(400, f"unknown field(s) in the body: {', '.join(extra)}")
     rows = doc["inputs"]
     if not isinstance(rows, list):
-        hint = f"; wrap one row as [{example}]" if isinstance(rows, dict) else ""
+        hint = f"; wrap one row as [{_example(columns)}]" if isinstance(rows, dict) else ""
         raise RequestError(400, f'"inputs" must be a list of rows, got {type(rows).__name__}{hint}')
     if not rows:
         raise RequestError(400, '"inputs" is empty; send at least one row')
@@ -345,8 +357,12 @@ def parse_records(body: bytes, columns: list[Column]) -> list[dict[str, Any]]:
     Raises:
         RequestError: 400 with a one-line message naming the row and column.
     """
-    example = "{" + ", ".join(f'"{c.name}": ...' for c in columns[:2]) + "}"
-    rows = _rows_of(body, example)
+    rows = _rows_of(body, columns)
+    if set(map(type, rows)) == _DICT and not any(
+        type(v) is list or type(v) is dict for row in rows for v in row.values()
+    ):
+        return rows  # the usual body: objects of plain values
+    example = _example(columns)
     for i, row in enumerate(rows):
         if type(row) is not dict:
             raise RequestError(
@@ -360,6 +376,16 @@ def parse_records(body: bytes, columns: list[Column]) -> list[dict[str, Any]]:
                 what = "a list" if type(v) is list else "an object"
                 raise RequestError(400, f"column {c.name!r} row {i}: {what}, not a value")
     return rows
+
+
+_DICT = {dict}
+
+
+def _example(columns: list[Column] | None) -> str:
+    """A row as the body holds it, for messages."""
+    if columns is None:
+        return "[f1, f2, ...]"
+    return "{" + ", ".join(f'"{c.name}": ...' for c in columns[:2]) + "}"
 
 
 def _json_type(v: Any) -> str:
@@ -377,19 +403,28 @@ def parse_inputs(
     too (1e39 overflows float32); every row must have the model's number of features. The
     array is C-contiguous: what the model's input takes as is.
     """
-    rows = _rows_of(body, "[f1, f2, ...]")
+    rows = _rows_of(body, None)
     width = n_features
     if width is None and type(rows[0]) is list:
         width = len(rows[0])
-    # The usual body, checked at C speed: rows that are lists of `width` ints and floats.
+    # The usual body, checked at C speed. Its only quotes are those of "inputs" (so no string,
+    # no object) and it has no true, false or null: every value is a number or a list. Rows
+    # that are lists of `width` values whose magnitudes are all below dtype's largest are then
+    # numbers that convert without overflow (abs() of a list fails; JSON's 1e400 is inf).
     if (
-        set(map(type, rows)) == _LIST
+        body.count(b'"') == 2
+        and b"true" not in body
+        and b"false" not in body
+        and b"null" not in body
+        and set(map(type, rows)) == _LIST
         and set(map(len, rows)) == {width}
-        and set(map(type, itertools.chain.from_iterable(rows))) <= _NUMBER
     ):
-        X = _array(rows, dtype)
-        if math.isfinite(X.sum(dtype=np.float64)):
-            return X
+        try:
+            largest = max(map(abs, itertools.chain.from_iterable(rows)))
+        except (TypeError, ValueError):
+            largest = math.inf
+        if largest < float(np.finfo(dtype).max):
+            return np.array(rows, dtype=dtype)
     # Otherwise find the first bad value and say where it is.
     for i, row in enumerate(rows):
         if not isinstance(row, list):
@@ -422,7 +457,6 @@ def parse_inputs(
 
 
 _LIST = {list}
-_NUMBER = {int, float}
 
 
 def _array(rows: list[list[int | float]], dtype: np.dtype | type) -> np.ndarray:
@@ -435,7 +469,11 @@ def _array(rows: list[list[int | float]], dtype: np.dtype | type) -> np.ndarray:
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the request body, refusing (413) one over `limit` bytes, declared or streamed."""
-    declared = request.headers.get("content-length")
+    declared = None
+    for key, value in request.scope["headers"]:  # cheaper than building request.headers
+        if key == b"content-length":
+            declared = value.decode("latin-1")
+            break
     if declared is not None:
         try:
             size = int(declared)
@@ -523,8 +561,8 @@ def create_app(
         max_batch: most rows one batched `predict` call runs (a bigger request runs alone).
         max_body_bytes: larger request bodies are refused with 413.
         batch_wait_ms: longest wait for more requests to join a batch.
-        inline_max_ms: a request that is alone runs at once on the event loop while the
-            model's calls take at most this long (0: always in the worker thread).
+        inline_max_ms: the model runs on the event loop while its calls take at most this long
+            (a moving average), else in a worker thread (0: always in the thread).
 
     Raises:
         UsageError: a setting out of range.
@@ -595,7 +633,7 @@ def create_app(
                 batcher.end_read()
         out: dict[str, Any] = {"outputs": _json_safe(Y)}
         if is_classifier and Y.ndim == 2 and Y.shape[1] > 0:
-            idx = np.argmax(Y, axis=1)
+            idx = Y.argmax(axis=1)
             out["labels"] = [names[i] for i in idx] if names else idx.tolist()
         return JSONResponse(out)
 
