@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -111,13 +112,13 @@ class MicroBatcher:
     Requests that reached the server together are scheduled on the event loop one after the
     other, and each would find itself alone and run inline, one by one: no batching under
     load. So a request alone first yields to the event loop once - letting any such request
-    reach `submit` - and runs inline only if none did, while the last `crowd_s` saw a crowd
-    (a request not alone); otherwise only every `probe_every`-th does, to notice a crowd
-    coming. One client thus seldom pays for the extra turn of the event loop.
+    reach `submit` - and runs inline only if none did, while one of the last `crowd_window`
+    requests found a crowd (was not alone); otherwise only every `probe_every`-th does, to
+    notice a crowd coming. One client thus seldom pays for the extra turn of the event loop.
     """
 
-    probe_every = 8
-    crowd_s = 0.1
+    probe_every = 16
+    crowd_window = 64
 
     def __init__(
         self,
@@ -136,7 +137,7 @@ class MicroBatcher:
         self._awaiting_readers = False  # the batch being collected waits for requests read
         self._run_s: float | None = None  # smoothed seconds of one predict call
         self._arrivals = 0  # requests submitted so far
-        self._crowd_until = 0.0  # loop time until which a request alone looks around first
+        self._crowd_until = 0  # up to this arrival a request alone looks around first
         self._items: deque[tuple[Batch, int, asyncio.Future[np.ndarray]]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -197,24 +198,25 @@ class MicroBatcher:
             raise ShuttingDown("the server is shutting down")
         rows = batch_rows(X)
         self._arrivals = arrivals = self._arrivals + 1
-        loop = asyncio.get_running_loop()
         if self._alone(rows):
-            if loop.time() >= self._crowd_until and arrivals % self.probe_every:
+            if arrivals > self._crowd_until and arrivals % self.probe_every:
                 return self._run_inline(X, rows)
             await asyncio.sleep(0)  # others scheduled in this turn reach submit now
             if self._arrivals == arrivals and self._alone(rows):
                 return self._run_inline(X, rows)
             if self._task is None or self._task.done():  # closed during that turn
                 raise ShuttingDown("the server is shutting down")
-        self._crowd_until = loop.time() + self.crowd_s
-        fut: asyncio.Future[np.ndarray] = loop.create_future()
+        if self._items or self._busy or self._reading > 0 or self._arrivals != arrivals:
+            self._crowd_until = arrivals + self.crowd_window  # others were there
+        fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
         self._items.append((X, rows, fut))
         self._poke()
         return await fut
 
     def _run_inline(self, X: Batch, rows: int) -> np.ndarray:
-        Y, seconds = self._timed(X)
-        self._note(seconds, rows, 1)
+        t0 = time.perf_counter()
+        Y = self._predict(X)
+        self._note(time.perf_counter() - t0, rows, 1)
         self.stats.inline += 1
         return Y
 
@@ -407,23 +409,21 @@ def parse_inputs(
     width = n_features
     if width is None and type(rows[0]) is list:
         width = len(rows[0])
-    # The usual body, checked at C speed. Its only quotes are those of "inputs" (so no string,
-    # no object) and it has no true, false or null: every value is a number or a list. Rows
-    # that are lists of `width` values whose magnitudes are all below dtype's largest are then
-    # numbers that convert without overflow (abs() of a list fails; JSON's 1e400 is inf).
+    # The usual body, checked at C speed: rows that are lists of `width` values, no true or
+    # false in the body (abs(True) would pass), and abs() of every value below dtype's largest
+    # (abs() of a string, null or list fails; JSON's 1e400 is inf): numbers that convert
+    # without overflow.
     if (
-        body.count(b'"') == 2
+        set(map(type, rows)) == _LIST
+        and set(map(len, rows)) == {width}
         and b"true" not in body
         and b"false" not in body
-        and b"null" not in body
-        and set(map(type, rows)) == _LIST
-        and set(map(len, rows)) == {width}
     ):
         try:
             largest = max(map(abs, itertools.chain.from_iterable(rows)))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # a string, null or list in a row; an empty row
             largest = math.inf
-        if largest < float(np.finfo(dtype).max):
+        if largest < _largest(dtype):
             return np.array(rows, dtype=dtype)
     # Otherwise find the first bad value and say where it is.
     for i, row in enumerate(rows):
@@ -457,6 +457,11 @@ def parse_inputs(
 
 
 _LIST = {list}
+
+
+@functools.cache
+def _largest(dtype: np.dtype | type) -> float:
+    return float(np.finfo(dtype).max)
 
 
 def _array(rows: list[list[int | float]], dtype: np.dtype | type) -> np.ndarray:
@@ -501,6 +506,20 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+# Starlette's JSONResponse builds an encoder per response; this one is built once, same output.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json_response(out: dict[str, Any], Y: np.ndarray) -> Response:
+    """`out` as a JSON response; NaN/Inf in the outputs `Y` are sent as null (JSON has none)."""
+    try:
+        body = _ENCODER.encode(out)
+    except ValueError:  # a non-finite output
+        out["outputs"] = _json_safe(Y)
+        body = _ENCODER.encode(out)
+    return Response(body.encode("utf-8"), media_type="application/json")
 
 
 def _json_safe(values: np.ndarray) -> list[Any]:
@@ -631,11 +650,11 @@ def create_app(
         finally:
             if not submitted:
                 batcher.end_read()
-        out: dict[str, Any] = {"outputs": _json_safe(Y)}
+        out: dict[str, Any] = {"outputs": Y.tolist()}
         if is_classifier and Y.ndim == 2 and Y.shape[1] > 0:
             idx = Y.argmax(axis=1)
             out["labels"] = [names[i] for i in idx] if names else idx.tolist()
-        return JSONResponse(out)
+        return _json_response(out, Y)
 
     async def health(request: Request) -> Response:
         if batcher.closing:
