@@ -4,9 +4,9 @@ Starlette under uvicorn; no torch. Rows of numbers, or rows as objects by column
 tabular model (`bn_onnx.columns`). Requests that arrive together are batched: a micro-batcher
 collects the rows of concurrent requests (up to `max_batch` rows, waiting at most
 `batch_wait_ms` and only while other requests are still being read), runs one call for them
-(on the event loop for a fast model, else in a worker thread so the event loop stays free),
-and hands each request its own rows back; a request alone runs at once. On shutdown (uvicorn
-does this on SIGTERM/Ctrl-C) new requests get 503 and queued ones finish.
+in a worker thread so the event loop stays free, and hands each request its own rows back; a
+request alone runs at once on the event loop. On shutdown (uvicorn does this on SIGTERM/Ctrl-C)
+new requests get 503 and queued ones finish.
 """
 
 from __future__ import annotations
@@ -91,23 +91,24 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Runs the rows of concurrent requests as one batch.
+    """Runs the rows of concurrent requests as one batch in a worker thread.
 
     `submit(X)` takes an array or feeds and waits for the model's outputs.
 
-    A fast model - its recent calls took at most `inline_max_s` (a moving average) - runs on
-    the event loop: handing a call to a thread and back (a future, a wake-up, the GIL) costs
-    more than the call. A slower one runs in a worker thread, so that the event loop keeps
-    reading requests meanwhile. The first call, whose time is unknown, runs in the thread.
-
     A request that is alone - nothing queued, no batch being collected or run, no other request
-    being read - runs at once, so a single client pays what a plain endpoint calling
-    `session.run` pays. Otherwise the request is queued: a single background task takes the
-    first queued request, then more while there are fewer than `max_rows` rows and other
-    requests are still being read (`reading`), for at most `wait_s`, and runs them as one
-    batch; a request larger than `max_rows` runs alone. One batch runs at a time; requests
-    queue meanwhile, so under load the next batch is fuller without any waiting, and while
-    batches keep coming no request is alone.
+    being read - runs at once, on the event loop, when the model's recent calls took at most
+    `inline_max_s` (a moving average; the first call, whose time is unknown, goes to the
+    thread): handing a call to a thread and back (a future, a wake-up, the GIL) costs more than
+    a small model's call, and nothing else waits meanwhile. A single client thus pays what a
+    plain endpoint calling `session.run` pays.
+
+    Otherwise the request is queued: a single background task takes the first queued request,
+    then more while there are fewer than `max_rows` rows and other requests are still being
+    read (`reading`), for at most `wait_s`, and runs them as one batch in a worker thread, so
+    that the event loop keeps reading the next requests while the model runs; a request larger
+    than `max_rows` runs alone. One batch runs at a time; requests queue meanwhile, so under
+    load the next batch is fuller without any waiting, and while batches keep coming no request
+    is alone.
 
     Requests that reached the server together are scheduled on the event loop one after the
     other, and each would find itself alone and run inline, one by one: no batching under
@@ -288,11 +289,7 @@ class MicroBatcher:
             return
         try:
             X = live[0][0] if len(live) == 1 else concat([x for x, _, _ in live])
-            run_s = self._run_s
-            if run_s is not None and run_s <= self.inline_max_s:
-                Y, seconds = self._timed(X)  # a fast model: a thread hop costs more
-            else:
-                Y, seconds = await loop.run_in_executor(self._executor, self._timed, X)
+            Y, seconds = await loop.run_in_executor(self._executor, self._timed, X)
         except Exception as exc:
             for _, _, f in live:
                 if not f.done():
@@ -580,8 +577,9 @@ def create_app(
         max_batch: most rows one batched `predict` call runs (a bigger request runs alone).
         max_body_bytes: larger request bodies are refused with 413.
         batch_wait_ms: longest wait for more requests to join a batch.
-        inline_max_ms: the model runs on the event loop while its calls take at most this long
-            (a moving average), else in a worker thread (0: always in the thread).
+        inline_max_ms: a request alone runs at once on the event loop while the model's calls
+            take at most this long (a moving average); batches and slower models run in the
+            worker thread (0: every call in the thread).
 
     Raises:
         UsageError: a setting out of range.

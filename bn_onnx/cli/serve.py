@@ -71,8 +71,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=non_negative_float,
         default=1.0,
         help=(
-            "the model runs on the event loop while its calls take at most this long, else in "
-            "a worker thread (default 1 ms; 0: always in the thread)"
+            "a request alone runs at once on the event loop while the model's calls take at "
+            "most this long; batches run in a worker thread (default 1 ms; 0: every call in "
+            "the thread)"
         ),
     )
     p.add_argument(
