@@ -655,7 +655,10 @@ def test_labels_need_a_csv_output_and_a_classifier(tmp_path, tabular, capsys):
         (lambda d: _bad(d, "x.npy", np.zeros((3, 4), np.float32)), "named columns (age, city"),
         (lambda d: _bad(d, "x.csv", raw=b"age,city,income,grade\n"), "no data rows"),
         (lambda d: _bad(d, "x.csv", raw=b"age,city,income,grade\n1,a,2\n"), "line 2: 3 cells"),
-        (lambda d: _bad(d, "x.csv", raw=b"age,age,city,income,grade\n1,2,a,3,4\n"), "appears 2 times"),
+        (
+            lambda d: _bad(d, "x.csv", raw=b"age,age,city,income,grade\n1,2,a,3,4\n"),
+            "appears 2 times",
+        ),
         (lambda d: _bad(d, "x.parquet", raw=b"PAR1 not parquet"), "not a readable Parquet"),
     ],
     ids=["missing", "csv-text", "parquet-inf", "npy", "empty", "short-row", "dup", "corrupt"],
