@@ -1,19 +1,22 @@
-"""Reading input arrays (.npy memory-mapped, .csv) and writing outputs atomically, chunk by chunk.
+"""Reading inputs (.npy memory-mapped, .csv, Parquet) and writing outputs atomically, by chunks.
 
 `.npy` files are opened with `mmap_mode="r"` and `allow_pickle=False`: an input larger than
-memory is never loaded whole and never unpickled. Outputs go to a temporary file beside the
-target and are renamed onto it only when every chunk is written.
+memory is never loaded whole and never unpickled. Rows by column name stream too: a CSV file
+with a header through the `csv` module, Parquet through pyarrow's `ParquetFile.iter_batches`
+(pyarrow is an optional dependency, imported only for Parquet). Outputs go to a temporary file
+beside the target and are renamed onto it only when every chunk is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import mmap
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
@@ -21,6 +24,9 @@ from bn_onnx.errors import InputDataError, InputFileError
 from bn_onnx.files import atomic_output, check_input_file
 
 FORMATS = (".npy", ".csv")
+# What `bn-onnx run` reads: the array formats and Parquet (rows by column name or numbers).
+PARQUET = (".parquet", ".pq")
+INPUT_FORMATS = (*FORMATS, *PARQUET)
 
 
 def array_format(path: str | os.PathLike[str], what: str = "input") -> str:
@@ -29,6 +35,23 @@ def array_format(path: str | os.PathLike[str], what: str = "input") -> str:
     if suffix not in FORMATS:
         raise InputFileError(
             f"{what} {Path(path)} must be a .npy or .csv file (got {suffix or 'no extension'!r})"
+        )
+    return suffix
+
+
+def input_format(path: str | os.PathLike[str]) -> str:
+    """`.npy`, `.csv` or `.parquet` (also for `.pq`) from an input file's name.
+
+    Raises:
+        InputFileError: another extension.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix in PARQUET:
+        return ".parquet"
+    if suffix not in FORMATS:
+        raise InputFileError(
+            f"input {Path(path)} must be a .npy, .csv or .parquet file "
+            f"(got {suffix or 'no extension'!r})"
         )
     return suffix
 
@@ -215,3 +238,196 @@ def write_array(path: str | os.PathLike[str], array: np.ndarray) -> None:
     array = np.asarray(array)
     with open_output(path, array.shape[0], array.shape[1:], array.dtype) as w:
         w.write(array)
+
+
+# --- rows by column name: CSV with a header, Parquet ----------------------------------------
+
+
+class CsvColumns:
+    """A CSV file with a header, read in chunks of rows as column name -> list of cell texts.
+
+    The file is read twice: once to count the rows (so that an output of the right size can be
+    opened before any row is run), then chunk by chunk; only one chunk is in memory at a time.
+    A UTF-8 byte order mark is dropped; blank lines are skipped; cells keep their text (the
+    model's column kinds decide what they mean, see `bn_onnx.columns`).
+
+    Attributes:
+        path: the file.
+        header: the column names, in file order.
+        rows: the number of data rows.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = check_input_file(path, "input file")
+        with self._open() as f:
+            reader = csv.reader(f)
+            try:
+                header = next(reader)
+            except StopIteration:
+                header = []
+            except csv.Error as exc:
+                raise InputDataError(f"{self.path.name} line 1: {exc}") from None
+            self.header = [h.strip() for h in header]
+            if not any(self.header):
+                raise InputDataError(f"input {self.path.name} has no header line")
+            self.rows = sum(1 for row in self._rows(reader))
+
+    def _open(self) -> IO[str]:
+        return open(self.path, encoding="utf-8-sig", errors="replace", newline="")
+
+    def _rows(self, reader: Any) -> Iterator[list[str]]:
+        width = len(self.header)
+        try:
+            for row in reader:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if len(row) != width:
+                    raise InputDataError(
+                        f"{self.path.name} line {reader.line_num}: {len(row)} cells, the header "
+                        f"has {width}"
+                    )
+                yield row
+        except csv.Error as exc:
+            raise InputDataError(f"{self.path.name} line {reader.line_num}: {exc}") from None
+
+    def chunks(
+        self, rows: int, names: Sequence[str] | None = None
+    ) -> Iterator[tuple[int, dict[str, list[str]]]]:
+        """Yield `(first_row, {column: cells})` for `rows` rows at a time.
+
+        Args:
+            rows: rows per chunk.
+            names: the columns wanted (all when None); those the header lacks are left out,
+                for the caller to report by name.
+
+        Raises:
+            InputDataError: a wanted column named twice in the header, a row whose number of
+                cells differs from the header's.
+        """
+        wanted = list(self.header if names is None else names)
+        where: dict[str, int] = {}
+        for name in wanted:
+            hits = [i for i, h in enumerate(self.header) if h == name]
+            if len(hits) > 1:
+                raise InputDataError(f"column {name!r} appears {len(hits)} times in the header")
+            if hits:
+                where[name] = hits[0]
+        with self._open() as f:
+            reader = csv.reader(f)
+            next(reader)
+            start = 0
+            block: list[list[str]] = []
+            for row in self._rows(reader):
+                block.append(row)
+                if len(block) == rows:
+                    yield start, {n: [r[i] for r in block] for n, i in where.items()}
+                    start += len(block)
+                    block = []
+            if block:
+                yield start, {n: [r[i] for r in block] for n, i in where.items()}
+
+
+def _pyarrow_parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputFileError(
+            "reading Parquet needs pyarrow: pip install pyarrow (or bn-onnx[parquet])"
+        ) from None
+    return pq
+
+
+class ParquetColumns:
+    """A Parquet file read in record batches with pyarrow (`ParquetFile.iter_batches`).
+
+    Only the wanted columns are read, one batch at a time, so a file larger than memory
+    streams through; the file is closed when the batches are done.
+
+    Attributes:
+        path: the file.
+        header: the column names in the file's schema.
+        rows: the number of rows (from the file's metadata).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = check_input_file(path, "input file")
+        pq = _pyarrow_parquet()
+        import pyarrow as pa
+
+        self._errors = (pa.ArrowException, OSError)
+        try:
+            # pre_buffer (pyarrow's default) keeps every column chunk it has read cached for the
+            # file's lifetime: memory then grows with the file (16 bytes a row for two float64
+            # columns, measured). Without it memory stays at about a row group.
+            self._file = pq.ParquetFile(self.path, pre_buffer=False)
+            self.header = list(self._file.schema_arrow.names)
+            self.rows = int(self._file.metadata.num_rows)
+        except self._errors as exc:
+            raise InputFileError(
+                f"not a readable Parquet file: {self.path} ({_line(exc)})"
+            ) from None
+
+    def chunks(self, rows: int, names: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield `(first_row, pyarrow.RecordBatch)` of `rows` rows (the last may be shorter).
+
+        Args:
+            rows: rows per batch.
+            names: the columns to read (those the file lacks are left out), or None for all.
+
+        Raises:
+            InputFileError: the file cannot be decoded (a corrupt page).
+        """
+        wanted = None if names is None else [n for n in names if n in self.header]
+        start = 0
+        try:
+            for batch in self._file.iter_batches(batch_size=rows, columns=wanted):
+                yield start, batch
+                start += batch.num_rows
+        except self._errors as exc:
+            raise InputFileError(
+                f"cannot read {self.path.name} after row {start}: {_line(exc)}"
+            ) from None
+        finally:
+            self._file.close()
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def open_columns(path: str | os.PathLike[str]) -> CsvColumns | ParquetColumns:
+    """The named-column reader for a .csv (with a header) or .parquet input."""
+    if input_format(path) == ".parquet":
+        return ParquetColumns(path)
+    return CsvColumns(path)
+
+
+@contextlib.contextmanager
+def open_label_output(
+    path: str | os.PathLike[str], class_names: Sequence[str]
+) -> Iterator[LabelWriter]:
+    """Write a CSV with a header `label,proba_<class>,...` atomically (see `LabelWriter`)."""
+    if array_format(path, "output") != ".csv":
+        raise InputFileError(f"output {Path(path)} must be a .csv file for labels")
+    with (
+        atomic_output(path, suffix=".csv") as tmp,
+        open(tmp, "w", encoding="utf-8", newline="") as f,
+    ):
+        writer = LabelWriter(f, class_names)
+        yield writer
+
+
+class LabelWriter:
+    """Writes rows `label,proba_0,...`: the predicted class and each class's probability."""
+
+    def __init__(self, f: IO[str], class_names: Sequence[str]) -> None:
+        self._csv = csv.writer(f, lineterminator="\n")
+        self._csv.writerow(["label", *(f"proba_{c}" for c in class_names)])
+        self.done = 0
+
+    def write(self, labels: Sequence[Any], proba: np.ndarray) -> None:
+        """Append rows: `labels[i]` then the probabilities of row i (`%.9g`)."""
+        for label, p in zip(labels, proba.tolist(), strict=True):
+            self._csv.writerow([label, *(f"{v:.9g}" for v in p)])
+        self.done += len(proba)

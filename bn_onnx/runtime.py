@@ -13,7 +13,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bn_onnx.columns import CONTINUOUS, Column, RecordReader, feeds_from_columns, read_columns
 from bn_onnx.errors import (
     BnOnnxError,
     InputDataError,
@@ -50,6 +51,21 @@ _ORT_FLOAT_TYPES = {
     "tensor(float16)": np.dtype(np.float16),
 }
 
+
+# Every tensor type a model input may have -> the numpy dtype its feed gets (strings: object).
+_ORT_TYPES = {
+    **_ORT_FLOAT_TYPES,
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(string)": np.dtype(object),
+}
 
 _FLOAT32 = np.dtype(np.float32)
 
@@ -342,11 +358,12 @@ def create_session(
 def _nonfinite_message(X: np.ndarray, row_offset: int = 0) -> str:
     bad = ~np.isfinite(X)
     count = int(bad.sum())
-    row, col = (int(i) for i in np.argwhere(bad)[0])
-    row += row_offset
+    pos = [int(i) for i in np.argwhere(bad)[0]]
+    pos[0] += row_offset
+    where = f"row {pos[0]}, column {pos[1]}" if len(pos) == 2 else f"index {pos}"
     return (
         f"input has {count} non-finite value{'s' if count != 1 else ''} (NaN or Inf), the first "
-        f"at row {row}, column {col}; clean the data or pass allow_nonfinite=True"
+        f"at {where}; clean the data or pass allow_nonfinite=True"
     )
 
 
@@ -355,6 +372,7 @@ _SMALL = 1024
 
 
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INFINITIES = {math.inf, -math.inf}
 
 
 def _all_finite(X: np.ndarray) -> bool:
@@ -432,8 +450,76 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a model as `Predictor` feeds it.
+
+    Attributes:
+        name: the input's name in the graph.
+        type: onnxruntime's type string, e.g. `tensor(float)` or `tensor(string)`.
+        dtype: the numpy dtype of its feed (object, holding `str`, for string inputs).
+        shape: the declared shape; symbolic dimensions are strings or None.
+    """
+
+    name: str
+    type: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+    def describe(self) -> str:
+        """`continuous (float32 [batch, 2])`, for messages."""
+        kind = "string" if self.dtype == object else str(self.dtype)
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name} ({kind} [{dims}])"
+
+
+def _is_arrow(X: Any) -> bool:
+    # Duck-typed so that runtime never imports pyarrow for callers who do not use it.
+    return type(X).__module__.startswith("pyarrow") and hasattr(X, "schema")
+
+
+def arrow_columns(table: Any, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The columns of a pyarrow Table or RecordBatch as numpy arrays, by name.
+
+    Nulls become NaN in numeric columns and None in others; dictionary-encoded columns (pandas
+    categoricals) are decoded to their values and decimals read as float64.
+
+    Args:
+        table: a `pyarrow.Table` or `pyarrow.RecordBatch`.
+        names: the columns wanted (those absent from `table` are left out), or None for all.
+
+    Raises:
+        InputDataError: a wanted column of a nested type (list, struct, map), naming it.
+    """
+    import pyarrow as pa  # the caller holds a pyarrow object, so pyarrow is there
+
+    have = table.schema.names
+    out: dict[str, np.ndarray] = {}
+    for name in have if names is None else names:
+        if name not in have:
+            continue
+        col = table.column(name)
+        t = col.type
+        if pa.types.is_dictionary(t):
+            col = col.cast(t.value_type)
+            t = t.value_type
+        if pa.types.is_decimal(t):
+            col = col.cast(pa.float64())
+        elif pa.types.is_nested(t):
+            raise InputDataError(f"column {name!r} has type {t}; expected numbers or text")
+        out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
 class Predictor:
     """A loaded model for apps: `predict(X)` with input checks, chunking and class labels.
+
+    `X` is what the model takes:
+    - a model with one 2-D float input: an array-like [rows, features] (the fast path);
+    - a tabular model (metadata `bn_onnx.columns`, see `bn_onnx.columns`): rows by column name,
+      as a mapping column -> values, a list of row objects (`{"age": 31, "city": "Busan"}`) or
+      a pyarrow Table / RecordBatch; an unseen category maps to "unknown" inside the model;
+    - any model: a dict input name -> array (every input, one batch dimension first).
 
     Built once, then safe to call from several threads: onnxruntime's `run` is thread-safe and
     the predictor keeps no mutable state between calls.
@@ -442,6 +528,8 @@ class Predictor:
         >>> p = Predictor("model.folded.onnx", provider="auto")
         >>> p.predict_labels(X[:3])
         ['0', '7', '3']
+        >>> t = Predictor("tabular.folded.onnx")
+        >>> t.predict([{"age": 31, "city": "Busan", "income": None}])
     """
 
     def __init__(
@@ -469,32 +557,43 @@ class Predictor:
             device_id=device_id,
         )
         session = self.info.session
-        inputs = session.get_inputs()
-        if len(inputs) != 1:
-            raise UnsupportedModelError(
-                f"Predictor needs a model with one input, this one has {len(inputs)}: "
-                f"{', '.join(i.name for i in inputs)}"
-            )
-        inp = inputs[0]
-        if inp.type not in _ORT_FLOAT_TYPES or len(inp.shape) != 2:
-            raise UnsupportedModelError(
-                f"Predictor needs a 2-D float input [batch, features]; input {inp.name!r} is "
-                f"{inp.type} with shape {inp.shape}"
-            )
-        self.input_name: str = inp.name
-        self.input_dtype: np.dtype = _ORT_FLOAT_TYPES[inp.type]
-        self.n_features: int | None = inp.shape[1] if isinstance(inp.shape[1], int) else None
+        specs = []
+        for inp in session.get_inputs():
+            dtype = _ORT_TYPES.get(inp.type)
+            if dtype is None:
+                raise UnsupportedModelError(
+                    f"Predictor cannot feed input {inp.name!r} of type {inp.type}"
+                )
+            specs.append(InputSpec(inp.name, inp.type, dtype, tuple(inp.shape)))
+        if not specs:
+            raise UnsupportedModelError("Predictor needs a model with at least one input")
+        self.inputs: list[InputSpec] = specs
+        self.input_names: list[str] = [s.name for s in specs]
+        self._specs = {s.name: s for s in specs}
+        meta = session.get_modelmeta().custom_metadata_map
+        self.metadata: dict[str, str] = dict(meta)
+        self.columns: list[Column] | None = read_columns(meta)
+        self._check_columns()
+        self._records = RecordReader(self.columns) if self.columns is not None else None
+        first = specs[0]
+        array_input = len(specs) == 1 and first.type in _ORT_FLOAT_TYPES and len(first.shape) == 2
+        # The fast path: one 2-D float input fed from an array, checked by `check_input`.
+        self._plain = array_input and self.columns is None
+        self.array_input: bool = self._plain
+        self.input_name: str = first.name
+        self.input_dtype: np.dtype = first.dtype
+        self.n_features: int | None = (
+            first.shape[1] if self._plain and isinstance(first.shape[1], int) else None
+        )
         # A model exported with a fixed batch size runs in chunks of exactly that size, the
-        # last one padded with zero rows.
-        first = inp.shape[0]
-        self.fixed_batch: int | None = first if isinstance(first, int) and first > 0 else None
+        # last one padded (zeros, "" for strings).
+        batch = first.shape[0] if first.shape else None
+        self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
         if self.fixed_batch is not None:
             self.batch_size = self.fixed_batch
         outputs = session.get_outputs()
         self.output_names: list[str] = [o.name for o in outputs]
         self._first_output = self.output_names[:1]
-        meta = session.get_modelmeta().custom_metadata_map
-        self.metadata: dict[str, str] = dict(meta)
         self.class_names: list[str] | None = _json_list(meta.get("bn_onnx.class_names"))
         task = meta.get("bn_onnx.task")
         if task is None:
@@ -508,6 +607,35 @@ class Predictor:
             getattr(session, "_sess", None), "run", None
         )
 
+    def _check_columns(self) -> None:
+        """Check the column schema against the graph's inputs; index continuous columns."""
+        # Inputs whose NaN means "missing" (the model fills them), and the column at each place.
+        self._nan_inputs: set[str] = set()
+        self._column_at: dict[tuple[str, int], str] = {}
+        if self.columns is None:
+            return
+        from bn_onnx.columns import COLUMNS_KEY
+
+        widths: dict[str, int] = {}
+        for c in self.columns:
+            spec = self._specs.get(c.input)
+            if spec is None or len(spec.shape) != 2:
+                raise UnsupportedModelError(
+                    f"model metadata {COLUMNS_KEY}: column {c.name!r} is in input {c.input!r}, "
+                    f"which is not a 2-D input of the model "
+                    f"({', '.join(s.describe() for s in self.inputs)})"
+                )
+            widths[c.input] = max(widths.get(c.input, 0), c.index + 1)
+            self._column_at[(c.input, c.index)] = c.name
+            if c.kind == CONTINUOUS:
+                self._nan_inputs.add(c.input)
+        for spec in self.inputs:
+            width = spec.shape[1] if len(spec.shape) == 2 else None
+            if spec.name not in widths or (isinstance(width, int) and width != widths[spec.name]):
+                raise UnsupportedModelError(
+                    f"model metadata {COLUMNS_KEY} does not cover input {spec.describe()}"
+                )
+
     @property
     def providers(self) -> list[str]:
         """Providers the session actually uses, most preferred first."""
@@ -518,22 +646,209 @@ class Predictor:
         """The underlying onnxruntime session."""
         return self.info.session
 
-    def check(self, X: Any) -> np.ndarray:
-        """Validate and convert `X` the way `predict` does; return the array the model gets."""
-        return check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite)
+    def check(self, X: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """Validate and convert `X` the way `predict` does; return what the model gets.
+
+        For a model with one 2-D float input given an array, the array; otherwise the feeds
+        dict (input name -> array) that `feeds` returns.
+        """
+        if self._plain and (type(X) is np.ndarray or not _named(X)):
+            return check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite)
+        return self.feeds(X)
 
     def predict(self, X: Any, *, row_offset: int = 0) -> np.ndarray:
         """The model's first output (logits or prediction) for the rows of `X`.
 
-        Rows are run in chunks of `batch_size`; X is not copied when it is already a
+        `X`: an array [rows, features] for a model with one 2-D float input; rows by column
+        name for a tabular model; a dict input name -> array for any model (see the class).
+        Rows are run in chunks of `batch_size`; an array X is not copied when it is already a
         C-contiguous array of the model's dtype. `row_offset` is added to row numbers in error
         messages, for an `X` that is a chunk of a larger input.
+
+        Raises:
+            InputDataError: one line naming what is wrong (the column, the input, the row).
         """
-        X = check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite, row_offset)
-        n = X.shape[0]
-        if n <= self.batch_size and n:
-            return self._run_one(X)
-        return self._predict_chunked(X)
+        if self._plain and (type(X) is np.ndarray or not _named(X)):
+            X = check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite, row_offset)
+            n = X.shape[0]
+            if n <= self.batch_size and n:
+                return self._run_one(X)
+            return self._predict_chunked(X)
+        return self.run_feeds(self.feeds(X, row_offset=row_offset))
+
+    def feeds(self, X: Any, *, row_offset: int = 0) -> dict[str, np.ndarray]:
+        """The checked input arrays (input name -> array) that `predict` runs for `X`.
+
+        Named columns (a mapping column -> values, a list of row objects, a pyarrow Table or
+        RecordBatch) go through `bn_onnx.columns.feeds_from_columns`; a mapping whose keys are
+        the model's input names is taken as the feeds themselves; an array is the feed of a
+        single-input model.
+
+        Raises:
+            InputDataError: a missing or wrongly typed column or input, rows that disagree,
+                a non-finite value where the model does not take one.
+        """
+        columns = self.columns
+        if isinstance(X, Mapping):
+            if columns is None or (
+                all(n in X for n in self.input_names) and not all(c.name in X for c in columns)
+            ):
+                return self._check_feeds(X, row_offset)
+            data = X
+        elif _is_arrow(X):
+            if columns is None:
+                if not (len(self.inputs) == 1 and len(self.inputs[0].shape) == 2):
+                    raise InputDataError(self.describe_inputs())
+                # No schema: the table's columns, in order, are the features.
+                arrays = arrow_columns(X)
+                table = np.column_stack(list(arrays.values())) if arrays else np.empty((0, 0))
+                return self._check_feeds({self.input_name: table}, row_offset)
+            data = arrow_columns(X, [c.name for c in columns])
+        elif isinstance(X, (list, tuple)) and X and isinstance(X[0], Mapping):
+            if columns is None:
+                raise InputDataError(
+                    "rows as objects by column name need a model with a column schema "
+                    f"(metadata bn_onnx.columns); {self.describe_inputs()}"
+                )
+            return self._refuse_infinity(self._records.feeds(X, row_offset=row_offset), row_offset)
+        elif len(self.inputs) == 1:
+            return self._check_feeds({self.input_name: X}, row_offset)
+        else:
+            raise InputDataError(self.describe_inputs())
+        return self._refuse_infinity(
+            feeds_from_columns(columns, data, row_offset=row_offset), row_offset
+        )
+
+    def describe_inputs(self) -> str:
+        """One line saying what `predict` takes for this model (for messages)."""
+        if self.columns is not None:
+            names = ", ".join(c.name for c in self.columns)
+            return (
+                f"this model takes named columns ({names}): a mapping column -> values, a list "
+                "of row objects or a pyarrow Table"
+            )
+        inputs = ", ".join(s.describe() for s in self.inputs)
+        return f"this model takes a dict input name -> array for its inputs: {inputs}"
+
+    def _check_feeds(self, feeds: Mapping[str, Any], row_offset: int) -> dict[str, np.ndarray]:
+        unknown = [k for k in feeds if k not in self._specs]
+        missing = [n for n in self.input_names if n not in feeds]
+        if unknown or missing:
+            what = "unknown input" if unknown else "missing input"
+            names = unknown or missing
+            raise InputDataError(
+                f"{what}{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)} "
+                f"(the model's inputs: {', '.join(s.describe() for s in self.inputs)})"
+            )
+        out: dict[str, np.ndarray] = {}
+        rows = first = None
+        for spec in self.inputs:
+            arr = self._check_feed(spec, feeds[spec.name], row_offset)
+            if rows is None:
+                rows, first = arr.shape[0], spec.name
+            elif arr.shape[0] != rows:
+                raise InputDataError(
+                    f"input {spec.name!r} has {arr.shape[0]} rows, input {first!r} has {rows}"
+                )
+            out[spec.name] = arr
+        return out
+
+    def _check_feed(self, spec: InputSpec, value: Any, row_offset: int) -> np.ndarray:
+        name = spec.name
+        if spec.dtype == object:
+            arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
+            if arr.dtype.kind in "US":
+                arr = arr.astype(str).astype(object)
+            elif arr.dtype != object or not all(type(v) is str for v in arr.flat):
+                raise InputDataError(f"input {name!r} must hold text (str); it holds {arr.dtype}")
+        else:
+            if spec.dtype.kind == "f" and len(spec.shape) == 2 and name not in self._nan_inputs:
+                width = spec.shape[1] if isinstance(spec.shape[1], int) else None
+                return _named_input(
+                    name,
+                    lambda: check_input(value, width, spec.dtype, self.allow_nonfinite, row_offset),
+                )
+            arr = _named_input(name, lambda: _as_dtype(value, spec.dtype))
+        if arr.ndim != len(spec.shape):
+            raise InputDataError(
+                f"input {name!r} must be {len(spec.shape)}-D {list(spec.shape)}, got "
+                f"{arr.ndim}-D shape {tuple(arr.shape)}"
+            )
+        for axis, (want, got) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+            if axis and isinstance(want, int) and want != got:
+                raise InputDataError(
+                    f"input {name!r} has {got} values along axis {axis}, the model expects {want}"
+                )
+        if name in self._nan_inputs:
+            self._refuse_infinity({name: arr}, row_offset)
+        elif (
+            not self.allow_nonfinite and arr.dtype.kind == "f" and arr.size and not _all_finite(arr)
+        ):
+            raise InputDataError(f"input {name!r}: {_nonfinite_message(arr, row_offset)}")
+        return np.ascontiguousarray(arr)
+
+    def _refuse_infinity(
+        self, feeds: dict[str, np.ndarray], row_offset: int
+    ) -> dict[str, np.ndarray]:
+        """`feeds`, after checking that the inputs where NaN means missing hold no infinity.
+
+        The column schema's conversions (`bn_onnx.columns`) give well-formed arrays; only an
+        infinite number (a CSV cell "inf", JSON 1e400, beyond float32) is left to refuse.
+        """
+        for name in self._nan_inputs:
+            arr = feeds.get(name)
+            if arr is None or not arr.size:
+                continue
+            if arr.size <= _SMALL:
+                if _INFINITIES.isdisjoint(arr.ravel().tolist()):
+                    continue
+            elif not np.isinf(arr).any():
+                continue
+            row, col = (int(i) for i in np.argwhere(np.isinf(arr))[0])
+            where = self._column_at.get((name, col), f"{name}[{col}]")
+            raise InputDataError(
+                f"column {where!r} row {row + row_offset}: not a finite number: "
+                f"{float(arr[row, col])!r} (leave a missing value empty or null)"
+            )
+        return feeds
+
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The first output for feeds already checked by `feeds` (they are not checked again).
+
+        Rows are run in chunks of `batch_size`.
+        """
+        n = next(iter(feeds.values())).shape[0]
+        if 0 < n <= self.batch_size:
+            return self._run_one_feeds(feeds)
+        out: np.ndarray | None = None
+        for start in range(0, max(n, 1), self.batch_size):
+            part = {k: v[start : start + self.batch_size] for k, v in feeds.items()}
+            y = self._run_one_feeds(part)
+            if out is None:
+                out = np.empty((n, *y.shape[1:]), dtype=y.dtype)
+            out[start : start + len(y)] = y
+        assert out is not None
+        return out
+
+    def _run_one_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        fixed = self.fixed_batch
+        n = next(iter(feeds.values())).shape[0]
+        if fixed is not None and n != fixed:
+            padded = {}
+            for k, v in feeds.items():
+                p = np.full((fixed, *v.shape[1:]), "" if v.dtype == object else 0, v.dtype)
+                p[:n] = v
+                padded[k] = p
+            return self._call_feeds(padded)[:n]
+        return self._call_feeds(feeds)
+
+    def _call_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self._fast is not None:
+            try:
+                return self._fast(self._first_output, feeds, None)[0]
+            except Exception:
+                pass
+        return self._run(self._first_output, dict(feeds))[0]
 
     def _run_one(self, X: np.ndarray) -> np.ndarray:
         fixed = self.fixed_batch
@@ -570,8 +885,13 @@ class Predictor:
         """Run `X` (for example a read-only memmap) chunk by chunk into `out`.
 
         Each chunk is checked and converted on its own, so an input larger than memory is never
-        loaded whole. `progress(rows_done)` is called after every chunk.
+        loaded whole. `progress(rows_done)` is called after every chunk. For models with one
+        2-D float input; named columns stream with `predict(chunk, row_offset=...)` per chunk.
         """
+        if not self._plain:
+            raise UsageError(
+                f"predict_into needs a model with one 2-D float input; {self.describe_inputs()}"
+            )
         n = X.shape[0] if X.ndim >= 1 else 0
         if X.ndim != 2:
             check_input(X, self.n_features, self.input_dtype, self.allow_nonfinite)
@@ -601,7 +921,10 @@ class Predictor:
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities: the softmax of the logits (or the output, if already softmax)."""
         self._need_classifier("predict_proba")
-        y = self.predict(X)
+        return self.proba_of(self.predict(X))
+
+    def proba_of(self, y: np.ndarray) -> np.ndarray:
+        """Class probabilities from the model's first output `y` (see `predict_proba`)."""
         if "prob" in self._first_output[0].lower():
             return y
         return softmax(y.astype(np.float32, copy=False))
@@ -609,11 +932,54 @@ class Predictor:
     def predict_labels(self, X: Any) -> list[str] | np.ndarray:
         """The predicted class per row: its name from the model's metadata, else its index."""
         self._need_classifier("predict_labels")
-        idx = np.argmax(self.predict(X), axis=1)
+        return self.labels_of(self.predict(X))
+
+    def labels_of(self, y: np.ndarray) -> list[str] | np.ndarray:
+        """The class per row of the model's first output `y` (see `predict_labels`)."""
+        idx = np.argmax(y, axis=1)
         if self.class_names:
             names = self.class_names
             return [str(names[i]) for i in idx]
         return idx
+
+
+def _named(X: Any) -> bool:
+    """True for inputs by name (a mapping or a pyarrow table), which bypass the array path."""
+    return isinstance(X, Mapping) or _is_arrow(X)
+
+
+def _named_input(name: str, convert: Callable[[], np.ndarray]) -> np.ndarray:
+    """Run `convert`; prefix its `InputDataError` with the input's name."""
+    try:
+        return convert()
+    except InputDataError as exc:
+        text = str(exc)
+        if text.startswith("input "):  # "input has 4 features" -> "input 'a' has 4 features"
+            raise InputDataError(f"input {name!r} {text[len('input ') :]}") from None
+        raise InputDataError(f"input {name!r}: {text}") from None
+
+
+def _as_dtype(value: Any, dtype: np.dtype) -> np.ndarray:
+    try:
+        arr = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except Exception as exc:
+        raise InputDataError(f"cannot be read as an array: {_ort_error_line(exc)}") from None
+    if arr.dtype == dtype:
+        return arr
+    if arr.dtype.kind in "fc" and dtype.kind in "iub":
+        with np.errstate(invalid="ignore"):
+            integral = np.isfinite(arr) & (arr == np.trunc(arr))
+        if not integral.all():
+            pos = tuple(int(i) for i in np.argwhere(~integral)[0])
+            raise InputDataError(f"{arr[pos]!r} at {list(pos)} is not an integer ({dtype})")
+    if arr.dtype.kind in "biufUSO":
+        try:
+            return arr.astype(dtype)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InputDataError(
+                f"dtype {arr.dtype} cannot be converted to {dtype}: {_ort_error_line(exc)}"
+            ) from None
+    raise InputDataError(f"dtype {arr.dtype} cannot be converted to {dtype}")
 
 
 def _json_list(text: str | None) -> list[str] | None:

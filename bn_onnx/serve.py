@@ -1,19 +1,24 @@
 """An HTTP JSON service for a model: `POST /predict`, `GET /health`, `GET /metadata`.
 
-Starlette under uvicorn; no torch. Requests that arrive together are batched: a micro-batcher
+Starlette under uvicorn; no torch. Rows of numbers, or rows as objects by column name for a
+tabular model (`bn_onnx.columns`). Requests that arrive together are batched: a micro-batcher
 collects the rows of concurrent requests (up to `max_batch` rows, waiting at most
-`batch_wait_ms` and only while other requests are still being read), runs one `predict` in a
-worker thread so the event loop stays free, and hands each request its own rows back.
-On shutdown (uvicorn does this on SIGTERM/Ctrl-C) new requests get 503 and queued ones finish.
+`batch_wait_ms` and only while other requests are still being read), runs one call for them
+in a worker thread so the event loop stays free, and hands each request its own rows back; a
+request alone runs at once on the event loop. On shutdown (uvicorn does this on SIGTERM/Ctrl-C)
+new requests get 503 and queued ones finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import math
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +34,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bn_onnx import __version__
-from bn_onnx.errors import BnOnnxError, UsageError
+from bn_onnx.columns import Column
+from bn_onnx.errors import BnOnnxError, UnsupportedModelError, UsageError
 from bn_onnx.runtime import Predictor, short_name
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_BATCH_WAIT_MS = 1.0
+# A request alone runs on the event loop while the model's calls take at most this long.
+DEFAULT_INLINE_MAX_MS = 1.0
 
 
 class RequestError(Exception):
@@ -50,38 +58,88 @@ class ShuttingDown(Exception):
     """The batcher no longer takes work because the server is stopping."""
 
 
+# What the batcher runs: an array of rows, or feeds (input name -> array, rows first).
+Batch = np.ndarray | dict[str, np.ndarray]
+
+
+def batch_rows(X: Batch) -> int:
+    """The number of rows of an array or of feeds."""
+    if isinstance(X, dict):
+        return len(next(iter(X.values())))
+    return len(X)
+
+
+def concat(parts: list[Batch]) -> Batch:
+    """The rows of `parts` one after the other (arrays, or feeds with the same inputs)."""
+    if isinstance(parts[0], dict):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # type: ignore[index]
+    return np.concatenate(parts)  # type: ignore[arg-type]
+
+
 @dataclass
 class BatchStats:
-    """Counters `/health` reports: requests answered, batches and rows run, largest batch."""
+    """Counters `/health` reports: requests answered, batches and rows run, largest batch.
+
+    `inline` counts the requests run at once on the event loop (see `MicroBatcher`).
+    """
 
     batches: int = 0
     rows: int = 0
     requests: int = 0
     largest: int = 0
+    inline: int = 0
 
 
 class MicroBatcher:
     """Runs the rows of concurrent requests as one batch in a worker thread.
 
-    `submit(X)` queues a float32 array and waits for its outputs. A single background task
-    takes the first queued request, then more while there are fewer than `max_rows` rows and
-    other requests are still being read (`reading`), for at most `wait_s`; a request larger
+    `submit(X)` takes an array or feeds and waits for the model's outputs.
+
+    A request that is alone - nothing queued, no batch being collected or run, no other request
+    being read - runs at once, on the event loop, when the model's recent calls took at most
+    `inline_max_s` (a moving average; the first call, whose time is unknown, goes to the
+    thread): handing a call to a thread and back (a future, a wake-up, the GIL) costs more than
+    a small model's call, and nothing else waits meanwhile. A single client thus pays what a
+    plain endpoint calling `session.run` pays.
+
+    Otherwise the request is queued: a single background task takes the first queued request,
+    then more while there are fewer than `max_rows` rows and other requests are still being
+    read (`reading`), for at most `wait_s`, and runs them as one batch in a worker thread, so
+    that the event loop keeps reading the next requests while the model runs; a request larger
     than `max_rows` runs alone. One batch runs at a time; requests queue meanwhile, so under
-    load the next batch is fuller without any waiting.
+    load the next batch is fuller without any waiting, and while batches keep coming no request
+    is alone.
+
+    Requests that reached the server together are scheduled on the event loop one after the
+    other, and each would find itself alone and run inline, one by one: no batching under
+    load. So a request alone first yields to the event loop once - letting any such request
+    reach `submit` - and runs inline only if none did, while one of the last `crowd_window`
+    requests found a crowd (was not alone); otherwise only every `probe_every`-th does, to
+    notice a crowd coming. One client thus seldom pays for the extra turn of the event loop.
     """
+
+    probe_every = 16
+    crowd_window = 64
 
     def __init__(
         self,
-        predict: Callable[[np.ndarray], np.ndarray],
+        predict: Callable[[Batch], np.ndarray],
         max_rows: int = DEFAULT_MAX_BATCH,
         wait_s: float = DEFAULT_BATCH_WAIT_MS / 1000,
+        inline_max_s: float = DEFAULT_INLINE_MAX_MS / 1000,
     ) -> None:
         self._predict = predict
         self.max_rows = int(max_rows)
         self.wait_s = float(wait_s)
+        self.inline_max_s = float(inline_max_s)
         self.stats = BatchStats()
         self._reading = 0  # requests being read that may still submit
-        self._items: deque[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = deque()
+        self._busy = False  # a batch is being collected or run
+        self._awaiting_readers = False  # the batch being collected waits for requests read
+        self._run_s: float | None = None  # smoothed seconds of one predict call
+        self._arrivals = 0  # requests submitted so far
+        self._crowd_until = 0  # up to this arrival a request alone looks around first
+        self._items: deque[tuple[Batch, int, asyncio.Future[np.ndarray]]] = deque()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -117,22 +175,68 @@ class MicroBatcher:
     def end_read(self) -> None:
         """That request was submitted or refused: stop waiting for it."""
         self._reading -= 1
-        self._poke()
+        if self._awaiting_readers:
+            self._poke()
 
     def _poke(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def submit(self, X: np.ndarray) -> np.ndarray:
-        """Queue the rows of `X` and return the model's outputs for them."""
+    def _alone(self, rows: int) -> bool:
+        run_s = self._run_s
+        return (
+            not self._items
+            and not self._busy
+            and self._reading <= 0
+            and rows <= self.max_rows
+            and run_s is not None
+            and run_s <= self.inline_max_s
+        )
+
+    async def submit(self, X: Batch) -> np.ndarray:
+        """Run the rows of `X` (at once or batched) and return the model's outputs for them."""
         if self._closing or self._task is None:
             raise ShuttingDown("the server is shutting down")
+        rows = batch_rows(X)
+        self._arrivals = arrivals = self._arrivals + 1
+        if self._alone(rows):
+            if arrivals > self._crowd_until and arrivals % self.probe_every:
+                return self._run_inline(X, rows)
+            await asyncio.sleep(0)  # others scheduled in this turn reach submit now
+            if self._arrivals == arrivals and self._alone(rows):
+                return self._run_inline(X, rows)
+            if self._task is None or self._task.done():  # closed during that turn
+                raise ShuttingDown("the server is shutting down")
+        if self._items or self._busy or self._reading > 0 or self._arrivals != arrivals:
+            self._crowd_until = arrivals + self.crowd_window  # others were there
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._items.append((X, fut))
+        self._items.append((X, rows, fut))
         self._poke()
         return await fut
 
-    async def _collect(self) -> list[tuple[np.ndarray, asyncio.Future[np.ndarray]]]:
+    def _run_inline(self, X: Batch, rows: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        Y = self._predict(X)
+        self._note(time.perf_counter() - t0, rows, 1)
+        self.stats.inline += 1
+        return Y
+
+    def _timed(self, X: Batch) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        Y = self._predict(X)
+        return Y, time.perf_counter() - t0
+
+    def _note(self, seconds: float, rows: int, requests: int) -> None:
+        # An exponential moving average: one slow call (a page fault, a busy core) does not
+        # switch the inline path off for long, a model that is slow for real does.
+        self._run_s = seconds if self._run_s is None else 0.8 * self._run_s + 0.2 * seconds
+        st = self.stats
+        st.batches += 1
+        st.rows += rows
+        st.requests += requests
+        st.largest = max(st.largest, rows)
+
+    async def _collect(self) -> list[tuple[Batch, int, asyncio.Future[np.ndarray]]]:
         """The next batch; empty only when closing with nothing left to run."""
         assert self._wakeup is not None
         items, wakeup = self._items, self._wakeup
@@ -142,21 +246,25 @@ class MicroBatcher:
             wakeup.clear()
             await wakeup.wait()
         batch = [items.popleft()]
-        rows = len(batch[0][0])
+        self._busy = True
+        rows = batch[0][1]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         while rows < self.max_rows:
-            while items and rows + len(items[0][0]) <= self.max_rows:
+            while items and rows + items[0][1] <= self.max_rows:
                 batch.append(items.popleft())
-                rows += len(batch[-1][0])
+                rows += batch[-1][1]
             remaining = deadline - loop.time()
             if items or self._reading <= 0 or remaining <= 0 or rows >= self.max_rows:
                 break
             wakeup.clear()
+            self._awaiting_readers = True
             try:
                 await asyncio.wait_for(wakeup.wait(), remaining)
             except asyncio.TimeoutError:
                 break
+            finally:
+                self._awaiting_readers = False
         return batch
 
     async def _worker(self) -> None:
@@ -166,27 +274,33 @@ class MicroBatcher:
             batch = await self._collect()
             if not batch:
                 return
-            live = [(X, f) for X, f in batch if not f.done()]  # a client may have gone
-            if not live:
-                continue
-            X = live[0][0] if len(live) == 1 else np.concatenate([x for x, _ in live])
             try:
-                Y = await loop.run_in_executor(self._executor, self._predict, X)
-            except Exception as exc:
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(exc)
-                continue
-            self.stats.batches += 1
-            self.stats.rows += len(X)
-            self.stats.requests += len(live)
-            self.stats.largest = max(self.stats.largest, len(X))
-            start = 0
-            for x, f in live:
-                stop = start + len(x)
+                await self._run_batch(loop, batch)
+            finally:
+                self._busy = False
+
+    async def _run_batch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Batch, int, asyncio.Future[np.ndarray]]],
+    ) -> None:
+        live = [item for item in batch if not item[2].done()]  # a client may have gone
+        if not live:
+            return
+        try:
+            X = live[0][0] if len(live) == 1 else concat([x for x, _, _ in live])
+            Y, seconds = await loop.run_in_executor(self._executor, self._timed, X)
+        except Exception as exc:
+            for _, _, f in live:
                 if not f.done():
-                    f.set_result(Y[start:stop])
-                start = stop
+                    f.set_exception(exc)
+            return
+        self._note(seconds, sum(n for _, n, _ in live), len(live))
+        start = 0
+        for _, n, f in live:
+            if not f.done():
+                f.set_result(Y[start : start + n])
+            start += n
 
 
 def _reject_constant(name: str) -> float:
@@ -194,14 +308,22 @@ def _reject_constant(name: str) -> float:
     raise RequestError(400, f"non-finite value {name} in the body; send finite numbers only")
 
 
-def parse_inputs(body: bytes, n_features: int | None) -> np.ndarray:
-    """Turn a `{"inputs": [[...], ...]}` body into a float64 array, or raise `RequestError`.
+# One decoder for every request: json.loads with parse_constant builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
-    Every value must be a JSON number (not a string, boolean or null) and finite; every row
-    must have the model's number of features.
+
+def _rows_of(body: bytes, columns: list[Column] | None) -> list[Any]:
+    """The non-empty list of rows under "inputs" in a JSON body, or a `RequestError`.
+
+    `columns`: the model's schema (rows are objects), None for rows of numbers.
     """
     try:
-        doc = json.loads(body, parse_constant=_reject_constant)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:  # json.loads also reads UTF-16 and UTF-32
+            doc = json.loads(body, parse_constant=_reject_constant)
+        else:
+            doc = _DECODER.decode(text)
     except RequestError:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
@@ -209,16 +331,98 @@ def parse_inputs(body: bytes, n_features: int | None) -> np.ndarray:
     except RecursionError:
         raise RequestError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict) or "inputs" not in doc:
-        raise RequestError(400, 'body must be a JSON object {"inputs": [[f1, f2, ...], ...]}')
-    extra = sorted(set(doc) - {"inputs"})
-    if extra:
+        example = _example(columns)
+        raise RequestError(400, f'body must be a JSON object {{"inputs": [{example}, ...]}}')
+    if len(doc) > 1:
+        extra = sorted(set(doc) - {"inputs"})
         raise RequestError(400, f"unknown field(s) in the body: {', '.join(extra)}")
     rows = doc["inputs"]
     if not isinstance(rows, list):
-        raise RequestError(400, f'"inputs" must be a list of rows, got {type(rows).__name__}')
+        hint = f"; wrap one row as [{_example(columns)}]" if isinstance(rows, dict) else ""
+        raise RequestError(400, f'"inputs" must be a list of rows, got {type(rows).__name__}{hint}')
     if not rows:
         raise RequestError(400, '"inputs" is empty; send at least one row')
+    return rows
+
+
+def parse_records(body: bytes, columns: list[Column]) -> list[dict[str, Any]]:
+    """Turn a `{"inputs": [{"age": 31, "city": "Busan"}, ...]}` body into row objects.
+
+    Each row must be a JSON object; the model's columns in it must hold a number, a string,
+    a boolean or null (null or "" is a missing value), not a list or an object. Keys that are
+    not columns of the model are ignored. The cells are converted, and missing or wrongly
+    typed columns reported, by `bn_onnx.columns.feeds_from_records` (as for the CLI).
+
+    Raises:
+        RequestError: 400 with a one-line message naming the row and column.
+    """
+    rows = _rows_of(body, columns)
+    if set(map(type, rows)) == _DICT and not any(
+        type(v) is list or type(v) is dict for row in rows for v in row.values()
+    ):
+        return rows  # the usual body: objects of plain values
+    example = _example(columns)
+    for i, row in enumerate(rows):
+        if type(row) is not dict:
+            raise RequestError(
+                400,
+                f"row {i} is a {_json_type(row)}; this model takes rows as objects by column "
+                f'name: {{"inputs": [{example}]}}',
+            )
+        for c in columns:
+            v = row.get(c.name)
+            if type(v) is list or type(v) is dict:
+                what = "a list" if type(v) is list else "an object"
+                raise RequestError(400, f"column {c.name!r} row {i}: {what}, not a value")
+    return rows
+
+
+_DICT = {dict}
+
+
+def _example(columns: list[Column] | None) -> str:
+    """A row as the body holds it, for messages."""
+    if columns is None:
+        return "[f1, f2, ...]"
+    return "{" + ", ".join(f'"{c.name}": ...' for c in columns[:2]) + "}"
+
+
+def _json_type(v: Any) -> str:
+    return {list: "list", dict: "object", str: "string", bool: "boolean"}.get(
+        type(v), "null" if v is None else "number"
+    )
+
+
+def parse_inputs(
+    body: bytes, n_features: int | None, dtype: np.dtype | type = np.float64
+) -> np.ndarray:
+    """Turn a `{"inputs": [[...], ...]}` body into a 2-D array of `dtype`, or raise `RequestError`.
+
+    Every value must be a JSON number (not a string, boolean or null) and finite, in `dtype`
+    too (1e39 overflows float32); every row must have the model's number of features. The
+    array is C-contiguous: what the model's input takes as is.
+    """
+    rows = _rows_of(body, None)
     width = n_features
+    if width is None and type(rows[0]) is list:
+        width = len(rows[0])
+    # The usual body, checked at C speed: rows that are lists of `width` values, no true or
+    # false in the body (abs(True) would pass), and abs() of every value below dtype's largest
+    # (abs() of a string, null or list fails; JSON's 1e400 is inf): numbers that convert
+    # without overflow.
+    if (
+        set(map(type, rows)) == _LIST
+        and set(map(len, rows)) == {width}
+        and b"true" not in body
+        and b"false" not in body
+    ):
+        try:
+            largest = max(map(abs, itertools.chain.from_iterable(rows)))
+        except (TypeError, ValueError):  # a string, null or list in a row; an empty row
+            largest = math.inf
+        if largest < _largest(dtype):
+            return np.array(rows, dtype=dtype)
+    # Otherwise find the first bad value and say where it is.
     for i, row in enumerate(rows):
         if not isinstance(row, list):
             raise RequestError(
@@ -226,8 +430,6 @@ def parse_inputs(body: bytes, n_features: int | None) -> np.ndarray:
                 f'"inputs" must be a list of rows (lists of numbers); row {i} is '
                 f"{type(row).__name__}" + ("; wrap one row as [[...]]" if i == 0 else ""),
             )
-        if width is None:
-            width = len(row)
         if len(row) != width:
             what = "the model expects" if n_features is not None else "row 0 has"
             n = len(row)
@@ -240,15 +442,40 @@ def parse_inputs(body: bytes, n_features: int | None) -> np.ndarray:
             elif t is not int:
                 name = "null" if v is None else "boolean" if t is bool else t.__name__
                 raise RequestError(400, f"value at row {i}, column {j} is a {name}, not a number")
+    X = _array(rows, dtype)
+    bad = np.argwhere(~np.isfinite(X))
+    if len(bad):
+        i, j = (int(k) for k in bad[0])
+        raise RequestError(
+            400,
+            f"non-finite value at row {i}, column {j}: {rows[i][j]!r} is too large for {X.dtype}",
+        )
+    return X
+
+
+_LIST = {list}
+
+
+@functools.cache
+def _largest(dtype: np.dtype | type) -> float:
+    return float(np.finfo(dtype).max)
+
+
+def _array(rows: list[list[int | float]], dtype: np.dtype | type) -> np.ndarray:
     try:
-        return np.array(rows, dtype=np.float64)
-    except OverflowError:
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused by the caller
+            return np.array(rows, dtype=dtype)
+    except OverflowError:  # an integer beyond float64's range
         raise RequestError(400, "a value is too large for a float") from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """Read the request body, refusing (413) one over `limit` bytes, declared or streamed."""
-    declared = request.headers.get("content-length")
+    declared = None
+    for key, value in request.scope["headers"]:  # cheaper than building request.headers
+        if key == b"content-length":
+            declared = value.decode("latin-1")
+            break
     if declared is not None:
         try:
             size = int(declared)
@@ -256,6 +483,11 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(400, f"bad Content-Length header {declared!r}") from None
         if size > limit:
             raise RequestError(413, f"body of {size} bytes is over the limit of {limit} bytes")
+        # The server holds the body to its declared length, so it is within the limit.
+        try:
+            return await request.body()
+        except ClientDisconnect:
+            raise RequestError(400, "client disconnected before the body was complete") from None
     chunks: list[bytes] = []
     total = 0
     try:
@@ -273,17 +505,39 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+# Starlette's JSONResponse builds an encoder per response; this one is built once, same output.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _json_response(out: dict[str, Any], Y: np.ndarray) -> Response:
+    """`out` as a JSON response; NaN/Inf in the outputs `Y` are sent as null (JSON has none)."""
+    try:
+        body = _ENCODER.encode(out)
+    except ValueError:  # a non-finite output
+        out["outputs"] = _json_safe(Y)
+        body = _ENCODER.encode(out)
+    return Response(body.encode("utf-8"), media_type="application/json")
+
+
 def _json_safe(values: np.ndarray) -> list[Any]:
     # JSON has no NaN/Inf; a model that makes them gets null there instead of a broken body.
+    out = values.tolist()
+    # NaN and Inf propagate through a sum of Python floats (float64: float32 outputs cannot
+    # overflow it; a float64 overflow only sends us to the exact test).
+    if values.ndim == 2 and math.isfinite(sum(itertools.chain.from_iterable(out))):
+        return out
     if np.isfinite(values).all():
-        return values.tolist()
+        return out
     obj = values.astype(object)
     obj[~np.isfinite(values)] = None
     return obj.tolist()
 
 
 def model_metadata(predictor: Predictor, model_name: str) -> dict[str, Any]:
-    """What `/metadata` answers: the model's inputs, outputs, features, classes and providers."""
+    """What `/metadata` answers: the model's inputs, outputs, features or columns, classes and
+    providers. `columns` is the tabular schema (name, kind, input, index, and the vocabulary or
+    fill of each column; see `bn_onnx.columns`), None for a model that takes rows of numbers.
+    """
     session = predictor.session
     folded = predictor.metadata.get("bn_onnx.folded")
 
@@ -296,6 +550,7 @@ def model_metadata(predictor: Predictor, model_name: str) -> dict[str, Any]:
         "inputs": args(session.get_inputs()),
         "outputs": args(session.get_outputs()),
         "features": predictor.n_features,
+        "columns": None if predictor.columns is None else [c.to_dict() for c in predictor.columns],
         "classes": predictor.class_names,
         "folded": {"true": True, "false": False}.get(folded or ""),
         "providers": [short_name(p) for p in predictor.providers],
@@ -311,15 +566,24 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    inline_max_ms: float = DEFAULT_INLINE_MAX_MS,
 ) -> Starlette:
     """Build the Starlette app serving `predictor` (thread-safe, see `runtime.Predictor`).
 
     Args:
-        predictor: the loaded model.
+        predictor: the loaded model: one 2-D float input (rows of numbers), or a tabular model
+            with a column schema (rows as objects by column name).
         model_name: the name `/metadata` and `/health` report (usually the file name).
         max_batch: most rows one batched `predict` call runs (a bigger request runs alone).
         max_body_bytes: larger request bodies are refused with 413.
         batch_wait_ms: longest wait for more requests to join a batch.
+        inline_max_ms: a request alone runs at once on the event loop while the model's calls
+            take at most this long (a moving average); batches and slower models run in the
+            worker thread (0: every call in the thread).
+
+    Raises:
+        UsageError: a setting out of range.
+        UnsupportedModelError: a model with several inputs and no column schema.
     """
     if max_batch < 1:
         raise UsageError(f"max batch must be >= 1, got {max_batch}")
@@ -327,12 +591,41 @@ def create_app(
         raise UsageError(f"max body bytes must be >= 1, got {max_body_bytes}")
     if not batch_wait_ms >= 0:
         raise UsageError(f"batch wait must be >= 0 ms, got {batch_wait_ms}")
+    if not inline_max_ms >= 0:
+        raise UsageError(f"inline limit must be >= 0 ms, got {inline_max_ms}")
     is_classifier = predictor.task != "regression"
     names = predictor.class_names
     meta = model_metadata(predictor, model_name)
-    meta.update(max_batch=max_batch, max_body_bytes=max_body_bytes, batch_wait_ms=batch_wait_ms)
+    meta.update(
+        max_batch=max_batch,
+        max_body_bytes=max_body_bytes,
+        batch_wait_ms=batch_wait_ms,
+        inline_max_ms=inline_max_ms,
+    )
+    columns = predictor.columns
+    if columns is None and not predictor.array_input:
+        raise UnsupportedModelError(
+            "bn-onnx serve needs a model with one 2-D float input or a column schema "
+            f"(metadata bn_onnx.columns); {predictor.describe_inputs()}"
+        )
+
+    input_name, input_dtype = predictor.input_name, predictor.input_dtype
+
+    def to_feeds(body: bytes) -> dict[str, np.ndarray]:
+        """The checked model inputs for a request body; `RequestError` 400 otherwise."""
+        try:
+            if columns is None:
+                # 2-D, the model's width and dtype, finite, C-contiguous: what check() ensures
+                return {input_name: parse_inputs(body, predictor.n_features, input_dtype)}
+            return predictor.feeds(parse_records(body, columns))
+        except BnOnnxError as exc:
+            raise RequestError(400, str(exc)) from None
+
     batcher = MicroBatcher(
-        lambda X: predictor.predict(X), max_rows=max_batch, wait_s=batch_wait_ms / 1000
+        lambda feeds: predictor.run_feeds(feeds),
+        max_rows=max_batch,
+        wait_s=batch_wait_ms / 1000,
+        inline_max_s=inline_max_ms / 1000,
     )
 
     async def predict(request: Request) -> Response:
@@ -342,12 +635,7 @@ def create_app(
             if batcher.closing:
                 return _error(503, "the server is shutting down")
             body = await read_body(request, max_body_bytes)
-            X64 = parse_inputs(body, predictor.n_features)
-            with np.errstate(over="ignore"):
-                try:
-                    X = predictor.check(X64)  # float32; overflow to inf is refused here
-                except BnOnnxError as exc:
-                    raise RequestError(400, str(exc)) from None
+            X = to_feeds(body)
             batcher.end_read()
             submitted = True
             Y = await batcher.submit(X)
@@ -360,11 +648,11 @@ def create_app(
         finally:
             if not submitted:
                 batcher.end_read()
-        out: dict[str, Any] = {"outputs": _json_safe(Y)}
+        out: dict[str, Any] = {"outputs": Y.tolist()}
         if is_classifier and Y.ndim == 2 and Y.shape[1] > 0:
-            idx = np.argmax(Y, axis=1)
+            idx = Y.argmax(axis=1)
             out["labels"] = [names[i] for i in idx] if names else idx.tolist()
-        return JSONResponse(out)
+        return _json_response(out, Y)
 
     async def health(request: Request) -> Response:
         if batcher.closing:
@@ -410,6 +698,7 @@ def load_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    inline_max_ms: float = DEFAULT_INLINE_MAX_MS,
 ) -> Starlette:
     """Load the model at `model_path` into a `Predictor` and build the app for it."""
     predictor = Predictor(model_path, provider=provider, threads=threads)
@@ -419,6 +708,7 @@ def load_app(
         max_batch=max_batch,
         max_body_bytes=max_body_bytes,
         batch_wait_ms=batch_wait_ms,
+        inline_max_ms=inline_max_ms,
     )
 
 

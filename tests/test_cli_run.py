@@ -153,7 +153,7 @@ def _bad(tmp_path, name, array=None, raw=None):
         (lambda d: _bad(d, "x.npy", np.array([["a"] * 12])), "dtype"),
         (lambda d: _bad(d, "x.npy", np.zeros((2, 12), np.complex64)), "dtype"),
         (lambda d: _bad(d, "x.npy", raw=b"\x93NUMPY garbage"), "not a readable .npy"),
-        (lambda d: _bad(d, "x.txt", raw=b"1,2,3\n"), "must be a .npy or .csv"),
+        (lambda d: _bad(d, "x.txt", raw=b"1,2,3\n"), "must be a .npy, .csv or .parquet"),
         (lambda d: _bad(d, "x.csv", raw=b"1,2,3\n4,x,6\n"), "cannot read"),
         (lambda d: d / "missing.npy", "not found"),
         (lambda d: _bad(d, "x.csv", raw=b"a,b,c\n"), "no data rows"),
@@ -517,3 +517,187 @@ def test_run_output_is_the_same_with_every_chunk_reader(tmp_path, model, chunk_p
     err = capsys.readouterr().err
     assert "1 non-finite value (NaN or Inf), the first at row 43, column 2" in err
     assert not (tmp_path / "y.npy").exists()
+
+
+# ---- rows by column name: tabular models, CSV with a header and Parquet ---------------------
+
+
+@pytest.fixture(scope="module")
+def tabular(tmp_path_factory):
+    from serve_testing import make_tabular
+
+    path = tmp_path_factory.mktemp("tab") / "tab.onnx"
+    return path, make_tabular(path)
+
+
+def _records(n, seed=0):
+    from serve_testing import tabular_records
+
+    return tabular_records(n, seed)
+
+
+def _bare_named(path, records):
+    """A bare onnxruntime session fed through bn_onnx.columns.feeds_from_columns."""
+    from bn_onnx.columns import feeds_from_columns, read_columns
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    columns = read_columns(sess.get_modelmeta().custom_metadata_map)
+    data = {c.name: [r.get(c.name) for r in records] for c in columns}
+    return sess.run(None, feeds_from_columns(columns, data))[0]
+
+
+def _write_csv(path, records, header=("grade", "id", "city", "income", "age")):
+    """Columns in another order than the model's, an extra column, empty cells for None."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for i, r in enumerate(records):
+            w.writerow(["" if r.get(h, i) is None else r.get(h, i) for h in header])
+    return path
+
+
+def _write_parquet(path, records, row_group_size=None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist([{"id": i, **r} for i, r in enumerate(records)])
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def _run(*args):
+    return main(["run", *map(str, args), "--provider", "cpu", "--threads", "1"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("batch", [7, 8192])
+def test_named_columns_from_csv_and_parquet_equal_a_bare_session(tmp_path, tabular, fmt, batch):
+    from serve_testing import tabular_forward
+
+    path, w = tabular
+    records = _records(40, seed=2)
+    write = _write_csv if fmt == "csv" else _write_parquet
+    src = write(tmp_path / f"rows.{fmt}", records)
+    assert _run(path, "-i", src, "-o", tmp_path / "y.npy", "--batch-size", batch, "-q") == 0
+    y = np.load(tmp_path / "y.npy")
+    np.testing.assert_allclose(y, _bare_named(path, records), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, tabular_forward(w, records), rtol=1e-4, atol=1e-5)
+
+
+def test_parquet_streamed_in_batches_equals_all_at_once(tmp_path, tabular):
+    src = _write_parquet(tmp_path / "rows.parquet", _records(301, seed=4), row_group_size=50)
+    assert _run(tabular[0], "-i", src, "-o", tmp_path / "a.npy", "--batch-size", 16, "-q") == 0
+    assert _run(tabular[0], "-i", src, "-o", tmp_path / "b.npy", "--batch-size", 1000, "-q") == 0
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert a.shape == (301, 3)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_parquet_batches_are_read_one_at_a_time(tmp_path):
+    from bn_onnx.arrays import ParquetColumns
+
+    src = _write_parquet(tmp_path / "rows.parquet", _records(100, seed=1), row_group_size=30)
+    reader = ParquetColumns(src)
+    assert reader.rows == 100 and "city" in reader.header
+    chunks = list(reader.chunks(16, ["age", "city", "nonesuch"]))
+    assert [lo for lo, _ in chunks] == list(range(0, 100, 16))
+    assert all(b.num_rows <= 16 for _, b in chunks)
+    assert chunks[0][1].schema.names == ["age", "city"]  # only the columns asked for
+
+
+def test_labels_csv_has_a_header_the_class_and_probabilities(tmp_path, tabular):
+    path, w = tabular
+    records = _records(12, seed=6)
+    src = _write_csv(tmp_path / "rows.csv", records)
+    assert _run(path, "-i", src, "-o", tmp_path / "out.csv", "--labels", "-q") == 0
+    lines = (tmp_path / "out.csv").read_text().splitlines()
+    names = w["names"]
+    assert lines[0] == "label," + ",".join(f"proba_{n}" for n in names)
+    logits = _bare_named(path, records)
+    proba = np.exp(logits - logits.max(1, keepdims=True))
+    proba /= proba.sum(1, keepdims=True)
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[0] for r in rows] == [names[i] for i in logits.argmax(1)]
+    np.testing.assert_allclose(np.array([r[1:] for r in rows], float), proba, rtol=1e-5)
+
+
+def test_labels_need_a_csv_output_and_a_classifier(tmp_path, tabular, capsys):
+    src = _write_csv(tmp_path / "rows.csv", _records(3))
+    assert _run(tabular[0], "-i", src, "-o", tmp_path / "y.npy", "--labels") == 2
+    assert "--labels writes a .csv table" in capsys.readouterr().err
+    reg = tmp_path / "reg.onnx"
+    onnx.save(graphs.build_mlp([4, 3, 2], "folded", seed=1), reg)
+    model = onnx.load(reg)
+    onnx.helper.set_model_props(model, {"bn_onnx.task": "regression"})
+    onnx.save(model, reg)
+    np.save(tmp_path / "x.npy", _x(2, width=4))
+    assert _run(reg, "-i", tmp_path / "x.npy", "-o", tmp_path / "y.csv", "--labels") == 2
+    assert "needs a classifier" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda d: _write_csv(d / "x.csv", _records(3), header=("age", "income", "grade")),
+            "missing column 'city' (the model reads: age, city, income, grade)",
+        ),
+        (
+            lambda d: _write_csv(d / "x.csv", _records(30) + [{"age": "abc"}] + _records(3)),
+            "column 'age' row 30: not a number: 'abc'",
+        ),
+        (
+            lambda d: _write_parquet(d / "x.parquet", _records(20) + [{"age": 1e39}]),
+            "column 'age' row 20: not a finite number: inf",
+        ),
+        (lambda d: _bad(d, "x.npy", np.zeros((3, 4), np.float32)), "named columns (age, city"),
+        (lambda d: _bad(d, "x.csv", raw=b"age,city,income,grade\n"), "no data rows"),
+        (lambda d: _bad(d, "x.csv", raw=b"age,city,income,grade\n1,a,2\n"), "line 2: 3 cells"),
+        (
+            lambda d: _bad(d, "x.csv", raw=b"age,age,city,income,grade\n1,2,a,3,4\n"),
+            "appears 2 times",
+        ),
+        (lambda d: _bad(d, "x.parquet", raw=b"PAR1 not parquet"), "not a readable Parquet"),
+    ],
+    ids=["missing", "csv-text", "parquet-inf", "npy", "empty", "short-row", "dup", "corrupt"],
+)
+def test_bad_named_inputs_exit_2_with_one_line_and_no_output(
+    tmp_path, tabular, capsys, make, match
+):
+    src = make(tmp_path)
+    before = _files(tmp_path)
+    rc = _run(tabular[0], "-i", src, "-o", tmp_path / "y.npy", "--batch-size", 8)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("bn-onnx run: error:") and err.count("\n") == 1
+    assert match in err
+    assert _files(tmp_path) == before
+
+
+def test_parquet_without_pyarrow_is_a_one_line_error(tmp_path, tabular, capsys, monkeypatch):
+    src = _write_parquet(tmp_path / "rows.parquet", _records(3))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert _run(tabular[0], "-i", src, "-o", tmp_path / "y.npy") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bn-onnx run: error: reading Parquet needs pyarrow: pip install")
+    assert err.count("\n") == 1
+
+
+def test_numeric_parquet_columns_are_the_features_of_a_plain_model(tmp_path, model, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    x = _x(25)
+    pq.write_table(pa.table({f"f{i}": x[:, i] for i in range(x.shape[1])}), tmp_path / "x.pq")
+    assert (
+        main(["run", str(model), "-i", str(tmp_path / "x.pq"), "-o", str(tmp_path / "y.npy")]) == 0
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), _bare(model, x))
+    pq.write_table(pa.table({"a": x[:, 0]}), tmp_path / "narrow.parquet")
+    rc = main(
+        ["run", str(model), "-i", str(tmp_path / "narrow.parquet"), "-o", str(tmp_path / "z.npy")]
+    )
+    assert rc == 2 and "has 1 columns, the model expects 12 features" in capsys.readouterr().err

@@ -124,3 +124,46 @@ def test_records_with_a_key_absent_in_some_rows_are_missing_there():
 def test_record_that_is_not_an_object_is_refused():
     with pytest.raises(InputDataError, match="row 0"):
         feeds_from_records(SCHEMA, [[1, 2, 3]])
+
+
+CELLS = st.one_of(
+    st.none(),
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.integers(-(10**20), 10**20),
+    st.booleans(),
+    st.sampled_from(["", " ", "Busan", " Seoul ", "3", "2.5", "nan", "abc", "1e39"]),
+)
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={"age": CELLS, "city": CELLS, "income": CELLS, "note": CELLS},
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_record_reader_agrees_with_the_column_path_cell_for_cell(records):
+    """RecordReader (row by row) and feeds_from_columns (column by column): one set of rules."""
+    from bn_onnx.columns import RecordReader
+
+    data = {
+        c.name: [r.get(c.name) for r in records]
+        for c in SCHEMA
+        if any(c.name in r for r in records)
+    }
+    try:
+        want = feeds_from_columns(SCHEMA, data, n_rows=len(records), row_offset=5)
+    except InputDataError as exc:
+        with pytest.raises(InputDataError) as err:
+            RecordReader(SCHEMA).feeds(records, row_offset=5)
+        if str(exc).startswith("missing column"):
+            assert str(err.value) == str(exc)
+        return
+    got = RecordReader(SCHEMA).feeds(records, row_offset=5)
+    assert set(got) == set(want)
+    np.testing.assert_array_equal(got["continuous"], want["continuous"])  # NaN == NaN here
+    assert got["continuous"].dtype == np.float32
+    assert got["categorical"].tolist() == want["categorical"].tolist()

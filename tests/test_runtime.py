@@ -325,22 +325,77 @@ def test_regression_model_refuses_probabilities(tmp_path):
         p.predict_proba(_x(2, width=8))
 
 
-def test_predictor_needs_one_2d_float_input(tmp_path):
+def _two_input_model(tmp_path, fixed_batch=None):
+    """y = a * 2 + b: a float32 [n, 3], b int64 [n, 3] (a model with two inputs, no schema)."""
+    batch = fixed_batch or "n"
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["y"])],
+        [
+            helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", ["a", "two"], ["a2"]),
+            helper.make_node("Add", ["a2", "bf"], ["y"]),
+        ],
         "two",
         [
-            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
-            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 3]),
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [batch, 3]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, [batch, 3]),
         ],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     path = tmp_path / "two.onnx"
     onnx.save(model, path)
-    with pytest.raises(UnsupportedModelError, match="one input"):
-        Predictor(path, provider="cpu")
+    return path
+
+
+def test_multi_input_model_takes_a_dict_of_feeds(tmp_path):
+    p = Predictor(_two_input_model(tmp_path), provider="cpu", batch_size=4)
+    a = _x(10, width=3)
+    b = np.arange(30).reshape(10, 3)
+    assert p.input_names == ["a", "b"] and p.n_features is None and p.columns is None
+    # 10 rows in chunks of 4; b as a list of lists of ints converts to int64
+    np.testing.assert_allclose(p.predict({"a": a, "b": b.tolist()}), a * 2 + b, rtol=1e-6)
+    feeds = p.feeds({"a": a.astype(np.float64), "b": b.astype(np.int32)})
+    assert feeds["a"].dtype == np.float32 and feeds["b"].dtype == np.int64
+
+
+def test_fixed_batch_multi_input_model_pads_every_input(tmp_path):
+    p = Predictor(_two_input_model(tmp_path, fixed_batch=4), provider="cpu")
+    a, b = _x(6, width=3), np.ones((6, 3), np.int64)
+    np.testing.assert_allclose(p.predict({"a": a, "b": b}), a * 2 + 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "feeds, match",
+    [
+        ("array", r"dict input name -> array.*a \(float32 \[n, 3\]\), b \(int64 \[n, 3\]\)"),
+        ({"a": np.zeros((2, 3))}, "missing input 'b'"),
+        ({"a": np.zeros((2, 3)), "b": np.zeros((2, 3)), "c": 1}, "unknown input 'c'"),
+        ({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}, "input 'b' has 3 rows, input 'a' has 2"),
+        (
+            {"a": np.zeros((2, 4)), "b": np.zeros((2, 3))},
+            r"input 'a' has 4 features \(columns\), the model expects 3",
+        ),
+        ({"a": np.zeros((2, 3)), "b": np.zeros((2, 3, 1))}, "input 'b' must be 2-D"),
+        ({"a": np.zeros((2, 3)), "b": np.full((2, 3), 0.5)}, "input 'b'.*0.5.*not an integer"),
+        (
+            {"a": np.full((2, 3), np.nan), "b": np.zeros((2, 3))},
+            "input 'a' has 6 non-finite values",
+        ),
+        ({"a": np.zeros((2, 3)), "b": [["x", "y", "z"]] * 2}, "input 'b'.*cannot be converted"),
+    ],
+)
+def test_bad_feeds_are_one_line_errors_naming_the_input(tmp_path, feeds, match):
+    p = Predictor(_two_input_model(tmp_path), provider="cpu")
+    with pytest.raises(InputDataError, match=match) as err:
+        p.predict(np.zeros((2, 3)) if feeds == "array" else feeds)
+    assert "\n" not in str(err.value)
+
+
+def test_plain_model_also_takes_its_feeds_by_name(predictor, model_path):
+    x = _x(3)
+    np.testing.assert_array_equal(predictor.predict({"input": x}), _bare(model_path, x))
 
 
 def test_batch_size_must_be_positive(model_path):
@@ -491,3 +546,163 @@ def test_predict_row_offset_numbers_rows_of_the_whole_input(predictor, model_pat
         predictor.predict(x, row_offset=500)
     with pytest.raises(InputDataError, match="row 2100, column 5"):
         predictor.predict(x)
+
+
+# ---- tabular models: rows by column name (metadata bn_onnx.columns) -------------------------
+
+
+@pytest.fixture(scope="module")
+def tabular(tmp_path_factory):
+    from serve_testing import make_tabular
+
+    path = tmp_path_factory.mktemp("tab") / "tab.onnx"
+    return path, make_tabular(path)
+
+
+def _records(n, seed=0):
+    from serve_testing import tabular_records
+
+    return tabular_records(n, seed)
+
+
+def _bare_named(path, data):
+    """A bare onnxruntime session fed through bn_onnx.columns.feeds_from_columns."""
+    from bn_onnx.columns import feeds_from_columns, read_columns
+
+    sess = ort.InferenceSession(str(path), providers=[CPU])
+    columns = read_columns(sess.get_modelmeta().custom_metadata_map)
+    return sess.run(None, feeds_from_columns(columns, data))[0]
+
+
+def _by_column(records):
+    return {k: [r.get(k) for r in records] for k in ("age", "city", "income", "grade")}
+
+
+def test_tabular_predictor_reads_its_columns(tabular):
+    p = Predictor(tabular[0], provider="cpu", threads=1)
+    assert [c.name for c in p.columns] == ["age", "city", "income", "grade"]
+    assert p.input_names == ["continuous", "categorical"]
+    assert p.n_features is None and not p.array_input
+    assert p.class_names == tabular[1]["names"]
+
+
+def test_named_columns_in_every_form_equal_a_bare_session_and_the_float64_oracle(tabular):
+    import pyarrow as pa
+    from serve_testing import tabular_forward
+
+    path, w = tabular
+    p = Predictor(path, provider="cpu", threads=1)
+    records = _records(60)
+    want = _bare_named(path, _by_column(records))
+    table = pa.Table.from_pylist(records)
+    for form in (records, _by_column(records), table, table.to_batches()[0]):
+        np.testing.assert_array_equal(p.predict(form), want)
+    np.testing.assert_allclose(want, tabular_forward(w, records), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(p.predict(p.feeds(records)), want)  # feeds by input name
+    assert p.predict_labels(records) == [w["names"][i] for i in want.argmax(1)]
+
+
+def test_named_columns_run_in_chunks(tabular):
+    records = _records(50, seed=3)
+    whole = Predictor(tabular[0], provider="cpu", threads=1).predict(records)
+    chunked = Predictor(tabular[0], provider="cpu", threads=1, batch_size=7).predict(records)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_unseen_missing_and_all_missing_columns_follow_the_python_preprocessing(tabular):
+    from serve_testing import tabular_forward
+
+    path, w = tabular
+    p = Predictor(path, provider="cpu", threads=1)
+    records = [
+        {"age": 30, "city": "Atlantis", "income": 2.0, "grade": 9},  # unseen categories
+        {"age": None, "city": None, "income": "", "grade": ""},  # every cell missing
+        {"age": "41.5", "city": " Seoul ", "income": "nan", "grade": 2.0},  # text, spaces
+    ]
+    np.testing.assert_allclose(p.predict(records), tabular_forward(w, records), atol=1e-5)
+    all_missing = {
+        "age": [None] * 3,
+        "city": ["a", "b", "c"],
+        "income": [1, 2, 3],
+        "grade": [1] * 3,
+    }
+    got = p.predict(all_missing)
+    rows = [dict(zip(all_missing, v, strict=True)) for v in zip(*all_missing.values(), strict=True)]
+    want = tabular_forward(w, rows)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"age": "abc"}, "column 'age' row 1: not a number: 'abc'"),
+        ({"income": True}, "column 'income' row 1: not a number: True"),
+        ({"age": 1e39}, "column 'age' row 1: not a finite number: inf"),
+        ({"age": float("-inf")}, "column 'age' row 1: not a finite number: -inf"),
+        ({"income": 10**400}, "column 'income' row 1: number too large"),
+        ({"city": None, "drop": "city"}, "missing column 'city' \\(the model reads: age, city"),
+    ],
+)
+def test_wrong_or_missing_columns_are_one_line_errors_naming_them(tabular, change, match):
+    p = Predictor(tabular[0], provider="cpu", threads=1)
+    records = _records(3)
+    change = dict(change)
+    drop = change.pop("drop", None)
+    records[1].update(change)
+    if drop:
+        records = [{k: v for k, v in r.items() if k != drop} for r in records]
+    for form in (records, _by_column(records) if not drop else {"age": [1, 2, 3]}):
+        if drop and not isinstance(form, list):
+            continue
+        with pytest.raises(InputDataError, match=match) as err:
+            p.predict(form)
+        assert "\n" not in str(err.value)
+
+
+def test_error_rows_count_from_row_offset(tabular):
+    p = Predictor(tabular[0], provider="cpu", threads=1)
+    records = _records(4)
+    records[2]["age"] = "x"
+    with pytest.raises(InputDataError, match="column 'age' row 102:"):
+        p.predict(records, row_offset=100)
+    with pytest.raises(InputDataError, match="column 'age' row 102:"):
+        p.predict(_by_column(records), row_offset=100)
+
+
+def test_a_tabular_model_refuses_a_plain_array(tabular):
+    p = Predictor(tabular[0], provider="cpu", threads=1)
+    with pytest.raises(InputDataError, match="named columns \\(age, city, income, grade\\)"):
+        p.predict(np.zeros((2, 4), np.float32))
+
+
+def test_arrow_dictionary_decimal_and_nested_columns(tabular):
+    import decimal
+
+    import pyarrow as pa
+
+    p = Predictor(tabular[0], provider="cpu", threads=1)
+    records = _records(8, seed=5)
+    table = pa.Table.from_pylist(records)
+    want = p.predict(records)
+    encoded = table.set_column(1, "city", table.column("city").dictionary_encode())
+    np.testing.assert_array_equal(p.predict(encoded), want)
+    income = [None if r["income"] is None else decimal.Decimal(str(r["income"])) for r in records]
+    dec = table.set_column(2, "income", pa.array(income, pa.decimal128(12, 3)))
+    np.testing.assert_allclose(p.predict(dec), want, rtol=1e-6, atol=1e-6)
+    nested = table.set_column(0, "age", pa.array([[1.0]] * 8))
+    with pytest.raises(InputDataError, match="column 'age' has type list<item: double>"):
+        p.predict(nested)
+
+
+def test_schema_that_does_not_fit_the_graph_is_refused(tmp_path, tabular):
+    from bn_onnx.columns import COLUMNS_KEY
+
+    model = onnx.load(tabular[0])
+    for prop in model.metadata_props:
+        if prop.key == COLUMNS_KEY:
+            cols = json.loads(prop.value)
+            cols[0]["input"] = "numbers"
+            prop.value = json.dumps(cols)
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(UnsupportedModelError, match="column 'age' is in input 'numbers'"):
+        Predictor(tmp_path / "bad.onnx", provider="cpu")

@@ -211,10 +211,10 @@ def test_regression_model_answers_without_labels(regressor) -> None:
 def test_a_failing_model_gives_500_with_json(digits, monkeypatch: pytest.MonkeyPatch) -> None:
     predictor = Predictor(digits[0], provider="cpu", threads=1)
 
-    def broken(X):
+    def broken(feeds):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(predictor, "predict", broken)
+    monkeypatch.setattr(predictor, "run_feeds", broken)
     with TestClient(create_app(predictor)) as c:
         r = c.post("/predict", json={"inputs": [[0] * 64]})
         assert r.status_code == 500
@@ -326,6 +326,69 @@ def test_batcher_passes_a_model_error_to_every_request_in_the_batch() -> None:
     assert all(isinstance(e, ValueError) and str(e) == "bad batch" for e in out)
 
 
+def test_batcher_runs_a_lone_request_inline_once_the_model_is_known_to_be_fast() -> None:
+    seen: list[int] = []
+    predict, W = _matmul_model(seen)
+
+    async def scenario() -> MicroBatcher:
+        b = MicroBatcher(predict, max_rows=8, wait_s=0.05, inline_max_s=1.0)
+        await b.start()
+        for k in range(20):  # one client: each request after the previous one's answer
+            X = np.full((1, 3), k, np.float32)
+            np.testing.assert_allclose(await b.submit(X), X @ W, rtol=1e-6)
+        await b.close()
+        return b
+
+    b = asyncio.run(scenario())
+    # The first call is timed in the worker thread; every later one runs on the event loop.
+    assert b.stats.requests == 20 and b.stats.inline == 19 and seen == [1] * 20
+
+
+@pytest.mark.parametrize("inline_max_s, slow", [(0.0, 0.0), (0.002, 0.01)])
+def test_batcher_keeps_slow_or_any_model_off_the_event_loop_when_told(inline_max_s, slow) -> None:
+    def predict(X: np.ndarray) -> np.ndarray:
+        threading.Event().wait(slow)
+        return X * 2
+
+    async def scenario() -> MicroBatcher:
+        b = MicroBatcher(predict, max_rows=8, wait_s=0.0, inline_max_s=inline_max_s)
+        await b.start()
+        for k in range(5):
+            await b.submit(np.full((1, 3), k, np.float32))
+        await b.close()
+        return b
+
+    assert asyncio.run(scenario()).stats.inline == 0
+
+
+def test_batcher_notices_requests_arriving_together_and_batches_them() -> None:
+    seen: list[int] = []
+    predict, W = _matmul_model(seen)
+    waves = [[np.full((1, 3), 10 * w + k, np.float32) for k in range(12)] for w in range(3)]
+
+    calls_per_wave: list[int] = []
+
+    async def scenario() -> list[list[np.ndarray]]:
+        b = MicroBatcher(predict, max_rows=64, wait_s=0.0, inline_max_s=1.0)
+        b.probe_every = 8
+        await b.start()
+        await b.submit(waves[0][0])  # the model's time is known from here on
+        out = []
+        for wave in waves:  # as uvicorn runs requests that arrived together: one task each
+            before = len(seen)
+            out.append(await asyncio.gather(*(b.submit(X) for X in wave)))
+            calls_per_wave.append(len(seen) - before)
+        await b.close()
+        return out
+
+    results = asyncio.run(scenario())
+    for wave, got in zip(waves, results, strict=True):
+        for X, Y in zip(wave, got, strict=True):
+            np.testing.assert_allclose(Y, X @ W, rtol=1e-6)
+    # The probe (the 8th arrival) sees the first wave's crowd; the later waves are batched.
+    assert calls_per_wave[0] > 6 and calls_per_wave[1] <= 2 and calls_per_wave[2] <= 2
+
+
 # --- a real server on loopback ---------------------------------------------------------------
 
 
@@ -418,16 +481,16 @@ def test_cli_serve_rejects_a_bad_port(capsys) -> None:
 def test_real_server_finishes_requests_in_flight_when_told_to_stop(digits) -> None:
     path, w = digits
     predictor = Predictor(path, provider="cpu", threads=1)
-    real_predict = predictor.predict
+    real_run = predictor.run_feeds
     inputs = [_rows(1, seed=k) for k in range(8)]
     all_in = threading.Event()  # every request has reached the batcher
 
-    def slow_predict(X: np.ndarray) -> np.ndarray:
+    def slow_run(feeds: dict[str, np.ndarray]) -> np.ndarray:
         all_in.wait(10)
         threading.Event().wait(0.2)  # the stop arrives while this batch runs
-        return real_predict(X)
+        return real_run(feeds)
 
-    predictor.predict = slow_predict  # type: ignore[method-assign]
+    predictor.run_feeds = slow_run  # type: ignore[method-assign]
     app = create_app(predictor, max_batch=4, batch_wait_ms=0)
     batcher = app.state.batcher
     submit, arrived = batcher.submit, []

@@ -1,4 +1,9 @@
-"""`bn-onnx run`: run a model over an input file and write the outputs (.npy or .csv)."""
+"""`bn-onnx run`: run a model over an input file and write the outputs (.npy or .csv).
+
+Inputs: rows of numbers (.npy memory-mapped, .csv) for a model with one 2-D float input; rows
+by column name (.csv with a header, .parquet) for a tabular model (metadata `bn_onnx.columns`).
+Both stream in chunks of --batch-size rows.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 from bn_onnx.cli._common import positive_int
 
@@ -18,18 +25,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `run`."""
     p = subparsers.add_parser(
         "run",
-        help="run a model over an input file (.npy or .csv) and write its outputs",
+        help="run a model over an input file (.npy, .csv or .parquet) and write its outputs",
         description=(
             "Run MODEL with onnxruntime over every row of the input and write the first output "
-            "(logits or predictions). .npy inputs are memory-mapped and streamed in chunks, so "
-            "inputs larger than memory work; the output appears only when complete."
+            "(logits or predictions). A tabular model (one with a column schema) reads its "
+            "columns by name from a .csv with a header or a .parquet file; other models read "
+            "rows of numbers (.npy, .csv, or a .parquet of numeric columns). Inputs stream in "
+            "chunks, so inputs larger than memory work; the output appears only when complete."
         ),
     )
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
     p.add_argument(
-        "--input", "-i", required=True, metavar="X", help="input rows: .npy (2-D) or .csv"
+        "--input",
+        "-i",
+        required=True,
+        metavar="X",
+        help="input rows: .npy (2-D), .csv (a header names columns) or .parquet (needs pyarrow)",
     )
     p.add_argument("--output", "-o", required=True, metavar="Y", help="output file: .npy or .csv")
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help=(
+            "classifiers, .csv output: write a header and, per row, the predicted class and "
+            "each class's probability (label,proba_<class>,...) instead of the logits"
+        ),
+    )
     p.add_argument(
         "--provider",
         default="auto",
@@ -89,14 +110,16 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything before writing, then stream the input through the model."""
-    from bn_onnx.arrays import array_format, iter_chunks, open_output, read_array
-    from bn_onnx.errors import InputDataError, UsageError
+    from bn_onnx.arrays import array_format, input_format
+    from bn_onnx.errors import UsageError
     from bn_onnx.files import check_input_file, check_output_path
     from bn_onnx.runtime import Predictor, ProviderWarning
 
     check_input_file(args.model, "model file")
-    array_format(args.input, "input")
-    array_format(args.output, "output")
+    fmt = input_format(args.input)
+    out_fmt = array_format(args.output, "output")
+    if args.labels and out_fmt != ".csv":
+        raise UsageError("--labels writes a .csv table; give -o Y.csv")
     for src in (args.input, args.model):
         if (
             os.path.exists(src)
@@ -105,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         ):
             raise UsageError(f"output {args.output} is the input file {src}; choose another path")
     check_output_path(args.output, [args.input, args.model])
-    X = read_array(args.input)
+    check_input_file(args.input, "input file")
     with warnings.catch_warnings():  # a fallback is printed below as one plain line
         warnings.simplefilter("ignore", ProviderWarning)
         predictor = Predictor(
@@ -113,33 +136,110 @@ def run(args: argparse.Namespace) -> int:
         )
     for note in predictor.info.warnings:
         print(f"bn-onnx run: warning: {note}", file=sys.stderr)
-    if X.ndim != 2:
-        raise InputDataError(
-            f"input {args.input} must be 2-D [rows, features], got shape {tuple(X.shape)}"
-        )
-    if predictor.n_features is not None and X.shape[1] != predictor.n_features:
-        raise InputDataError(
-            f"input {args.input} has {X.shape[1]} features (columns), the model expects "
-            f"{predictor.n_features}"
-        )
-    rows = X.shape[0]
-    # The output's row shape and dtype, from a run of the first row (or an empty batch).
-    probe = predictor.predict(X[:1])
+    if args.labels and predictor.task == "regression":
+        raise UsageError("--labels needs a classifier; this model is a regressor")
+    if predictor.columns is not None or fmt == ".parquet":
+        rows, chunks = _named_chunks(args.input, fmt, predictor)
+    else:
+        rows, chunks = _array_chunks(args.input, predictor)
     start = time.perf_counter()
     progress = _Progress(rows, not args.quiet)
     try:
-        with open_output(args.output, rows, probe.shape[1:], probe.dtype) as writer:
-            # Chunks are views of a mapping (or one reused buffer): predict checks each once
-            # and returns a new array, so nothing holds on to a chunk.
-            for lo, chunk in iter_chunks(X, predictor.batch_size, reuse=True):
-                writer.write(predictor.predict(chunk, row_offset=lo))
-                progress(writer.done)
+        shape, dtype = _write(args, predictor, rows, chunks, progress)
     finally:
         progress.close()
     if not args.quiet:
         took = time.perf_counter() - start
-        print(
-            f"wrote {args.output}: {' x '.join(str(d) for d in (rows, *probe.shape[1:]))} "
-            f"{probe.dtype} on {predictor.info.describe()} in {took:.2f} s"
-        )
+        what = f"{' x '.join(str(d) for d in (rows, *shape))} {dtype}"
+        if args.labels:
+            what = f"{rows} labels and {shape[0]} class probabilities each"
+        print(f"wrote {args.output}: {what} on {predictor.info.describe()} in {took:.2f} s")
     return 0
+
+
+Chunks = Iterator[tuple[int, Any]]
+
+
+def _array_chunks(path: str, predictor: Any) -> tuple[int, Chunks]:
+    """Rows of numbers (.npy memory-mapped, .csv) for a model with one 2-D float input."""
+    from bn_onnx.arrays import iter_chunks, read_array
+    from bn_onnx.errors import InputDataError
+
+    if not predictor.array_input:
+        raise InputDataError(
+            f"bn-onnx run needs a model with one 2-D float input or a column schema; "
+            f"{predictor.describe_inputs()}"
+        )
+    X = read_array(path)
+    if X.ndim != 2:
+        raise InputDataError(
+            f"input {path} must be 2-D [rows, features], got shape {tuple(X.shape)}"
+        )
+    if predictor.n_features is not None and X.shape[1] != predictor.n_features:
+        raise InputDataError(
+            f"input {path} has {X.shape[1]} features (columns), the model expects "
+            f"{predictor.n_features}"
+        )
+    if X.shape[0] == 0:  # one empty chunk: the output is 0 rows of the model's output shape
+        return 0, iter([(0, X)])
+    # Chunks are views of a mapping (or one reused buffer): predict checks each once and
+    # returns a new array, so nothing holds on to a chunk.
+    return X.shape[0], iter_chunks(X, predictor.batch_size, reuse=True)
+
+
+def _named_chunks(path: str, fmt: str, predictor: Any) -> tuple[int, Chunks]:
+    """Rows by column name (.csv with a header, .parquet), read only for the columns needed."""
+    from bn_onnx.arrays import open_columns
+    from bn_onnx.columns import missing_columns_error
+    from bn_onnx.errors import InputDataError
+
+    if fmt == ".npy":
+        names = ", ".join(c.name for c in predictor.columns)
+        raise InputDataError(
+            f"this model takes named columns ({names}): give a .csv with a header or a "
+            ".parquet file, not .npy"
+        )
+    reader = open_columns(path)
+    names = None
+    if predictor.columns is not None:
+        names = [c.name for c in predictor.columns]
+        missing = [n for n in names if n not in reader.header]
+        if missing:
+            raise missing_columns_error(predictor.columns, missing)
+    elif predictor.n_features is not None and len(reader.header) != predictor.n_features:
+        raise InputDataError(
+            f"input {os.path.basename(path)} has {len(reader.header)} columns, the model "
+            f"expects {predictor.n_features} features"
+        )
+    if reader.rows == 0:
+        raise InputDataError(f"input {os.path.basename(path)} has no data rows")
+    return reader.rows, reader.chunks(predictor.batch_size, names)
+
+
+def _write(
+    args: argparse.Namespace, predictor: Any, rows: int, chunks: Chunks, progress: _Progress
+) -> tuple[tuple[int, ...], Any]:
+    """Run every chunk (there is at least one) and write the outputs; return row shape, dtype."""
+    from bn_onnx.arrays import open_label_output, open_output
+
+    lo, chunk = next(chunks)
+    y = predictor.predict(chunk, row_offset=lo)
+    if args.labels:
+        names = predictor.class_names or [str(i) for i in range(y.shape[1])]
+        output = open_label_output(args.output, names)
+    else:
+        output = open_output(args.output, rows, y.shape[1:], y.dtype)
+    with output as writer:
+        while True:
+            if args.labels:
+                writer.write(predictor.labels_of(y), predictor.proba_of(y))
+            else:
+                writer.write(y)
+            progress(writer.done)
+            nxt = next(chunks, None)
+            if nxt is None:
+                break
+            y = predictor.predict(nxt[1], row_offset=nxt[0])
+        if writer.done != rows:
+            raise RuntimeError(f"wrote {writer.done} of {rows} rows")
+    return y.shape[1:], y.dtype

@@ -12,12 +12,15 @@ from bn_onnx.cli._common import non_negative_float, port_number, positive_int
 EPILOG = """\
 endpoints:
   POST /predict   {"inputs": [[f1, f2, ...], ...]} -> {"outputs": [[...], ...], "labels": [...]}
-                  (labels for classifiers); 400 with {"error": ...} for bad JSON, shapes, types
-                  or non-finite values, 413 for a body over --max-body-bytes
+                  (labels for classifiers); a tabular model (metadata bn_onnx.columns) takes
+                  rows by column name: {"inputs": [{"age": 31, "city": "Busan", ...}, ...]};
+                  400 with {"error": ...} for bad JSON, shapes, types, missing columns or
+                  non-finite values, 413 for a body over --max-body-bytes
   GET  /health    {"status": "ok", "model": ...}; 503 while shutting down
-  GET  /metadata  inputs, outputs, features, classes, folded flag, providers
+  GET  /metadata  inputs, outputs, features or columns, classes, folded flag, providers
 
-Concurrent requests are batched (up to --max-batch rows, waiting at most --batch-wait-ms).
+Concurrent requests are batched (up to --max-batch rows, waiting at most --batch-wait-ms); a
+request alone runs at once.
 Ctrl-C or SIGTERM stops taking connections, finishes the requests in flight, then exits.
 
 example:
@@ -64,6 +67,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="longest wait for more requests to join a batch (default 1 ms)",
     )
     p.add_argument(
+        "--inline-max-ms",
+        type=non_negative_float,
+        default=1.0,
+        help=(
+            "a request alone runs at once on the event loop while the model's calls take at "
+            "most this long; batches run in a worker thread (default 1 ms; 0: every call in "
+            "the thread)"
+        ),
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=1 << 20,
@@ -91,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_body_bytes=args.max_body_bytes,
         batch_wait_ms=args.batch_wait_ms,
+        inline_max_ms=args.inline_max_ms,
     )
     sock = serve.bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
