@@ -73,14 +73,17 @@ def text_lines(info: dict[str, Any], path: str) -> list[str]:
             lines.append(f"  {k} = {short}")
     ops = ", ".join(f"{op} {n}" for op, n in info["ops"].items())
     lines.append(f"ops ({info['n_nodes']} nodes, {info['n_initializers']} initializers): {ops}")
-    bns = info["batch_norm"]
-    n_fold = sum(b["foldable"] for b in bns)
-    lines.append(f"BatchNormalization: {len(bns)}, {n_fold} foldable")
-    for b in bns:
-        if b["foldable"]:
-            lines.append(f"  foldable  {b['node']}  {b['direction']} -> {b['target']}")
-        else:
-            lines.append(f"  kept      {b['node']}: {b['reason']}")
+    sites = info["batch_norm"]
+    kinds = ["BatchNormalization"] + sorted({b["kind"] for b in sites} - {"BatchNormalization"})
+    for kind in kinds:  # BN nodes, then other affine sites (Mul/Add chains)
+        bns = [b for b in sites if b["kind"] == kind]
+        n_fold = sum(b["foldable"] for b in bns)
+        lines.append(f"{kind}: {len(bns)}, {n_fold} foldable")
+        for b in bns:
+            if b["foldable"]:
+                lines.append(f"  foldable  {b['node']}  {b['direction']} -> {b['target']}")
+            else:
+                lines.append(f"  kept      {b['node']}: {b['reason']}")
     return lines
 
 
