@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from fold_testing import bn_params, fold_and_compare, model_from_text, op_count, run_ort
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bn_onnx.fold import fold_model
 
@@ -565,3 +567,56 @@ def test_cli_fold_and_inspect_count_and_list_the_chains(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "BatchNormalization: 1, 1 foldable" in text
     assert "Mul/Add chain: 1, 0 foldable" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Property: random chains of any constant shape, sites or not, never change an output
+
+
+# Constant shapes against x of shape (N, 4, 3, 5): per channel, per row, per column, scalar,
+# along two axes (not a site), and a full (4, 3, 5) tensor (not a site).
+SHAPES = [(4, 1, 1), (1, 4, 1, 1), (3, 1), (5,), (), (1,), (1, 4, 3, 1), (4, 3, 5)]
+OPS = ["Mul", "Add", "Sub", "Div"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_random_chains_after_a_conv_never_change_an_output(data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    inits = {
+        "W": rng.normal(0, 0.4, (4, 3, 1, 1)).astype(np.float32),
+        "B": rng.normal(size=4).astype(np.float32),
+    }
+    lines = ["c = Conv (x, W, B)"]
+    cur = "c"
+    for i in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(OPS))
+        shape = data.draw(st.sampled_from(SHAPES))
+        k = f"k{i}"
+        inits[k] = (rng.uniform(0.5, 2, shape) * rng.choice([-1, 1])).astype(np.float32)
+        first = data.draw(st.booleans()) and op != "Div"
+        lines.append(f"v{i} = {op} ({k}, {cur})" if first else f"v{i} = {op} ({cur}, {k})")
+        cur = f"v{i}"
+        if data.draw(st.integers(0, 4)) == 0:  # an inner value read by a shape-only reader
+            lines.append(f"s{i} = Shape ({cur})")
+    tail = data.draw(st.sampled_from(["Relu", "Identity", "Gemm"]))
+    if tail == "Gemm":
+        inits["G"] = rng.normal(size=(60, 2)).astype(np.float32)
+        lines += [f"fl = Flatten ({cur})", "y = Gemm (fl, G)"]
+        out = "float[2, 2] y"
+    else:
+        lines.append(f"y = {tail} ({cur})")
+        out = "float[2, 4, 3, 5] y"
+    body = "\n          ".join(lines)
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[2, 3, 3, 5] x) => ({out}) {{
+          {body}
+        }}""",
+        inits,
+    )
+    x = rng.normal(size=(2, 3, 3, 5)).astype(np.float32)
+    result = fold_and_compare(model, {"x": x})
+    # a chain that is a site and folds leaves none of its nodes
+    for e in chain_entries(result):
+        assert e.status == "left" or e.target_op in ("Conv", "Gemm", "BatchNormalization")
