@@ -82,6 +82,11 @@ def test_fold_case_pair_passes_and_a_changed_weight_fails_and_is_located(tmp_pat
     weight = tamper(folded, bad)
     report = verify.verify([original, bad], provider="auto", locate=True)
     assert not report.passed and report.exit_code == 1, verify.render(report)
+    if case == "spatial0_vector_params.onnx":
+        # Invalid by the spec (spatial=0 wants (C, H, W) parameters): the fold leaves the BN,
+        # and onnxruntime's BatchNormalization kernel refuses it (only its Conv+BN fusion,
+        # which ignores spatial, runs the whole model), so locate cannot run the prefix.
+        return
     loc = report.locations[0]
     assert loc.first is not None, verify.render(report)
     assert weight in loc.reads, verify.render(report)

@@ -48,7 +48,11 @@ def summary_lines(report: Any, src: str, dst: str) -> list[str]:
     """The one-screen summary of a FoldReport."""
     from bn_onnx.cli.inspect import located
 
-    lines = [f"folded {report.n_folded} of {report.n_bn} BatchNormalization nodes: {src} -> {dst}"]
+    others = "".join(f", {f} of {n} {k}s" for k, (n, f) in report.other_kinds().items())
+    lines = [
+        f"folded {report.n_folded} of {report.n_bn} BatchNormalization nodes{others}: "
+        f"{src} -> {dst}"
+    ]
     folded = [e for e in report.entries if e.status == "folded"]
     for e in folded[:MAX_FOLDED_LINES]:
         lines.append(

@@ -95,15 +95,18 @@ def text_lines(info: dict[str, Any], path: str) -> list[str]:
             ops = ", ".join(f"{op} {n}" for op, n in f["ops"].items())
             sig = f"({', '.join(f['inputs'])}) => ({', '.join(f['outputs'])})"
             lines.append(f"  {f['function']} {sig}: {ops}")
-    bns = info["batch_norm"]
-    n_fold = sum(b["foldable"] for b in bns)
-    lines.append(f"BatchNormalization: {len(bns)}, {n_fold} foldable")
-    for b in bns:
-        at = located(b.get("where"))
-        if b["foldable"]:
-            lines.append(f"  foldable  {b['node']}{at}  {b['direction']} -> {b['target']}")
-        else:
-            lines.append(f"  kept      {b['node']}{at}: {b['reason']}")
+    sites = info["batch_norm"]
+    kinds = ["BatchNormalization"] + sorted({b["kind"] for b in sites} - {"BatchNormalization"})
+    for kind in kinds:  # BN nodes, then other affine sites (Mul/Add chains)
+        bns = [b for b in sites if b["kind"] == kind]
+        n_fold = sum(b["foldable"] for b in bns)
+        lines.append(f"{kind}: {len(bns)}, {n_fold} foldable")
+        for b in bns:
+            at = located(b.get("where"))
+            if b["foldable"]:
+                lines.append(f"  foldable  {b['node']}{at}  {b['direction']} -> {b['target']}")
+            else:
+                lines.append(f"  kept      {b['node']}{at}: {b['reason']}")
     return lines
 
 

@@ -1,5 +1,5 @@
-"""Fold inference-mode BatchNormalization (and later other per-channel affine maps) into
-neighbouring linear nodes, on onnx-ir.
+"""Fold inference-mode BatchNormalization (and other per-channel affine maps: Mul/Add chains by
+constants) into neighbouring linear nodes, on onnx-ir.
 
 Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The package:
 
@@ -7,6 +7,8 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
   BatchNormalization site;
 - `context`: readers, constants, shapes and safe rewrites, shared by every rule;
 - `preceding`, `following`, `chains`: the rule families;
+- `affine_ops`: Mul/Add/Sub/Div chains by constants as sites; `legacy`: broadcasting before
+  opset 7; `flush`: float16 channels the unfolded model makes constant;
 - `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_model`, `inspect_model`;
 - `io`: `fold_file` (load with onnx-ir, fold, save tensor by tensor, atomically);
 - `math`: the float64 arithmetic, pure numpy;

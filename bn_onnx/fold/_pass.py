@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from bn_onnx import onnx_meta
 from bn_onnx.errors import BnOnnxError
-from bn_onnx.fold import chains, following, preceding, scopes
+from bn_onnx.fold import affine_ops, chains, following, preceding, scopes
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
 from bn_onnx.fold.sites import BATCH_NORM, Plan, Refusal, Rule, SiteKind, combine, label
@@ -30,8 +30,13 @@ from bn_onnx.fold.validate import (
 )
 
 # Tried in this order on every site; the first plan wins. Their refusals make the reason text.
-DEFAULT_RULES: tuple[Rule, ...] = (preceding.RULE, following.RULE, chains.MERGE)
-DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (BATCH_NORM,)
+DEFAULT_RULES: tuple[Rule, ...] = (
+    preceding.RULE,
+    following.RULE,
+    chains.MERGE,
+    affine_ops.MERGE_BACK,
+)
+DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (BATCH_NORM, affine_ops.MUL_ADD_CHAIN)
 
 
 @dataclasses.dataclass
@@ -72,6 +77,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         bodies (`bn_onnx.fold.scopes`); a fold stays in its BN's graph, a function input is a
         constant only when every call passes the same one, and a node with a function
         attribute reference is never folded.
+    14. Chains of Mul/Add/Sub/Div by per-channel constants are sites too, folded by 1-7 or
+        merged into the BN before them (`affine_ops`); legacy opsets (spatial=0, is_test,
+        broadcast=1 before opset 7: `legacy`); float16 channels the unfolded model makes
+        constant are folded as constants (`flush`). docs/fold.md, rules 16-18.
 
     A BN is left, with the reason, when its parameters are not constant (graph inputs
     included), training_mode=1 or it has extra outputs, the linear node's output is also a
@@ -150,6 +159,10 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
             )
             for node, kind in anchors
         }
+        # An anchor gets an entry once its build says it is a site (a site, or a refusal that
+        # is not silent); a quiet site that no rule folds, and an anchor removed with another
+        # site before its turn (a chain's inner node), get none.
+        hidden: set[ir.Node] = {node for node, _ in anchors}
         changed = True
         while changed:
             changed = False
@@ -160,11 +173,14 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 refs = scopes.describe_references(node)
                 if refs is not None:  # epsilon=@eps: set per call of the function
                     entry.reason = refs
+                    hidden.discard(node)
                     continue
                 site = kind.build(node, ctx)
                 if isinstance(site, Refusal):
                     entry.reason = site.reason
+                    (hidden.add if site.silent else hidden.discard)(node)
                     continue
+                entry.node = site.label
                 entry.where = site.where
                 refusals: list[tuple[Rule, Refusal]] = []
                 plan: Plan | None = None
@@ -178,7 +194,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                     refusals.append((rule, outcome))
                 if plan is None:
                     entry.reason = combine(refusals).reason
+                    (hidden.add if site.quiet else hidden.discard)(node)
                     continue
+                hidden.discard(node)
                 entry.target = ", ".join(label(t) for t in plan.targets)
                 entry.target_op = ", ".join(sorted({t.op_type for t in plan.targets}))
                 ctx.scope = site.graph  # new constants go into the site's graph
@@ -190,7 +208,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 entry.status = "folded"
                 entry.reason = None
                 entry.direction = plan.direction
-        return [entries[node] for node, _ in anchors]
+        return [entries[node] for node, _ in anchors if node not in hidden]
 
 
 def update_folded_flag(model: ir.Model) -> None:

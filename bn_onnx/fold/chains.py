@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -22,6 +24,7 @@ from bn_onnx.fold.sites import (
     Rule,
     attr_int,
     batch_norm_site,
+    fit_uniform,
     is_standard,
     label,
 )
@@ -60,27 +63,47 @@ def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
     second = batch_norm_site(nxt, ctx)
     if isinstance(second, Refusal):
         return Refusal(f"next BN {label(nxt)!r}: {second.reason}")
+    site = fit_uniform(site, 1, second.channels)
+    if site.axis != 1:
+        return Refusal(f"{site.short} is per channel of axis {site.axis}, the next BN of axis 1")
     a2, c2 = fm.compose_affine(site.a, site.c, second.a, second.c)
-    params = [ctx.const(v) for v in nxt.inputs[1:5]]
-    if any(p is None for p in params):  # an exact merged map without its parameters
-        return Refusal(f"next BN {label(nxt)!r}: parameters are not constant")
-    try:
-        scale = fm.round_to(a2, params[0].dtype)  # type: ignore[union-attr]
-        bias = fm.round_to(c2, params[1].dtype)  # type: ignore[union-attr]
-    except ValueError as exc:
-        return Refusal(f"merging with {label(nxt)!r}: {exc}")
-    mean = np.zeros(a2.shape, params[2].dtype)  # type: ignore[union-attr]
-    var = np.ones(a2.shape, params[3].dtype)  # type: ignore[union-attr]
+    write = set_bn_map(nxt, a2, c2, ctx)
+    if isinstance(write, Refusal):
+        return write
 
     def rewrite() -> None:
-        for pos, array in zip((1, 2, 3, 4), (scale, bias, mean, var), strict=True):
-            value = nxt.inputs[pos]
-            ctx.write_input(nxt, pos, array, value.name if value is not None else None)
-        ctx.set_attribute_float(nxt, "epsilon", 0.0)
-        ctx.exact_affine[nxt] = (a2, c2)
+        write()
         ctx.remove_site(site, keep_name=False)
 
     return Plan("merged", [nxt], rewrite)
+
+
+def set_bn_map(
+    bn: ir.Node, a: np.ndarray, c: np.ndarray, ctx: FoldContext
+) -> Callable[[], None] | Refusal:
+    """A rewrite giving BN node `bn` the map (a, c): scale = a, B = c, mean = 0, var = 1,
+    epsilon = 0, each rounded once to its parameter's dtype; the exact map is kept in
+    `ctx.exact_affine`. A Refusal when a parameter is not constant or a value does not round
+    safely."""
+    params = [ctx.const(v) for v in bn.inputs[1:5]]
+    if any(p is None for p in params):  # an exact merged map without its parameters
+        return Refusal(f"BN {label(bn)!r}: parameters are not constant")
+    try:
+        scale = fm.round_to(a, params[0].dtype)  # type: ignore[union-attr]
+        bias = fm.round_to(c, params[1].dtype)  # type: ignore[union-attr]
+    except ValueError as exc:
+        return Refusal(f"merging with {label(bn)!r}: {exc}")
+    mean = np.zeros(a.shape, params[2].dtype)  # type: ignore[union-attr]
+    var = np.ones(a.shape, params[3].dtype)  # type: ignore[union-attr]
+
+    def rewrite() -> None:
+        for pos, array in zip((1, 2, 3, 4), (scale, bias, mean, var), strict=True):
+            value = bn.inputs[pos]
+            ctx.write_input(bn, pos, array, value.name if value is not None else None)
+        ctx.set_attribute_float(bn, "epsilon", 0.0)
+        ctx.exact_affine[bn] = (a, c)
+
+    return rewrite
 
 
 MERGE = Rule("merged", "", merge_into_next_bn)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import scopes
+from bn_onnx.fold import legacy, scopes
 from bn_onnx.fold.constants import Constants
 from bn_onnx.fold.sites import AffineSite, is_standard
 from bn_onnx.fold.validate import ShapeTable
@@ -204,7 +204,8 @@ class FoldContext:
 
     def insert_bias_add(self, node: ir.Node, bias: np.ndarray) -> ir.Node:
         """Add `bias` to the node's first output with a new Add node after it; every reader
-        (and the graph output, if it is one) reads the Add's output under the original name."""
+        (and the graph output, if it is one) reads the Add's output under the original name.
+        Before opset 7 the Add gets `broadcast=1` (`bn_onnx.fold.legacy`)."""
         out = node.outputs[0]
         stem = node.name or out.name or node.op_type
         bias_value = self.add_initializer(bias, f"{stem}_bias_bnfold")
@@ -216,6 +217,7 @@ class FoldContext:
         add = ir.Node(
             "", "Add", [out, bias_value], outputs=[added], name=self.fresh(f"{stem}_bias")
         )
+        legacy.mark_broadcast(self, add)  # Add-6 and older broadcast only with broadcast=1
         for user, index in readers:
             user.replace_input_with(index, added)
         graph = node.graph
@@ -228,7 +230,8 @@ class FoldContext:
         return add
 
     def remove_site(self, site: AffineSite, *, keep_name: bool) -> None:
-        """Remove the site's nodes; readers of y read x instead.
+        """Remove the site's nodes; readers of y (and shape-only readers of a chain's inner
+        values, which have x's shape) read x instead.
 
         `keep_name`: x takes y's name (and type, for a graph output), as when the node before
         the site now computes what the site computed.
@@ -236,6 +239,11 @@ class FoldContext:
         x, y = site.x, site.y
         name, was_output = y.name, y.is_graph_output()
         y_type, y_shape = y.type, y.shape
+        for node in site.nodes[:-1]:  # a chain's inner values: their shape-only readers
+            for inner in node.outputs:
+                for user, index in list(inner.uses()):
+                    if user not in site.nodes:
+                        user.replace_input_with(index, x)
         y.replace_all_uses_with(x, replace_graph_outputs=True)
         detached = [v for n in site.nodes for v in n.inputs if v is not None]
         site.graph.remove(site.nodes, safe=True)
@@ -245,6 +253,10 @@ class FoldContext:
             x.name = name
             if was_output:  # the graph output keeps its declared type and shape
                 x.type, x.shape = y_type, y_shape
+
+    def mark_broadcast(self, node: ir.Node) -> None:
+        """Before opset 7: `broadcast=1` on an Add or Gemm whose bias the fold wrote."""
+        legacy.mark_broadcast(self, node)
 
     def set_attribute_float(self, node: ir.Node, name: str, value: float) -> None:
         node.attributes[name] = ir.AttrFloat32(name, value)

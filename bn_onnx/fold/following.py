@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from bn_onnx.fold import legacy
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -28,6 +29,7 @@ from bn_onnx.fold.sites import (
     Rule,
     attr_float,
     attr_int,
+    fit_uniform,
     is_standard,
     label,
 )
@@ -82,7 +84,6 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
 def _into_linear_after(
     site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value
 ) -> Callable[[], None] | Refusal:
-    a, c = site.a, site.c
     if node.inputs[0] is not value or sum(v is value for v in node.inputs) != 1:
         return Refusal(f"{label(node)!r} reads {value.name!r} as its weight or bias")
     w_value = node.inputs[1] if len(node.inputs) > 1 else None
@@ -94,6 +95,13 @@ def _into_linear_after(
             return w
         trans_b = bool(attr_int(node, "transB", 0))
         k, n = (w.shape[1], w.shape[0]) if trans_b else w.shape
+        site = fit_uniform(site, 1, k)
+        if site.axis != 1:
+            return Refusal(
+                f"{site.short} is per channel of axis {site.axis}, Gemm {label(node)!r} "
+                "contracts axis 1"
+            )
+        a, c = site.a, site.c
         if k != site.channels:
             return Refusal(
                 f"{site.short} has {site.channels} channels, Gemm {label(node)!r} has {k} inputs"
@@ -113,6 +121,7 @@ def _into_linear_after(
         def rewrite_gemm() -> None:
             ctx.write_input(node, 1, w_r, None)
             ctx.write_input(node, 2, b_r, None)
+            ctx.mark_broadcast(node)
             ctx.drop_attributes(node, ("alpha", "beta"))
 
         return rewrite_gemm
@@ -121,11 +130,14 @@ def _into_linear_after(
     if isinstance(w, Refusal):
         return w
     rank = ctx.rank(value)
-    if rank != 2:
+    if rank is not None:
+        site = fit_uniform(site, rank - 1, w.shape[0])  # a uniform site: the contracted axis
+    if rank is None or site.axis != rank - 1:
         return Refusal(
-            f"MatMul {label(node)!r} input has rank {rank if rank is not None else '?'}"
-            f", not 2: {site.short}'s channel axis is not the contracted axis"
+            f"MatMul {label(node)!r} input has rank {rank if rank is not None else '?'}: "
+            f"{site.short}'s channel axis {site.axis} is not the contracted axis"
         )
+    a, c = site.a, site.c
     if w.shape[0] != site.channels:
         return Refusal(
             f"{site.short} has {site.channels} channels, MatMul {label(node)!r} has {w.shape[0]}"
@@ -139,7 +151,8 @@ def _into_linear_after(
             pos = 1 if add_node.inputs[0] is out else 0
             if add_node.inputs[1 - pos] is out and add_node.inputs[pos] is not out:
                 b = bias(ctx, add_node.inputs[pos], w.shape[1])
-                if not isinstance(b, Refusal) and b is not None:
+                legacy_ok = legacy.bias_refusal(ctx, add_node, pos, 2) is None
+                if not isinstance(b, Refusal) and b is not None and legacy_ok:
                     add = (add_node, pos, b)
     b = add[2] if add else None
     try:
@@ -153,7 +166,8 @@ def _into_linear_after(
         ctx.write_input(node, 1, w_r, None)
         if add is not None:
             ctx.write_input(add[0], add[1], b_r, None)
-        else:
+            ctx.mark_broadcast(add[0])
+        elif b_r.any():  # a pure scale (a Mul chain) needs no Add of zeros
             ctx.insert_bias_add(node, b_r)
 
     return rewrite_matmul

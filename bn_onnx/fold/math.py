@@ -259,6 +259,48 @@ def round_to(exact: np.ndarray, dtype: np.dtype, original: np.ndarray | None = N
             lost &= np.broadcast_to(np.asarray(original), exact.shape) != 0
         if lost.any():
             raise ValueError(
-                f"{int(lost.sum())} folded value(s) underflow to zero in {np.dtype(dtype).name}"
+                f"{int(lost.sum())} folded value(s) underflow to zero in {np.dtype(dtype).name},"
+                " where flushing is not provably exact (only in a channel the unfolded model"
+                " rounds to one value for every input)"
             )
     return rounded
+
+
+def constant_channels(
+    steps: list[tuple[np.ndarray, np.ndarray]],
+    lo: float,
+    hi: float,
+    dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The channels that a chain of per-channel affine nodes maps to one value, whatever
+    its input in [lo, hi].
+
+    Each step is a node computing `fl(s * x + t)` per channel: the exact result rounded once
+    to `dtype` (the ONNX semantics of BatchNormalization, Mul, Add, Sub, Div). Rounding to
+    nearest is monotone, so the node's outputs over an input interval lie in the interval
+    between the rounded images of its ends; the ends are widened by far more than their
+    float64 error (2**-40 of the terms' size) before rounding, so the result is a sound
+    over-approximation. A channel whose final interval is one point r outputs r for every
+    input in [lo, hi]: the unfolded model's own arithmetic removed its input.
+
+    Args:
+        steps: (s, t), float64 arrays of shape (C,) or () (a scalar applies to every channel).
+        lo, hi: bounds of the input, the same for every channel.
+        dtype: the element type every step rounds to.
+
+    Returns:
+        (mask, value): bool (C,), and float64 (C,) holding r where mask is set.
+    """
+    n = max((max(np.size(s), np.size(t)) for s, t in steps), default=1)
+    low = np.full(n, F64(lo))
+    high = np.full(n, F64(hi))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s, t in steps:
+            s = np.asarray(s, dtype=F64)
+            t = np.asarray(t, dtype=F64)
+            e1, e2 = s * low + t, s * high + t
+            pad = (np.abs(s) * np.maximum(np.abs(low), np.abs(high)) + np.abs(t)) * 2.0**-40
+            low = (np.minimum(e1, e2) - pad).astype(dtype).astype(F64)
+            high = (np.maximum(e1, e2) + pad).astype(dtype).astype(F64)
+    mask = (low == high) & np.isfinite(low)
+    return mask, np.where(mask, low, 0.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import legacy
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -30,6 +31,7 @@ from bn_onnx.fold.sites import (
     Rule,
     attr_float,
     attr_int,
+    fit_uniform,
     is_standard,
     label,
 )
@@ -110,12 +112,25 @@ def _remove(site: AffineSite, ctx: FoldContext) -> None:
     ctx.remove_site(site, keep_name=True)
 
 
+def _axis_refusal(site: AffineSite, axis: int, node: ir.Node) -> Refusal | None:
+    """The site must be per channel of the node's output-channel axis."""
+    if site.axis == axis:
+        return None
+    return Refusal(
+        f"{site.short} is per channel of axis {site.axis}, "
+        f"{node.op_type} {label(node)!r} has its outputs on axis {axis}"
+    )
+
+
 def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node) -> Plan | Refusal:
     w = weight(ctx, _input(gemm, 1))
     if isinstance(w, Refusal):
         return w
     trans_b = bool(attr_int(gemm, "transB", 0))
     n = w.shape[0] if trans_b else w.shape[1]
+    site = fit_uniform(site, 1, n)
+    if (refusal := _axis_refusal(site, 1, gemm)) is not None:
+        return refusal
     if n != site.channels:
         return Refusal(
             f"{site.short} has {site.channels} channels, Gemm {label(gemm)!r} has {n} outputs"
@@ -135,6 +150,7 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node) -> Plan | Refu
     def rewrite() -> None:
         ctx.write_input(gemm, 1, w_r, None)
         ctx.write_input(gemm, 2, b_r, None)
+        ctx.mark_broadcast(gemm)
         ctx.drop_attributes(gemm, ("alpha", "beta"))
         _remove(site, ctx)
 
@@ -150,12 +166,13 @@ def _into_matmul(
     rank = site.rank
     if rank is None:
         return Refusal(f"rank of {site.x.name!r} is unknown")
-    if rank != 2:  # the site's channel axis must be MatMul's output axis, the last one
+    n = w.shape[1]
+    site = fit_uniform(site, rank - 1, n)  # a uniform site: per channel of the last axis
+    if site.axis != rank - 1:  # the site's channel axis must be MatMul's output axis
         return Refusal(
             f"MatMul output has rank {rank}: {site.short} normalizes axis {site.axis}, "
             "MatMul's outputs are the last axis"
         )
-    n = w.shape[1]
     if n != site.channels:
         return Refusal(
             f"{site.short} has {site.channels} channels, MatMul {label(mm)!r} has {n} outputs"
@@ -166,6 +183,8 @@ def _into_matmul(
         b = bias(ctx, _input(add_node, bias_pos), n)
         if isinstance(b, Refusal):
             return b
+        if (why := legacy.bias_refusal(ctx, add_node, bias_pos, rank)) is not None:
+            return Refusal(why)
     try:
         w_r = fm.scale_rounded(w, fm.preceding_factor(site.a, 2, out_axis=1))
         b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c), (b if b is not None else w).dtype)
@@ -177,7 +196,8 @@ def _into_matmul(
         _remove(site, ctx)
         if add is not None:
             ctx.write_input(add[0], add[1], b_r, None)
-        else:
+            ctx.mark_broadcast(add[0])
+        elif b_r.any():  # a pure scale (a Mul chain) needs no Add of zeros
             ctx.insert_bias_add(mm, b_r)
 
     targets = [mm] if add is None else [mm, add[0]]
@@ -193,6 +213,9 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node) -> Plan | Refu
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
         return Refusal(f"{conv.op_type} weight shape {list(w.shape)} does not fit group")
     n = w.shape[1] * group if transpose else w.shape[0]
+    site = fit_uniform(site, 1, n)
+    if (refusal := _axis_refusal(site, 1, conv)) is not None:
+        return refusal
     if n != site.channels:
         return Refusal(f"{site.short} has {site.channels} channels, {conv.op_type} has {n} outputs")
     b_value = _input(conv, 2)

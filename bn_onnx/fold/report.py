@@ -6,6 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
+BN_KIND = "BatchNormalization"
+
 
 @dataclasses.dataclass
 class BnEntry:
@@ -37,7 +39,9 @@ class BnEntry:
 
 @dataclasses.dataclass
 class FoldReport:
-    """The outcome of a fold: one entry per BN node, and main-graph sizes before and after."""
+    """The outcome of a fold: one entry per BN node (and per other affine site that is listed:
+    a Mul/Add chain), and main-graph sizes before and after. `n_bn`, `n_folded` count the
+    BatchNormalization nodes; `other_kinds()` the other sites."""
 
     entries: list[BnEntry]
     nodes_before: int
@@ -47,11 +51,22 @@ class FoldReport:
 
     @property
     def n_bn(self) -> int:
-        return len(self.entries)
+        """BatchNormalization nodes (entries of other kinds, Mul/Add chains, not counted)."""
+        return sum(e.kind == BN_KIND for e in self.entries)
 
     @property
     def n_folded(self) -> int:
-        return sum(e.status == "folded" for e in self.entries)
+        """BatchNormalization nodes folded."""
+        return sum(e.status == "folded" and e.kind == BN_KIND for e in self.entries)
+
+    def other_kinds(self) -> dict[str, tuple[int, int]]:
+        """Sites of kinds other than BatchNormalization: kind -> (count, folded)."""
+        counts: dict[str, tuple[int, int]] = {}
+        for e in self.entries:
+            if e.kind != BN_KIND:
+                n, f = counts.get(e.kind, (0, 0))
+                counts[e.kind] = (n + 1, f + (e.status == "folded"))
+        return counts
 
     @property
     def left(self) -> list[BnEntry]:
@@ -66,6 +81,7 @@ class FoldReport:
             "nodes_after": self.nodes_after,
             "initializers_before": self.initializers_before,
             "initializers_after": self.initializers_after,
+            "other_sites": {k: {"n": n, "folded": f} for k, (n, f) in self.other_kinds().items()},
             "bn": [e.to_dict() for e in self.entries],
         }
 

@@ -1,11 +1,11 @@
 """Affine sites, the rule interface, and the BatchNormalization site.
 
 An *affine site* is a place in a graph where a value is an affine map of another, per channel:
-`y = a * x + c` along one axis of x, computed by a few nodes (a BatchNormalization node today;
-a chain of Mul/Add by constants later). Rules fold a site into its neighbours. A rule is a
-function `(site, ctx) -> Plan | Refusal`: a `Plan` rewrites the graph when called, a `Refusal`
-says why the rule does not apply, as data. Rule families and site kinds register in
-`bn_onnx.fold._pass` (`DEFAULT_RULES`, `DEFAULT_SITE_KINDS`).
+`y = a * x + c` along one axis of x, computed by a few nodes (a BatchNormalization node, or a
+chain of Mul/Add by constants: `bn_onnx.fold.affine_ops`). Rules fold a site into its
+neighbours. A rule is a function `(site, ctx) -> Plan | Refusal`: a `Plan` rewrites the graph
+when called, a `Refusal` says why the rule does not apply, as data. Rule families and site
+kinds register in `bn_onnx.fold._pass` (`DEFAULT_RULES`, `DEFAULT_SITE_KINDS`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class AffineSite:
         dtype: the element type of x and y (None when unknown).
         graph: the graph (or function body) that holds `nodes`.
         where: that graph's path: "main" for the main graph.
+        quiet: when no rule folds it, the site gets no report entry (a Mul/Add chain by
+            scalars only: everyday arithmetic such as x / sqrt(d), not a BN in disguise).
     """
 
     kind: str
@@ -60,15 +62,32 @@ class AffineSite:
     dtype: ir.DataType | None
     graph: ir.Graph
     where: str = MAIN_GRAPH
+    quiet: bool = False
 
     @property
     def channels(self) -> int:
         return int(self.a.size)
 
     @property
+    def uniform(self) -> bool:
+        """Whether a and c are the same on every channel (a chain by scalars): the map is
+        then per channel of any axis (`fit_uniform`)."""
+        return bool(self.a.size) and bool(
+            (self.a == self.a[0]).all() and (self.c == self.c[0]).all()
+        )
+
+    @property
     def short(self) -> str:
         """How reasons name the site ("BN")."""
         return "BN" if self.kind == "BatchNormalization" else self.kind
+
+
+def fit_uniform(site: AffineSite, axis: int, n: int) -> AffineSite:
+    """A uniform site as the same map per channel of `axis` with `n` channels (what a rule's
+    neighbour needs); any other site unchanged."""
+    if not site.uniform or (site.axis == axis and site.channels == n) or n < 1:
+        return site
+    return dataclasses.replace(site, a=np.full(n, site.a[0]), c=np.full(n, site.c[0]), axis=axis)
 
 
 @dataclasses.dataclass
@@ -175,19 +194,45 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
 
     a = scale / sqrt(var + eps), c = B - a * mean (ONNX BatchNormalization, spatial=1), in
     float64. Refused: training_mode=1 (or is_test=0 before opset 7), running-stat outputs,
-    parameters that are graph inputs or not constant or not floating point, parameters that
-    are not 1-D vectors of one length, a degenerate variance.
+    `spatial=0` (opset <= 8) on an input that is not 2-D, parameters that are graph inputs or
+    not constant or not floating point, parameters that are not 1-D vectors of one length, a
+    degenerate variance.
+
+    Legacy attributes (BatchNormalization-1, -6, -7): `is_test=0` (opset < 7) is training
+    mode, which normalizes with the batch's own statistics. `spatial=0` (opset < 9)
+    normalizes per (channel, position) with parameters of shape (C, D1, ..., Dn): not a
+    per-channel map, except on a 2-D input (N, C), where both modes are the same map.
+    `consumed_inputs` (opset < 6) is "a legacy optimization attribute": it marks the inputs a
+    training-mode node updates in place (mean and var, whose updates are the extra outputs);
+    it does not change Y, and the opset 5 -> 6 version converter drops it, so it does not
+    affect foldability (is_test and the extra outputs decide).
+
+    A channel whose output the unfolded model rounds to one value for every finite input
+    (float16: a scale too small to move the shift) becomes that constant (a = 0):
+    `bn_onnx.fold.flush`.
     """
     if attr_int(node, "training_mode", 0):
         return Refusal("training_mode=1")
     if ctx.opset < 7 and not attr_int(node, "is_test", 0):
-        return Refusal("is_test=0 (training mode)")
+        return Refusal(
+            f"is_test=0 (opset {ctx.opset}): BatchNormalization-{6 if ctx.opset == 6 else 1}"
+            " normalizes with the batch's statistics (training mode)"
+        )
     if any(o.name for o in node.outputs[1:]):
         return Refusal("has running mean/var outputs (training mode)")
     inputs = node.inputs
     if len(inputs) < 5 or inputs[0] is None:
         return Refusal("has fewer than 5 inputs")
     x, y = inputs[0], node.outputs[0]
+    if ctx.opset < 9 and not attr_int(node, "spatial", 1):
+        rank = ctx.rank(x)
+        if rank != 2:
+            has = "unknown rank" if rank is None else f"rank {rank}"
+            return Refusal(
+                f"spatial=0 (opset {ctx.opset}) on an input of {has}: it normalizes per channel"
+                " and position, not per channel (only a 2-D input, where spatial=0 and"
+                " spatial=1 agree, is folded)"
+            )
     exact = ctx.exact_affine.get(node)
     if exact is not None:  # a merged BN: its exact float64 map, not the rounded parameters
         a, c = exact
@@ -204,7 +249,7 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
                 return Refusal(f"parameter {name!r} is not floating point")
             values.append(v)
         if len({v.size for v in values}) != 1 or any(v.ndim != 1 for v in values):
-            return Refusal("parameters are not 1-D vectors of one length (spatial=0?)")
+            return Refusal("parameters are not 1-D vectors of one length")
         eps = attr_float(node, "epsilon", 1e-5)
         try:
             a, c = fm.bn_affine(*values, eps)
@@ -212,6 +257,10 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
             return Refusal(str(exc))
     shape = ctx.shape(x)
     elem_type = ctx.elem_type(x)
+    if exact is None and elem_type is not None:  # a merged BN's channels were flushed before
+        from bn_onnx.fold.flush import flush_constant_channels
+
+        a, c = flush_constant_channels([(a, c)], a, c, x, ir.DataType(elem_type), ctx)
     return AffineSite(
         kind="BatchNormalization",
         label=label(node),
