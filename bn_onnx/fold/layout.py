@@ -203,9 +203,10 @@ def _map(node: ir.Node, ch: Channels, ctx: FoldContext, *, forward: bool) -> Cha
     src, dst = ctx.shape(src_value), ctx.shape(dst_value)
     moved = reshape_axis(src, dst, ch.axis, ch.inner, ch.period)
     if isinstance(moved, str):
+        shapes = (src, dst) if forward else (dst, src)
         return Refusal(
-            f"{ch.prefix()}{name} reshapes {_fmt(src)} to {_fmt(dst)}"
-            f" (channel axis {ch.axis} {'in' if forward else 'out'}): {moved}"
+            f"{ch.prefix()}{name} reshapes {_fmt(shapes[0])} to {_fmt(shapes[1])} (the"
+            f" channels on axis {ch.axis} of its {'input' if forward else 'output'}): {moved}"
         )
     return ch.moved(node, *moved)
 

@@ -56,11 +56,17 @@ def step(node: ir.Node, ch: Channels, ctx: FoldContext, *, forward: bool) -> Cha
     if op in MAX_LIKE:
         negative = ch.a < 0
         if negative.any():
-            return Refusal(
-                f"{ch.prefix()}{name}: scales of channels {_channel_list(ch.ids[negative])}"
-                " are negative (max commutes only with a non-decreasing map)"
+            ids = np.unique(ch.ids[negative])
+            which = (
+                f"channel {int(ids[0])} has a negative scale"
+                if ids.size == 1
+                else f"channels {_channel_list(ids)} have negative scales"
             )
-        if op == "MaxPool" and len(node.outputs) > 1 and node.outputs[1].uses():
+            return Refusal(
+                f"{ch.prefix()}{name}: {which} (max commutes only with a non-decreasing map)"
+            )
+        indices = node.outputs[1] if len(node.outputs) > 1 else None
+        if indices is not None and (indices.uses() or indices.is_graph_output()):
             return Refusal(f"{ch.prefix()}{name}: its Indices output is read")
     if op in ("ReduceMean", "ReduceMax"):
         return _reduce(node, ch, ctx, forward=forward)
