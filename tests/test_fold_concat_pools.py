@@ -157,6 +157,26 @@ def test_concat_with_inputs_that_do_not_fold_is_left_naming_each():
     assert op_count(result.model, "Conv") == 2
 
 
+def test_a_concat_reason_names_four_inputs_and_counts_the_rest():
+    rng = np.random.default_rng(206)
+    names = [f"x{i}" for i in range(6)]
+    inputs = ", ".join(f"float[N, 1, 3] {n}" for n in names)
+    model = model_from_text(
+        f"""{HEAD}
+        g ({inputs}) => (float[N, 6, 3] y) {{
+          cat = Concat <axis = 1> ({", ".join(names)})
+          y = BatchNormalization (cat, s, b, mu, var)
+        }}""",
+        bn_params(rng, 6),
+    )
+    result = fold_and_compare(model, {n: _x(rng, (2, 1, 3)) for n in names}, folded=0)
+    assert reasons(result)[0].startswith(
+        "before: after Concat 'Concat(cat)', 6 of 6 inputs do not fold: 'x0' (is a graph"
+        " input), 'x1' (is a graph input), 'x2' (is a graph input), 'x3' (is a graph input)"
+        " and 2 more; after:"
+    )
+
+
 def test_concat_of_a_dynamic_channel_count_is_left():
     rng = np.random.default_rng(205)
     inits = {"W1": rng.normal(size=(2, 3, 1, 1)).astype(np.float32), **bn_params(rng, 5)}

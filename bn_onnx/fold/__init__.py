@@ -7,6 +7,7 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
   BatchNormalization site;
 - `context`: readers, constants, shapes and safe rewrites, shared by every rule;
 - `preceding`, `following`, `chains`: the rule families;
+- `layout`, `pools`, `concat`: the steps of their walks (layout ops, commuting pools, Concat);
 - `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_model`, `inspect_model`;
 - `io`: `fold_file` (load with onnx-ir, fold, save tensor by tensor, atomically);
 - `math`: the float64 arithmetic, pure numpy;

@@ -47,6 +47,8 @@ from bn_onnx.fold.sites import (
     label,
 )
 
+# A Concat's reason names at most this many of the inputs that do not fold.
+MAX_NAMED = 4
 LINEAR_BEFORE = ("Gemm", "MatMul", "Add", "Conv", "ConvTranspose")
 
 
@@ -121,7 +123,8 @@ def walk_back(
             return Refusal(f"{ch.prefix()}{name!r} is also read by another node")
         producer = value.producer()
         if producer is None:
-            return Refusal(f"{ch.prefix()}input {name!r} is not computed by a node")
+            what = "a graph input" if value.is_graph_input() else "not computed by a node"
+            return Refusal(f"{ch.prefix()}{name!r} is {what}")
         if producer.outputs[0] is not value:
             break
         if is_passthrough(producer, ctx):
@@ -189,9 +192,12 @@ def _split(site: AffineSite, ctx: FoldContext, node: ir.Node, ch: Channels) -> l
         else:
             parts.extend(got)
     if failed:
+        shown = ", ".join(failed[:MAX_NAMED])
+        if len(failed) > MAX_NAMED:
+            shown += f" and {len(failed) - MAX_NAMED} more"
         return Refusal(
             f"{ch.prefix()}after Concat {label(node)!r}, {len(failed)} of {len(split)} inputs"
-            f" do not fold: {', '.join(failed)}"
+            f" do not fold: {shown}"
         )
     return parts
 
