@@ -624,6 +624,34 @@ def test_a_following_conv_transpose_whose_outputs_see_fewer_taps_is_left(kernel,
     assert f"after: the following ConvTranspose 'ConvTranspose(y)' {words}" in reasons(result)[0]
 
 
+@pytest.mark.parametrize("chunk", [fm.CHUNK, 13])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_fold_conv_following_matches_torch_in_float64(group, transpose, chunk, monkeypatch):
+    """math.fold_conv_following: Conv(a*x + c) == Conv'(x) for an unpadded Conv (strided,
+    dilated) and a ConvTranspose of stride 1 whose pads crop to full taps, to 1e-12; also with
+    blocks of a few rows (the path of a big weight)."""
+    monkeypatch.setattr(fm, "CHUNK", chunk)
+    rng = np.random.default_rng(129)
+    c_in, c_out, kernel = 8, 12, (3, 2)
+    shape = (c_in, c_out // group, *kernel) if transpose else (c_out, c_in // group, *kernel)
+    w, bias = rng.normal(size=shape), rng.normal(size=c_out)
+    a, c = rng.normal(size=c_in), rng.normal(size=c_in)
+    x = torch.tensor(rng.normal(size=(2, c_in, 9, 7)))
+
+    def conv(inp, weight, b):
+        weight, b = torch.tensor(weight), torch.tensor(b)
+        if transpose:
+            return torch.nn.functional.conv_transpose2d(
+                inp, weight, b, groups=group, padding=(2, 1)
+            )
+        return torch.nn.functional.conv2d(inp, weight, b, groups=group, stride=(2, 1), dilation=2)
+
+    want = conv(x * torch.tensor(a)[:, None, None] + torch.tensor(c)[:, None, None], w, bias)
+    w2, b2 = fm.fold_conv_following(w, bias, a, c, group=group, transpose=transpose)
+    np.testing.assert_allclose(conv(x, w2, b2).numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("stride", "padding", "output_padding"),
     [(2, 0, 0), (1, 0, 0), (1, 1, 0), (2, 1, 1)],
@@ -663,3 +691,70 @@ def test_a_bn_read_by_a_conv_as_its_weight_is_left():
     assert "'Conv(y)' reads 'n' as its weight or bias" in reasons(result)[0]
     feeds = {"x": _x(rng, (2, 3, 5, 5)), "w": _x(rng, (4, 3, 1, 1))}
     np.testing.assert_allclose(run_ort(result.model, feeds)[0], run_ort(model, feeds)[0])
+
+
+def _random_layout_chain(rng, shape, n_ops):
+    """1-3 random layout ops on a static shape: (ONNX lines, initializers, final shape)."""
+    lines, inits, cur = [], {}, "v0"
+    shape = list(shape)
+    for name in range(1, n_ops + 1):
+        out = f"v{name}"
+        kind = rng.integers(0, 4)
+        if kind == 0:
+            perm = [int(p) for p in rng.permutation(len(shape))]
+            lines.append(f"{out} = Transpose <perm = {perm}> ({cur})")
+            shape = [shape[p] for p in perm]
+        elif kind == 1:  # Reshape to a random regrouping of the prime factors
+            factors = [f for d in shape for f in _factors(d) if f > 1]
+            if rng.random() < 0.3:  # mostly row-major regroupings; sometimes anything
+                rng.shuffle(factors)
+            cuts = sorted(rng.choice(len(factors) + 1, size=rng.integers(1, 4)).tolist())
+            shape = list(_group(factors, cuts)) if factors else [1]
+            inits[f"s{name}"] = np.array(shape, np.int64)
+            lines.append(f"{out} = Reshape ({cur}, s{name})")
+        elif kind == 2 and len(shape) > 1:
+            axis = int(rng.integers(0, len(shape) + 1))
+            lines.append(f"{out} = Flatten <axis = {axis}> ({cur})")
+            shape = [int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))]
+        else:
+            axis = int(rng.integers(0, len(shape) + 1))
+            inits[f"a{name}"] = np.array([axis], np.int64)
+            lines.append(f"{out} = Unsqueeze ({cur}, a{name})")
+            shape.insert(axis, 1)
+        cur = out
+    return lines, inits, cur, shape
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.booleans())
+def test_random_layout_chains_fold_or_are_left_and_never_change_outputs(seed, n_ops, before):
+    """Property: Conv -> random Transpose/Reshape/Flatten/Unsqueeze chain -> BN (on axis 1 of
+    whatever comes out), or BN -> chain -> MatMul: the fold keeps every output, whether it folds
+    or says why not."""
+    rng = np.random.default_rng(seed)
+    lines, inits, last, shape = _random_layout_chain(rng, (2, 6, 2, 3), n_ops)
+    if len(shape) < 2 or shape[1] == 1:
+        return
+    if before:
+        inits.update(bn_params(rng, shape[1]))
+        inits["W"] = rng.normal(size=(6, 3, 1, 1)).astype(np.float32)
+        body = ["v0 = Conv (x, W)", *lines, f"y = BatchNormalization ({last}, s, b, mu, var)"]
+        out = shape
+        x_shape = (2, 3, 2, 3)
+    else:
+        inits.update(bn_params(rng, 6))
+        inits["W"] = rng.normal(size=(shape[-1], 3)).astype(np.float32)
+        body = ["r = Relu (x)", "v0 = BatchNormalization (r, s, b, mu, var)", *lines]
+        body.append(f"y = MatMul ({last}, W)")
+        out = [*shape[:-1], 3]
+        x_shape = (2, 6, 2, 3)
+    text = "\n          ".join(body)
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[{", ".join(map(str, x_shape))}] x) => (float[{", ".join(map(str, out))}] y) {{
+          {text}
+        }}""",
+        inits,
+    )
+    result = fold_model(model)
+    fold_and_compare(model, {"x": _x(rng, x_shape)}, folded=result.report.n_folded)
