@@ -256,6 +256,34 @@ def test_bn_then_transpose_folds_into_a_following_gemm_with_trans_a():
     fold_and_compare(model, {"x": _x(rng, (4, 5))})
 
 
+def test_squeeze_without_axes_on_a_static_shape_folds_both_ways():
+    """Squeeze with no axes drops every dim of size 1: Gemm -> Unsqueeze -> Unsqueeze -> BN
+    (2, 4, 1, 1) -> Squeeze -> Gemm; the first BN folds back into the Gemm, the second forward."""
+    rng = np.random.default_rng(117)
+    inits = {
+        "W1": rng.normal(size=(5, 4)).astype(np.float32),
+        "W2": rng.normal(size=(4, 3)).astype(np.float32),
+        "ax": np.array([2, 3], np.int64),
+        **bn_params(rng, 4),
+    }
+    inits.update({k + "2": v for k, v in bn_params(rng, 4).items()})
+    model = model_from_text(
+        f"""{HEAD}
+        g (float[2, 5] x) => (float[2, 3] y) {{
+          h = Gemm (x, W1)
+          u = Unsqueeze (h, ax)
+          n = BatchNormalization (u, s, b, mu, var)
+          r = Relu (n)
+          n2 = BatchNormalization (r, s2, b2, mu2, var2)
+          q = Squeeze (n2)
+          y = Gemm (q, W2)
+        }}""",
+        inits,
+    )
+    result = fold_and_compare(model, {"x": _x(rng, (2, 5))})
+    assert [e.direction for e in result.report.entries] == ["preceding", "following"]
+
+
 # --- rule 16: 4-D BN -> Flatten/Reshape -> Gemm/MatMul (forward) -------------------------
 
 

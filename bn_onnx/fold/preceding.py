@@ -1,4 +1,4 @@
-"""Rules 1-4 (and 8, 15, 18, 19 before the site): fold a site into the linear node that
+"""Rules 1-4 (and 8, 15-16, 18-19 before the site): fold a site into the linear node that
 computes its input.
 
 The node before the site computes x = W . input + b with the channel on its output axis; the
@@ -96,7 +96,7 @@ class Part:
 
 
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 1-4, 15, 17-19: find the linear node(s) before the site and fold."""
+    """Rules 1-4, 15-16, 18-19: find the linear node(s) before the site and fold."""
     parts = walk_back(site, ctx, site.x, Channels.of(site))
     if isinstance(parts, Refusal):
         return parts
