@@ -1,4 +1,4 @@
-"""Rules 18-19: a BN after a Concat split across its inputs (issue 12, 2e), and folds through pools
+"""Rules 19-20: a BN after a Concat split across its inputs (issue 12, 2e), and folds through pools
 that commute with a per-channel affine map (2f), in onnxruntime."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-# --- rule 18: Concat ---------------------------------------------------------------------
+# --- rule 19: Concat ---------------------------------------------------------------------
 
 
 def test_bn_after_concat_of_conv_grouped_conv_and_conv_transpose_splits_across_them():
@@ -194,7 +194,7 @@ def test_concat_of_a_dynamic_channel_count_is_left():
     assert "Concat 'Concat(cat)': the channel count of input 'v' is unknown" in reasons(result)[0]
 
 
-# --- rule 19: pools ----------------------------------------------------------------------
+# --- rule 20: pools ----------------------------------------------------------------------
 
 
 POOLS_BEFORE = [
@@ -421,7 +421,7 @@ def _average_pool(attrs: dict, shape=(1, 2, 7, 7)):
 def test_average_pool_commutes_with_an_affine_map_exactly_when_its_weights_sum_to_one(
     attrs, commutes
 ):
-    """The claim rule 19 rests on, in onnxruntime: avg(a*x + c) == a*avg(x) + c per channel with
+    """The claim rule 20 rests on, in onnxruntime: avg(a*x + c) == a*avg(x) + c per channel with
     count_include_pad=0 (any pads, auto_pad, ceil_mode, dilations), and without padding with
     count_include_pad=1, where onnxruntime divides a ceil_mode window that overhangs the input
     by the elements inside (the rule still refuses that case: the spec does not say so); not

@@ -1,4 +1,4 @@
-"""Rules 15-17: folds through Transpose, Reshape, Flatten, Squeeze and Unsqueeze (issue 12, 2c), and
+"""Rules 16-18: folds through Transpose, Reshape, Flatten, Squeeze and Unsqueeze (issue 12, 2c), and
 into a following Conv or ConvTranspose that sees every kernel tap (2d), in onnxruntime."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
 
 
-# --- rule 15: layout ops between the linear node and the BN ------------------------------
+# --- rule 16: layout ops between the linear node and the BN ------------------------------
 
 
 def test_case_matmul_transpose_bn_transpose_folds_into_the_matmul_columns():
@@ -284,7 +284,7 @@ def test_squeeze_without_axes_on_a_static_shape_folds_both_ways():
     assert [e.direction for e in result.report.entries] == ["preceding", "following"]
 
 
-# --- rule 16: 4-D BN -> Flatten/Reshape -> Gemm/MatMul (forward) -------------------------
+# --- rule 17: 4-D BN -> Flatten/Reshape -> Gemm/MatMul (forward) -------------------------
 
 
 def test_case_relu_bn4d_flatten_gemm_folds_forward():
@@ -333,7 +333,7 @@ def test_bn4d_flatten_then_linear_repeats_each_channel_over_its_positions(flatte
     assert result.report.entries[0].direction == "following"
 
 
-# --- rule 15-16: the reasons -------------------------------------------------------------
+# --- rule 16-17: the reasons -------------------------------------------------------------
 
 
 def test_bn1d_over_a_flattened_conv_output_is_left_spread_over_several_axes():
@@ -485,7 +485,7 @@ def _group(factors: list[int], cuts: list[int]) -> tuple[int, ...]:
     return tuple(int(np.prod(factors[a:b])) for a, b in zip(edges, edges[1:], strict=False))
 
 
-# --- rule 17: BN -> Conv / ConvTranspose that sees every kernel tap ------------------------
+# --- rule 18: BN -> Conv / ConvTranspose that sees every kernel tap ------------------------
 
 
 def test_case_conv_relu_bn_conv1x1_folds_forward_and_the_padded_case_says_padding():
@@ -685,7 +685,7 @@ def test_fold_conv_following_matches_torch_in_float64(group, transpose, chunk, m
     [(2, 0, 0), (1, 0, 0), (1, 1, 0), (2, 1, 1)],
 )
 def test_the_refused_conv_transpose_folds_would_change_the_output(stride, padding, output_padding):
-    """Why rule 17 refuses these: the shift folded as a per-channel bias (the only form a
+    """Why rule 18 refuses these: the shift folded as a per-channel bias (the only form a
     ConvTranspose bias has) differs from the BN's shift pushed through the ConvTranspose, by
     up to the whole shift, at the borders or between input strides (torch float64)."""
     rng = np.random.default_rng(127)

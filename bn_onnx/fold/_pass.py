@@ -69,7 +69,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
         initializers are all listed as inputs, and constant) keep that convention.
     12. Readers that see only a value's shape or type (Shape, Size, CastLike's second input)
         never block a fold.
-    15-19. The walks to the linear node follow the channels through Transpose, Reshape,
+    16-20. The walks to the linear node follow the channels through Transpose, Reshape,
         Flatten, Squeeze, Unsqueeze (a 4-D BN -> Flatten -> Gemm repeats each channel over its
         positions) and commuting pools (MaxPool with scales >= 0, average pools whose weights
         sum to 1), split a BN after a Concat across its inputs, and fold into a following

@@ -1,8 +1,8 @@
-"""Rules 5-6, 17 (and 8, 15, 19 after the site): fold a site into the linear nodes that read
+"""Rules 5-6, 18 (and 8, 16-17, 20 after the site): fold a site into the linear nodes that read
 its output.
 
 The walk forward from y looks through Identity and inference Dropout (which stay), follows the
-channels through layout ops (rule 15, `layout`) and pools that commute with the map (rule 19,
+channels through layout ops (rule 16, `layout`) and pools that commute with the map (rule 20,
 `pools`), and needs every reader at the end to be a linear node reading the value as its data
 input with the channels on the axis it contracts. Each reader x' . W + b with x' = a*x + c
 becomes x . (W scaled by a along its input channels) + (b + W . c). Readers may share a weight:
@@ -13,7 +13,7 @@ CastLike's type input) are rewired to x, whose shape and type are y's.
    transB honoured).
 6. MatMul with a 2-D weight, the channels on the last axis of its input (any rank); the bias
    goes into the MatMul's only reader when it is an Add of a constant, or into a new Add.
-17. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
+18. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
     kernel), any group: weight[o, i] scaled by a of the input channel it reads
     ((o // (C_out/group)) * (C_in/group) + i), bias + sum over in-channels and taps of W * c.
     A padded Conv would see the shift at its border where the original saw zero: refused
@@ -52,7 +52,7 @@ LINEAR_AFTER = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
 def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 5-6, 15-17, 19: fold the site into every linear node reading its output."""
+    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output."""
     y = site.y
     if y.is_graph_output():
         return Refusal(f"its output {y.name!r} is a graph output")
@@ -213,7 +213,7 @@ def _pads(node: ir.Node, dims: int) -> tuple[str, list[int]]:
 def _conv_pads_refusal(
     site: AffineSite, node: ir.Node, kernel: tuple[int, ...], ch: Channels, c: np.ndarray
 ) -> Refusal | None:
-    """Rule 17: why a following Conv's padded border would see something else than the shift."""
+    """Rule 18: why a following Conv's padded border would see something else than the shift."""
     auto_pad, pads = _pads(node, len(kernel))
     if not c.any():  # no shift: the padded border sees zero either way
         return None
@@ -236,7 +236,7 @@ def _conv_transpose_refusal(
     ch: Channels,
     c: np.ndarray,
 ) -> Refusal | None:
-    """Rule 17: why a following ConvTranspose would not add the shift as one bias per channel.
+    """Rule 18: why a following ConvTranspose would not add the shift as one bias per channel.
 
     Output position p of a ConvTranspose (per spatial dim: stride s, dilation d, kernel K,
     pads b and e, output_padding q) takes tap k from input j = (p + b - k*d) / s when that is
@@ -284,7 +284,7 @@ def _conv_transpose_refusal(
 def _into_conv_after(
     site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
 ) -> Callable[[], None] | Refusal:
-    """Rule 17: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
+    """Rule 18: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
     wrong = _reads_as_data(node, value, ch)
     if wrong is not None:
         return wrong

@@ -1,4 +1,4 @@
-"""Rules 15-16: a site's channels followed through Transpose, Reshape, Flatten, Squeeze and
+"""Rules 16-17: a site's channels followed through Transpose, Reshape, Flatten, Squeeze and
 Unsqueeze, so that a fold reaches the linear node on the other side (issue 12, item 2c).
 
 A layout op moves elements without changing them, so a per-channel map `a*x + c` on one side is

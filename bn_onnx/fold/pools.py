@@ -1,4 +1,4 @@
-"""Rule 19: a site's channels followed through pools that commute with a per-channel affine map
+"""Rule 20: a site's channels followed through pools that commute with a per-channel affine map
 (issue 12, item 2f).
 
 A pool acts on each (batch, channel) plane alone, so `pool(a*x + c) == a*pool(x) + c` per

@@ -1,11 +1,11 @@
-"""Rules 1-4 (and 8, 15-16, 18-19 before the site): fold a site into the linear node that
+"""Rules 1-4 (and 8, 16-17, 19-20 before the site): fold a site into the linear node that
 computes its input.
 
 The node before the site computes x = W . input + b with the channel on its output axis; the
 site's map a*x + c becomes a new weight (W scaled along its output-channel axis) and bias
 (a*b + c). The walk back from the site (`walk_back`) looks through Identity and inference
-Dropout (rule 8), follows the channels through layout ops (rule 15, `layout`), pools that
-commute with the map (rule 19, `pools`) and splits the map across a Concat's inputs (rule 18,
+Dropout (rule 8), follows the channels through layout ops (rule 16, `layout`), pools that
+commute with the map (rule 20, `pools`) and splits the map across a Concat's inputs (rule 19,
 `concat`). Each value on the way must be read by nothing else (shape-only readers aside) and be
 no graph output: its values change. The nodes walked through stay; only the site goes.
 
@@ -96,7 +96,7 @@ class Part:
 
 
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 1-4, 15-16, 18-19: find the linear node(s) before the site and fold."""
+    """Rules 1-4, 16-17, 19-20: find the linear node(s) before the site and fold."""
     parts = walk_back(site, ctx, site.x, Channels.of(site))
     if isinstance(parts, Refusal):
         return parts
@@ -113,7 +113,7 @@ def walk_back(
     site: AffineSite, ctx: FoldContext, value: ir.Value, ch: Channels
 ) -> list[Part] | Refusal:
     """From `value` (carrying the site's channels as `ch`) back to the linear nodes computing it:
-    through passthroughs (rule 8), layout ops (rule 15), pools (rule 19) and Concat (rule 18).
+    through passthroughs (rule 8), layout ops (rule 16), pools (rule 20) and Concat (rule 19).
     Every value on the way changes, so each must have one reader and be no graph output."""
     while True:
         name = value.name
@@ -178,7 +178,7 @@ def _into_linear(
 
 
 def _split(site: AffineSite, ctx: FoldContext, node: ir.Node, ch: Channels) -> list[Part] | Refusal:
-    """Rule 18: each input of the Concat folds its share, or the site stays."""
+    """Rule 19: each input of the Concat folds its share, or the site stays."""
     split = concat.split(node, ch, ctx)
     if isinstance(split, Refusal):
         return split
