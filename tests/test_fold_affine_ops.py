@@ -1,4 +1,4 @@
-"""Rule 15 (issue 12, 2g): per-channel Mul/Add/Sub/Div chains by constants fold like a BN.
+"""Rule 16 (issue 12, 2g): per-channel Mul/Add/Sub/Div chains by constants fold like a BN.
 
 Each model runs in onnxruntime before and after the fold (`fold_and_compare`); the report
 lists each chain as a site of kind "Mul/Add chain" with its nodes. FrozenBatchNorm2d is
@@ -501,7 +501,10 @@ def test_chain_along_another_axis_than_the_linear_nodes_is_left():
     result = fold_and_compare(model, {"x": rng.normal(size=(4, 4)).astype(np.float32)})
     (chain,) = chain_entries(result)
     assert chain.status == "left"
-    assert "per channel of axis 0, Gemm 'Gemm(h)' has its outputs on axis 1" in chain.reason
+    assert (
+        "the Mul/Add chain is per channel of axis 0 of the output of Gemm 'Gemm(h)', whose"
+        " outputs are on axis 1" in chain.reason
+    )
 
 
 def test_constants_varying_along_different_axes_make_two_chains():
@@ -524,7 +527,10 @@ def test_constants_varying_along_different_axes_make_two_chains():
     chains = chain_entries(result)
     assert [(e.node, e.status) for e in chains] == [("Mul(m)", "folded"), ("Add(y)", "left")]
     # (the Conv is nameless: its label follows its output's name, now 'm')
-    assert "per channel of axis 3, Conv 'Conv(m)' has its outputs on axis 1" in chains[1].reason
+    assert (
+        "is per channel of axis 3 of the output of Conv 'Conv(m)', whose outputs are on axis 1"
+        in chains[1].reason
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Rule 17 (issue 12, 2i): float16 underflow is flushed where the output provably stays the same.
+"""Rule 18 (issue 12, 2i): float16 underflow is flushed where the output provably stays the same.
 
 Provable case: a channel that the unfolded model itself rounds to one value r for every input
 (its scale is too small to move the rounded output off r). That channel folds as the constant

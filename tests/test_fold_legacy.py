@@ -1,4 +1,4 @@
-"""Rule 16 (issue 12, 2h): legacy opsets. spatial=0, broadcast=1 before opset 7, is_test and
+"""Rule 17 (issue 12, 2h): legacy opsets. spatial=0, broadcast=1 before opset 7, is_test and
 consumed_inputs.
 
 onnxruntime runs only opset 7 and later, and neither onnx.reference nor onnx's version

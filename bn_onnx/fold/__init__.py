@@ -9,6 +9,7 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
 - `preceding`, `following`, `chains`: the rule families;
 - `affine_ops`: Mul/Add/Sub/Div chains by constants as sites; `legacy`: broadcasting before
   opset 7; `flush`: float16 channels the unfolded model makes constant;
+- `layout`, `pools`, `concat`: the steps of their walks (layout ops, commuting pools, Concat);
 - `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_model`, `inspect_model`;
 - `io`: `fold_file` (load with onnx-ir, fold, save tensor by tensor, atomically);
 - `math`: the float64 arithmetic, pure numpy;

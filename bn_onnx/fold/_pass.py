@@ -56,7 +56,8 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     1. Gemm -> BN: scale the weight's output columns (any transA/transB), fold alpha into the
        weight and beta into the bias; C is created when missing and expanded when broadcast.
     2. MatMul -> BN and MatMul -> Add -> BN (bias as either Add input): scale the weight's
-       columns, bias a*b + c (an Add is inserted when there was none). Rank-2 only.
+       columns, bias a*b + c (an Add is inserted when there was none). The BN channels must be
+       the output's last axis (rank 2, or any rank after a layout op).
     3. Conv -> BN, with or without bias, any group (grouped, depthwise).
     4. ConvTranspose -> BN, with or without bias, group-aware ((C_in, C_out/group, k...)).
     5. BN -> Gemm: when every reader of the BN output is a Gemm reading it as A (transA=0),
@@ -76,16 +77,22 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     13. Every scope is folded alike: If/Loop/Scan bodies at any depth and model-local function
         bodies (`bn_onnx.fold.scopes`); a fold stays in its BN's graph, a function input is a
         constant only when every call passes the same one, and a node with a function
-        attribute reference is never folded.
+        attribute reference is never folded. docs/fold.md, rule 15.
     14. Chains of Mul/Add/Sub/Div by per-channel constants are sites too, folded by 1-7 or
         merged into the BN before them (`affine_ops`); legacy opsets (spatial=0, is_test,
         broadcast=1 before opset 7: `legacy`); float16 channels the unfolded model makes
         constant are folded as constants (`flush`). docs/fold.md, rules 16-18.
+    15. The walks to the linear node follow the channels through Transpose, Reshape,
+        Flatten, Squeeze, Unsqueeze (a 4-D BN -> Flatten -> Gemm repeats each channel over its
+        positions) and commuting pools (MaxPool with scales >= 0, average pools whose weights
+        sum to 1), split a BN after a Concat across its inputs, and fold into a following
+        Conv that pads nothing or a ConvTranspose whose outputs all see every tap.
+        docs/fold.md, rules 19-23.
 
     A BN is left, with the reason, when its parameters are not constant (graph inputs
     included), training_mode=1 or it has extra outputs, the linear node's output is also a
     graph output or read by another node, the channel axis is not the linear node's output
-    axis (MatMul of rank > 2, Gemm with transA=1 after the BN), shapes disagree, the variance
+    axis (the BN channel of a rank-3 MatMul's rows), shapes disagree, the variance
     is degenerate (var + eps <= 0 or not finite), or a folded value would not be finite,
     would overflow the dtype, or would underflow to zero where the original was not.
 

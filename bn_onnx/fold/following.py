@@ -1,27 +1,42 @@
-"""Rules 5-6 (and 8 after the site): fold a site into the linear nodes that read its output.
+"""Rules 5-6, 18 (and 8, 16-17, 20 after the site): fold a site into the linear nodes that read
+its output.
 
-When every reader of y (through Identity and inference Dropout, which stay) is a Gemm reading
-it as A with transA=0 or a rank-2 MatMul reading it as its first input, each reader
-x' @ W + b with x' = a*x + c becomes x @ (a[:, None] * W) + (b + c @ W). Readers may share a
-weight: each gets its own copy (`FoldContext.write_input`). Shape-only readers (`Shape`,
-`Size`, CastLike's type input) are rewired to x, whose shape and type are y's.
+The walk forward from y looks through Identity and inference Dropout (which stay), follows the
+channels through layout ops (rule 19, `layout`) and pools that commute with the map (rule 23,
+`pools`), and needs every reader at the end to be a linear node reading the value as its data
+input with the channels on the axis it contracts. Each reader x' . W + b with x' = a*x + c
+becomes x . (W scaled by a along its input channels) + (b + W . c). Readers may share a weight:
+each gets its own copy (`FoldContext.write_input`). Shape-only readers (`Shape`, `Size`,
+CastLike's type input) are rewired to x, whose shape and type are y's.
 
-5. Gemm (alpha, beta, transB honoured).
-6. MatMul, rank 2; the bias goes into the MatMul's only reader when it is an Add of a constant,
-   or into a new Add.
+5. Gemm reading the value as A (the channels on axis 1, or 0 with transA=1; alpha, beta,
+   transB honoured).
+6. MatMul with a 2-D weight, the channels on the last axis of its input (any rank); the bias
+   goes into the MatMul's only reader when it is an Add of a constant, or into a new Add.
+18. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
+    kernel), any group: weight[o, i] scaled by a of the input channel it reads
+    ((o // (C_out/group)) * (C_in/group) + i), bias + sum over in-channels and taps of W * c.
+    A padded Conv would see the shift at its border where the original saw zero: refused
+    (unless the shift is zero). ConvTranspose of stride 1 whose pads crop every border position
+    that sees fewer kernel taps (pads >= dilation*(kernel-1), + output_padding at the end):
+    weight (C_in, C_out/group, k...) scaled along axis 0; any other ConvTranspose gives some
+    outputs fewer taps (at the borders; with stride > 1 between input positions), so the
+    shift is not a per-channel bias: refused with the reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import legacy
+from bn_onnx.fold import layout, legacy, pools
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.preceding import bias, weight
+from bn_onnx.fold.layout import Channels, attr_ints, attr_str
+from bn_onnx.fold.preceding import bias, mismatch, weight
 from bn_onnx.fold.sites import (
     AffineSite,
     Plan,
@@ -29,28 +44,27 @@ from bn_onnx.fold.sites import (
     Rule,
     attr_float,
     attr_int,
-    fit_uniform,
     is_standard,
     label,
 )
 
-LINEAR_AFTER = ("Gemm", "MatMul")
+LINEAR_AFTER = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
 def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 5-6: fold the site into every linear node reading its output."""
+    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output."""
     y = site.y
     if y.is_graph_output():
         return Refusal(f"its output {y.name!r} is a graph output")
-    frontier = [y]
-    readers: list[tuple[ir.Node, ir.Value]] = []  # (linear node, the value it reads)
+    frontier = [(y, Channels.of(site))]
+    readers: list[tuple[ir.Node, ir.Value, Channels]] = []  # (linear node, value it reads, ...)
     while frontier:
-        value = frontier.pop()
+        value, ch = frontier.pop()
         if value.is_graph_output():
-            return Refusal(f"{value.name!r} is a graph output")
+            return Refusal(f"{ch.prefix()}{value.name!r} is a graph output")
         uses = ctx.readers(value)
         if not uses:
-            return Refusal(f"{value.name!r} is not read by any node")
+            return Refusal(f"{ch.prefix()}{value.name!r} is not read by any node")
         seen: set[ir.Node] = set()
         for node, _ in uses:
             if node in seen:
@@ -59,16 +73,34 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
             count = sum(u.node is node for u in uses)
             if node.graph is not site.graph:
                 owner = ctx.owner_in(node, site.graph)
-                return Refusal(f"{value.name!r} is read by {owner.op_type} {label(owner)!r}")
-            if is_passthrough(node, ctx) and node.inputs[0] is value and count == 1:
-                frontier.append(node.outputs[0])
+                return Refusal(
+                    f"{ch.prefix()}{value.name!r} is read by {owner.op_type} {label(owner)!r}"
+                )
+            first = node.inputs[0] is value and count == 1
+            if first and is_passthrough(node, ctx):
+                frontier.append((node.outputs[0], ch))
             elif is_standard(node) and node.op_type in LINEAR_AFTER:
-                readers.append((node, value))
+                readers.append((node, value, ch))
+            elif first and layout.is_layout(node):
+                moved = layout.forward(node, ch, ctx)
+                if isinstance(moved, Refusal):
+                    return moved
+                frontier.append(moved)
+            elif first and pools.is_pool(node):
+                stepped = pools.step(node, ch, ctx, forward=True)
+                if isinstance(stepped, Refusal):
+                    return stepped
+                frontier.append((node.outputs[0], stepped))
             else:
-                return Refusal(f"{value.name!r} is read by {node.op_type} {label(node)!r}")
+                return Refusal(
+                    f"{ch.prefix()}{value.name!r} is read by {node.op_type} {label(node)!r}"
+                )
     rewrites: list[Callable[[], None]] = []
-    for node, value in readers:
-        plan = _into_linear_after(site, ctx, node, value)
+    for node, value, ch in readers:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            plan = _into_conv_after(site, ctx, node, value, ch)
+        else:
+            plan = _into_linear_after(site, ctx, node, value, ch)
         if isinstance(plan, Refusal):
             return plan
         rewrites.append(plan)
@@ -78,34 +110,40 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
             fn()
         ctx.remove_site(site, keep_name=False)
 
-    return Plan("following", [node for node, _ in readers], rewrite)
+    return Plan("following", [node for node, _, _ in readers], rewrite)
+
+
+def _reads_as_data(node: ir.Node, value: ir.Value, ch: Channels) -> Refusal | None:
+    if node.inputs[0] is not value or sum(v is value for v in node.inputs) != 1:
+        return Refusal(f"{ch.prefix()}{label(node)!r} reads {value.name!r} as its weight or bias")
+    return None
 
 
 def _into_linear_after(
-    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value
+    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
 ) -> Callable[[], None] | Refusal:
-    if node.inputs[0] is not value or sum(v is value for v in node.inputs) != 1:
-        return Refusal(f"{label(node)!r} reads {value.name!r} as its weight or bias")
+    wrong = _reads_as_data(node, value, ch)
+    if wrong is not None:
+        return wrong
     w_value = node.inputs[1] if len(node.inputs) > 1 else None
     if node.op_type == "Gemm":
-        if attr_int(node, "transA", 0):
-            return Refusal(f"Gemm {label(node)!r} has transA=1 ({site.short} channel is its batch)")
+        trans_a = attr_int(node, "transA", 0)
+        contracted = 0 if trans_a else 1  # A is (M, K), or (K, M) with transA=1
+        ch = ch.at(contracted)  # a uniform site is per channel of any axis
+        if ch.axis != contracted:
+            return Refusal(
+                f"{ch.prefix()}Gemm {label(node)!r} has transA={trans_a}: it contracts axis"
+                f" {contracted} of {value.name!r}, the {site.short} channel is axis {ch.axis}"
+            )
         w = weight(ctx, w_value)
         if isinstance(w, Refusal):
             return w
         trans_b = bool(attr_int(node, "transB", 0))
         k, n = (w.shape[1], w.shape[0]) if trans_b else w.shape
-        site = fit_uniform(site, 1, k)
-        if site.axis != 1:
-            return Refusal(
-                f"{site.short} is per channel of axis {site.axis}, Gemm {label(node)!r} "
-                "contracts axis 1"
-            )
-        a, c = site.a, site.c
-        if k != site.channels:
-            return Refusal(
-                f"{site.short} has {site.channels} channels, Gemm {label(node)!r} has {k} inputs"
-            )
+        ac = ch.expand(k)
+        if ac is None:
+            return Refusal(mismatch(site, ch, k, node, "inputs"))
+        a, c = ac
         c_value = node.inputs[2] if len(node.inputs) > 2 else None
         b = bias(ctx, c_value, n)
         if isinstance(b, Refusal):
@@ -125,23 +163,23 @@ def _into_linear_after(
             ctx.drop_attributes(node, ("alpha", "beta"))
 
         return rewrite_gemm
-    # MatMul
+    # MatMul with a 2-D weight: it contracts the last axis of its first input
     w = weight(ctx, w_value)
     if isinstance(w, Refusal):
         return w
     rank = ctx.rank(value)
     if rank is not None:
-        site = fit_uniform(site, rank - 1, w.shape[0])  # a uniform site: the contracted axis
-    if rank is None or site.axis != rank - 1:
+        ch = ch.at(rank - 1)
+    if rank is None or ch.axis != rank - 1:
         return Refusal(
-            f"MatMul {label(node)!r} input has rank {rank if rank is not None else '?'}: "
-            f"{site.short}'s channel axis {site.axis} is not the contracted axis"
+            f"{ch.prefix()}MatMul {label(node)!r} input has rank"
+            f" {rank if rank is not None else '?'}: it contracts the last axis,"
+            f" the {site.short} channel is axis {ch.axis}"
         )
-    a, c = site.a, site.c
-    if w.shape[0] != site.channels:
-        return Refusal(
-            f"{site.short} has {site.channels} channels, MatMul {label(node)!r} has {w.shape[0]}"
-        )
+    ac = ch.expand(w.shape[0])
+    if ac is None:
+        return Refusal(mismatch(site, ch, w.shape[0], node, "inputs"))
+    a, c = ac
     out = node.outputs[0]
     add = None
     out_readers = ctx.readers(out)
@@ -171,6 +209,135 @@ def _into_linear_after(
             ctx.insert_bias_add(node, b_r)
 
     return rewrite_matmul
+
+
+def _pads(node: ir.Node, dims: int) -> tuple[str, list[int]]:
+    """auto_pad and explicit pads (zeros when absent) of a Conv or ConvTranspose."""
+    return attr_str(node, "auto_pad", "NOTSET"), attr_ints(node, "pads") or [0] * (2 * dims)
+
+
+def _conv_pads_refusal(
+    site: AffineSite, node: ir.Node, kernel: tuple[int, ...], ch: Channels, c: np.ndarray
+) -> Refusal | None:
+    """Rule 21: why a following Conv's padded border would see something else than the shift."""
+    auto_pad, pads = _pads(node, len(kernel))
+    if not c.any():  # no shift: the padded border sees zero either way
+        return None
+    if auto_pad.startswith("SAME") and any(k != 1 for k in kernel):
+        padding = f"auto_pad={auto_pad}"
+    elif auto_pad == "NOTSET" and any(pads):
+        padding = f"pads={pads}"
+    else:
+        return None
+    return Refusal(
+        f"{ch.prefix()}the following Conv {label(node)!r} pads ({padding}): a padded border"
+        f" would see the {site.short}'s shift, not zero"
+    )
+
+
+def _conv_transpose_refusal(
+    site: AffineSite,
+    node: ir.Node,
+    kernel: tuple[int, ...],
+    ch: Channels,
+    c: np.ndarray,
+) -> Refusal | None:
+    """Rule 21: why a following ConvTranspose would not add the shift as one bias per channel.
+
+    Output position p of a ConvTranspose (per spatial dim: stride s, dilation d, kernel K,
+    pads b and e, output_padding q) takes tap k from input j = (p + b - k*d) / s when that is
+    a whole index inside the input. Every output sees every tap exactly when s = 1,
+    b >= d*(K-1) and e >= d*(K-1) + q: then the shift adds sum over taps and input channels
+    of W * c to every output of a channel. Otherwise borders (and, for s > 1, the positions
+    between input strides) see fewer taps, so the shift is not a per-channel bias.
+    """
+    if not c.any():
+        return None
+    name = f"{ch.prefix()}the following ConvTranspose {label(node)!r}"
+    if attr_ints(node, "output_shape") is not None:
+        return Refusal(f"{name} has output_shape: its pads are computed at run time")
+    dims = len(kernel)
+    strides = attr_ints(node, "strides") or [1] * dims
+    if any(s != 1 for s in strides):
+        return Refusal(
+            f"{name} has strides={strides}: its outputs see different kernel taps, so the"
+            f" {site.short}'s shift is not a per-channel bias"
+        )
+    auto_pad, pads = _pads(node, dims)
+    dilations = attr_ints(node, "dilations") or [1] * dims
+    extra = attr_ints(node, "output_padding") or [0] * dims
+    need_begin = [d * (k - 1) for d, k in zip(dilations, kernel, strict=False)]
+    need_end = [n + q for n, q in zip(need_begin, extra, strict=False)]
+    if auto_pad != "NOTSET":
+        pads = [0] * (2 * dims)
+        if auto_pad.startswith("SAME") and any(need_end):
+            return Refusal(
+                f"{name} pads (auto_pad={auto_pad}): border outputs see fewer kernel taps,"
+                f" so the {site.short}'s shift is not a per-channel bias"
+            )
+    begin, end = pads[:dims], pads[dims:]
+    if any(b < n for b, n in zip(begin, need_begin, strict=False)) or any(
+        e < n for e, n in zip(end, need_end, strict=False)
+    ):
+        return Refusal(
+            f"{name} has pads={pads}, less than dilation*(kernel-1) (+ output_padding) ="
+            f" {need_begin + need_end}: border outputs see fewer kernel taps, so the"
+            f" {site.short}'s shift is not a per-channel bias"
+        )
+    return None
+
+
+def _into_conv_after(
+    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
+) -> Callable[[], None] | Refusal:
+    """Rule 21: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
+    wrong = _reads_as_data(node, value, ch)
+    if wrong is not None:
+        return wrong
+    transpose = node.op_type == "ConvTranspose"
+    ch = ch.at(1)  # a uniform site is per channel of any axis
+    if ch.axis != 1:
+        return Refusal(
+            f"{ch.prefix()}the {site.short} channel is axis {ch.axis} of {value.name!r},"
+            f" {node.op_type} {label(node)!r} reads channels on axis 1"
+        )
+    w = weight(ctx, node.inputs[1] if len(node.inputs) > 1 else None, ndim=None)
+    if isinstance(w, Refusal):
+        return w
+    group = attr_int(node, "group", 1)
+    if w.ndim < 3 or group < 1 or w.shape[0] % group:
+        return Refusal(f"{node.op_type} weight shape {list(w.shape)} does not fit group")
+    c_in = w.shape[0] if transpose else w.shape[1] * group
+    c_out = w.shape[1] * group if transpose else w.shape[0]
+    ac = ch.expand(c_in)
+    if ac is None:
+        return Refusal(mismatch(site, ch, c_in, node, "input channels"))
+    a, c = ac
+    kernel = tuple(int(k) for k in w.shape[2:])
+    if transpose:
+        refused = _conv_transpose_refusal(site, node, kernel, ch, c)
+    else:
+        refused = _conv_pads_refusal(site, node, kernel, ch, c)
+    if refused is not None:
+        return refused
+    b_value = node.inputs[2] if len(node.inputs) > 2 else None
+    b = None
+    if b_value is not None:
+        b = ctx.const(b_value) if not ctx.is_graph_input(b_value) else None
+        if b is None or b.shape != (c_out,):
+            return Refusal(f"bias {b_value.name!r} is not a constant vector of {c_out}")
+    try:
+        w_r = fm.scale_rounded(w, fm.conv_input_factor(a, w.shape, group, transpose))
+        shift = fm.conv_input_shift(w, c, group, transpose)
+        b_r = fm.round_to(shift if b is None else b.astype(np.float64) + shift, w.dtype)
+    except ValueError as exc:
+        return Refusal(str(exc))
+
+    def rewrite_conv() -> None:
+        ctx.write_input(node, 1, w_r, None)
+        ctx.write_input(node, 2, b_r, None)
+
+    return rewrite_conv
 
 
 RULE = Rule("following", "after", fold_into_following)

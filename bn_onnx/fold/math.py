@@ -127,6 +127,77 @@ def conv_factor(
     return f.reshape((c_in, per_group) + kernel)
 
 
+def conv_input_factor(
+    a: np.ndarray, weight_shape: tuple[int, ...], group: int = 1, transpose: bool = False
+) -> np.ndarray:
+    """The factor folding a BN on the input of the Conv or ConvTranspose after it, per input
+    channel (broadcastable to the weight).
+
+    Conv weights are (C_out, C_in/group, k...): weight[o, i] reads input channel
+    (o // (C_out/group)) * (C_in/group) + i. ConvTranspose weights are (C_in, C_out/group,
+    k...): the input channel is axis 0.
+    """
+    kernel = (1,) * (len(weight_shape) - 2)
+    if transpose:
+        return a.reshape((-1, 1) + kernel)
+    c_out, per_in = weight_shape[0], weight_shape[1]
+    f = np.broadcast_to(a.reshape(group, 1, per_in), (group, c_out // group, per_in))
+    return f.reshape((c_out, per_in) + kernel)
+
+
+def conv_input_shift(
+    weight: np.ndarray, c: np.ndarray, group: int = 1, transpose: bool = False
+) -> np.ndarray:
+    """Per output channel, the sum over input channels and kernel taps of weight * c: what a
+    shift c on the input of a Conv (or ConvTranspose) adds to each output where every tap reads
+    a real input element. float64, shape (C_out,); accumulated by blocks of the weight's first
+    axis (no float64 copy of a big weight)."""
+    w = np.asarray(weight)
+    c = np.asarray(c, dtype=F64)
+    rows = w.shape[0]
+    step = max(1, CHUNK // max(1, w[0].size))
+    if transpose:  # (C_in, C_out/group, k...): output channel g*C_out/group + j
+        c_in, per_out = w.shape[0], w.shape[1]
+        per_in = c_in // group
+        shift = np.zeros((group, per_out), dtype=F64)
+        for i in range(0, rows, step):
+            block = w[i : i + step].astype(F64).reshape(min(step, rows - i), per_out, -1)
+            taps = block.sum(axis=2) * c[i : i + step, None]  # (block, C_out/group)
+            for g in range(i // per_in, (i + len(block) - 1) // per_in + 1):
+                lo, hi = max(i, g * per_in), min(i + len(block), (g + 1) * per_in)
+                shift[g] += taps[lo - i : hi - i].sum(axis=0)
+        return shift.reshape(-1)
+    c_out, per_in = w.shape[0], w.shape[1]
+    per_out = c_out // group
+    shift = np.empty(c_out, dtype=F64)
+    for o in range(0, rows, step):
+        block = w[o : o + step].astype(F64).reshape(min(step, rows - o), per_in, -1)
+        groups = np.arange(o, o + len(block)) // per_out
+        cg = c.reshape(group, per_in)[groups]  # (block, C_in/group)
+        shift[o : o + len(block)] = np.einsum("oik,oi->o", block, cg)
+    return shift
+
+
+def fold_conv_following(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    a: np.ndarray,
+    c: np.ndarray,
+    group: int = 1,
+    transpose: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold BN (a, c) on the input of the Conv or ConvTranspose after it, in float64.
+
+    Exact where every kernel tap of every output reads a real input element: a Conv that pads
+    nothing, a ConvTranspose of stride 1 whose pads crop every border position that sees fewer
+    taps (see `bn_onnx.fold.following`). Returns (new_weight, new_bias).
+    """
+    w = np.asarray(weight, dtype=F64)
+    new_w = w * conv_input_factor(a, w.shape, group, transpose)
+    shift = conv_input_shift(w, c, group, transpose)
+    return new_w, shift if bias is None else np.asarray(bias, dtype=F64) + shift
+
+
 def fold_preceding(
     weight: np.ndarray,
     bias: np.ndarray | None,

@@ -1,28 +1,40 @@
-"""Rules 1-4 (and 8 before the site): fold a site into the linear node that computes its input.
+"""Rules 1-4 (and 8, 16-17, 19-20 before the site): fold a site into the linear node that
+computes its input.
 
 The node before the site computes x = W . input + b with the channel on its output axis; the
 site's map a*x + c becomes a new weight (W scaled along its output-channel axis) and bias
-(a*b + c). Identity and inference Dropout between them are looked through. Each value on the
-way must be read by nothing else (shape-only readers aside) and be no graph output: its values
-change.
+(a*b + c). The walk back from the site (`walk_back`) looks through Identity and inference
+Dropout (rule 8), follows the channels through layout ops (rule 19, `layout`), pools that
+commute with the map (rule 23, `pools`) and splits the map across a Concat's inputs (rule 22,
+`concat`). Each value on the way must be read by nothing else (shape-only readers aside) and be
+no graph output: its values change. The nodes walked through stay; only the site goes.
 
 1. Gemm: scale the weight's output columns (any transA, transB), fold alpha into the weight and
    beta into the bias; C is created when missing and expanded when broadcast.
-2. MatMul and MatMul -> Add (bias as either Add input), rank 2: scale the weight's columns;
-   the bias goes into the Add, or into a new one.
+2. MatMul and MatMul -> Add (bias as either Add input), with a 2-D weight, when the channels
+   are the output's last axis (any rank): scale the weight's columns; the bias goes into the
+   Add, or into a new one.
 3. Conv, with or without bias, any group.
 4. ConvTranspose, group-aware (weight (C_in, C_out/group, k...)).
+
+After layout ops the channels may repeat along the output axis (`Channels.expand`): a Gemm
+followed by a Reshape to (N, C, H, W) and a BN scales each output column by its channel's
+factor.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import legacy
+from bn_onnx.fold import concat, layout, legacy, pools
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
+from bn_onnx.fold.layout import Channels
 from bn_onnx.fold.sites import (
     FLOAT_DTYPES,
     AffineSite,
@@ -31,11 +43,12 @@ from bn_onnx.fold.sites import (
     Rule,
     attr_float,
     attr_int,
-    fit_uniform,
     is_standard,
     label,
 )
 
+# A Concat's reason names at most this many of the inputs that do not fold.
+MAX_NAMED = 4
 LINEAR_BEFORE = ("Gemm", "MatMul", "Add", "Conv", "ConvTranspose")
 
 
@@ -73,77 +86,170 @@ def _input(node: ir.Node, pos: int) -> ir.Value | None:
     return node.inputs[pos] if pos < len(node.inputs) else None
 
 
+@dataclasses.dataclass
+class Part:
+    """One linear node's share of a fold: the nodes it changes and the rewrite (the site is
+    removed by the caller, once every part is written)."""
+
+    targets: list[ir.Node]
+    rewrite: Callable[[], None]
+
+
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 1-4: find the linear node before the site (through passthroughs) and fold."""
-    value = site.x
+    """Rules 1-4, 16-17, 19-20: find the linear node(s) before the site and fold."""
+    parts = walk_back(site, ctx, site.x, Channels.of(site))
+    if isinstance(parts, Refusal):
+        return parts
+
+    def rewrite() -> None:
+        ctx.remove_site(site, keep_name=True)  # the node before the site now computes y
+        for part in parts:  # after: an inserted bias Add takes the readers of x
+            part.rewrite()
+
+    return Plan("preceding", [t for part in parts for t in part.targets], rewrite)
+
+
+def walk_back(
+    site: AffineSite, ctx: FoldContext, value: ir.Value, ch: Channels
+) -> list[Part] | Refusal:
+    """From `value` (carrying the site's channels as `ch`) back to the linear nodes computing it:
+    through passthroughs (rule 8), layout ops (rule 19), pools (rule 23) and Concat (rule 22).
+    Every value on the way changes, so each must have one reader and be no graph output."""
     while True:
         name = value.name
         if value.is_graph_output():
-            return Refusal(f"{name!r} is also a graph output")
+            return Refusal(f"{ch.prefix()}{name!r} is also a graph output")
         if ctx.uses(value) != 1:
-            return Refusal(f"{name!r} is also read by another node")
+            return Refusal(f"{ch.prefix()}{name!r} is also read by another node")
         producer = value.producer()
         if producer is None:
-            return Refusal(f"input {name!r} is not computed by a node")
-        if producer.outputs[0] is value and is_passthrough(producer, ctx):
+            what = "a graph input" if value.is_graph_input() else "not computed by a node"
+            return Refusal(f"{ch.prefix()}{name!r} is {what}")
+        if producer.outputs[0] is not value:
+            break
+        if is_passthrough(producer, ctx):
             value = producer.inputs[0]  # type: ignore[assignment]
             continue
+        if layout.is_layout(producer):
+            moved = layout.back(producer, ch, ctx)
+            if isinstance(moved, Refusal):
+                return moved
+            value, ch = moved
+            continue
+        if pools.is_pool(producer):
+            stepped = pools.step(producer, ch, ctx, forward=False)
+            if isinstance(stepped, Refusal):
+                return stepped
+            value, ch = producer.inputs[0], stepped  # type: ignore[assignment]
+            continue
+        if concat.is_concat(producer):
+            return _split(site, ctx, producer, ch)
         break
+    part = _into_linear(site, ctx, producer, value, ch)
+    return part if isinstance(part, Refusal) else [part]
+
+
+def _into_linear(
+    site: AffineSite, ctx: FoldContext, producer: ir.Node, value: ir.Value, ch: Channels
+) -> Part | Refusal:
+    """Rules 1-4: the site's channels `ch` on `value`, the output of `producer`."""
     if not is_standard(producer) or producer.op_type not in LINEAR_BEFORE:
-        return Refusal(f"comes after {producer.op_type} {label(producer)!r}, not Gemm/MatMul/Conv")
+        return Refusal(
+            f"{ch.prefix()}comes after {producer.op_type} {label(producer)!r}, not Gemm/MatMul/Conv"
+        )
     if producer.op_type == "Gemm":
-        return _into_gemm(site, ctx, producer)
+        return _into_gemm(site, ctx, producer, ch)
     if producer.op_type == "MatMul":
-        return _into_matmul(site, ctx, producer, None)
+        return _into_matmul(site, ctx, producer, None, value, ch)
     if producer.op_type == "Add":
         for pos in (0, 1):
             mm_out = _input(producer, pos)
             mm = mm_out.producer() if mm_out is not None else None
             if mm is not None and mm.op_type == "MatMul" and is_standard(mm):
                 if mm_out.is_graph_output() or ctx.uses(mm_out) != 1:  # type: ignore[union-attr]
-                    return Refusal(f"MatMul output {mm_out.name!r} is read by another node")  # type: ignore[union-attr]
-                return _into_matmul(site, ctx, mm, (producer, 1 - pos))
-        return Refusal(f"comes after Add {label(producer)!r} that does not add to a MatMul")
-    return _into_conv(site, ctx, producer)
+                    return Refusal(
+                        f"{ch.prefix()}MatMul output {mm_out.name!r} is read by another node"  # type: ignore[union-attr]
+                    )
+                return _into_matmul(site, ctx, mm, (producer, 1 - pos), value, ch)
+        return Refusal(
+            f"{ch.prefix()}comes after Add {label(producer)!r} that does not add to a MatMul"
+        )
+    return _into_conv(site, ctx, producer, ch)
 
 
-def _remove(site: AffineSite, ctx: FoldContext) -> None:
-    """The node before the site now computes y: it takes y's name."""
-    ctx.remove_site(site, keep_name=True)
+def _split(site: AffineSite, ctx: FoldContext, node: ir.Node, ch: Channels) -> list[Part] | Refusal:
+    """Rule 22: each input of the Concat folds its share, or the site stays."""
+    split = concat.split(node, ch, ctx)
+    if isinstance(split, Refusal):
+        return split
+    parts: list[Part] = []
+    failed: list[str] = []
+    for value, part_ch in split:
+        got = walk_back(site, ctx, value, dataclasses.replace(part_ch, via=()))
+        if isinstance(got, Refusal):
+            reason = got.reason.removeprefix(f"{value.name!r} ")
+            failed.append(f"{value.name!r} ({reason})")
+        else:
+            parts.extend(got)
+    if failed:
+        shown = ", ".join(failed[:MAX_NAMED])
+        if len(failed) > MAX_NAMED:
+            shown += f" and {len(failed) - MAX_NAMED} more"
+        return Refusal(
+            f"{ch.prefix()}after Concat {label(node)!r}, {len(failed)} of {len(split)} inputs"
+            f" do not fold: {shown}"
+        )
+    return parts
 
 
-def _axis_refusal(site: AffineSite, axis: int, node: ir.Node) -> Refusal | None:
-    """The site must be per channel of the node's output-channel axis."""
-    if site.axis == axis:
-        return None
-    return Refusal(
-        f"{site.short} is per channel of axis {site.axis}, "
-        f"{node.op_type} {label(node)!r} has its outputs on axis {axis}"
+def _channels_at(
+    site: AffineSite, ch: Channels, n: int, node: ir.Node, axis: int, what: str
+) -> tuple[np.ndarray, np.ndarray] | Refusal:
+    """The site's (a, c) over the n output channels of `node`, which lie on `axis` of its
+    output; or why the site's channels are elsewhere."""
+    ch = ch.at(axis)  # a uniform site is per channel of any axis
+    if ch.axis != axis:
+        return Refusal(
+            f"{ch.prefix()}the {site.short} is per channel of axis {ch.axis} of the output of"
+            f" {node.op_type} {label(node)!r}, whose {what} are on axis {axis}"
+        )
+    expanded = ch.expand(n)
+    if expanded is None:
+        return Refusal(mismatch(site, ch, n, node, what))
+    return expanded
+
+
+def mismatch(site: AffineSite, ch: Channels, n: int, node: ir.Node, what: str) -> str:
+    """The reason for a channel count that does not fit the linear node's."""
+    if ch.inner == 1 and not ch.via:
+        return (
+            f"{site.short} has {ch.period} channels, {node.op_type} {label(node)!r} has {n} {what}"
+        )
+    return (
+        f"{ch.prefix()}the {site.short}'s {ch.period} channels x {ch.inner} positions do not"
+        f" tile the {n} {what} of {node.op_type} {label(node)!r}"
     )
 
 
-def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node) -> Plan | Refusal:
+def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node, ch: Channels) -> Part | Refusal:
     w = weight(ctx, _input(gemm, 1))
     if isinstance(w, Refusal):
         return w
     trans_b = bool(attr_int(gemm, "transB", 0))
     n = w.shape[0] if trans_b else w.shape[1]
-    site = fit_uniform(site, 1, n)
-    if (refusal := _axis_refusal(site, 1, gemm)) is not None:
-        return refusal
-    if n != site.channels:
-        return Refusal(
-            f"{site.short} has {site.channels} channels, Gemm {label(gemm)!r} has {n} outputs"
-        )
+    ac = _channels_at(site, ch, n, gemm, 1, "outputs")
+    if isinstance(ac, Refusal):
+        return ac
+    a, c = ac
     c_value = _input(gemm, 2)
     b = bias(ctx, c_value, n)
     if isinstance(b, Refusal):
         return b
     alpha, beta = attr_float(gemm, "alpha", 1.0), attr_float(gemm, "beta", 1.0)
-    factor = fm.preceding_factor(site.a, 2, out_axis=0 if trans_b else 1, weight_scale=alpha)
+    factor = fm.preceding_factor(a, 2, out_axis=0 if trans_b else 1, weight_scale=alpha)
     try:
         w_r = fm.scale_rounded(w, factor)
-        b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c, bias_scale=beta), w.dtype)
+        b_r = fm.round_to(fm.preceding_bias(b, a, c, bias_scale=beta), w.dtype)
     except ValueError as exc:
         return Refusal(str(exc))
 
@@ -152,31 +258,37 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node) -> Plan | Refu
         ctx.write_input(gemm, 2, b_r, None)
         ctx.mark_broadcast(gemm)
         ctx.drop_attributes(gemm, ("alpha", "beta"))
-        _remove(site, ctx)
 
-    return Plan("preceding", [gemm], rewrite)
+    return Part([gemm], rewrite)
 
 
 def _into_matmul(
-    site: AffineSite, ctx: FoldContext, mm: ir.Node, add: tuple[ir.Node, int] | None
-) -> Plan | Refusal:
+    site: AffineSite,
+    ctx: FoldContext,
+    mm: ir.Node,
+    add: tuple[ir.Node, int] | None,
+    value: ir.Value,
+    ch: Channels,
+) -> Part | Refusal:
+    """`value` is the output of the MatMul, or of the Add after it (a value renamed by an
+    earlier fold's inserted Add may have lost its inferred shape; this one has it)."""
     w = weight(ctx, _input(mm, 1))
     if isinstance(w, Refusal):
         return w
-    rank = site.rank
+    rank = ctx.rank(value)
     if rank is None:
-        return Refusal(f"rank of {site.x.name!r} is unknown")
+        return Refusal(f"{ch.prefix()}rank of {value.name!r} is unknown")
+    ch = ch.at(rank - 1)
+    if ch.axis != rank - 1:  # MatMul's output channels are its last axis
+        return Refusal(
+            f"{ch.prefix()}MatMul output has rank {rank}: {site.short} normalizes axis"
+            f" {ch.axis}, MatMul's outputs are the last axis"
+        )
     n = w.shape[1]
-    site = fit_uniform(site, rank - 1, n)  # a uniform site: per channel of the last axis
-    if site.axis != rank - 1:  # the site's channel axis must be MatMul's output axis
-        return Refusal(
-            f"MatMul output has rank {rank}: {site.short} normalizes axis {site.axis}, "
-            "MatMul's outputs are the last axis"
-        )
-    if n != site.channels:
-        return Refusal(
-            f"{site.short} has {site.channels} channels, MatMul {label(mm)!r} has {n} outputs"
-        )
+    ac = _channels_at(site, ch, n, mm, rank - 1, "outputs")
+    if isinstance(ac, Refusal):
+        return ac
+    a, c = ac
     b = None
     if add is not None:
         add_node, bias_pos = add
@@ -186,25 +298,23 @@ def _into_matmul(
         if (why := legacy.bias_refusal(ctx, add_node, bias_pos, rank)) is not None:
             return Refusal(why)
     try:
-        w_r = fm.scale_rounded(w, fm.preceding_factor(site.a, 2, out_axis=1))
-        b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c), (b if b is not None else w).dtype)
+        w_r = fm.scale_rounded(w, fm.preceding_factor(a, 2, out_axis=1))
+        b_r = fm.round_to(fm.preceding_bias(b, a, c), (b if b is not None else w).dtype)
     except ValueError as exc:
         return Refusal(str(exc))
 
     def rewrite() -> None:
         ctx.write_input(mm, 1, w_r, None)
-        _remove(site, ctx)
         if add is not None:
             ctx.write_input(add[0], add[1], b_r, None)
             ctx.mark_broadcast(add[0])
         elif b_r.any():  # a pure scale (a Mul chain) needs no Add of zeros
             ctx.insert_bias_add(mm, b_r)
 
-    targets = [mm] if add is None else [mm, add[0]]
-    return Plan("preceding", targets, rewrite)
+    return Part([mm] if add is None else [mm, add[0]], rewrite)
 
 
-def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node) -> Plan | Refusal:
+def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node, ch: Channels) -> Part | Refusal:
     transpose = conv.op_type == "ConvTranspose"
     w = weight(ctx, _input(conv, 1), ndim=None)
     if isinstance(w, Refusal):
@@ -213,11 +323,10 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node) -> Plan | Refu
     if w.ndim < 3 or group < 1 or w.shape[0] % group:
         return Refusal(f"{conv.op_type} weight shape {list(w.shape)} does not fit group")
     n = w.shape[1] * group if transpose else w.shape[0]
-    site = fit_uniform(site, 1, n)
-    if (refusal := _axis_refusal(site, 1, conv)) is not None:
-        return refusal
-    if n != site.channels:
-        return Refusal(f"{site.short} has {site.channels} channels, {conv.op_type} has {n} outputs")
+    ac = _channels_at(site, ch, n, conv, 1, "outputs")
+    if isinstance(ac, Refusal):
+        return ac
+    a, c = ac
     b_value = _input(conv, 2)
     b = None
     if b_value is not None:
@@ -225,17 +334,16 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node) -> Plan | Refu
         if b is None or b.shape != (n,):
             return Refusal(f"bias {b_value.name!r} is not a constant vector of {n}")
     try:
-        w_r = fm.scale_rounded(w, fm.conv_factor(site.a, w.shape, group, transpose))
-        b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c), w.dtype)
+        w_r = fm.scale_rounded(w, fm.conv_factor(a, w.shape, group, transpose))
+        b_r = fm.round_to(fm.preceding_bias(b, a, c), w.dtype)
     except ValueError as exc:
         return Refusal(str(exc))
 
     def rewrite() -> None:
         ctx.write_input(conv, 1, w_r, None)
         ctx.write_input(conv, 2, b_r, None)
-        _remove(site, ctx)
 
-    return Plan("preceding", [conv], rewrite)
+    return Part([conv], rewrite)
 
 
 RULE = Rule("preceding", "before", fold_into_preceding)
