@@ -10,9 +10,7 @@ accuracy band. `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=defau
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +18,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from models_testing import (
+    assert_same_onnx_bytes,
+    card_lines_and_figures,
+    make_models_module,
+    retrain_under_the_recorded_kernels,
+)
 
 from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import read_checkpoint
@@ -53,13 +57,6 @@ def _plain_ort(path: Path, x: np.ndarray) -> np.ndarray:
 
 def _load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
-
-
-def _make_models_module():
-    spec = importlib.util.spec_from_file_location("make_models", ROOT / "tools" / "make_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shipped_files_are_all_there_and_small():
@@ -133,34 +130,6 @@ def test_shipped_model_metadata_drives_the_predictor():
     assert predictor.predict_labels(x) == [str(i) for i in expected.argmax(1)]
 
 
-def _initializer_diffs(a_path: Path, b_path: Path) -> list[str]:
-    """Names of the initializers that differ, with the largest difference (for messages)."""
-    a, b = onnx.load(a_path), onnx.load(b_path)
-    b_init = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
-    out = []
-    for t in a.graph.initializer:
-        value = onnx.numpy_helper.to_array(t)
-        other = b_init.get(t.name)
-        if other is None or other.shape != value.shape:
-            out.append(f"{t.name}: missing or reshaped")
-        elif not np.array_equal(other, value):
-            out.append(f"{t.name}: max abs {np.max(np.abs(other - value)):.3g}")
-    return out
-
-
-# The card's three error figures are onnxruntime results: its kernels (picked by CPU) may move
-# the last digits, so they are compared as numbers, not text.
-_FIGURE = re.compile(r"\b\d\.\d+e-\d+\b")
-
-
-def _card(path: Path) -> tuple[list[str], list[float]]:
-    """The card's lines without its versions line, with the error figures cut out; the figures."""
-    text = path.read_text(encoding="utf-8")
-    figures = [float(v) for v in _FIGURE.findall(text)]
-    lines = _FIGURE.sub("<figure>", text).splitlines()
-    return [line for line in lines if not line.startswith("Versions:")], figures
-
-
 def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path):
     """The ONNX files regenerate byte for byte from the shipped checkpoint, on any CPU.
 
@@ -170,15 +139,11 @@ def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path)
     avx512, OPENBLAS_CORETYPE=Prescott and Haswell, and numpy with its AVX2/AVX-512 loops
     disabled. Needs the torch, onnx and onnxscript versions pinned in constraints.txt.
     """
-    make_models = _make_models_module()
+    make_models = make_models_module()
     shutil.copytree(DIGITS / "checkpoint", tmp_path / "digits" / "checkpoint")
     make_models.make_digits(tmp_path, retrain=False, log=lambda *_: None)
     new = tmp_path / "digits"
-    for name in ("model.onnx", "model.folded.onnx"):
-        assert (new / name).read_bytes() == (DIGITS / name).read_bytes(), (
-            name,
-            _initializer_diffs(DIGITS / name, new / name) or "same initializers; graph differs",
-        )
+    assert_same_onnx_bytes(DIGITS, new)
     assert (new / "sample_input.npy").read_bytes() == (DIGITS / "sample_input.npy").read_bytes()
     # onnxruntime's outputs: its kernels are chosen by CPU, so within tolerance
     np.testing.assert_allclose(
@@ -189,15 +154,20 @@ def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path)
     )
     # the card differs at most in its versions line (another machine, another onnxruntime)
     # and in the last digits of onnxruntime's error figures
-    new_lines, new_figures = _card(new / "MODEL_CARD.md")
-    old_lines, old_figures = _card(DIGITS / "MODEL_CARD.md")
+    new_lines, new_figures = card_lines_and_figures(new / "MODEL_CARD.md")
+    old_lines, old_figures = card_lines_and_figures(DIGITS / "MODEL_CARD.md")
     assert new_lines == old_lines
     assert len(new_figures) == len(old_figures) == 3
     assert all(f <= ATOL for f in new_figures), new_figures  # "folding adds no measurable error"
 
 
-def _shipped_record() -> dict | None:
-    return read_checkpoint(DIGITS / "checkpoint").meta.get("reproducibility")
+def test_shipped_checkpoint_records_the_portable_kernels():
+    """make_models trained it under PORTABLE_KERNELS, so any x86-64 CPU can rerun them."""
+    portable = make_models_module().PORTABLE_KERNELS
+    record = read_checkpoint(DIGITS / "checkpoint").meta["reproducibility"]
+    assert record["device"] == "cpu" and record["intra_op_threads"] == 1
+    assert record["aten_cpu_capability"] == portable["ATEN_CPU_CAPABILITY"].upper()
+    assert record["mkl"] == {"MKL_CBWR": portable["MKL_CBWR"]}
 
 
 @pytest.mark.slow
@@ -209,30 +179,7 @@ def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for
     count and oneMKL branch on CPU (docs/training.md); where this CPU cannot run those kernels
     the test skips and says why. The check that holds on any CPU is the accuracy band below.
     """
-    make_models = _make_models_module()
-    record = _shipped_record()
-    env, reason = make_models.reproduction_env(record)
-    if reason:
-        pytest.skip(f"cannot rerun the shipped checkpoint's kernels here: {reason}")
-    out = tmp_path / "checkpoint"
-    make_models.train_digits_subprocess(out, env, record["intra_op_threads"])
-    new = read_checkpoint(out)
-    # the subprocess really ran the recorded kernels (a wrong env would fall back silently)
-    for key in ("torch", "device", "aten_cpu_capability", "intra_op_threads", "mkl"):
-        assert new.meta["reproducibility"][key] == record[key], key
-    shipped = read_checkpoint(DIGITS / "checkpoint")
-    for name, value in shipped.tensors.items():
-        differ = int(np.sum(new.tensors[name] != value))
-        assert differ == 0, f"{name}: {differ} / {value.size} elements differ"
-    assert (out / "model.safetensors").read_bytes() == (
-        DIGITS / "checkpoint" / "model.safetensors"
-    ).read_bytes()
-    for key in ("model", "dataset", "preprocessing", "class_names", "training"):
-        assert new.meta[key] == shipped.meta[key], key
-    timing = {"train_seconds", "history"}
-    assert {k: v for k, v in new.metrics.items() if k not in timing} == {
-        k: v for k, v in shipped.metrics.items() if k not in timing
-    }
+    retrain_under_the_recorded_kernels("digits", tmp_path / "checkpoint")
 
 
 @pytest.mark.slow
@@ -250,7 +197,7 @@ def test_retraining_on_this_cpu_stays_within_the_accuracy_band():
     """
     from bn_onnx.train import TrainSettings, train
 
-    make_models = _make_models_module()
+    make_models = make_models_module()
     shipped = read_checkpoint(DIGITS / "checkpoint")
     result = train(TrainSettings(**make_models.DIGITS_SETTINGS), None)
     assert result.dataset.spec == shipped.meta["dataset"]  # the same split
