@@ -5,7 +5,8 @@ Every test here compares with files made on another machine, so each must hold o
 CPU: onnxruntime outputs within tolerance (its kernels are picked by CPU), ONNX files byte for
 byte (export and fold do no CPU-dependent arithmetic that survives rounding to float32), a
 retrain bit for bit only under the kernels the checkpoint records, and otherwise within an
-accuracy band. `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=default.
+accuracy band. The ones whose arithmetic runs on this process's kernels are marked
+cpu_sensitive: `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=default.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from models_testing import (
 from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import read_checkpoint
 from bn_onnx.reference import checkpoint_forward
-
-pytestmark = pytest.mark.cpu_sensitive
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
@@ -78,6 +77,7 @@ def test_sample_input_is_the_start_of_the_test_split():
     assert x.min() >= 0 and x.max() <= 16  # raw pixel counts, not normalized
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("name", ["model.folded.onnx", "model.onnx"])
 def test_shipped_onnx_gives_the_expected_outputs_in_plain_onnxruntime(name):
     x = _load_npy(DIGITS / "sample_input.npy")
@@ -90,6 +90,7 @@ def test_shipped_onnx_gives_the_expected_outputs_in_plain_onnxruntime(name):
     np.testing.assert_allclose(got, exact, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.cpu_sensitive
 def test_folded_equals_unfolded_on_the_whole_test_split_and_accuracy_matches_card():
     from bn_onnx.data import load_split_from_checkpoint_meta
 
@@ -120,6 +121,7 @@ def test_shipped_graphs_bn_kept_and_folded_with_metadata():
         assert json.loads(meta[onnx_meta.CONFIG])["hidden"] == [128, 64]
 
 
+@pytest.mark.cpu_sensitive
 def test_shipped_model_metadata_drives_the_predictor():
     from bn_onnx.runtime import Predictor
 
@@ -130,6 +132,7 @@ def test_shipped_model_metadata_drives_the_predictor():
     assert predictor.predict_labels(x) == [str(i) for i in expected.argmax(1)]
 
 
+@pytest.mark.cpu_sensitive
 def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path):
     """The ONNX files regenerate byte for byte from the shipped checkpoint, on any CPU.
 
@@ -178,10 +181,13 @@ def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for
     Bit-identity holds only for the same torch build, ATen CPU capability, intra-op thread
     count and oneMKL branch on CPU (docs/training.md); where this CPU cannot run those kernels
     the test skips and says why. The check that holds on any CPU is the accuracy band below.
+    Not cpu_sensitive: the training process gets the recorded kernel variables whatever this
+    process runs under, so a second run under other kernels would repeat the same computation.
     """
     retrain_under_the_recorded_kernels("digits", tmp_path / "checkpoint")
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.slow
 def test_retraining_on_this_cpu_stays_within_the_accuracy_band():
     """A retrain with make_models' settings on this CPU's own kernels, whatever they are, tests

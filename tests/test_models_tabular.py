@@ -4,8 +4,8 @@ no BatchNormalization after folding, and `tools/make_models.py` reproduces it.
 As for digits (tests/test_models_shipped.py), every test here compares with files made on
 another machine and must hold on any x86-64 CPU: onnxruntime outputs within tolerance, ONNX
 files byte for byte, a retrain bit for bit only under the kernels the checkpoint records and
-otherwise within an accuracy band. `.ci/run` runs them a second time under
-ATEN_CPU_CAPABILITY=default.
+otherwise within an accuracy band. The ones whose arithmetic runs on this process's kernels
+are marked cpu_sensitive: `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=default.
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ ATOL, RTOL = 1e-5, 1e-4
 BAND_ROWS = 8
 ACCURACY_BAND = BAND_ROWS / 300
 
-pytestmark = pytest.mark.cpu_sensitive
-
 
 def _plain_ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -63,6 +61,7 @@ def test_shipped_files_are_all_there_and_small():
     assert total < 400_000
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("name", ["model.folded.onnx", "model.onnx"])
 def test_sample_rows_by_column_name_give_the_expected_outputs(name):
     path = TABULAR / name
@@ -77,6 +76,7 @@ def test_sample_rows_by_column_name_give_the_expected_outputs(name):
     assert np.isnan(feeds["continuous"]).any() and (feeds["categorical"] == "").any()
 
 
+@pytest.mark.cpu_sensitive
 def test_folded_scores_held_out_raw_rows_as_training_reported_and_has_no_bn():
     from bn_onnx.data import split_indices
 
@@ -104,6 +104,7 @@ def test_folded_scores_held_out_raw_rows_as_training_reported_and_has_no_bn():
     assert f"| `model.folded.onnx`, onnxruntime CPU, raw columns | {accuracy:.4f} |" in card
 
 
+@pytest.mark.cpu_sensitive
 def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path):
     """The ONNX files, the table and the sample rows regenerate byte for byte from the shipped
     checkpoint, on any CPU (measured: the same bytes under ATEN_CPU_CAPABILITY=default, avx2
@@ -142,10 +143,13 @@ def test_shipped_checkpoint_records_the_portable_kernels():
 def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for_bit(tmp_path):
     """make_models' tabular training step (the table made afresh from its seed), rerun in a
     fresh process under the kernels and thread count the shipped checkpoint records, gives the
-    same checkpoint byte for byte; skipped, with the reason, where this CPU cannot run them."""
+    same checkpoint byte for byte; skipped, with the reason, where this CPU cannot run them.
+    Not cpu_sensitive: the training process gets the recorded kernels whatever this one runs
+    under (tests/test_models_shipped.py's digits test says more)."""
     retrain_under_the_recorded_kernels("tabular", tmp_path / "checkpoint")
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.slow
 def test_retraining_on_this_cpu_stays_within_the_band():
     """A retrain with make_models' settings on this CPU's own kernels, whatever they are, tests
