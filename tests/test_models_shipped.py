@@ -5,14 +5,13 @@ Every test here compares with files made on another machine, so each must hold o
 CPU: onnxruntime outputs within tolerance (its kernels are picked by CPU), ONNX files byte for
 byte (export and fold do no CPU-dependent arithmetic that survives rounding to float32), a
 retrain bit for bit only under the kernels the checkpoint records, and otherwise within an
-accuracy band. `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=default.
+accuracy band. The ones whose arithmetic runs on this process's kernels are marked
+cpu_sensitive: `.ci/run` runs them a second time under ATEN_CPU_CAPABILITY=default.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -20,12 +19,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from models_testing import (
+    assert_same_onnx_bytes,
+    card_lines_and_figures,
+    make_models_module,
+    retrain_under_the_recorded_kernels,
+)
 
 from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import read_checkpoint
 from bn_onnx.reference import checkpoint_forward
-
-pytestmark = pytest.mark.cpu_sensitive
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"
@@ -55,13 +58,6 @@ def _load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
-def _make_models_module():
-    spec = importlib.util.spec_from_file_location("make_models", ROOT / "tools" / "make_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_shipped_files_are_all_there_and_small():
     for name in FILES:
         assert (DIGITS / name).is_file(), name
@@ -81,6 +77,7 @@ def test_sample_input_is_the_start_of_the_test_split():
     assert x.min() >= 0 and x.max() <= 16  # raw pixel counts, not normalized
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.parametrize("name", ["model.folded.onnx", "model.onnx"])
 def test_shipped_onnx_gives_the_expected_outputs_in_plain_onnxruntime(name):
     x = _load_npy(DIGITS / "sample_input.npy")
@@ -93,6 +90,7 @@ def test_shipped_onnx_gives_the_expected_outputs_in_plain_onnxruntime(name):
     np.testing.assert_allclose(got, exact, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.cpu_sensitive
 def test_folded_equals_unfolded_on_the_whole_test_split_and_accuracy_matches_card():
     from bn_onnx.data import load_split_from_checkpoint_meta
 
@@ -123,6 +121,7 @@ def test_shipped_graphs_bn_kept_and_folded_with_metadata():
         assert json.loads(meta[onnx_meta.CONFIG])["hidden"] == [128, 64]
 
 
+@pytest.mark.cpu_sensitive
 def test_shipped_model_metadata_drives_the_predictor():
     from bn_onnx.runtime import Predictor
 
@@ -133,34 +132,7 @@ def test_shipped_model_metadata_drives_the_predictor():
     assert predictor.predict_labels(x) == [str(i) for i in expected.argmax(1)]
 
 
-def _initializer_diffs(a_path: Path, b_path: Path) -> list[str]:
-    """Names of the initializers that differ, with the largest difference (for messages)."""
-    a, b = onnx.load(a_path), onnx.load(b_path)
-    b_init = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
-    out = []
-    for t in a.graph.initializer:
-        value = onnx.numpy_helper.to_array(t)
-        other = b_init.get(t.name)
-        if other is None or other.shape != value.shape:
-            out.append(f"{t.name}: missing or reshaped")
-        elif not np.array_equal(other, value):
-            out.append(f"{t.name}: max abs {np.max(np.abs(other - value)):.3g}")
-    return out
-
-
-# The card's three error figures are onnxruntime results: its kernels (picked by CPU) may move
-# the last digits, so they are compared as numbers, not text.
-_FIGURE = re.compile(r"\b\d\.\d+e-\d+\b")
-
-
-def _card(path: Path) -> tuple[list[str], list[float]]:
-    """The card's lines without its versions line, with the error figures cut out; the figures."""
-    text = path.read_text(encoding="utf-8")
-    figures = [float(v) for v in _FIGURE.findall(text)]
-    lines = _FIGURE.sub("<figure>", text).splitlines()
-    return [line for line in lines if not line.startswith("Versions:")], figures
-
-
+@pytest.mark.cpu_sensitive
 def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path):
     """The ONNX files regenerate byte for byte from the shipped checkpoint, on any CPU.
 
@@ -170,15 +142,11 @@ def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path)
     avx512, OPENBLAS_CORETYPE=Prescott and Haswell, and numpy with its AVX2/AVX-512 loops
     disabled. Needs the torch, onnx and onnxscript versions pinned in constraints.txt.
     """
-    make_models = _make_models_module()
+    make_models = make_models_module()
     shutil.copytree(DIGITS / "checkpoint", tmp_path / "digits" / "checkpoint")
     make_models.make_digits(tmp_path, retrain=False, log=lambda *_: None)
     new = tmp_path / "digits"
-    for name in ("model.onnx", "model.folded.onnx"):
-        assert (new / name).read_bytes() == (DIGITS / name).read_bytes(), (
-            name,
-            _initializer_diffs(DIGITS / name, new / name) or "same initializers; graph differs",
-        )
+    assert_same_onnx_bytes(DIGITS, new)
     assert (new / "sample_input.npy").read_bytes() == (DIGITS / "sample_input.npy").read_bytes()
     # onnxruntime's outputs: its kernels are chosen by CPU, so within tolerance
     np.testing.assert_allclose(
@@ -189,15 +157,20 @@ def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path)
     )
     # the card differs at most in its versions line (another machine, another onnxruntime)
     # and in the last digits of onnxruntime's error figures
-    new_lines, new_figures = _card(new / "MODEL_CARD.md")
-    old_lines, old_figures = _card(DIGITS / "MODEL_CARD.md")
+    new_lines, new_figures = card_lines_and_figures(new / "MODEL_CARD.md")
+    old_lines, old_figures = card_lines_and_figures(DIGITS / "MODEL_CARD.md")
     assert new_lines == old_lines
     assert len(new_figures) == len(old_figures) == 3
     assert all(f <= ATOL for f in new_figures), new_figures  # "folding adds no measurable error"
 
 
-def _shipped_record() -> dict | None:
-    return read_checkpoint(DIGITS / "checkpoint").meta.get("reproducibility")
+def test_shipped_checkpoint_records_the_portable_kernels():
+    """make_models trained it under PORTABLE_KERNELS, so any x86-64 CPU can rerun them."""
+    portable = make_models_module().PORTABLE_KERNELS
+    record = read_checkpoint(DIGITS / "checkpoint").meta["reproducibility"]
+    assert record["device"] == "cpu" and record["intra_op_threads"] == 1
+    assert record["aten_cpu_capability"] == portable["ATEN_CPU_CAPABILITY"].upper()
+    assert record["mkl"] == {"MKL_CBWR": portable["MKL_CBWR"]}
 
 
 @pytest.mark.slow
@@ -208,33 +181,13 @@ def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for
     Bit-identity holds only for the same torch build, ATen CPU capability, intra-op thread
     count and oneMKL branch on CPU (docs/training.md); where this CPU cannot run those kernels
     the test skips and says why. The check that holds on any CPU is the accuracy band below.
+    Not cpu_sensitive: the training process gets the recorded kernel variables whatever this
+    process runs under, so a second run under other kernels would repeat the same computation.
     """
-    make_models = _make_models_module()
-    record = _shipped_record()
-    env, reason = make_models.reproduction_env(record)
-    if reason:
-        pytest.skip(f"cannot rerun the shipped checkpoint's kernels here: {reason}")
-    out = tmp_path / "checkpoint"
-    make_models.train_digits_subprocess(out, env, record["intra_op_threads"])
-    new = read_checkpoint(out)
-    # the subprocess really ran the recorded kernels (a wrong env would fall back silently)
-    for key in ("torch", "device", "aten_cpu_capability", "intra_op_threads", "mkl"):
-        assert new.meta["reproducibility"][key] == record[key], key
-    shipped = read_checkpoint(DIGITS / "checkpoint")
-    for name, value in shipped.tensors.items():
-        differ = int(np.sum(new.tensors[name] != value))
-        assert differ == 0, f"{name}: {differ} / {value.size} elements differ"
-    assert (out / "model.safetensors").read_bytes() == (
-        DIGITS / "checkpoint" / "model.safetensors"
-    ).read_bytes()
-    for key in ("model", "dataset", "preprocessing", "class_names", "training"):
-        assert new.meta[key] == shipped.meta[key], key
-    timing = {"train_seconds", "history"}
-    assert {k: v for k, v in new.metrics.items() if k not in timing} == {
-        k: v for k, v in shipped.metrics.items() if k not in timing
-    }
+    retrain_under_the_recorded_kernels("digits", tmp_path / "checkpoint")
 
 
+@pytest.mark.cpu_sensitive
 @pytest.mark.slow
 def test_retraining_on_this_cpu_stays_within_the_accuracy_band():
     """A retrain with make_models' settings on this CPU's own kernels, whatever they are, tests
@@ -250,7 +203,7 @@ def test_retraining_on_this_cpu_stays_within_the_accuracy_band():
     """
     from bn_onnx.train import TrainSettings, train
 
-    make_models = _make_models_module()
+    make_models = make_models_module()
     shipped = read_checkpoint(DIGITS / "checkpoint")
     result = train(TrainSettings(**make_models.DIGITS_SETTINGS), None)
     assert result.dataset.spec == shipped.meta["dataset"]  # the same split

@@ -8,32 +8,23 @@ reruns those kernels here, or says why this machine cannot.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from models_testing import make_models_module
 
 from bn_onnx.checkpoint import load_model, read_checkpoint
 from bn_onnx.train import TrainSettings, cpu_model_name, train
 
 pytestmark = pytest.mark.cpu_sensitive
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = {"dataset": "iris", "hidden": (16, 8), "epochs": 8, "patience": 0, "threads": 1}
 CLI_TINY = ["--dataset", "iris", "--hidden", "16,8", "--epochs", "8", "--patience", "0"]
-
-
-def _make_models():
-    spec = importlib.util.spec_from_file_location("make_models", ROOT / "tools" / "make_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _record(**changes: object) -> dict:
@@ -87,7 +78,7 @@ def test_checkpoint_without_the_record_still_reads_and_loads(tmp_path, make_chec
 
 
 def test_reproduction_env_for_this_cpu_names_the_recorded_kernels():
-    make_models = _make_models()
+    make_models = make_models_module()
     capability = torch.backends.cpu.get_cpu_capability()
     env, reason = make_models.reproduction_env(_record())
     assert reason is None
@@ -117,20 +108,30 @@ def test_reproduction_env_for_this_cpu_names_the_recorded_kernels():
     ],
 )
 def test_reproduction_env_says_why_this_machine_cannot(record, words):
-    make_models = _make_models()
+    make_models = make_models_module()
     full = None if record is None else (_record(**record) if record else {})
     env, reason = make_models.reproduction_env(full)
     assert env == {} and reason is not None and words in reason
 
 
 def test_reproduction_env_refuses_a_capability_this_cpu_lacks(monkeypatch):
-    make_models = _make_models()
+    make_models = make_models_module()
     # ATen obeys ATEN_CPU_CAPABILITY unchecked: running AVX-512 kernels here would crash.
     monkeypatch.setattr(make_models, "_cpu_flags", lambda: {"sse4_2", "avx2", "fma"})
     env, reason = make_models.reproduction_env(_record(aten_cpu_capability="AVX512"))
     assert env == {} and "lacks avx512bw, avx512dq, avx512f, avx512vl" in reason
     env, reason = make_models.reproduction_env(_record(aten_cpu_capability="AVX2"))
     assert reason is None and env["ATEN_CPU_CAPABILITY"] == "avx2"
+
+
+def test_reproduction_env_refuses_another_architecture(monkeypatch):
+    make_models = make_models_module()
+    # ATen's DEFAULT kernels on aarch64 are other code than on x86-64, and there is no oneMKL
+    monkeypatch.setattr(make_models, "_machine", lambda: "aarch64")
+    env, reason = make_models.reproduction_env(
+        _record(aten_cpu_capability="DEFAULT", mkl={"MKL_CBWR": "COMPATIBLE"})
+    )
+    assert env == {} and reason == "the recorded kernels are x86-64 ones, this machine is aarch64"
 
 
 def _other_capability(make_models, capability: str) -> str | None:
@@ -151,7 +152,7 @@ def test_retraining_under_the_record_reproduces_the_bits_even_from_other_kernels
     (measured: default vs avx2 differ after 8 iris epochs), so a record that missed what the
     bits depend on, or an environment that failed to apply it, would fail here.
     """
-    make_models = _make_models()
+    make_models = make_models_module()
     train(TrainSettings(**TINY), tmp_path / "a")
     record = read_checkpoint(tmp_path / "a").meta["reproducibility"]
     env_changes, reason = make_models.reproduction_env(record)

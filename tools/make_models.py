@@ -1,21 +1,25 @@
 """Regenerate the shipped models under `models/` deterministically.
 
-    python tools/make_models.py                    # train + export + samples + card
-    python tools/make_models.py --from-checkpoint  # keep models/digits/checkpoint, redo the rest
+    python tools/make_models.py                    # train + export + samples + card, both models
+    python tools/make_models.py --from-checkpoint  # keep each models/*/checkpoint, redo the rest
+    python tools/make_models.py --model tabular    # one model only
     python tools/make_models.py --out /tmp/models  # anywhere else (tests use this)
 
 `models/digits/`: a 64-128-64-10 MLP (input normalization, BN before each ReLU) trained on
-scikit-learn's digits with seed 0 on one CPU thread. The training step runs in a fresh Python
-under `PORTABLE_KERNELS` (ATen's baseline kernels, `ATEN_CPU_CAPABILITY=default`, and
-oneMKL's cross-vendor branch, `MKL_CBWR=COMPATIBLE`), so with the same torch build the
+scikit-learn's digits. `models/tabular/`: a model of raw table columns (categories, empty
+cells) trained on the synthetic `people.csv` (`people_rows`) with `bn-onnx train`'s defaults.
+Both train with seed 0 on one CPU thread, each in a fresh Python (`--train-only DIR --model
+NAME`) under `PORTABLE_KERNELS` (ATen's baseline kernels, `ATEN_CPU_CAPABILITY=default`, and
+oneMKL's cross-vendor branch, `MKL_CBWR=COMPATIBLE`), so with the same torch build each
 checkpoint is bit-identical on every x86-64 CPU; the kernels and thread count it ran under are
 printed and recorded in `config.json["reproducibility"]`. Bit-identical covers the same torch
 build, ATen CPU capability, intra-op thread count and oneMKL branch on CPU, nothing wider:
 ATen's AVX2 and AVX-512 kernels, or oneMKL left to pick by CPU, give other bits (docs/training.md).
-`model.onnx` keeps its 3 BatchNormalization nodes,
-`model.folded.onnx` has none; `sample_input.npy` is the first 16 rows of the test split (raw
-features, float32 [16, 64]) and `sample_output.npy` the folded model's logits for them
-(onnxruntime, CPU); `MODEL_CARD.md` describes all of it.
+`model.onnx` keeps its 3 BatchNormalization nodes, `model.folded.onnx` has none (export and
+fold regenerate the same bytes from a checkpoint on any CPU). Digits ships `sample_input.npy`,
+the first 16 rows of the test split (raw features, float32 [16, 64]); tabular ships
+`sample_rows.csv`, the same as CSV cells; `sample_output.npy` holds the folded model's logits
+for them (onnxruntime, CPU); `MODEL_CARD.md` describes all of it.
 """
 
 from __future__ import annotations
@@ -79,6 +83,15 @@ def describe_kernels(record: dict[str, Any]) -> str:
     )
 
 
+X86_64 = {"x86_64", "amd64"}
+
+
+def _machine() -> str:
+    import platform
+
+    return platform.machine().lower()
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -100,8 +113,8 @@ def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | Non
     Returns:
         (env, None) with the values of `KERNEL_ENV` to run under (None: unset it), or
         ({}, reason) when this machine cannot give the same bits: no record, another torch
-        build, not a CPU run, an ATen capability this CPU lacks, or oneMKL left to pick its
-        kernels by a CPU other than this one.
+        build, not a CPU run, not an x86-64 machine, an ATen capability this CPU lacks, or
+        oneMKL left to pick its kernels by a CPU other than this one.
     """
     import torch
 
@@ -114,6 +127,11 @@ def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | Non
     capability = str(record.get("aten_cpu_capability"))
     if capability not in CAPABILITY_FLAGS:
         return {}, f"ATen CPU capability {capability} is not an x86-64 one this test knows"
+    # The capabilities above are x86-64 kernel sets (oneMKL is x86-only); the record does not
+    # name the architecture, and another one's DEFAULT kernels are other code.
+    machine = _machine()
+    if machine not in X86_64:
+        return {}, f"the recorded kernels are x86-64 ones, this machine is {machine}"
     missing = CAPABILITY_FLAGS[capability] - _cpu_flags()
     if missing:
         return {}, f"this CPU lacks {', '.join(sorted(missing))} for ATen's {capability} kernels"
@@ -132,17 +150,29 @@ def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | Non
     return env, None
 
 
-def train_digits_subprocess(
-    ckpt_dir: Path, kernel_env: dict[str, str | None], threads: int
+MODELS = ("digits", "tabular")
+
+
+def train_subprocess(
+    model: str, ckpt_dir: Path, kernel_env: dict[str, str | None], threads: int
 ) -> subprocess.CompletedProcess[str]:
-    """Run the digits training step alone in a fresh Python under `kernel_env`.
+    """Run one shipped model's training step alone in a fresh Python under `kernel_env`.
 
     A fresh process because ATen and oneMKL read their variables once, at their first use.
-    `kernel_env` values replace the caller's (None unsets one); `threads` is the intra-op count.
+
+    Args:
+        model: "digits" or "tabular" (`MODELS`).
+        ckpt_dir: The checkpoint directory to write.
+        kernel_env: Values that replace the caller's environment (None unsets one), e.g.
+            `PORTABLE_KERNELS` or what `reproduction_env` returns.
+        threads: The intra-op thread count.
 
     Raises:
+        ValueError: `model` is not one of `MODELS`.
         RuntimeError: the training process failed (its stderr tail is in the message).
     """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, not {model!r}")
     env = dict(os.environ)
     for name, value in kernel_env.items():
         if value is None:
@@ -150,17 +180,52 @@ def train_digits_subprocess(
         else:
             env[name] = value
     cmd = [sys.executable, str(Path(__file__).resolve()), "--train-only", str(ckpt_dir)]
-    cmd += ["--threads", str(threads)]
+    cmd += ["--model", model, "--threads", str(threads)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"training step failed ({done.returncode}): {done.stderr[-3000:]}")
     return done
 
 
-def _train_only(ckpt_dir: Path, threads: int) -> None:
+def _train_only(model: str, ckpt_dir: Path, threads: int) -> None:
+    """The training step of `model` under this process's kernels (see `train_subprocess`)."""
     from bn_onnx.train import TrainSettings, train
 
-    train(TrainSettings(**{**DIGITS_SETTINGS, "threads": threads}), ckpt_dir)
+    if model == "digits":
+        train(TrainSettings(**{**DIGITS_SETTINGS, "threads": threads}), ckpt_dir)
+        return
+    import tempfile
+
+    from bn_onnx.checkpoint import save_checkpoint
+
+    # The table is made here from its seed, so this step needs nothing but the code; its
+    # sha256 in config.json["dataset"] ties the checkpoint to the shipped people.csv.
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path = Path(tmp) / TABULAR_CSV
+        write_csv(csv_path, *people_rows())
+        settings = TrainSettings(dataset=str(csv_path), **{**TABULAR_SETTINGS, "threads": threads})
+        result = train(settings, None)
+    # config.json records the data file's path as given; ship it relative to the repository,
+    # so the bytes do not depend on where the table was written.
+    shipped = f"models/tabular/{TABULAR_CSV}"
+    meta = dict(result.meta)
+    meta["dataset"] = {**meta["dataset"], "path": shipped}
+    meta["training"] = {**meta["training"], "dataset": shipped}
+    save_checkpoint(result.model, ckpt_dir, meta, result.metrics)
+
+
+def _retrain(model: str, ckpt_dir: Path, threads: int, log: Any) -> None:
+    kernels = ", ".join(f"{k}={v}" for k, v in PORTABLE_KERNELS.items())
+    log(f"training {ckpt_dir} in a fresh process under {kernels} ...")
+    train_subprocess(model, ckpt_dir, PORTABLE_KERNELS, threads)
+
+
+def _log_kernels(meta: dict[str, Any], log: Any) -> None:
+    record = meta.get("reproducibility")
+    if record:
+        log(f"checkpoint kernels: {describe_kernels(record)}")
+    else:
+        log("checkpoint kernels: not recorded (checkpoint written before bn-onnx recorded them)")
 
 
 def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
@@ -182,15 +247,9 @@ def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dic
     target.mkdir(parents=True, exist_ok=True)
     ckpt_dir = target / "checkpoint"
     if retrain:
-        kernels = ", ".join(f"{k}={v}" for k, v in PORTABLE_KERNELS.items())
-        log(f"training {ckpt_dir} in a fresh process under {kernels} ...")
-        train_digits_subprocess(ckpt_dir, PORTABLE_KERNELS, DIGITS_SETTINGS["threads"])
+        _retrain("digits", ckpt_dir, DIGITS_SETTINGS["threads"], log)
     ckpt = read_checkpoint(ckpt_dir)
-    record = ckpt.meta.get("reproducibility")
-    if record:
-        log(f"checkpoint kernels: {describe_kernels(record)}")
-    else:
-        log("checkpoint kernels: not recorded (checkpoint written before bn-onnx recorded them)")
+    _log_kernels(ckpt.meta, log)
 
     log("exporting model.onnx and model.folded.onnx ...")
     unfolded = export_checkpoint(ckpt_dir, target / "model.onnx")
@@ -227,11 +286,14 @@ def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dic
 
 
 def _versions(recorded: dict[str, str]) -> str:
+    """The card's versions line: the training run's (config.json) and this process's ONNX ones."""
     import onnx
     import onnxruntime
 
     names = [("bn-onnx", "bn_onnx"), ("torch", "torch"), ("numpy", "numpy")]
-    names += [("scikit-learn", "sklearn"), ("Python", "python")]
+    names += [("scikit-learn", "scikit-learn"), ("Python", "python")]
+    # checkpoints written before library_versions named it "scikit-learn" said "sklearn"
+    recorded = {"scikit-learn": recorded.get("sklearn"), **recorded}
     parts = [f"{label} {recorded.get(key)}" for label, key in names]
     parts += [f"onnx {onnx.__version__}", f"onnxruntime {onnxruntime.__version__}"]
     return ", ".join(parts)
@@ -469,9 +531,8 @@ def make_tabular(out_dir: Path, *, retrain: bool = True, log: Any = print) -> di
     of the test split as sample_rows.csv with the folded model's outputs for them.
     """
     import json
-    import time
 
-    from bn_onnx.checkpoint import read_checkpoint, write_checkpoint_files
+    from bn_onnx.checkpoint import read_checkpoint
     from bn_onnx.columns import feeds_from_columns, read_columns
     from bn_onnx.data import load_dataset
     from bn_onnx.export import export_checkpoint
@@ -485,23 +546,10 @@ def make_tabular(out_dir: Path, *, retrain: bool = True, log: Any = print) -> di
     ckpt_dir = target / "checkpoint"
     header, rows = people_rows()
     write_csv(csv_path, header, rows)
-    train_seconds = None
     if retrain:
-        from bn_onnx.train import TrainSettings, train
-
-        log(f"training {ckpt_dir} ...")
-        start = time.perf_counter()
-        train(TrainSettings(dataset=str(csv_path), **TABULAR_SETTINGS), ckpt_dir)
-        train_seconds = time.perf_counter() - start
-        # config.json records the data file's path as given (dataset.path absolute); ship
-        # it relative to the repository so the bytes do not depend on the checkout's place.
-        ckpt = read_checkpoint(ckpt_dir)
-        meta = dict(ckpt.meta)
-        shipped = f"models/tabular/{TABULAR_CSV}"
-        meta["dataset"] = {**meta["dataset"], "path": shipped}
-        meta["training"] = {**meta["training"], "dataset": shipped}
-        write_checkpoint_files(ckpt_dir, ckpt.config, ckpt.tensors, meta, ckpt.metrics)
+        _retrain("tabular", ckpt_dir, TABULAR_SETTINGS["threads"], log)
     ckpt = read_checkpoint(ckpt_dir)
+    _log_kernels(ckpt.meta, log)
 
     log("exporting model.onnx and model.folded.onnx ...")
     unfolded = export_checkpoint(ckpt_dir, target / "model.onnx")
@@ -561,7 +609,6 @@ def make_tabular(out_dir: Path, *, retrain: bool = True, log: Any = print) -> di
         "unfolded_ops": unfolded.op_counts,
         "folded_ops": folded.op_counts,
         "fold_report": folded.fold_report,
-        "train_seconds": train_seconds,
         "columns": json.loads(ckpt.config.tabular.columns_json()),
     }
     card = tabular_model_card(target, ckpt, figures)
@@ -585,8 +632,7 @@ def tabular_model_card(target: Path, ckpt: Any, fig: dict[str, Any]) -> str:
     spec = cfg.tabular
     sizes = meta["dataset"].get("sizes", {})
     n_params = sum(int(np.prod(a.shape)) for k, a in ckpt.tensors.items() if "num_batches" not in k)
-    versions = dict(meta.get("versions", {}))
-    versions.setdefault("sklearn", versions.get("scikit-learn"))  # the key _versions reads
+    versions = meta.get("versions", {})
     file_rows = "\n".join(
         f"| `{f}` | "
         + ("varies (training timings)" if f.endswith("metrics.json") else "")
@@ -700,10 +746,13 @@ logits = ort.InferenceSession(path).run(None, feeds)[0]  # == sample_output.npy
 
 `python tools/make_models.py`: `bn_onnx.train.train` with `bn-onnx train`'s defaults
 (`bn-onnx train --dataset {TABULAR_CSV} --target label`: hidden {list(cfg.hidden)}, adam,
-batch size 64, up to 60 epochs with patience 15) on one CPU thread with seed 0; the best
-validation epoch was {metrics.get("best_epoch")} of {metrics.get("epochs_run")}. Then
-`bn-onnx export` and `bn-onnx export --fold`. `checkpoint/config.json` records the data file
-as `models/tabular/{TABULAR_CSV}` (relative to the repository).
+batch size 64, up to 60 epochs with patience 15) on one CPU thread with seed 0, in a fresh
+process; the best validation epoch was {metrics.get("best_epoch")} of
+{metrics.get("epochs_run")}.
+{_kernels_sentence(meta)}
+Then `bn-onnx export` and `bn-onnx export --fold`; these regenerate the same bytes on any CPU.
+`checkpoint/config.json` records the data file as `models/tabular/{TABULAR_CSV}` (relative to
+the repository).
 
 Versions: {_versions(versions)}.
 """
@@ -719,16 +768,21 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the existing checkpoint; redo the ONNX files, samples and card",
     )
     ap.add_argument(
+        "--model",
+        choices=MODELS,
+        help="only this model (default: all); with --train-only, the one to train",
+    )
+    ap.add_argument(
         "--train-only",
         type=Path,
         metavar="DIR",
-        help="only the training step, into DIR, under this process's kernels "
+        help="only the training step of --model, into DIR, under this process's kernels "
         "(make_models runs it in a fresh process under PORTABLE_KERNELS)",
     )
     ap.add_argument(
         "--threads",
         type=int,
-        default=DIGITS_SETTINGS["threads"],
+        default=1,
         help="intra-op threads of --train-only (default: %(default)s)",
     )
     args = ap.parse_args(argv)
@@ -736,10 +790,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.train_only is not None:
-            _train_only(args.train_only, args.threads)
+            if args.model is None:
+                ap.error("--train-only needs --model")
+            _train_only(args.model, args.train_only, args.threads)
             return 0
-        make_digits(args.out, retrain=not args.from_checkpoint)
-        make_tabular(args.out, retrain=not args.from_checkpoint)
+        makers = {"digits": make_digits, "tabular": make_tabular}
+        for name in MODELS if args.model is None else (args.model,):
+            makers[name](args.out, retrain=not args.from_checkpoint)
     except BnOnnxError as exc:
         print(f"make_models: error: {exc}", file=sys.stderr)
         return 2
