@@ -11,7 +11,8 @@ in onnxruntime). For each, folded by `fold_file`:
   `--locate` names a node that reads that weight;
 - given data whose input channel 0 is 0 in every row, a change to the first linear node's
   weight on input channel 0 is invisible in that data (its row passes), and verify still fails
-  through its random probe, located at that node.
+  through its random probe, located at that node, also where a tolerance below float32
+  rounding makes the data probe fail as well.
 
 `tools/verify_fold_pairs.py --dir` runs the same checks over the whole corpus, a process per
 step; the tampering helpers used here are its own.
@@ -111,3 +112,10 @@ def test_a_weight_on_a_constant_input_channel_fails_through_the_random_probe(pai
     assert weight in loc.reads, render(report)
     # The unchanged fold passes on the same data.
     assert verify([original, folded], inputs=data)
+    # A tolerance below float32 rounding fails the data probe too (by rounding alone): locate
+    # still takes the probe that fails by far the most, and names the changed weight.
+    report = verify([original, path], inputs=data, locate=True, atol=1e-9, rtol=0.0)
+    assert not any(p.passed for p in report.counted if p.actual == _run(path))
+    loc = next(x for x in report.locations if x.actual == _run(path))
+    assert loc.probe == "random"
+    assert weight in loc.reads, render(report)
