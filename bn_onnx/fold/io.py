@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bn_onnx.errors import InputFileError, UsageError
-from bn_onnx.fold._pass import FoldBatchNormPass, FoldPassResult, quiet_onnx_ir
+from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
 from bn_onnx.fold.validate import first_line
 from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD
@@ -182,8 +182,12 @@ def fold_file(
     in_place: bool = False,
     external_data: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    cleanup: bool = True,
 ) -> FoldReport:
     """Fold the model at `in_path` and write it to `out_path` (atomically), with its report.
+
+    After the fold the model is cleaned (`bn_onnx.fold.cleanup`: constants the exporter left,
+    dead code, duplicate initializers) unless `cleanup` is False.
 
     External data is read only from inside the model's folder; the output is one file unless
     `external_data` is True or it nears protobuf's 2 GB limit. The input file is never changed
@@ -206,12 +210,10 @@ def fold_file(
     step("loading")
     model = load_model(src)
     step("folding")
-    with quiet_onnx_ir():
-        result = FoldBatchNormPass()(model)
-    assert isinstance(result, FoldPassResult) and result.report is not None
+    report = fold_in_place(model, cleanup=cleanup)
     step("writing")
     save_model(model, out, external_data=external_data)
     if rep is not None:
         with atomic_output(rep, suffix=".json") as tmp:
-            tmp.write_text(result.report.to_json() + "\n", encoding="utf-8")
-    return result.report
+            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+    return report
