@@ -398,6 +398,18 @@ def _raw_bytes(value: ir.Value) -> np.ndarray:
     return np.ascontiguousarray(value.const_value.numpy()).reshape(-1).view(np.uint8)
 
 
+def _end_bytes(value: ir.Value) -> bytes:
+    """The first and last `_FINGERPRINT_BYTES` of a tensor's elements, without computing a
+    weight the fold rewrites lazily (`ScaledTensor`) whole."""
+    from bn_onnx.fold.lazy import ScaledTensor
+
+    tensor = value.const_value
+    if isinstance(tensor, ScaledTensor):
+        return tensor.end_bytes(_FINGERPRINT_BYTES)
+    raw = _raw_bytes(value)
+    return raw[:_FINGERPRINT_BYTES].tobytes() + raw[-_FINGERPRINT_BYTES:].tobytes()
+
+
 def _fold_initializer_transposes(model: ir.Model) -> int:
     """Replace `Transpose(W)` of an initializer read only there by W transposed, lazily.
 
@@ -486,8 +498,11 @@ def _deduplicate_large_initializers(model: ir.Model, min_elements: int) -> int:
             # Values, not arrays, are kept: an array may be a copy (float_data) or a lazy result.
             kept: dict[bytes, list[ir.Value]] = collections.defaultdict(list)
             for value in members:
+                ends = _end_bytes(value)
+                if not kept[ends]:  # nothing to compare with: no need to read it whole
+                    kept[ends].append(value)
+                    continue
                 raw = _raw_bytes(value)
-                ends = raw[:_FINGERPRINT_BYTES].tobytes() + raw[-_FINGERPRINT_BYTES:].tobytes()
                 same = next((k for k in kept[ends] if np.array_equal(_raw_bytes(k), raw)), None)
                 del raw
                 if same is None:

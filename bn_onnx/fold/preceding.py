@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import lazy
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -127,7 +128,7 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node) -> Plan | Refu
     alpha, beta = attr_float(gemm, "alpha", 1.0), attr_float(gemm, "beta", 1.0)
     factor = fm.preceding_factor(site.a, 2, out_axis=0 if trans_b else 1, weight_scale=alpha)
     try:
-        w_r = fm.scale_rounded(w, factor)
+        w_r = lazy.scaled(w, factor)
         b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c, bias_scale=beta), w.dtype)
     except ValueError as exc:
         return Refusal(str(exc))
@@ -167,7 +168,7 @@ def _into_matmul(
         if isinstance(b, Refusal):
             return b
     try:
-        w_r = fm.scale_rounded(w, fm.preceding_factor(site.a, 2, out_axis=1))
+        w_r = lazy.scaled(w, fm.preceding_factor(site.a, 2, out_axis=1))
         b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c), (b if b is not None else w).dtype)
     except ValueError as exc:
         return Refusal(str(exc))
@@ -202,7 +203,7 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node) -> Plan | Refu
         if b is None or b.shape != (n,):
             return Refusal(f"bias {b_value.name!r} is not a constant vector of {n}")
     try:
-        w_r = fm.scale_rounded(w, fm.conv_factor(site.a, w.shape, group, transpose))
+        w_r = lazy.scaled(w, fm.conv_factor(site.a, w.shape, group, transpose))
         b_r = fm.round_to(fm.preceding_bias(b, site.a, site.c), w.dtype)
     except ValueError as exc:
         return Refusal(str(exc))
