@@ -19,8 +19,10 @@ from bn_onnx.graphs import build_mlp
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Every weight lazy, in blocks of 64 elements: the lazy path on tiny models."""
+    """Every weight lazy (as if memory-mapped), in blocks of 64 elements: the lazy path on
+    tiny models."""
     monkeypatch.setattr(lazy, "LAZY_ELEMENTS", 0)
+    monkeypatch.setattr(lazy, "is_mapped", lambda array: True)
     monkeypatch.setattr(fm, "CHUNK", 64)
 
 
@@ -33,7 +35,7 @@ def test_scaled_tensor_equals_scale_rounded_in_every_form(small_blocks, dtype, s
     factor = f.reshape([-1 if i == axis else 1 for i in range(len(shape))])
     eager = fm.scale_rounded(w, factor)
     t = lazy.scaled(w, factor)
-    assert isinstance(t, lazy.ScaledTensor)
+    assert isinstance(t, lazy.ScaledTensor) and repr(t).startswith("ScaledTensor<")
     assert (t.dtype.numpy(), tuple(t.shape.numpy())) == (np.dtype(dtype), shape)
     assert t.numpy().tobytes() == eager.tobytes()
     assert t.tobytes() == eager.tobytes()
@@ -57,9 +59,12 @@ def test_checks_are_made_before_the_fold_in_blocks(small_blocks, scale, match):
         lazy.scaled(w, factor)
 
 
-def test_small_weights_are_computed_at_once():
+def test_small_weights_and_weights_in_memory_are_computed_at_once(monkeypatch):
     w = np.ones((4, 3), np.float32)
     out = lazy.scaled(w, np.full((1, 3), 2.0))
+    assert isinstance(out, np.ndarray) and (out == 2).all()
+    monkeypatch.setattr(lazy, "LAZY_ELEMENTS", 0)
+    out = lazy.scaled(w, np.full((1, 3), 2.0))  # not memory-mapped: nothing to save
     assert isinstance(out, np.ndarray) and (out == 2).all()
 
 
@@ -74,6 +79,7 @@ def test_lazy_fold_gives_the_eager_folds_bytes(monkeypatch, seed):
     x = rng.normal(size=(3, n_in)).astype(np.float32)
     eager = fold_model(model).model.SerializeToString()
     monkeypatch.setattr(lazy, "LAZY_ELEMENTS", 0)
+    monkeypatch.setattr(lazy, "is_mapped", lambda array: True)
     monkeypatch.setattr(fm, "CHUNK", 16)
     result = fold_and_compare(model, {"x": x})
     assert result.model.SerializeToString() == eager
@@ -92,7 +98,8 @@ def _external(model: onnx.ModelProto, path) -> None:
 
 def test_external_data_fold_writes_the_same_weights_block_by_block(tmp_path, monkeypatch):
     monkeypatch.setattr(lazy, "LAZY_ELEMENTS", 1000)  # the hidden weights are lazy
-    model = build_mlp([40, 64, 64, 10], "unfolded", bn="pre", seed=2)
+    # 600 x 600 float32: above the 1 MB under which external tensors are read as copies
+    model = build_mlp([40, 600, 600, 600, 10], "unfolded", bn="pre", seed=2)
     src = tmp_path / "m.onnx"
     _external(model, src)
     written: list[lazy.ScaledTensor] = []
@@ -126,9 +133,11 @@ def test_release_pages_keeps_a_mapped_weight_readable(tmp_path):
     ir_model = load_model(src)
     value = next(v for v in ir_model.graph.initializers.values() if v.const_value.size > 1000)
     array = value.const_value.numpy()
+    assert lazy.is_mapped(array) and lazy.is_mapped(array[3:5].T)
     before = array.copy()
     lazy.release_pages(array)
     np.testing.assert_array_equal(array, before)
+    assert not lazy.is_mapped(before)
     lazy.release_pages(np.ones(3))  # anonymous memory: nothing to do
 
 

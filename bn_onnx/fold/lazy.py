@@ -2,16 +2,18 @@
 
 A fold scales a weight per channel: `weight * factor` in float64, rounded once to the weight's
 dtype (`bn_onnx.fold.math.scale_rounded`). Holding every rewritten weight as an array until the
-model is saved costs one copy of them all (2.6 GB of a 2.7 GB model). `scaled` instead checks
-the product block by block now (a fold must be refused before the graph is touched when a value
-would not be finite, would overflow or would underflow to zero), keeps nothing of it, and
-returns a `ScaledTensor`: an onnx-ir tensor that computes the same blocks again when
-`onnx_ir.save` writes it (`tofile`), so a save holds one block of one weight at a time.
+model is saved costs one copy of them all (2.6 GB of a 2.7 GB model). For a weight read from
+external data (memory-mapped), `scaled` instead checks the product block by block now (a fold
+must be refused before the graph is touched when a value would not be finite, would overflow
+or would underflow to zero), keeps nothing of it, and returns a `ScaledTensor`: an onnx-ir
+tensor that computes the same blocks again when `onnx_ir.save` writes it (`tofile`), so a save
+holds one block of one weight at a time. A weight in memory (a one-file model) is computed at
+once, as before: the fold holds a copy of it anyway.
 
-Weights read from external data are numpy views of a memory map; the pages read stay in the
-process's resident set until the map is closed, so after each full read of a big mapped weight
-they are handed back to the page cache (`release_pages`, madvise MADV_DONTNEED): peak memory
-stays about one block, not the whole file.
+The pages of a memory map that were read stay in the process's resident set until the map is
+closed, so after each full read of a big mapped weight they are handed back to the page cache
+(`release_pages`, madvise MADV_DONTNEED): peak memory stays about one weight's pages and one
+block, not the whole file.
 """
 
 from __future__ import annotations
@@ -32,15 +34,26 @@ from bn_onnx.fold import math as fm
 LAZY_ELEMENTS = 1 << 20
 
 
+def _mapping(array: np.ndarray) -> mmap.mmap | None:
+    """The memory map behind `array` (numpy views keep their base chain), if any."""
+    base: Any = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def is_mapped(array: np.ndarray) -> bool:
+    """Whether `array` is a view of a memory map (a tensor of an external data file)."""
+    return _mapping(array) is not None
+
+
 def release_pages(array: np.ndarray) -> None:
     """Hand the pages of the memory map behind `array` (if any) back to the page cache.
 
     The map stays valid: a later read faults the pages in again from the page cache or the
     file. Does nothing for arrays in anonymous memory, or where madvise is not available.
     """
-    base: Any = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    base = _mapping(array)
     advice = getattr(mmap, "MADV_DONTNEED", None)
     if base is None or advice is None:
         return
@@ -80,8 +93,9 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray | ScaledTensor:
         factor: float64, broadcastable to `weight` (the per-channel factor of `bn_onnx.fold.math`).
 
     Returns:
-        The rounded array itself for weights of at most `LAZY_ELEMENTS` elements, else a
-        `ScaledTensor` that recomputes it block by block when written.
+        A `ScaledTensor` that recomputes the product block by block when written, for a
+        memory-mapped weight (external data) of more than `LAZY_ELEMENTS` elements; else the
+        rounded array itself.
 
     Raises:
         ValueError: a folded value would not be finite, would overflow the dtype, or would
@@ -89,7 +103,9 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray | ScaledTensor:
     """
     w = np.asarray(weight)
     f = _factor(w, factor)
-    if w.size <= LAZY_ELEMENTS:
+    if w.size <= LAZY_ELEMENTS or not is_mapped(w):
+        # A weight in memory is read from a copy the fold holds anyway: holding the result
+        # instead costs no more, and computing it once is faster.
         return fm.scale_rounded(w, f)
     for _ in _blocks(w, f):  # the checks, block by block; nothing kept
         pass
@@ -116,6 +132,9 @@ class ScaledTensor(ir.LazyTensor):
             shape=ir.Shape(weight.shape),
             name=name,
         )
+
+    def __repr__(self) -> str:
+        return f"{self._repr_base()}(name={self.name!r})"
 
     def _compute(self) -> ir.Tensor:
         out = fm.scale_rounded(self.weight, self.factor)
