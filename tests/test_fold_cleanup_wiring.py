@@ -190,6 +190,7 @@ def test_cleanup_line_names_added_ops_and_merged_initializers():
     from bn_onnx.cli.fold import cleanup_line
 
     counts = {
+        "modified": True,
         "nodes_before": 20,
         "nodes_after": 9,
         "removed_ops": {op: n for n, op in enumerate("ABCDEFGH", start=1)} | {"Cast": -2},
@@ -199,7 +200,10 @@ def test_cleanup_line_names_added_ops_and_merged_initializers():
         "cleanup: 20 -> 9 nodes (removed H 8, G 7, F 6, E 5, D 4, C 3, ...; added Cast 2), "
         "1 initializer merged"
     )
-    assert cleanup_line({"nodes_before": 5, "nodes_after": 5}) == "cleanup: 5 -> 5 nodes"
+    same = {"modified": False, "nodes_before": 5, "nodes_after": 5}
+    assert cleanup_line(same) == "cleanup: nothing to clean (5 nodes)"
+    merged = {"modified": True, "nodes_before": 5, "nodes_after": 5, "deduplicated": 2}
+    assert cleanup_line(merged) == "cleanup: 5 -> 5 nodes, 2 initializers merged"
 
 
 def test_verify_locate_reads_the_fold_reports_renamed_map(tmp_path, capsys):

@@ -173,7 +173,7 @@ def test_identical_rewritten_weights_are_merged_without_computing_them_twice(
     x = rng.normal(size=(3, 64)).astype(np.float32)
     result = fold_and_compare(model, {"x": x})
     gemms = [n for n in result.model.graph.node if n.op_type == "Gemm"]
-    assert gemms[0].input[1] == gemms[1].input[1]  # one weight again
+    assert len({g.input[1] for g in gemms}) == 1  # one weight again (and one Gemm: the same)
     assert result.report.cleanup["deduplicated"] >= 1
     # each copy computed whole once for the byte-for-byte comparison, then once when written
     assert len(computed) == 3

@@ -76,8 +76,11 @@ def summary_lines(report: Any, src: str, dst: str) -> list[str]:
 
 def cleanup_line(counts: dict[str, Any]) -> str:
     """One line from the cleanup's counts, e.g. "cleanup: 247 -> 100 nodes (removed CastLike
-    40, Shape 12, ...; added Cast 2), 3 initializers merged"."""
+    40, Shape 12, ...; added Cast 2), 3 initializers merged", or "cleanup: nothing to clean
+    (5 nodes)"."""
     before, after = counts["nodes_before"], counts["nodes_after"]
+    if not counts.get("modified"):
+        return f"cleanup: nothing to clean ({before} nodes)"
     ops = counts.get("removed_ops", {})
     removed = sorted(((n, op) for op, n in ops.items() if n > 0), key=lambda t: (-t[0], t[1]))
     added = sorted(((-n, op) for op, n in ops.items() if n < 0), key=lambda t: (-t[0], t[1]))
