@@ -240,3 +240,25 @@ def test_fold_verify_option_works_with_and_without_cleanup(tmp_path, capsys, cle
     x = _x()
     for w, g in zip(run_ort(cluttered(), {"x": x}), run_ort(onnx.load(out), {"x": x}), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_onnxscript_is_imported_only_for_a_model_with_clutter(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    digits = Path(__file__).resolve().parent.parent / "models" / "digits" / "model.onnx"
+    src = tmp_path / "m.onnx"
+    onnx.save(cluttered(), src)
+    code = (
+        "import sys; from bn_onnx.fold import fold_file; "
+        "fold_file(sys.argv[1], sys.argv[2]); print('onnxscript' in sys.modules)"
+    )
+    for path, imported in ((digits, "False"), (src, "True")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(tmp_path / "out.onnx")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert proc.stdout.strip() == imported, (path, proc.stderr)

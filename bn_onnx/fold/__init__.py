@@ -7,8 +7,11 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
   BatchNormalization site;
 - `context`: readers, constants, shapes and safe rewrites, shared by every rule;
 - `preceding`, `following`, `chains`: the rule families;
-- `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_model`, `inspect_model`;
-- `io`: `fold_file` (load with onnx-ir, fold, save tensor by tensor, atomically);
+- `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_in_place` (the pass and
+  the cleanup), `fold_model`, `inspect_model`;
+- `io`: `fold_file` (load with onnx-ir, fold, clean, save tensor by tensor, atomically);
+- `cleanup`: the cleanup after the fold (the exporter's constants, dead code, duplicates);
+- `lazy`: rewritten weights of external data computed when written;
 - `math`: the float64 arithmetic, pure numpy;
 - `validate`: the checker and strict shape inference on the model without its weights;
 - `report`: the report objects.
