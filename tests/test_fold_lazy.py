@@ -177,3 +177,17 @@ def test_identical_rewritten_weights_are_merged_without_computing_them_twice(
     assert result.report.cleanup["deduplicated"] >= 1
     # each copy computed whole once for the byte-for-byte comparison, then once when written
     assert len(computed) == 3
+
+
+def test_in_place_fold_with_lazy_weights_reads_the_input_before_replacing_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(lazy, "LAZY_ELEMENTS", 1000)
+    model = build_mlp([40, 600, 600, 600, 10], "unfolded", bn="pre", seed=4)
+    src = tmp_path / "m.onnx"
+    _external(model, src)
+    fold_file(src, src, in_place=True, external_data=True)
+    got = onnx.load(str(src))
+    assert not [n for n in got.graph.node if n.op_type == "BatchNormalization"]
+    want = {t.name: numpy_helper.to_array(t) for t in fold_model(model).model.graph.initializer}
+    for t in got.graph.initializer:
+        assert numpy_helper.to_array(t).tobytes() == want[t.name].tobytes(), t.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
