@@ -25,8 +25,10 @@ round has its own baseline) as medians with min-max.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -254,6 +256,7 @@ def main() -> None:
         ox_optimizer = None
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fold."))
+    atexit.register(shutil.rmtree, tmp, True)  # the models written here go with the process
     src = tmp / "chain.onnx"
     if args.widths:
         from bn_onnx.graphs import build_mlp
