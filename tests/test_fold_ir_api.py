@@ -9,8 +9,13 @@ import pytest
 from fold_testing import fold_and_compare, mlp_with_probe, random_mlp
 
 from bn_onnx.errors import UnsupportedModelError
-from bn_onnx.fold import FoldBatchNormPass, FoldPassResult, fold_model, inspect_model
-from bn_onnx.fold._pass import fold_in_place
+from bn_onnx.fold import (
+    FoldBatchNormPass,
+    FoldPassResult,
+    fold_in_place,
+    fold_model,
+    inspect_model,
+)
 
 
 def _random(seed: int) -> tuple[onnx.ModelProto, int]:

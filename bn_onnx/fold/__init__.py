@@ -24,6 +24,7 @@ from bn_onnx.fold._pass import (
     DEFAULT_SITE_KINDS,
     FoldBatchNormPass,
     FoldPassResult,
+    fold_in_place,
     fold_model,
     inspect_model,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "Rule",
     "SiteKind",
     "fold_file",
+    "fold_in_place",
     "fold_model",
     "inspect_model",
 ]
