@@ -370,9 +370,11 @@ class _SafeCommonSubexpressionEliminationPass(common_passes.CommonSubexpressionE
     The library merges nodes of the main graph with the same op, inputs and attributes, except
     control flow, random ops and big constants. Also left here: `KEPT_OPS` (the fold reports
     every BatchNormalization it leaves), `NON_DETERMINISTIC_OPS` (Dropout in training mode and
-    Bernoulli are random; the library's list misses them) and ops outside the standard domain
-    (what a custom op computes is unknown). Such a node gets, for the run, an attribute no
-    other node has, so that it matches nothing; the attribute is removed afterwards.
+    Bernoulli are random; the library's list misses them), ops outside the standard domain
+    (what a custom op computes is unknown) and Constant nodes (those left after rule 5 keep a
+    constant graph output's name: merging two would put an Identity there, which the next
+    cleanup would fold). Such a node gets, for the run, an attribute no other node has, so
+    that it matches nothing; the attribute is removed afterwards.
     """
 
     _MARK = "bn_onnx_cleanup_cse_keep"
@@ -384,6 +386,7 @@ class _SafeCommonSubexpressionEliminationPass(common_passes.CommonSubexpressionE
             if not _is_standard(node)
             or node.op_type in KEPT_OPS
             or node.op_type in NON_DETERMINISTIC_OPS
+            or node.op_type == "Constant"
         ]
         for i, node in enumerate(kept):
             node.attributes[self._MARK] = ir.AttrInt64(self._MARK, i)
@@ -668,8 +671,9 @@ class CleanupPass(ir.passes.InPlacePass):
     7. Common subexpressions: nodes of the main graph with the same op, inputs and attributes
        are merged (onnx-ir's CommonSubexpressionEliminationPass, as onnxscript's optimizer
        runs it), except BatchNormalization and the quantization ops, random ops and Dropout,
-       ops outside the standard domain, and control flow (`_SafeCommonSubexpressionElimination
-       Pass`). torch's dynamo exporter writes one Split or MaxPool per reader of the same value.
+       ops outside the standard domain, Constant nodes and control flow
+       (`_SafeCommonSubexpressionEliminationPass`). torch's dynamo exporter writes one Split or
+       MaxPool per reader of the same value.
 
     Graph inputs and outputs (names, dtypes, shapes, order), metadata_props, opset imports and
     function signatures are checked unchanged afterwards (PostconditionError otherwise).
