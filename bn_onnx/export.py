@@ -361,14 +361,17 @@ def check_model(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model, full_check=True)
 
 
-def fold_exported(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """Fold every BN of an exported model with `bn_onnx.fold`; return it and the fold report.
+def fold_exported(
+    model: onnx.ModelProto, *, cleanup: bool = True
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Fold every BN of an exported model with `bn_onnx.fold`, then clean it (unless `cleanup`
+    is False: see `bn_onnx.fold.fold_model`); return it and the fold report.
 
     Raises `UnsupportedModelError` if any BN is left: in an MLP export every one is foldable.
     """
     from bn_onnx.fold import fold_model
 
-    result = fold_model(model)
+    result = fold_model(model, cleanup=cleanup)
     left = onnx_meta.bn_nodes(result.model)
     if left:
         reasons = "; ".join(f"{e.node}: {e.reason}" for e in result.report.left)
@@ -398,6 +401,7 @@ def export_checkpoint(
     fold: bool = False,
     opset: int = DEFAULT_OPSET,
     on_start: Callable[[str], None] | None = None,
+    cleanup: bool = True,
 ) -> ExportResult:
     """Export a checkpoint directory to one ONNX file, atomically; optionally fold its BN.
 
@@ -410,6 +414,8 @@ def export_checkpoint(
         opset: Default-domain opset, 18 or newer.
         on_start: Called with a short description once the inputs are checked and the
             (slow) torch export begins; the CLI uses it to show progress.
+        cleanup: With `fold`, also fold the constants the exporter left and remove dead code
+            (`bn_onnx.fold.cleanup`); no effect without `fold`.
 
     Raises:
         CheckpointError: the checkpoint is missing or corrupt.
@@ -442,7 +448,7 @@ def export_checkpoint(
     report = None
     if fold:
         start = time.perf_counter()
-        proto, report = fold_exported(proto)
+        proto, report = fold_exported(proto, cleanup=cleanup)
         fold_seconds = time.perf_counter() - start
     files = save_checked(proto, out)
     return ExportResult(

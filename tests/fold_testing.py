@@ -56,13 +56,15 @@ def fold_and_compare(
     runner=run_ort,
     atol: float = ATOL,
     rtol: float = RTOL,
+    cleanup: bool = True,
 ) -> FoldResult:
     """Fold `model`, check the output is valid ONNX, and that its outputs equal the original's.
 
-    `folded` is the number of BN nodes the fold must remove (all of them when None).
+    `folded` is the number of BN nodes the fold must remove (all of them when None);
+    `cleanup` is `fold_model`'s.
     """
     before_bytes = model.SerializeToString()
-    result = fold_model(model)
+    result = fold_model(model, cleanup=cleanup)
     assert model.SerializeToString() == before_bytes, "fold_model changed its input"
     onnx.checker.check_model(result.model, full_check=True)
     n_bn = op_count(model, "BatchNormalization")

@@ -9,10 +9,8 @@ wrong fold shows in the outputs. They are committed (< 200 KB each) rather than 
 an export costs seconds per file and needs torch, and the expected counts below refer to
 exactly these graphs. `test_ci_nets_regenerate` (slow) checks the tool still writes them.
 
-What today's fold leaves is a ceiling (`TODAY_LEFT`): a fold may leave fewer, never more. What
-the issue-12 rules should leave is `TARGET_LEFT`; the files where today's fold does not reach it
-are expected failures (xfail, not strict): when they pass (XPASS in the summary), tighten
-`TODAY_LEFT` and drop the mark.
+`LEFT` is what the issue-12 rules leave on each file, exactly: leaving more is a regression,
+leaving fewer a fold that must be proven and then recorded here.
 """
 
 from __future__ import annotations
@@ -36,48 +34,35 @@ MANIFEST = json.loads((DATA / "manifest.json").read_text(encoding="utf-8"))
 FILES = sorted(e["file"].removesuffix(".onnx") for e in MANIFEST["files"] if e["status"] == "ok")
 ATOL, RTOL = 1e-4, 1e-3
 
-# (BatchNormalization nodes, constant scales right after a Conv/Gemm/MatMul) that today's fold
-# (bn_onnx/fold.py before issue 12) leaves: the most any fold may leave. Lead: tighten these to
-# TARGET_LEFT as the issue-12 engine lands.
-TODAY_LEFT = {
-    "audio_conv1d.dynamo": (1, 0),
-    "audio_conv1d.torchscript": (1, 0),
-    "bn_patterns.dynamo": (5, 0),
-    "bn_patterns.torchscript": (5, 0),
+# (BatchNormalization nodes, constant scales right after a Conv/Gemm/MatMul) the fold leaves.
+# Every file but bn_patterns folds completely; bn_patterns keeps 2 by design: the BN after a
+# MaxPool with negative scales that also feeds a padded Conv (rules 23, 21), and the BN before
+# the padded 3x3 Conv (rule 21). Before issue 12 the fold left 1 in audio_conv1d (BN -> unpadded
+# Conv1d, rule 21), 5 in bn_patterns (Flatten -> Gemm, unpadded Conv, Concat: rules 20-22), 4
+# FrozenBatchNorm2d scales in frozen_resnet (Mul/Add chains, rule 16), 1 in the dynamo
+# mlp_bn_noaffine (Shape/CastLike readers, rule 12) and 2 in seq_linear_bn (BN between
+# Transposes, rule 19).
+LEFT = {
+    "audio_conv1d.dynamo": (0, 0),
+    "audio_conv1d.torchscript": (0, 0),
+    "bn_patterns.dynamo": (2, 0),
+    "bn_patterns.torchscript": (2, 0),
     "dcgan_generator.dynamo": (0, 0),
     "dcgan_generator.torchscript": (0, 0),
-    "frozen_resnet.dynamo": (0, 4),
-    "frozen_resnet.torchscript": (0, 4),
+    "frozen_resnet.dynamo": (0, 0),
+    "frozen_resnet.torchscript": (0, 0),
     "mlp_bn_input.dynamo": (0, 0),
     "mlp_bn_input.torchscript": (0, 0),
-    "mlp_bn_noaffine.dynamo": (1, 0),
+    "mlp_bn_noaffine.dynamo": (0, 0),
     "mlp_bn_noaffine.torchscript": (0, 0),
     "mlp_bn_post.dynamo": (0, 0),
     "mlp_bn_post.torchscript": (0, 0),
     "mlp_bn_pre.dynamo": (0, 0),
     "mlp_bn_pre.torchscript": (0, 0),
-    "seq_linear_bn.dynamo": (2, 0),
-    "seq_linear_bn.torchscript": (2, 0),
+    "seq_linear_bn.dynamo": (0, 0),
+    "seq_linear_bn.torchscript": (0, 0),
     "video_conv3d.dynamo": (0, 0),
     "video_conv3d.torchscript": (0, 0),
-}
-
-# What the issue-12 rules (numbered as in the issue, item 2) should leave where it is less.
-# bn_patterns keeps 2 by design: the BN after MaxPool has negative scales and also feeds a
-# padded Conv (2f, 2d), and the BN before the padded 3x3 Conv (2d).
-TARGET_LEFT = {
-    "audio_conv1d.dynamo": ((0, 0), "2d: BN after ReLU into the following unpadded Conv1d"),
-    "audio_conv1d.torchscript": ((0, 0), "2d: BN after ReLU into the following unpadded Conv1d"),
-    "bn_patterns.dynamo": ((2, 0), "2c Flatten+Gemm, 2d unpadded Conv, 2e Concat"),
-    "bn_patterns.torchscript": ((2, 0), "2c Flatten+Gemm, 2d unpadded Conv, 2e Concat"),
-    "frozen_resnet.dynamo": ((0, 0), "2g: FrozenBatchNorm2d Mul/Add chains"),
-    "frozen_resnet.torchscript": ((0, 0), "2g: FrozenBatchNorm2d Mul/Add chains"),
-    "mlp_bn_noaffine.dynamo": ((0, 0), "2a: Shape/CastLike readers of the Linear output"),
-    "seq_linear_bn.dynamo": ((0, 0), "2c: BN between Transposes, channel = MatMul output axis"),
-    "seq_linear_bn.torchscript": (
-        (0, 0),
-        "2c: BN between Transposes, channel = MatMul output axis",
-    ),
 }
 
 
@@ -126,7 +111,7 @@ def folded(tmp_path_factory, scorer):
 def test_manifest_lists_every_committed_file():
     on_disk = sorted(p.name.removesuffix(".onnx") for p in DATA.glob("*.onnx"))
     assert on_disk == FILES
-    assert set(FILES) == set(TODAY_LEFT)
+    assert set(FILES) == set(LEFT)
     assert all(e["file_bytes"] < 200_000 for e in MANIFEST["files"])
 
 
@@ -150,28 +135,8 @@ def test_fold_keeps_outputs_interface_and_validity(stem, folded, scorer, record_
     record_property("bn_left", left[0])
     record_property("scales_left", left[1])
     assert f["after"]["custom"] == 0, "the fold introduced a custom-domain node"
-    # Never more BN than the file had, and never more than today's fold leaves.
     assert left[0] <= f["before"]["bn"]
-    assert left[0] <= TODAY_LEFT[stem][0] and left[1] <= TODAY_LEFT[stem][1], (
-        f"{stem}: left {left} (BN, scales); today's fold leaves {TODAY_LEFT[stem]}"
-    )
-
-
-def _target_params() -> list:
-    params = []
-    for stem in FILES:
-        target, rule = TARGET_LEFT.get(stem, (TODAY_LEFT[stem], ""))
-        marks = []
-        if target != TODAY_LEFT[stem]:
-            marks.append(pytest.mark.xfail(reason=f"issue 12 rule {rule}", strict=False))
-        params.append(pytest.param(stem, target, id=stem, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize(("stem", "target"), _target_params())
-def test_fold_leaves_what_the_rules_allow(stem, target, folded):
-    after = folded(stem)["after"]
-    assert (after["bn"], after["scale_after_linear"]) == target
+    assert left == LEFT[stem], f"{stem}: left {left} (BN, scales), expected {LEFT[stem]}"
 
 
 def test_scale_count_sees_frozen_bn_chains(folded):

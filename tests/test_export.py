@@ -107,7 +107,16 @@ def test_folded_export_has_no_bn_and_otherwise_the_same_ops(exported):
     counts = onnx_meta.op_counts(model)
     unfolded = onnx_meta.op_counts(onnx.load(exported.unfolded))
     unfolded.pop("BatchNormalization", None)
-    assert counts == unfolded  # every BN went into an existing Gemm: no node was added
+    plain, plain_report = fold_exported(onnx.load(exported.unfolded), cleanup=False)
+    assert plain_report["cleanup"] is None
+    # every BN went into an existing Gemm: no node was added, none other removed
+    assert onnx_meta.op_counts(plain) == unfolded
+    # the cleanup only lifts the exporter's Constant nodes (gelu's sqrt(2), 0.5 ...) into
+    # initializers and drops the Identity of an eval-mode Dropout: the MLP export has no
+    # other clutter
+    clutter = {op: n for op, n in unfolded.items() if op in ("Constant", "Identity")}
+    assert counts == {op: n for op, n in unfolded.items() if op not in clutter}
+    assert exported.fold_report["cleanup"]["removed_ops"] == clutter
     report = exported.fold_report
     assert report["n_bn"] == report["n_folded"] == _expected_bn(exported.cfg)
 
@@ -282,7 +291,7 @@ def test_failure_during_fold_leaves_no_file(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
 
-    def broken_fold(model):
+    def broken_fold(model, **kwargs):
         raise UnsupportedModelError("simulated fold failure")
 
     monkeypatch.setattr(bn_onnx.fold, "fold_model", broken_fold)
@@ -303,6 +312,12 @@ def test_cli_export_prints_summary_and_writes_folded_file(tmp_path, capsys):
     assert f"wrote {out}" in text
     assert "2 exported, 2 folded, 0 left" in text
     assert bn_count(onnx.load(out)) == 0
+    cleanup = [line for line in text.splitlines() if line.startswith("cleanup: ")]
+    assert len(cleanup) == 1  # the cleanup ran after the fold
+    plain = tmp_path / "plain.onnx"
+    assert main(["export", str(ckpt), "-o", str(plain), "--fold", "--no-cleanup"]) == 0
+    text = capsys.readouterr().out
+    assert "2 exported, 2 folded, 0 left" in text and "cleanup" not in text
 
 
 def test_cli_export_opset_option(tmp_path):

@@ -9,7 +9,13 @@ import pytest
 from fold_testing import fold_and_compare, mlp_with_probe, random_mlp
 
 from bn_onnx.errors import UnsupportedModelError
-from bn_onnx.fold import FoldBatchNormPass, FoldPassResult, fold_model, inspect_model
+from bn_onnx.fold import (
+    FoldBatchNormPass,
+    FoldPassResult,
+    fold_in_place,
+    fold_model,
+    inspect_model,
+)
 
 
 def _random(seed: int) -> tuple[onnx.ModelProto, int]:
@@ -26,11 +32,19 @@ def test_pass_on_ir_model_equals_fold_model_on_proto(seed):
     model, n_in = _random(seed)
     x = np.random.default_rng(seed).normal(size=(3, n_in)).astype(np.float32)
     via_proto = fold_and_compare(model, {"x": x})
+    plain = fold_model(model, cleanup=False)
     ir_model = ir.serde.deserialize_model(model)
     result = FoldBatchNormPass()(ir_model)
     assert isinstance(result, FoldPassResult) and result.model is ir_model  # in place
     assert result.modified == (result.report.n_folded > 0)
-    assert result.report.to_dict() == via_proto.report.to_dict()
+    assert result.report.to_dict() == plain.report.to_dict()
+    folded = ir.serde.serialize_model(ir_model)
+    assert folded.SerializeToString() == plain.model.SerializeToString()
+    # the pass and then the cleanup, in place: what fold_model gives by default
+    ir_model = ir.serde.deserialize_model(model)
+    report = fold_in_place(ir_model)
+    assert report.to_dict() == via_proto.report.to_dict()
+    assert report.cleanup is not None and plain.report.cleanup is None
     folded = ir.serde.serialize_model(ir_model)
     assert folded.SerializeToString() == via_proto.model.SerializeToString()
 

@@ -112,11 +112,12 @@ def fold_scoped(
     folded: int | None = None,
     atol: float = ATOL,
     rtol: float = RTOL,
+    cleanup: bool = True,
 ) -> FoldResult:
     """Fold, then check: valid (full checker), the BN count, the interface, opsets, function
     signatures and subgraph outputs unchanged, and equal outputs in onnxruntime for each feed."""
     before = model.SerializeToString()
-    result = fold_model(model, check_output=True)
+    result = fold_model(model, check_output=True, cleanup=cleanup)
     assert model.SerializeToString() == before, "fold_model changed its input"
     onnx.checker.check_model(result.model, full_check=True)
     n_bn = count_bn(model)
@@ -786,10 +787,13 @@ def test_function_never_called_keeps_its_bn_with_the_reason():
         inits,
     )
     feeds = [{"x1": rng.normal(size=(3, 5)).astype(np.float32)}]
-    result = fold_scoped(model, feeds, folded=0)
+    result = fold_scoped(model, feeds, folded=0, cleanup=False)
     assert result.report.entries[0].reason == (
         "parameter 's' is a function input of a function the model never calls, not a constant"
     )
+    # the cleanup then removes the function nothing calls, its BN with it
+    cleaned = fold_model(model)
+    assert not cleaned.model.functions and count_bn(cleaned.model) == 0
 
 
 # --- shapes per scope and the cleanup after the fold --------------------------------------------

@@ -15,12 +15,20 @@ process against one load+save run (Linux, VmHWM from /proc).
     python tools/bench_fold.py [--blocks 200] [--width 64] [--repeats 7]
     python tools/bench_fold.py --widths 2048,2048,2048,2048,2048,10 --repeats 7
     python tools/bench_fold.py --large --blocks 40 --width 4096 --repeats 3   # 2.7 GB
+    python tools/bench_fold.py --other /work/main --rounds 3   # this checkout vs another
+
+`--other CHECKOUT` runs the whole benchmark ROUNDS times for each checkout alternately, each in
+a fresh process with that checkout on PYTHONPATH, and prints the ratios of each round (every
+round has its own baseline) as medians with min-max.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +162,67 @@ def large(args: argparse.Namespace) -> None:
     tmp.rmdir()
 
 
+ROOT = Path(__file__).resolve().parent.parent
+RATIOS = (
+    ("fold_file", "baseline"),
+    ("fold_model", "baseline"),
+    ("fold_model", "onnxscript"),
+)
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> None:
+    """Run this benchmark for this checkout and `--other`, alternately, in fresh processes."""
+    rest = [a for i, a in enumerate(argv) if a not in ("--other", "--rounds")]
+    rest = [a for a in rest if a not in (args.other, str(args.rounds))]
+    trees = {"this": str(ROOT), "other": str(Path(args.other).resolve())}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_fold_compare."))
+    rows: dict[str, list[dict]] = {k: [] for k in trees}
+    loads = [os.getloadavg()[0]]
+    for r in range(args.rounds):
+        for name, tree in trees.items():
+            out = tmp / f"{name}{r}.json"
+            env = {**os.environ, "PYTHONPATH": tree}
+            subprocess.run(
+                [sys.executable, __file__, *rest, "--json", str(out)],
+                env=env,
+                cwd=tmp,
+                check=True,
+                capture_output=True,
+            )
+            rows[name].append(json.loads(out.read_text()))
+        loads.append(os.getloadavg()[0])
+    print(
+        f"{args.rounds} rounds, each checkout in its own process, alternating; load average "
+        + ", ".join(f"{x:.1f}" for x in loads)
+    )
+    for name, tree in trees.items():
+        print(f"  {name} ({tree}):")
+        for key in ("median_s", "median_cpu_s"):
+            unit = "wall" if key == "median_s" else "CPU"
+            for k in rows[name][0][key]:
+                v = [row[key][k] * 1e3 for row in rows[name]]
+                print(
+                    f"    {unit:4s} {k:11s} {statistics.median(v):8.1f} ms "
+                    f"({min(v):.1f}-{max(v):.1f})"
+                )
+            for a, b in RATIOS:
+                if b not in rows[name][0][key]:
+                    continue
+                v = [row[key][a] / row[key][b] for row in rows[name]]
+                print(
+                    f"    {unit:4s} {a} / {b}: {statistics.median(v):.2f}x "
+                    f"({min(v):.2f}-{max(v):.2f})"
+                )
+        peaks = [row["peak_rss_mb"] for row in rows[name]]
+        print(
+            "    peak RSS (MB, median): "
+            + ", ".join(f"{k} {statistics.median(p[k] for p in peaks):.0f}" for k in peaks[0])
+        )
+    for p in tmp.iterdir():
+        p.unlink()
+    tmp.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=200)
@@ -169,7 +238,12 @@ def main() -> None:
         action="store_true",
         help="external data, fresh process per run, only load+save vs fold_file (for > 2 GB)",
     )
+    ap.add_argument("--other", help="another checkout: compare this one with it, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per checkout with --other")
     args = ap.parse_args()
+    if args.other:
+        compare(args, sys.argv[1:])
+        return
     if args.large:
         large(args)
         return
@@ -182,6 +256,7 @@ def main() -> None:
         ox_optimizer = None
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_fold."))
+    atexit.register(shutil.rmtree, tmp, True)  # the models written here go with the process
     src = tmp / "chain.onnx"
     if args.widths:
         from bn_onnx.graphs import build_mlp

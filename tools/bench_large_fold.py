@@ -1,13 +1,18 @@
 """Fold a model above 2 GB (external data) and compare time and peak memory with load+save.
 
-Issue 5, item 2. Builds an MLP of about `--size-gb` GB with `bn_onnx.graphs.write_mlp_external`
-(tensor by tensor, so the builder holds about one layer), then runs in separate processes,
-interleaved:
+Issue 5, item 2 and issue 12, item 4. Builds an MLP of about `--size-gb` GB with
+`bn_onnx.graphs.write_mlp_external` (tensor by tensor, so the builder holds about one layer),
+then runs in separate processes, interleaved over `--repeats` rounds:
 
   load+save        onnx.load (external data read in) + onnx.save with external data
-  bn_onnx.fold     bn_onnx.fold.fold_file(in, out) (load, fold, save with external data)
+  bn_onnx.fold     bn_onnx.fold.fold_file(in, out) (load, fold, cleanup, save with external data)
   bn-onnx fold     the command, as a whole process (when cli/fold.py exists)
+  bn_onnx.fold (other)  fold_file of another checkout (`--other`, e.g. /work/main)
   import only      the imports of the above, the memory floor
+
+The summary gives, per tool, medians (min-max) over the rounds of the wall time, of its ratio to
+load+save in the same round, and of the peak RSS over the weight bytes (with and without the
+import floor).
 
 Each process's peak RSS comes from wait4 (started from a small launcher, see
 `bn_onnx.bench.measure_process`), split into anonymous and file-backed parts by polling /proc.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -36,7 +42,8 @@ import numpy as np
 
 from bn_onnx import bench
 
-RESULTS = Path(__file__).resolve().parent / "bench_results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "tools" / "bench_results"
 
 LOAD_SAVE = r"""
 import json, sys, time
@@ -67,6 +74,7 @@ print(json.dumps({"inner_s": 0.0}))
 
 STEPS = r"""
 import json, sys, time
+import bn_onnx.fold.cleanup
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -85,6 +93,7 @@ def reset_peak():
 src, dst = sys.argv[1:3]
 import numpy, onnx_ir
 from bn_onnx.fold import FoldBatchNormPass
+from bn_onnx.fold.cleanup import cleanup
 from bn_onnx.fold.io import load_model, save_model
 steps = []
 base = status("VmRSS")
@@ -98,10 +107,13 @@ def mark(name, t0):
 t0 = time.perf_counter()
 model = load_model(src)
 mark("fold.io.load_model (onnx_ir.load: external data memory-mapped)", t0)
-# The same steps as bn_onnx.fold.fold_file: fold in place, save tensor by tensor.
+# The same steps as bn_onnx.fold.fold_file: fold in place, clean, save tensor by tensor.
 t0 = time.perf_counter()
 FoldBatchNormPass()(model)
-mark("FoldBatchNormPass()(model): rewritten weights held as arrays", t0)
+mark("FoldBatchNormPass()(model): weights checked, rewritten ones lazy", t0)
+t0 = time.perf_counter()
+cleanup(model)
+mark("cleanup(model)", t0)
 t0 = time.perf_counter()
 save_model(model, dst, external_data=True)
 mark("fold.io.save_model (onnx_ir.save, external data)", t0)
@@ -162,11 +174,21 @@ def checked(run: bench.ProcessRun, what: str) -> bench.ProcessRun:
     return run
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max."""
+    return {
+        "median": float(np.median(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-gb", type=float, default=2.5)
     ap.add_argument("--width", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--other", help="another checkout whose fold_file also runs (PYTHONPATH)")
     ap.add_argument("--scratch", default=None, help="folder for the big files")
     ap.add_argument("--out", type=Path, default=RESULTS / "large_fold.json")
     ap.add_argument("--keep", action="store_true", help="keep the big files")
@@ -191,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                     str(src),
                     json.dumps(widths),
                 ),
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                cwd=work,
                 sample_rss=True,
             ),
             "build",
@@ -200,22 +224,30 @@ def main(argv: list[str] | None = None) -> int:
         out["build"] = build.to_dict()
         print(f"built {size / 1e9:.2f} GB in {build.wall_s:.1f} s", file=sys.stderr)
 
-        cmds = {
-            "load+save": py(LOAD_SAVE, str(src), str(work / "ls.onnx")),
-            "bn_onnx.fold": py(FOLD, str(src), str(work / "fold.onnx")),
-            "import only": py(IMPORTS),
+        here = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmds: dict[str, tuple[list[str], dict[str, str]]] = {
+            "load+save": (py(LOAD_SAVE, str(src), str(work / "ls.onnx")), here),
+            "bn_onnx.fold": (py(FOLD, str(src), str(work / "fold.onnx")), here),
+            "import only": (py(IMPORTS), here),
         }
         exe = shutil.which("bn-onnx")
         if exe and (Path(bench.__file__).parent / "cli" / "fold.py").is_file():
-            cmds["bn-onnx fold"] = [exe, "fold", str(src), "-o", str(work / "cli.onnx")]
+            cmds["bn-onnx fold"] = ([exe, "fold", str(src), "-o", str(work / "cli.onnx")], here)
+        if args.other:
+            other = {**os.environ, "PYTHONPATH": str(Path(args.other).resolve())}
+            cmds["bn_onnx.fold (other)"] = (py(FOLD, str(src), str(work / "other.onnx")), other)
         runs: dict[str, list[bench.ProcessRun]] = {k: [] for k in cmds}
+        out["load_average"] = [os.getloadavg()[0]]
         for r in range(args.repeats):
-            for name, cmd in cmds.items():
+            for name, (cmd, env) in cmds.items():
                 print(f"round {r + 1}: {name}", file=sys.stderr)
-                runs[name].append(checked(bench.measure_process(cmd, sample_rss=True), name))
+                # cwd: the scratch folder, so `python -c` imports bn_onnx from PYTHONPATH
+                run = bench.measure_process(cmd, env=env, cwd=work, sample_rss=True)
+                runs[name].append(checked(run, name))
                 for p in work.iterdir():  # drop outputs between runs: disk, page cache
-                    if p.name.startswith(("ls.", "fold.", "cli.")):
+                    if p.name.startswith(("ls.", "fold.", "cli.", "other.")):
                         p.unlink()
+            out["load_average"].append(os.getloadavg()[0])
         procs: dict[str, Any] = {}
         for name, rs in runs.items():
             inner = [last_json(r, required=False).get("inner_s") for r in rs]
@@ -230,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print("step profile of fold_file", file=sys.stderr)
         steps = checked(
-            bench.measure_process(py(STEPS, str(src), str(work / "fold.onnx")), sample_rss=True),
+            bench.measure_process(
+                py(STEPS, str(src), str(work / "fold.onnx")), env=here, cwd=work, sample_rss=True
+            ),
             "steps",
         )
         out["fold_steps"] = last_json(steps)
         check = checked(
-            bench.measure_process(py(CHECK, str(work / "fold.onnx"), json.dumps(widths))),
+            bench.measure_process(py(CHECK, str(work / "fold.onnx"), json.dumps(widths)), env=here),
             "check",
         )
         out["fold_output_check"] = last_json(check)
@@ -245,27 +279,48 @@ def main(argv: list[str] | None = None) -> int:
     out["elapsed_s"] = time.perf_counter() - t_all
 
     mb = out["model_bytes"] / 2**20
-    base = float(np.median(out["processes"]["import only"]["maxrss_mb"]))
-    summary = {"model_mb": mb, "import_floor_mb": base}
-    for name in ("load+save", "bn_onnx.fold", "bn-onnx fold"):
-        if name not in out["processes"]:
+    procs = out["processes"]
+    base = float(np.median(procs["import only"]["maxrss_mb"]))
+    summary: dict[str, Any] = {
+        "model_mb": mb,
+        "import_floor_mb": base,
+        "load_average": out["load_average"],
+    }
+    ls_wall = procs["load+save"]["wall_s"]
+    for name in ("load+save", "bn_onnx.fold", "bn-onnx fold", "bn_onnx.fold (other)"):
+        if name not in procs:
             continue
-        p = out["processes"][name]
-        peak = float(np.median(p["maxrss_mb"]))
+        p = procs[name]
+        ratios = [w / b for w, b in zip(p["wall_s"], ls_wall, strict=True)]
         summary[name] = {
-            "wall_s": float(np.median(p["wall_s"])),
-            "inner_s": float(np.median([t for t in p["inner_s"] if t is not None] or [np.nan])),
-            "peak_mb": peak,
-            "peak_over_model": (peak - base) / mb,
-            "extra_copies_beyond_one": (peak - base) / mb - 1.0,
+            "wall_s": _spread(p["wall_s"]),
+            "inner_s": _spread([t for t in p["inner_s"] if t is not None] or [np.nan]),
+            "over_load_save_time": _spread(ratios),
+            "peak_mb": _spread(p["maxrss_mb"]),
+            "peak_over_weights": _spread([m / mb for m in p["maxrss_mb"]]),
+            "peak_over_weights_above_floor": _spread([(m - base) / mb for m in p["maxrss_mb"]]),
+            "peak_anon_mb": _spread(p["peak_anon_mb"]),
+            "peak_file_mb": _spread(p["peak_file_mb"]),
         }
-    ls, fo = summary["load+save"], summary["bn_onnx.fold"]
-    summary["fold_over_load_save_time"] = fo["inner_s"] / ls["inner_s"]
-    summary["fold_over_load_save_peak"] = (fo["peak_mb"] - base) / (ls["peak_mb"] - base)
     out["summary"] = summary
     args.out.parent.mkdir(parents=True, exist_ok=True)
     bench.save_json(out, args.out)
-    print(json.dumps(summary, indent=1))
+    print(
+        f"model {mb:.0f} MB of weights, import floor {base:.0f} MB, {args.repeats} rounds, "
+        f"load average {', '.join(f'{x:.1f}' for x in out['load_average'])}"
+    )
+    for name, row in summary.items():
+        if not isinstance(row, dict):
+            continue
+        t, r, m = row["wall_s"], row["over_load_save_time"], row["peak_over_weights"]
+        print(
+            f"  {name:21s} wall {t['median']:6.1f} s ({t['min']:.1f}-{t['max']:.1f}), "
+            f"x load+save {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}); peak "
+            f"{row['peak_mb']['median']:.0f} MB = {m['median']:.2f}x weights "
+            f"({m['min']:.2f}-{m['max']:.2f}; above floor "
+            f"{row['peak_over_weights_above_floor']['median']:.2f}x); anon "
+            f"{row['peak_anon_mb']['median']:.0f} MB, file {row['peak_file_mb']['median']:.0f} MB"
+        )
     for s in out["fold_steps"]["steps"]:
         print(
             f"  {s['step']}: {s['s']:.1f} s, peak {s['peak'] / 2**20:.0f} MB, "

@@ -42,6 +42,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--fold", action="store_true", help="fold every BatchNormalization into its Gemm"
     )
     p.add_argument(
+        "--cleanup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --fold, also fold the constants the exporter left and remove dead code "
+        "(default); --no-cleanup changes nothing but the BatchNormalization nodes",
+    )
+    p.add_argument(
         "--opset", type=positive_int, default=18, metavar="N", help="ONNX opset (default 18)"
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
@@ -80,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(args.quiet)
     try:
         result = export_checkpoint(
-            args.checkpoint, args.output, fold=args.fold, opset=args.opset, on_start=progress.start
+            args.checkpoint,
+            args.output,
+            fold=args.fold,
+            opset=args.opset,
+            on_start=progress.start,
+            cleanup=args.cleanup,
         )
     finally:
         progress.stop()
@@ -94,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
             f"BatchNormalization: {result.n_bn_exported} exported, "
             f"{result.n_bn_exported - result.n_bn} folded, {result.n_bn} left"
         )
+        cleanup = (result.fold_report or {}).get("cleanup")
+        if cleanup is not None:
+            from bn_onnx.cli.fold import cleanup_line
+
+            print(cleanup_line(cleanup))
     else:
         print(f"BatchNormalization: {result.n_bn} kept (unfolded)")
     print(f"ops: {ops}")

@@ -7,6 +7,8 @@ from typing import Any
 
 # Folded BNs are listed one a line up to this many; beyond, only counted (one screen).
 MAX_FOLDED_LINES = 12
+# The cleanup line names this many op types, most removed first.
+MAX_CLEANUP_OPS = 6
 # Without a TTY, the stages (loading, folding, writing) are printed for files this big.
 BIG_FILE_BYTES = 64 << 20
 
@@ -18,8 +20,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Fold every inference-mode BatchNormalization that can provably be folded into the "
             "Gemm, MatMul(+Add), Conv or ConvTranspose before it, or the Gemm/MatMul after it. "
-            "Every BN that stays is listed with the reason. The input file is never changed "
-            "(unless --in-place) and the output is written atomically."
+            "Every BN that stays is listed with the reason. Then the constants the exporter left "
+            "(CastLike, Shape of static dims, Expand, Identity ...) are folded and dead code is "
+            "removed (--no-cleanup: every other node stays as it was). The input file is never "
+            "changed (unless --in-place) and the output is written atomically."
         ),
     )
     p.add_argument("model", metavar="IN.onnx", help="the model to fold")
@@ -33,6 +37,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="write the weights to OUT.onnx.data (default: only when the model nears 2 GB)",
+    )
+    p.add_argument(
+        "--cleanup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="after the fold, fold the constants the exporter left and remove dead code "
+        "(default); --no-cleanup leaves every node other than the folded BNs as it was",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument(
@@ -66,7 +77,33 @@ def summary_lines(report: Any, src: str, dst: str) -> list[str]:
         f"nodes {report.nodes_before} -> {report.nodes_after}, "
         f"initializers {report.initializers_before} -> {report.initializers_after}"
     )
+    if report.cleanup is not None:
+        lines.append(cleanup_line(report.cleanup))
     return lines
+
+
+def cleanup_line(counts: dict[str, Any]) -> str:
+    """One line from the cleanup's counts, e.g. "cleanup: 247 -> 100 nodes (removed CastLike
+    40, Shape 12, ...; added Cast 2), 3 initializers merged", or "cleanup: nothing to clean
+    (5 nodes)"."""
+    before, after = counts["nodes_before"], counts["nodes_after"]
+    if not counts.get("modified"):
+        return f"cleanup: nothing to clean ({before} nodes)"
+    ops = counts.get("removed_ops", {})
+    removed = sorted(((n, op) for op, n in ops.items() if n > 0), key=lambda t: (-t[0], t[1]))
+    added = sorted(((-n, op) for op, n in ops.items() if n < 0), key=lambda t: (-t[0], t[1]))
+    parts = []
+    if removed:
+        shown = ", ".join(f"{op} {n}" for n, op in removed[:MAX_CLEANUP_OPS])
+        more = ", ..." if len(removed) > MAX_CLEANUP_OPS else ""
+        parts.append(f"removed {shown}{more}")
+    if added:
+        parts.append("added " + ", ".join(f"{op} {n}" for n, op in added[:MAX_CLEANUP_OPS]))
+    line = f"cleanup: {before} -> {after} nodes" + (f" ({'; '.join(parts)})" if parts else "")
+    merged = counts.get("deduplicated", 0)
+    if merged:
+        line += f", {merged} initializer{'s' if merged != 1 else ''} merged"
+    return line
 
 
 def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -107,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             in_place=args.in_place,
             external_data=args.external_data,
             progress=callback,
+            cleanup=args.cleanup,
         )
     if not args.quiet:
         print("\n".join(summary_lines(report, args.model, args.output)))
@@ -138,6 +176,7 @@ def _fold_verified(args: argparse.Namespace) -> int:
                 report_path=tmp / "report.json",
                 external_data=args.external_data,
                 progress=callback,
+                cleanup=args.cleanup,
             )
         names = [Path(args.model).name, out.name]
         if names[0] == names[1]:

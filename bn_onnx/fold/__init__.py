@@ -10,8 +10,12 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
 - `affine_ops`: Mul/Add/Sub/Div chains by constants as sites; `legacy`: broadcasting before
   opset 7; `flush`: float16 channels the unfolded model makes constant;
 - `layout`, `pools`, `concat`: the steps of their walks (layout ops, commuting pools, Concat);
-- `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_model`, `inspect_model`;
-- `io`: `fold_file` (load with onnx-ir, fold, save tensor by tensor, atomically);
+- `scopes`: subgraphs and model-local functions;
+- `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_in_place` (the pass and
+  the cleanup), `fold_model`, `inspect_model`;
+- `io`: `fold_file` (load with onnx-ir, fold, clean, save tensor by tensor, atomically);
+- `cleanup`: the cleanup after the fold (the exporter's constants, dead code, duplicates);
+- `lazy`: rewritten weights of external data computed when written;
 - `math`: the float64 arithmetic, pure numpy;
 - `validate`: the checker and strict shape inference on the model without its weights;
 - `report`: the report objects.
@@ -24,6 +28,7 @@ from bn_onnx.fold._pass import (
     DEFAULT_SITE_KINDS,
     FoldBatchNormPass,
     FoldPassResult,
+    fold_in_place,
     fold_model,
     inspect_model,
 )
@@ -49,6 +54,7 @@ __all__ = [
     "Rule",
     "SiteKind",
     "fold_file",
+    "fold_in_place",
     "fold_model",
     "inspect_model",
 ]

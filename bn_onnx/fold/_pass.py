@@ -253,19 +253,101 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
         raise InvalidModelError("not an ONNX model (no graph or opset)")
     try:
         with quiet_onnx_ir():
-            return ir.serde.deserialize_model(model)
+            work = ir.serde.deserialize_model(model)
     except BnOnnxError:
         raise
     except Exception as exc:
         raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+    _own_constant_tensors(work)
+    return work
 
 
-def fold_model(model: onnx.ModelProto | ir.Model, *, check_output: bool = False) -> FoldResult:
-    """Fold every foldable BatchNormalization of `model`; the input model is not changed.
+def _own_constant_tensors(model: ir.Model) -> None:
+    """Give each Constant node a tensor of its own instead of a view of the input proto.
+
+    onnx-ir's tensors read from a ModelProto write a name change through to that proto, and
+    the cleanup names the tensors of the Constants it lifts into initializers: without this,
+    `fold_model` would change its input. Constant values are small; initializers, which the
+    pass never renames, stay shared.
+    """
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.op_type != "Constant" or node.domain != "":
+                continue
+            attr = node.attributes.get("value")
+            if attr is None or attr.is_ref() or not isinstance(attr.value, ir.TensorProtoTensor):
+                continue
+            own = onnx.TensorProto()
+            own.CopyFrom(attr.value.raw)
+            node.attributes["value"] = ir.AttrTensor("value", ir.TensorProtoTensor(own))
+
+
+def fold_in_place(
+    model: ir.Model, *, cleanup: bool = True, check_output: bool = False
+) -> FoldReport:
+    """Fold `model` in place with `FoldBatchNormPass`, then clean it; return the report.
+
+    The cleanup (`bn_onnx.fold.cleanup.cleanup`, unless `cleanup=False`) folds the constants
+    an exporter left and removes dead code; the report's `nodes_after`/`initializers_after`,
+    its `cleanup` counts, its `renamed` map and the `bn_onnx.folded` metadata are taken after
+    it. With `check_output`, the final model is validated (checker and strict shape
+    inference).
+
+    Raises:
+        InvalidModelError: the model is not valid ONNX.
+        FoldOutputError: the result failed `check_output` (a bug in the pass or the cleanup).
+    """
+    graph = model.graph
+    original = {v.name for v in _computed_values(graph)}
+    with quiet_onnx_ir():
+        result = FoldBatchNormPass()(model)
+    assert isinstance(result, FoldPassResult) and result.report is not None
+    report = result.report
+    if cleanup:
+        from bn_onnx.fold.cleanup import cleanup as run_cleanup
+
+        names = {v: v.name for v in _computed_values(graph)}
+        cleaned = run_cleanup(model)
+        alive = set(_computed_values(graph))
+        # The cleanup keeps values: one that survives it computes what it computed before,
+        # under its new name (Identity before a graph output, a no-op replaced by its input).
+        report.renamed = {
+            old: v.name
+            for v, old in names.items()
+            if v in alive and v.name != old and old in original and v.name
+        }
+        report.cleanup = cleaned.to_dict()
+        report.nodes_after = len(graph)
+        report.initializers_after = len(graph.initializers)
+        update_folded_flag(model)  # a BN the cleanup removed as dead code counts too
+    if check_output:
+        try:
+            validate_model(model)
+        except InvalidModelError as exc:
+            raise FoldOutputError(f"fold produced an invalid model: {exc}") from None
+    return report
+
+
+def _computed_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """The main graph's inputs and node outputs (the values `verify --locate` compares)."""
+    yield from graph.inputs
+    for node in graph:
+        yield from node.outputs
+
+
+def fold_model(
+    model: onnx.ModelProto | ir.Model, *, check_output: bool = False, cleanup: bool = True
+) -> FoldResult:
+    """Fold every foldable BatchNormalization of `model`, then clean it; the input model is
+    not changed.
 
     Args:
         model: an `onnx.ModelProto`, or an `onnx_ir.Model` (which is cloned first).
         check_output: also run the checker and strict shape inference on the result.
+        cleanup: run `bn_onnx.fold.cleanup.cleanup` after the fold (constants the exporter
+            left, dead code, duplicate initializers); False leaves every node other than the
+            folded BNs (and the constants only they read) as it was.
 
     Returns:
         The folded model, of the type given, and the report.
@@ -276,11 +358,10 @@ def fold_model(model: onnx.ModelProto | ir.Model, *, check_output: bool = False)
     """
     as_proto = isinstance(model, onnx.ModelProto)
     work = to_ir(model) if as_proto else model.clone()  # type: ignore[union-attr]
+    report = fold_in_place(work, cleanup=cleanup, check_output=check_output)
     with quiet_onnx_ir():
-        result = FoldBatchNormPass(check_output=check_output)(work)
         out = ir.serde.serialize_model(work) if as_proto else work
-    assert isinstance(result, FoldPassResult) and result.report is not None
-    return FoldResult(model=out, report=result.report)
+    return FoldResult(model=out, report=report)
 
 
 def inspect_model(model: onnx.ModelProto | ir.Model) -> list[BnInfo]:

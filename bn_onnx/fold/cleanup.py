@@ -363,6 +363,40 @@ class _SafeIdentityEliminationPass(common_passes.IdentityEliminationPass):
         return super()._try_eliminate_identity_node(node)
 
 
+class _SafeCommonSubexpressionEliminationPass(common_passes.CommonSubexpressionEliminationPass):
+    """onnx-ir's CommonSubexpressionEliminationPass (onnxscript's optimizer runs it last), never
+    merging a node this cleanup must not touch.
+
+    The library merges nodes of the main graph with the same op, inputs and attributes, except
+    control flow, random ops and big constants. Also left here: `KEPT_OPS` (the fold reports
+    every BatchNormalization it leaves), `NON_DETERMINISTIC_OPS` (Dropout in training mode and
+    Bernoulli are random; the library's list misses them), ops outside the standard domain
+    (what a custom op computes is unknown) and Constant nodes (those left after rule 5 keep a
+    constant graph output's name: merging two would put an Identity there, which the next
+    cleanup would fold). Such a node gets, for the run, an attribute no other node has, so
+    that it matches nothing; the attribute is removed afterwards.
+    """
+
+    _MARK = "bn_onnx_cleanup_cse_keep"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        kept = [
+            node
+            for node in model.graph
+            if not _is_standard(node)
+            or node.op_type in KEPT_OPS
+            or node.op_type in NON_DETERMINISTIC_OPS
+            or node.op_type == "Constant"
+        ]
+        for i, node in enumerate(kept):
+            node.attributes[self._MARK] = ir.AttrInt64(self._MARK, i)
+        try:
+            return super().call(model)
+        finally:
+            for node in kept:
+                node.attributes.pop(self._MARK, None)
+
+
 class _LiftConstantsPass(common_passes.LiftConstantsToInitializersPass):
     """onnx-ir's LiftConstantsToInitializersPass, skipping Constants it cannot convert.
 
@@ -396,6 +430,18 @@ def _raw_bytes(value: ir.Value) -> np.ndarray:
     """A tensor's elements as bytes (bitwise: NaN equals NaN, -0.0 differs from 0.0)."""
     assert value.const_value is not None
     return np.ascontiguousarray(value.const_value.numpy()).reshape(-1).view(np.uint8)
+
+
+def _end_bytes(value: ir.Value) -> bytes:
+    """The first and last `_FINGERPRINT_BYTES` of a tensor's elements, without computing a
+    weight the fold rewrites lazily (`ScaledTensor`) whole."""
+    from bn_onnx.fold.lazy import ScaledTensor
+
+    tensor = value.const_value
+    if isinstance(tensor, ScaledTensor):
+        return tensor.end_bytes(_FINGERPRINT_BYTES)
+    raw = _raw_bytes(value)
+    return raw[:_FINGERPRINT_BYTES].tobytes() + raw[-_FINGERPRINT_BYTES:].tobytes()
 
 
 def _fold_initializer_transposes(model: ir.Model) -> int:
@@ -486,8 +532,11 @@ def _deduplicate_large_initializers(model: ir.Model, min_elements: int) -> int:
             # Values, not arrays, are kept: an array may be a copy (float_data) or a lazy result.
             kept: dict[bytes, list[ir.Value]] = collections.defaultdict(list)
             for value in members:
+                ends = _end_bytes(value)
+                if not kept[ends]:  # nothing to compare with: no need to read it whole
+                    kept[ends].append(value)
+                    continue
                 raw = _raw_bytes(value)
-                ends = raw[:_FINGERPRINT_BYTES].tobytes() + raw[-_FINGERPRINT_BYTES:].tobytes()
                 same = next((k for k in kept[ends] if np.array_equal(_raw_bytes(k), raw)), None)
                 del raw
                 if same is None:
@@ -619,6 +668,12 @@ class CleanupPass(ir.passes.InPlacePass):
     5. Constant nodes become initializers (in functions they stay nodes: functions have none).
     6. Identical initializers up to 1024 elements are merged (onnx-ir's
        DeduplicateInitializersPass).
+    7. Common subexpressions: nodes of the main graph with the same op, inputs and attributes
+       are merged (onnx-ir's CommonSubexpressionEliminationPass, as onnxscript's optimizer
+       runs it), except BatchNormalization and the quantization ops, random ops and Dropout,
+       ops outside the standard domain, Constant nodes and control flow
+       (`_SafeCommonSubexpressionEliminationPass`). torch's dynamo exporter writes one Split or
+       MaxPool per reader of the same value.
 
     Graph inputs and outputs (names, dtypes, shapes, order), metadata_props, opset imports and
     function signatures are checked unchanged afterwards (PostconditionError otherwise).
@@ -725,6 +780,7 @@ class CleanupPass(ir.passes.InPlacePass):
             dedup = common_passes.DeduplicateInitializersPass(size_limit=_SMALL_ELEMENTS)
             modified |= dedup(model).modified
             deduplicated += n_inits - _count_initializers(model)
+            modified |= _SafeCommonSubexpressionEliminationPass()(model).modified
         self._contract.restore_types(model)
         after = collections.Counter(n.op_type for n in _all_nodes(model))
         removed = {op: before[op] - after[op] for op in sorted(before | after)}

@@ -15,6 +15,7 @@ import onnx_ir as ir
 
 from bn_onnx.fold import legacy, scopes
 from bn_onnx.fold.constants import Constants
+from bn_onnx.fold.lazy import ScaledTensor, release_pages
 from bn_onnx.fold.sites import AffineSite, is_standard
 from bn_onnx.fold.validate import ShapeTable
 
@@ -148,35 +149,44 @@ class FoldContext:
         return name
 
     # --- rewriting
-    def add_initializer(self, array: np.ndarray, base: str) -> ir.Value:
-        """A new initializer holding `array`, under a fresh name made from `base`, in the
-        graph being rewritten (`scope`; the main graph for IR < 4); inside a function body,
-        which has no initializers, a Constant node at the top of that graph instead."""
+    def add_initializer(self, array: np.ndarray | ir.TensorProtocol, base: str) -> ir.Value:
+        """A new initializer holding `array` (or a tensor computed when the model is written,
+        `bn_onnx.fold.lazy.ScaledTensor`), under a fresh name made from `base`, in the graph
+        being rewritten (`scope`; the main graph for IR < 4); inside a function body, which has
+        no initializers, a Constant node at the top of that graph instead."""
         name = self.fresh(base)
         if self.scopes.in_function(self.scope):
-            return scopes.constant_node(self, array, name, self.scope)
+            return scopes.constant_node(self, _array(array), name, self.scope)
+        tensor = _tensor(array, name)
         value = ir.Value(
             name=name,
-            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-            shape=ir.Shape(array.shape),
-            const_value=ir.Tensor(array, name=name),
+            type=ir.TensorType(tensor.dtype),
+            shape=ir.Shape(tensor.shape.numpy()),
+            const_value=tensor,
         )
         graph = self.graph if self.legacy_inputs else self.scope
         graph.register_initializer(value)
         if self.legacy_inputs:  # IR < 4: every initializer is listed as an input too
             self.graph.inputs.append(value)
-        self.constants.remember(value, array)
+        self._remember(value, array)
         return value
 
-    def write_input(self, node: ir.Node, pos: int, array: np.ndarray, base: str | None) -> None:
+    def write_input(
+        self, node: ir.Node, pos: int, array: np.ndarray | ir.TensorProtocol, base: str | None
+    ) -> None:
         """Give input `pos` of `node` the constant `array`.
 
         In place when only this node reads the initializer (and it is no graph input or
         output, and the model is IR >= 4); otherwise a new initializer named from `base` (or
-        the old name) + "_bnfold", so that no other reader sees a changed value.
+        the old name) + "_bnfold", so that no other reader sees a changed value. `array` may
+        be a tensor computed when the model is written (`bn_onnx.fold.lazy.scaled`).
         """
         old = node.inputs[pos] if pos < len(node.inputs) else None
-        if old is not None and scopes.write_through(self, node, pos, old, array, base):
+        if (
+            old is not None
+            and self.scopes.function_input(old) is not None
+            and scopes.write_through(self, node, pos, old, _array(array), base)
+        ):
             return  # a function input: the callers' initializers were rewritten
         if (
             old is not None
@@ -186,13 +196,14 @@ class FoldContext:
             and not self.legacy_inputs
             and list(old.uses()) == [(node, pos)]
         ):
-            tensor = ir.Tensor(array, name=old.name)
+            tensor = _tensor(array, old.name)
             old.const_value = tensor
             if old.dtype != tensor.dtype:
                 old.type = ir.TensorType(tensor.dtype)
-            if old.shape is None or old.shape.dims != array.shape:  # a broadcast C may grow
-                old.shape = ir.Shape(array.shape)
-            self.constants.remember(old, array)
+            dims = tuple(tensor.shape.numpy())
+            if old.shape is None or old.shape.dims != dims:  # a broadcast C may grow
+                old.shape = ir.Shape(dims)
+            self._remember(old, array)
             return
         stem = old.name if old is not None and old.name else f"{node.name or node.op_type}_bias"
         new = self.add_initializer(array, f"{base or stem}_bnfold")
@@ -201,6 +212,14 @@ class FoldContext:
         node.replace_input_with(pos, new)
         if old is not None:
             self.candidates.append(old)
+
+    def _remember(self, value: ir.Value, array: np.ndarray | ir.TensorProtocol) -> None:
+        if isinstance(array, np.ndarray):
+            self.constants.remember(value, array)
+        else:  # computed when written: read again (whole) if a later fold needs it
+            self.constants.cache.pop(value, None)
+            if isinstance(array, ScaledTensor):
+                release_pages(array.weight)  # pages a plan read after the check
 
     def insert_bias_add(self, node: ir.Node, bias: np.ndarray) -> ir.Node:
         """Add `bias` to the node's first output with a new Add node after it; every reader
@@ -291,3 +310,17 @@ class FoldContext:
             inputs = [v for v in node.inputs if v is not None]
             node.graph.remove(node, safe=True)
             todo.extend(inputs)
+
+
+def _tensor(array: np.ndarray | ir.TensorProtocol, name: str | None) -> ir.TensorProtocol:
+    """An onnx-ir tensor named `name`: the array wrapped, or the tensor itself, renamed."""
+    if isinstance(array, np.ndarray):
+        return ir.Tensor(array, name=name)
+    array.name = name
+    return array
+
+
+def _array(array: np.ndarray | ir.TensorProtocol) -> np.ndarray:
+    """The values of a tensor computed when written (a function body's Constant, a caller's
+    initializer), or the array itself."""
+    return array if isinstance(array, np.ndarray) else array.numpy()

@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import layout, legacy, pools
+from bn_onnx.fold import layout, lazy, legacy, pools
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -150,7 +150,7 @@ def _into_linear_after(
             return b
         alpha, beta = attr_float(node, "alpha", 1.0), attr_float(node, "beta", 1.0)
         try:
-            w_r = fm.scale_rounded(w, fm.following_factor(a, trans_b, weight_scale=alpha))
+            w_r = lazy.scaled(w, fm.following_factor(a, trans_b, weight_scale=alpha))
             new_b = fm.following_bias(w, b, c, trans_b, weight_scale=alpha, bias_scale=beta)
             b_r = fm.round_to(new_b, w.dtype)
         except ValueError as exc:
@@ -194,7 +194,7 @@ def _into_linear_after(
                     add = (add_node, pos, b)
     b = add[2] if add else None
     try:
-        w_r = fm.scale_rounded(w, fm.following_factor(a, transposed=False))
+        w_r = lazy.scaled(w, fm.following_factor(a, transposed=False))
         new_b = fm.following_bias(w, b, c)
         b_r = fm.round_to(new_b, (b if b is not None else w).dtype)
     except ValueError as exc:
@@ -327,7 +327,7 @@ def _into_conv_after(
         if b is None or b.shape != (c_out,):
             return Refusal(f"bias {b_value.name!r} is not a constant vector of {c_out}")
     try:
-        w_r = fm.scale_rounded(w, fm.conv_input_factor(a, w.shape, group, transpose))
+        w_r = lazy.scaled(w, fm.conv_input_factor(a, w.shape, group, transpose))
         shift = fm.conv_input_shift(w, c, group, transpose)
         b_r = fm.round_to(shift if b is None else b.astype(np.float64) + shift, w.dtype)
     except ValueError as exc:

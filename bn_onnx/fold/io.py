@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bn_onnx.errors import InputFileError, UsageError
-from bn_onnx.fold._pass import FoldBatchNormPass, FoldPassResult, quiet_onnx_ir
+from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
 from bn_onnx.fold.validate import first_line
 from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD
@@ -111,15 +111,21 @@ def tensor_bytes(model: ir.Model) -> int:
 
 
 def save_model(
-    model: ir.Model, path: str | os.PathLike[str], *, external_data: bool | None = None
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    release: bool = False,
 ) -> list[Path]:
     """Write `model` to `path` atomically with `onnx_ir.save`; return the files written.
 
     `external_data=None` writes one file unless the tensors approach protobuf's 2 GiB limit,
     in which case the tensors of at least 1 kB go to `<name>.data` beside it. The model is
-    not changed (tensors mapped from the input's data file stay mapped).
+    not changed (tensors mapped from the input's data file stay mapped), unless `release`:
+    then the caller is done with it, and a one-file save drops its tensors once they are
+    serialized (see `_save_one_file`).
     """
-    from bn_onnx.files import atomic_output, atomic_output_dir
+    from bn_onnx.files import atomic_output_dir
 
     p = Path(path)
     if external_data is None:
@@ -127,8 +133,7 @@ def save_model(
     try:
         with quiet_onnx_ir():
             if not external_data:
-                with _in_memory(model), atomic_output(p, suffix=".onnx") as tmp:
-                    ir.save(model, tmp)
+                _save_one_file(model, p, release=release)
                 return [p]
             data_name = p.name + ".data"
             with atomic_output_dir(p) as tmp_dir:
@@ -141,6 +146,44 @@ def save_model(
             return [p, p.parent / data_name]
     except ValueError as exc:  # onnx-ir refused to read an external tensor
         raise InputFileError(f"cannot write {p}: {first_line(exc)}") from None
+
+
+def _save_one_file(model: ir.Model, path: Path, *, release: bool) -> None:
+    """Write `model` as one protobuf file, atomically (what `onnx_ir.save` does without
+    external data: serialize, then write the bytes).
+
+    `release`: the caller is done with `model`; its tensors (the input's protobuf message, the
+    rewritten weights) are dropped once serialized, before the file's bytes are made, so the
+    save holds two copies of the weights, not three or four.
+    """
+    from bn_onnx.files import atomic_output
+
+    with quiet_onnx_ir(), _in_memory(model):
+        proto = ir.serde.serialize_model(model)
+    if release:
+        _release_tensors(model)
+    data = proto.SerializeToString()
+    del proto
+    with atomic_output(path, suffix=".onnx") as tmp:
+        tmp.write_bytes(data)
+
+
+def _release_tensors(model: ir.Model) -> None:
+    """Drop every tensor of `model` (which becomes unusable): initializers and tensor
+    attributes. The input's protobuf message lives as long as one of its tensors does."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            value.const_value = None
+    for node in _nodes(model):
+        for key in [k for k, a in node.attributes.items() if _holds_tensor(a)]:
+            del node.attributes[key]
+
+
+def _holds_tensor(attr: ir.Attr) -> bool:
+    return not attr.is_ref() and attr.type in (
+        ir.AttributeType.TENSOR,
+        ir.AttributeType.TENSORS,
+    )
 
 
 @contextlib.contextmanager
@@ -182,8 +225,12 @@ def fold_file(
     in_place: bool = False,
     external_data: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    cleanup: bool = True,
 ) -> FoldReport:
     """Fold the model at `in_path` and write it to `out_path` (atomically), with its report.
+
+    After the fold the model is cleaned (`bn_onnx.fold.cleanup`: constants the exporter left,
+    dead code, duplicate initializers) unless `cleanup` is False.
 
     External data is read only from inside the model's folder; the output is one file unless
     `external_data` is True or it nears protobuf's 2 GB limit. The input file is never changed
@@ -206,12 +253,11 @@ def fold_file(
     step("loading")
     model = load_model(src)
     step("folding")
-    with quiet_onnx_ir():
-        result = FoldBatchNormPass()(model)
-    assert isinstance(result, FoldPassResult) and result.report is not None
+    report = fold_in_place(model, cleanup=cleanup)
     step("writing")
-    save_model(model, out, external_data=external_data)
+    save_model(model, out, external_data=external_data, release=True)
+    del model
     if rep is not None:
         with atomic_output(rep, suffix=".json") as tmp:
-            tmp.write_text(result.report.to_json() + "\n", encoding="utf-8")
-    return result.report
+            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+    return report

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import concat, layout, legacy, pools
+from bn_onnx.fold import concat, layout, lazy, legacy, pools
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -248,7 +248,7 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node, ch: Channels) 
     alpha, beta = attr_float(gemm, "alpha", 1.0), attr_float(gemm, "beta", 1.0)
     factor = fm.preceding_factor(a, 2, out_axis=0 if trans_b else 1, weight_scale=alpha)
     try:
-        w_r = fm.scale_rounded(w, factor)
+        w_r = lazy.scaled(w, factor)
         b_r = fm.round_to(fm.preceding_bias(b, a, c, bias_scale=beta), w.dtype)
     except ValueError as exc:
         return Refusal(str(exc))
@@ -298,7 +298,7 @@ def _into_matmul(
         if (why := legacy.bias_refusal(ctx, add_node, bias_pos, rank)) is not None:
             return Refusal(why)
     try:
-        w_r = fm.scale_rounded(w, fm.preceding_factor(a, 2, out_axis=1))
+        w_r = lazy.scaled(w, fm.preceding_factor(a, 2, out_axis=1))
         b_r = fm.round_to(fm.preceding_bias(b, a, c), (b if b is not None else w).dtype)
     except ValueError as exc:
         return Refusal(str(exc))
@@ -334,7 +334,7 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node, ch: Channels) 
         if b is None or b.shape != (n,):
             return Refusal(f"bias {b_value.name!r} is not a constant vector of {n}")
     try:
-        w_r = fm.scale_rounded(w, fm.conv_factor(a, w.shape, group, transpose))
+        w_r = lazy.scaled(w, fm.conv_factor(a, w.shape, group, transpose))
         b_r = fm.round_to(fm.preceding_bias(b, a, c), w.dtype)
     except ValueError as exc:
         return Refusal(str(exc))

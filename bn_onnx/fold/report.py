@@ -1,4 +1,5 @@
-"""The fold's report objects: one entry per affine site, and graph sizes before and after."""
+"""The fold's report objects: one entry per affine site, graph sizes before and after, what the
+cleanup removed, and the values that ended up under another name."""
 
 from __future__ import annotations
 
@@ -40,14 +41,31 @@ class BnEntry:
 @dataclasses.dataclass
 class FoldReport:
     """The outcome of a fold: one entry per BN node (and per other affine site that is listed:
-    a Mul/Add chain), and main-graph sizes before and after. `n_bn`, `n_folded` count the
-    BatchNormalization nodes; `other_kinds()` the other sites."""
+    a Mul/Add chain), and graph sizes before and after.
+
+    Attributes:
+        entries: one per BatchNormalization node (and other listed affine site), in graph order.
+            `n_bn`, `n_folded` count the BatchNormalization nodes; `other_kinds()` the others.
+        nodes_before, initializers_before: counts of the input (the main graph, its subgraphs
+            and the function bodies).
+        nodes_after, initializers_after: the same of the output (after the cleanup when it
+            ran).
+        cleanup: the cleanup's counts (`CleanupResult.to_dict()`: nodes and initializers
+            before and after, `removed_ops` by op type, `deduplicated`, `rewrites`,
+            `used_constant_folder`; node counts include subgraphs and functions), or None when
+            the cleanup did not run.
+        renamed: original value name -> name in the output, for values of the main graph that
+            the output still computes under another name (for `bn-onnx verify --locate
+            --fold-report`); values whose name did not change are not listed.
+    """
 
     entries: list[BnEntry]
     nodes_before: int
     nodes_after: int
     initializers_before: int
     initializers_after: int
+    cleanup: dict[str, Any] | None = None
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def n_bn(self) -> int:
@@ -83,6 +101,8 @@ class FoldReport:
             "initializers_after": self.initializers_after,
             "other_sites": {k: {"n": n, "folded": f} for k, (n, f) in self.other_kinds().items()},
             "bn": [e.to_dict() for e in self.entries],
+            "cleanup": self.cleanup,
+            "renamed": dict(self.renamed),
         }
 
     def to_json(self) -> str:
