@@ -521,6 +521,8 @@ def verify(
     used = v.add_models(providers, provider.strip().lower() == "auto")
     if not used:
         raise ProviderError("no execution provider could run the models")
+    policy = pairs.calibrate(report, policy, baseline=(CKPT, F64), original=m.paths[0])
+    v.policy = policy
     pairs.add_pairs(report, used, policy, v.classifier, baseline=(CKPT, F64))
     if not report.counted:
         raise UnsupportedModelError(
