@@ -34,6 +34,9 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 }
 # Integers, bools and strings (class labels, indices, masks) must be equal.
 EXACT = (0.0, 0.0)
+# A raised default atol stops here: a model whose own float error is larger than this fails
+# against its float64 reference, saying so, rather than widening every comparison.
+FLOOR_CAP = 100.0
 
 
 # Float types by precision (mantissa bits), lowest first; ml_dtypes' bfloat16 is numpy kind "V".
@@ -100,6 +103,9 @@ class TolerancePolicy:
     rtol: float | None = None
     output_atol: dict[str, float] = field(default_factory=dict)
     output_rtol: dict[str, float] = field(default_factory=dict)
+    # output name -> (atol, why): raises the default atol (never a user's value), up to
+    # FLOOR_CAP times the default; `bn_onnx.verify.pairs.calibrate` sets it
+    atol_floor: dict[str, tuple[float, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for v in [self.atol, *self.output_atol.values()]:
@@ -138,6 +144,14 @@ class TolerancePolicy:
         dname = dtype if isinstance(dtype, str) else dtype_name(dtype)
         default = f"{dname} default" + (f" x{scale:g} ({what})" if scale != 1.0 else "")
         atol, rtol = d_atol * scale, d_rtol * scale
+        if name in self.atol_floor and self.atol_floor[name][0] > d_atol:
+            floor, why = self.atol_floor[name]
+            capped = floor > FLOOR_CAP * d_atol
+            atol = min(floor, FLOOR_CAP * d_atol) * scale
+            default = f"{dname} default raised to {why}" + (
+                f", capped at {FLOOR_CAP:g}x the default" if capped else ""
+            )
+            default += f" x{scale:g} ({what})" if scale != 1.0 else ""
         origins = []
         if name in self.output_atol:
             atol = self.output_atol[name]

@@ -131,10 +131,6 @@ def _conv_pads(
     return [int(p) for p in pads]
 
 
-def _letters(n: int, start: int) -> str:
-    return "".join(chr(ord("a") + start + i) for i in range(n))
-
-
 def conv(
     x: Array,
     w: Array,
@@ -150,8 +146,10 @@ def conv(
 
     x: [N, C, *spatial]; w: [M, C / group, *kernel]; b: [M] or None. Padding follows the ONNX
     spec (`pads` = [x1_begin, x2_begin, ..., x1_end, ...]; SAME_UPPER puts the odd one at the
-    end). Each output is an explicit sum over its window (einsum over the im2col view), so it
-    shares no code with onnxruntime's kernels.
+    end). The input is unfolded into columns (im2col: one strided slice of the padded input
+    per kernel offset), then multiplied by the weights, one matrix product per group (BLAS);
+    where each group has one input channel (depthwise), the shifted slices are multiplied by
+    their weights and summed instead. It shares no code with onnxruntime's kernels.
     """
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64)
@@ -161,26 +159,43 @@ def conv(
     dilations = [int(d) for d in dilations] if dilations else [1] * nd
     extent = [(k[i] - 1) * dilations[i] + 1 for i in range(nd)]
     p = _conv_pads(x.shape[2:], extent, strides, pads, auto_pad)
-    xp = np.pad(x, [(0, 0), (0, 0), *[(p[i], p[i + nd]) for i in range(nd)]])
-    view = np.lib.stride_tricks.sliding_window_view(xp, extent, axis=tuple(range(2, 2 + nd)))
-    view = view[
-        (
-            slice(None),
-            slice(None),
-            *[slice(None, None, s) for s in strides],
-            *[slice(None, None, d) for d in dilations],
-        )
-    ]
+    if any(p):
+        x = np.pad(x, [(0, 0), (0, 0), *[(p[i], p[i + nd]) for i in range(nd)]])
     n, c = x.shape[:2]
     g = int(group)
-    out = view.shape[2 : 2 + nd]
-    view = view.reshape(n, g, c // g, *out, *k)
-    wg = w.reshape(g, w.shape[0] // g, c // g, *k)
-    o, kk = _letters(nd, 0), _letters(nd, nd)
-    y = np.einsum(f"NGC{o}{kk},GMC{kk}->NGM{o}", view, wg, optimize=True)
-    y = y.reshape(n, w.shape[0], *out)
+    m = w.shape[0]
+    cg, mg = c // g, m // g
+    out = [(x.shape[2 + i] - extent[i]) // strides[i] + 1 for i in range(nd)]
+    size = math.prod(out)
+    xg = x.reshape(n, g, cg, *x.shape[2:])
+    offsets = list(np.ndindex(*k))
+
+    def shifted(offset: tuple[int, ...]) -> Array:  # [N, g, C / g, *out]
+        window = tuple(
+            slice(
+                offset[i] * dilations[i],
+                offset[i] * dilations[i] + (out[i] - 1) * strides[i] + 1,
+                strides[i],
+            )
+            for i in range(nd)
+        )
+        return xg[(slice(None), slice(None), slice(None), *window)]
+
+    if cg == 1:
+        wk = w.reshape(g, mg, len(offsets))
+        y = np.zeros((n, g, mg, *out))
+        for j, offset in enumerate(offsets):
+            y += wk[(None, slice(None), slice(None), j, *([None] * nd))] * shifted(offset)
+    elif len(offsets) == 1 and all(s == 1 for s in strides):
+        y = np.matmul(w.reshape(g, mg, cg), xg.reshape(n, g, cg, size))
+    else:
+        cols = np.empty((n, g, cg, len(offsets), *out))
+        for j, offset in enumerate(offsets):
+            cols[:, :, :, j] = shifted(offset)
+        y = np.matmul(w.reshape(g, mg, cg * len(offsets)), cols.reshape(n, g, -1, size))
+    y = y.reshape(n, m, *out)
     if b is not None:
-        y = y + np.asarray(b, dtype=np.float64).reshape(1, -1, *([1] * nd))
+        y += np.asarray(b, dtype=np.float64).reshape(1, -1, *([1] * nd))
     return y
 
 
@@ -293,13 +308,11 @@ def conv_transpose(
     else:
         p = [int(v) for v in pads]
     y = np.zeros((n, g, m // g, *full))
-    xg = x.reshape(n, g, c // g, *ins)
-    wg = w.reshape(g, c // g, m // g, *k)
-    sp = _letters(nd, 0)
-    for offset in np.ndindex(*k):
-        contrib = np.einsum(
-            f"NGC{sp},GCM->NGM{sp}", xg, wg[(slice(None), slice(None), slice(None), *offset)]
-        )
+    xg = x.reshape(n, g, c // g, -1)
+    # [offsets, g, M / g, C / g]: the weights at one kernel offset, contiguous.
+    wk = np.ascontiguousarray(w.reshape(g, c // g, m // g, -1).transpose(3, 0, 2, 1))
+    for j, offset in enumerate(np.ndindex(*k)):
+        contrib = np.matmul(wk[j], xg).reshape(n, g, m // g, *ins)
         index = tuple(
             slice(
                 offset[i] * dilations[i],

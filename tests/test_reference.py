@@ -385,6 +385,37 @@ def test_conv_and_conv_transpose_equal_torch_in_float64(
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("nd", [1, 3])
+@pytest.mark.parametrize(
+    "groups, per_group, out_per_group, k, stride, pad, dilation",
+    [
+        (1, 3, 4, 3, 2, 1, 1),  # im2col, one group
+        (4, 1, 2, 3, 1, 1, 2),  # depthwise with a multiplier, dilated
+        (2, 2, 3, 1, 1, 1, 1),  # 1x1, padded
+        (1, 5, 2, 1, 2, 0, 1),  # 1x1, strided
+    ],
+)
+def test_conv_and_conv_transpose_equal_torch_in_1d_and_3d(
+    nd, groups, per_group, out_per_group, k, stride, pad, dilation
+):
+    rng = np.random.default_rng(nd * 100 + groups)
+    f = torch.nn.functional
+    c, m = groups * per_group, groups * out_per_group
+    x = rng.normal(size=(2, c, *([6] * nd)))
+    w = rng.normal(size=(m, per_group, *([k] * nd)))
+    b = rng.normal(size=m)
+    kw = {"strides": [stride] * nd, "pads": [pad] * (2 * nd), "dilations": [dilation] * nd}
+    got = reference.conv(x, w, b, group=groups, **kw)
+    conv = f.conv1d if nd == 1 else f.conv3d
+    want = conv(_t(x), _t(w), _t(b), stride, pad, dilation, groups).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    wt = rng.normal(size=(c, out_per_group, *([k] * nd)))
+    got = reference.conv_transpose(x, wt, b, group=groups, **kw)
+    conv_t = f.conv_transpose1d if nd == 1 else f.conv_transpose3d
+    want = conv_t(_t(x), _t(wt), _t(b), stride, pad, 0, groups, dilation).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("ceil_mode", [0, 1])
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("count_include_pad", [0, 1])

@@ -520,6 +520,61 @@ def test_per_output_tolerance_overrides_are_used_and_named(tmp_path):
         verify.verify([u, f], provider="cpu", atol={"nope": 1.0})
 
 
+def matmul_chain(weights: list[np.ndarray]) -> onnx.ModelProto:
+    """x [N, 64] -> MatMul by each weight in turn -> y."""
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"w{i}") for i, w in enumerate(weights)]
+    names = ["x"] + [f"h{i}" for i in range(len(weights) - 1)] + ["y"]
+    nodes = [
+        helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(len(weights))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+def test_a_model_whose_own_float32_error_exceeds_the_default_raises_the_default(tmp_path):
+    # Three 64x64 products of N(0, 0.25) weights: outputs of ~50 with float32 error ~1e-4, so
+    # the original fails a fixed atol 1e-5 where its values cross zero. The same map with the
+    # first two weights multiplied in float64 (as a fold would) passes at twice that error.
+    rng = np.random.default_rng(0)
+    w = [0.5 * rng.standard_normal((64, 64)) for _ in range(3)]
+    u = save(matmul_chain(w), tmp_path / "chain.onnx")
+    f = save(matmul_chain([w[0] @ w[1], w[2]]), tmp_path / "chain.f.onnx")
+    fixed = verify.verify([u, f], provider="cpu", atol=1e-5, rtol=1e-4)
+    assert not fixed and not fixed.counted[0].passed  # the original fails a fixed default
+
+    report = verify.verify([u, f], provider="cpu")
+    assert report, verify.render(report)
+    own = report.counted[0].comparison.outputs[0]
+    assert own.max_abs > 1e-5
+    assert own.max_abs > own.atol / 2 > 1e-5  # twice what the original needs, >= its excess
+    assert own.origin.startswith("float32 default raised to 2x the atol chain.onnx [cpu] needs")
+    assert "raised to 2x" in verify.render(report)
+
+    tamper(f, tmp_path / "chain.t.onnx", "w0", delta=0.05)
+    assert not verify.verify([u, tmp_path / "chain.t.onnx"], provider="cpu")
+    alone = verify.verify([u], provider="cpu")  # one model: nothing to calibrate against
+    assert alone.counted[0].comparison.outputs[0].origin == "float32 default"
+
+
+def test_a_raised_default_is_capped_and_the_original_then_fails(tmp_path):
+    from bn_onnx.compare import FLOOR_CAP, TolerancePolicy
+
+    policy = TolerancePolicy(atol_floor={"y": (1.0, "2x the atol m needs (0.5)")})
+    tol = policy.resolve("y", np.float32)
+    assert tol.atol == pytest.approx(FLOOR_CAP * 1e-5)
+    assert "capped" in tol.origin
+    assert (
+        TolerancePolicy(atol=1e-5, atol_floor=policy.atol_floor).resolve("y", np.float32).atol
+        == 1e-5
+    )
+
+
 # ---- the float64 reference itself -------------------------------------------------------------
 
 

@@ -68,6 +68,19 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
+def print_results(results: dict[str, list[tuple[float, float]]]) -> None:
+    """One line per command: median peak RSS and wall time with their spread."""
+    width = max(len(name) for name in results)
+    for name, runs in results.items():
+        walls = [w for w, _ in runs]
+        rss = [r for _, r in runs]
+        print(
+            f"  {name:{width}s} peak RSS median {statistics.median(rss):,.0f} MB "
+            f"(min {min(rss):,.0f}, max {max(rss):,.0f}); wall median "
+            f"{statistics.median(walls):.1f} s (min {min(walls):.1f}, max {max(walls):.1f})"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -118,14 +131,7 @@ def main() -> int:
         f"input {args.rows} x {args.features} float32 = {size_mb:,.0f} MB; "
         f"{args.repeats} interleaved repeats; outputs identical: {same}"
     )
-    for name, rows in results.items():
-        walls = [w for w, _ in rows]
-        rss = [r for _, r in rows]
-        print(
-            f"  {name:14s} peak RSS median {statistics.median(rss):,.0f} MB "
-            f"(min {min(rss):,.0f}, max {max(rss):,.0f}); wall median "
-            f"{statistics.median(walls):.1f} s (min {min(walls):.1f}, max {max(walls):.1f})"
-        )
+    print_results(results)
     return 0 if same else 1
 
 

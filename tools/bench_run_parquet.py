@@ -21,13 +21,12 @@ heavy and does all the work in children (a forked child starts with its parent's
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_run_memory import measure, print_results  # tools/ is this script's sys.path[0]
 
 PREPARE = """
 import json, sys, numpy as np, onnx, pyarrow as pa, pyarrow.parquet as pq
@@ -76,17 +75,6 @@ sys.exit(0 if a.shape == b.shape and np.allclose(a, b, rtol=1e-6, atol=1e-6) els
 """
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return wall, usage.ru_maxrss / 1024
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a tabular model (metadata bn_onnx.columns)")
@@ -116,14 +104,7 @@ def main() -> int:
         f"input {args.rows:,} rows, Parquet {size_mb:,.0f} MB on disk; batches of "
         f"{args.batch_size}; {args.repeats} interleaved repeats; outputs agree: {same}"
     )
-    for name, runs in results.items():
-        walls = [w for w, _ in runs]
-        rss = [r for _, r in runs]
-        print(
-            f"  {name:12s} peak RSS median {statistics.median(rss):,.0f} MB "
-            f"(min {min(rss):,.0f}, max {max(rss):,.0f}); wall median "
-            f"{statistics.median(walls):.1f} s (min {min(walls):.1f}, max {max(walls):.1f})"
-        )
+    print_results(results)
     return 0 if same else 1
 
 

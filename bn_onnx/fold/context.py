@@ -248,6 +248,15 @@ class FoldContext:
         graph.insert_after(node, add)
         return add
 
+    def write_bias(self, node: ir.Node, add: tuple | None, bias: np.ndarray) -> None:
+        """The folded bias of a MatMul: into its Add (input `add[1]` of node `add[0]`) when it
+        has one, else a new Add after it; none for a pure scale (a Mul chain), whose bias is 0."""
+        if add is not None:
+            self.write_input(add[0], add[1], bias, None)
+            self.mark_broadcast(add[0])
+        elif bias.any():
+            self.insert_bias_add(node, bias)
+
     def remove_site(self, site: AffineSite, *, keep_name: bool) -> None:
         """Remove the site's nodes; readers of y (and shape-only readers of a chain's inner
         values, which have x's shape) read x instead.

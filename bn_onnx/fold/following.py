@@ -202,11 +202,7 @@ def _into_linear_after(
 
     def rewrite_matmul() -> None:
         ctx.write_input(node, 1, w_r, None)
-        if add is not None:
-            ctx.write_input(add[0], add[1], b_r, None)
-            ctx.mark_broadcast(add[0])
-        elif b_r.any():  # a pure scale (a Mul chain) needs no Add of zeros
-            ctx.insert_bias_add(node, b_r)
+        ctx.write_bias(node, add, b_r)
 
     return rewrite_matmul
 

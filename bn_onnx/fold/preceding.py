@@ -305,11 +305,7 @@ def _into_matmul(
 
     def rewrite() -> None:
         ctx.write_input(mm, 1, w_r, None)
-        if add is not None:
-            ctx.write_input(add[0], add[1], b_r, None)
-            ctx.mark_broadcast(add[0])
-        elif b_r.any():  # a pure scale (a Mul chain) needs no Add of zeros
-            ctx.insert_bias_add(mm, b_r)
+        ctx.write_bias(mm, add, b_r)
 
     return Part([mm] if add is None else [mm, add[0]], rewrite)
 
