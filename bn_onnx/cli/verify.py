@@ -60,7 +60,8 @@ def add_verify_options(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="[NAME=]A",
         help="absolute tolerance for every output, or NAME=A for one (repeatable); "
-        "default per dtype: 1e-5 for float32, 1e-2 for float16",
+        "default per dtype: 1e-5 for float32, 1e-2 for float16, raised to twice the atol "
+        "the first model itself needs against float64 where that is larger (a deep net)",
     )
     p.add_argument(
         "--rtol",
