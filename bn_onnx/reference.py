@@ -131,6 +131,18 @@ def _conv_pads(
     return [int(p) for p in pads]
 
 
+def _taps(
+    offset: tuple[int, ...], dilations: list[int], count: list[int], strides: list[int]
+) -> tuple[slice, ...]:
+    """Per spatial axis, the `count` positions a kernel tap at `offset` meets: from
+    offset * dilation, every stride-th (the Conv input positions one output row reads, or the
+    ConvTranspose output positions one input row writes)."""
+    return tuple(
+        slice(o * d, o * d + (c - 1) * s + 1, s)
+        for o, d, c, s in zip(offset, dilations, count, strides, strict=True)
+    )
+
+
 def conv(
     x: Array,
     w: Array,
@@ -171,15 +183,7 @@ def conv(
     offsets = list(np.ndindex(*k))
 
     def shifted(offset: tuple[int, ...]) -> Array:  # [N, g, C / g, *out]
-        window = tuple(
-            slice(
-                offset[i] * dilations[i],
-                offset[i] * dilations[i] + (out[i] - 1) * strides[i] + 1,
-                strides[i],
-            )
-            for i in range(nd)
-        )
-        return xg[(slice(None), slice(None), slice(None), *window)]
+        return xg[(slice(None), slice(None), slice(None), *_taps(offset, dilations, out, strides))]
 
     if cg == 1:
         wk = w.reshape(g, mg, len(offsets))
@@ -313,15 +317,9 @@ def conv_transpose(
     wk = np.ascontiguousarray(w.reshape(g, c // g, m // g, -1).transpose(3, 0, 2, 1))
     for j, offset in enumerate(np.ndindex(*k)):
         contrib = np.matmul(wk[j], xg).reshape(n, g, m // g, *ins)
-        index = tuple(
-            slice(
-                offset[i] * dilations[i],
-                offset[i] * dilations[i] + (ins[i] - 1) * strides[i] + 1,
-                strides[i],
-            )
-            for i in range(nd)
+        y[(slice(None), slice(None), slice(None), *_taps(offset, dilations, ins, strides))] += (
+            contrib
         )
-        y[(slice(None), slice(None), slice(None), *index)] += contrib
     y = y.reshape(n, m, *full)
     # Crop by the pads (a negative pad extends with zeros).
     lo = [max(0, -p[i]) for i in range(nd)]
