@@ -6,6 +6,7 @@ Folded models come from today's `bn_onnx.fold.fold_model`; tampered ones change 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -560,6 +561,27 @@ def test_a_model_whose_own_float32_error_exceeds_the_default_raises_the_default(
     assert not verify.verify([u, tmp_path / "chain.t.onnx"], provider="cpu")
     alone = verify.verify([u], provider="cpu")  # one model: nothing to calibrate against
     assert alone.counted[0].comparison.outputs[0].origin == "float32 default"
+
+
+def test_folding_adds_error_only_past_twice_the_unfolded_error_and_half_the_atol(tmp_path):
+    rng = np.random.default_rng(1)
+    w = 0.1 * rng.standard_normal((64, 64))
+    original = matmul_chain([w])
+    original.metadata_props.add(key="bn_onnx.folded", value="false")
+    u = save(original, tmp_path / "u.onnx")
+    shifted = matmul_chain([w])  # the same map plus 6e-6 everywhere: inside atol 1e-5
+    shifted.graph.node[0].output[0] = "z"
+    shifted.graph.initializer.append(numpy_helper.from_array(np.full(64, 6e-6, np.float32), "s"))
+    shifted.graph.node.append(helper.make_node("Add", ["z", "s"], ["y"]))
+    shifted.metadata_props.add(key="bn_onnx.folded", value="true")
+    f = save(shifted, tmp_path / "f.onnx")
+    report = verify.verify([u, f], provider="cpu")
+    assert report  # within tolerance, so it passes, and the folding rows say what it added
+    assert report.folding and all(row.adds_error for row in report.folding)
+    assert "folding ADDS error" in verify.render(report)
+    row = report.folding[0]
+    half = dataclasses.replace(row, folded_max_abs=0.4 * row.atol)  # twice, but under atol / 2
+    assert row.atol == 1e-5 and not half.adds_error
 
 
 def test_a_raised_default_is_capped_and_the_original_then_fails(tmp_path):

@@ -170,5 +170,6 @@ def add_pairs(
                         f.max_abs,
                         u.median_abs,
                         f.median_abs,
+                        min((o.atol for o in f.comparison.outputs), default=0.0),
                     )
                 )

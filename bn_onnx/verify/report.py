@@ -73,11 +73,18 @@ class FoldingRow:
     folded_max_abs: float
     unfolded_median_abs: float
     folded_median_abs: float
+    atol: float = 0.0  # the smallest atol the folded run was held to on this probe
 
     @property
     def adds_error(self) -> bool:
-        """The folded model's error is more than twice the unfolded one's (plus 1e-7)."""
-        return self.folded_max_abs > 2.0 * self.unfolded_max_abs + 1e-7
+        """The folded model's max error is more than twice the unfolded one's (plus 1e-7) and
+        more than half its atol. Below half the atol the difference is float32 rounding: the
+        folded weights are rounded once more, which can double an error far inside tolerance
+        (a wine MLP trained under ATen's default kernels: 1.6e-6 unfolded, 3.4e-6 folded)."""
+        return (
+            self.folded_max_abs > 2.0 * self.unfolded_max_abs + 1e-7
+            and self.folded_max_abs > 0.5 * self.atol
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
