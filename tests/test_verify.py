@@ -40,6 +40,7 @@ CASES = [
 ] + [("wine", "pre", "relu", False), ("breast-cancer", "post", "gelu", False)]
 
 
+@pytest.mark.cpu_sensitive  # it trains: the weights, so the float errors, follow the kernels
 @pytest.mark.parametrize("dataset, bn, activation, input_norm", CASES)
 def test_folded_unfolded_torch_and_float64_agree(tmp_path, dataset, bn, activation, input_norm):
     ckpt, config, tensors, x, classes = dataset_checkpoint(
