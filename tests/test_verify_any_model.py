@@ -652,6 +652,33 @@ def test_float64_reference_equals_the_numpy_mlp_oracle(engine):
     )
 
 
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+def test_float64_reference_honours_opset6_broadcast_axis(op):
+    # (4,) on (2, 4, 4, 4) with broadcast=1, axis=1 runs along the channels; numpy's own
+    # broadcasting, which onnx.reference used, would have run it along the last axis (also 4)
+    from bn_onnx.verify.float64 import build
+
+    rng = np.random.default_rng(3)
+    g = rng.uniform(0.5, 2.0, 4).astype(np.float32)
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node(op, ["x", "g"], ["y"], broadcast=1, axis=1)],
+            "legacy",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4, 4, 4])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4, 4, 4])],
+            [numpy_helper.from_array(g, "g")],
+        ),
+        opset_imports=[helper.make_opsetid("", 6)],
+        ir_version=3,
+    )
+    x = rng.normal(size=(2, 4, 4, 4)).astype(np.float32)
+    ref = build(model, "r", "m")
+    assert ref.engine == "onnx.reference"  # onnxruntime runs opset >= 7 only
+    fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide}[op]
+    expected = fn(x.astype(np.float64), g.astype(np.float64)[:, None, None])
+    np.testing.assert_allclose(ref.run([{"x": x}])["y"], expected, rtol=1e-15)
+
+
 # ---- probes ----------------------------------------------------------------------------------
 
 

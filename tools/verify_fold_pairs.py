@@ -57,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def collect(test_files: list[str]) -> list[tuple[str, onnx.ModelProto, onnx.ModelProto]]:
     """(test id, original, folded) for every fold_model call the tests make."""
+    import onnx_ir
     import pytest
 
     import bn_onnx.fold
@@ -65,13 +66,17 @@ def collect(test_files: list[str]) -> list[tuple[str, onnx.ModelProto, onnx.Mode
     real = bn_onnx.fold.fold_model
     current = {"test": "?"}
 
-    def recording(model: onnx.ModelProto, **kwargs):  # noqa: ANN202
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
+    def copy(model: Any) -> onnx.ModelProto:  # fold_model takes an onnx-ir Model too
+        if not isinstance(model, onnx.ModelProto):
+            return onnx_ir.serde.serialize_model(model)
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        return proto
+
+    def recording(model: Any, **kwargs):  # noqa: ANN202
+        original = copy(model)
         result = real(model, **kwargs)
-        folded = onnx.ModelProto()
-        folded.CopyFrom(result.model)
-        pairs.append((current["test"], original, folded))
+        pairs.append((current["test"], original, copy(result.model)))
         return result
 
     class Plugin:

@@ -4,9 +4,10 @@
 Constant and ConstantOfShape values, Cast/EyeLike/Random* targets, and graph input, output and
 subgraph types of float32, float16 and bfloat16 become double (model-local functions are
 inlined first, so their bodies are cast too). The result runs in onnxruntime where it has a
-double kernel for every op (with graph optimizations off), else in onnx.reference, whose Erf
-whose Erf, Conv, ConvTranspose, MaxPool, AveragePool and BatchNormalization are replaced by
-`bn_onnx.reference`'s (see `reference_ops` for why).
+double kernel for every op (with graph optimizations off), else in onnx.reference, whose Erf,
+Conv, ConvTranspose, MaxPool, AveragePool and BatchNormalization are replaced by
+`bn_onnx.reference`'s, and whose Add, Sub, Mul and Div learn opsets 1-6's broadcast axis (see
+`reference_ops` for why).
 
 A model with quantization ops (QuantizeLinear, QLinearConv, ...) has values whose meaning is
 tied to float32 and cannot be cast; `Float64Reference` then holds the reason (`bool()` False)
@@ -70,7 +71,7 @@ def reference_ops() -> list[type]:
     momentum are their defaults); an inference graph means the running statistics, as
     onnxruntime computes them. MaxPool and AveragePool: onnx's loop over every window in
     Python (30 s for one ResNet-18 pool on 6 images); a MaxPool asked for its Indices output
-    keeps onnx's.
+    keeps onnx's. Add, Sub, Mul, Div: opsets 1-6's broadcast axis (`_legacy_binary`).
     """
     from onnx.reference.op_run import OpRun
     from onnx.reference.ops.op_max_pool import MaxPool as OnnxMaxPool
@@ -218,7 +219,30 @@ def reference_ops() -> list[type]:
             )
             return (y.astype(x.dtype),)
 
-    return [Erf, Conv, ConvTranspose, BatchNormalization, MaxPool, AveragePool]
+    return [Erf, Conv, ConvTranspose, BatchNormalization, MaxPool, AveragePool, *_legacy_binary()]
+
+
+def _legacy_binary() -> list[type]:
+    """Add, Sub, Mul and Div that honour opsets 1-6's `broadcast=1, axis=k`: B's dims line up
+    with A's from axis k (Caffe2's per-channel Scale layer is `Mul <broadcast=1, axis=1>`).
+    onnx.reference ignores both attributes and broadcasts numpy's way, from the last axis, so
+    a (C,) scale on (N, C, H, W) with W == C ran along W. From opset 7 on there are no such
+    attributes and these are onnx.reference's own kernels."""
+    from onnx.reference.ops.op_add import Add
+    from onnx.reference.ops.op_div import Div
+    from onnx.reference.ops.op_mul import Mul
+    from onnx.reference.ops.op_sub import Sub
+
+    def legacy(base: type) -> type:
+        def _run(self, a, b):  # noqa: ANN001, ANN202
+            axis = getattr(self, "axis", None)
+            if getattr(self, "broadcast", None) and axis is not None and 0 < b.ndim < a.ndim:
+                b = b.reshape(b.shape + (1,) * (a.ndim - int(axis) - b.ndim))
+            return base._run(self, a, b)
+
+        return type(base.__name__, (base,), {"_run": _run})
+
+    return [legacy(op) for op in (Add, Sub, Mul, Div)]
 
 
 def _double_tensor(t: TensorProto) -> None:
