@@ -13,6 +13,7 @@ import contextlib
 import csv
 import mmap
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -94,9 +95,13 @@ def read_csv(path: str | os.PathLike[str]) -> np.ndarray:
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": below
             arr = np.loadtxt(p, delimiter=",", dtype=np.float32, ndmin=2, skiprows=skip)
     except ValueError as exc:
-        raise InputDataError(
-            f"cannot read {p.name} as numbers: {str(exc).splitlines()[0]}"
-        ) from None
+        why = str(exc).splitlines()[0]
+        # numpy counts rows from 0 after the skipped header and columns from 1: say the line
+        at = re.search(r" at row (\d+), column (\d+)\.?$", why)
+        if at:
+            line = int(at.group(1)) + skip + 1
+            why = why[: at.start()] + f" on line {line}, column {at.group(2)}"
+        raise InputDataError(f"cannot read {p.name} as numbers: {why}") from None
     if arr.size == 0:
         raise InputDataError(f"input {p.name} has no data rows")
     return arr

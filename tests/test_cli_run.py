@@ -86,6 +86,31 @@ def test_csv_in_and_out_with_a_header(tmp_path, model):
     np.testing.assert_allclose(y, _bare(model, x), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("header", [True, False])
+def test_a_text_cell_in_a_csv_is_named_by_its_line_and_column(tmp_path, model, capsys, header):
+    rows = [",".join(["1"] * WIDTHS[0])] * 3
+    rows[1] = ",".join(["1", "zz"] + ["1"] * (WIDTHS[0] - 2))
+    lines = ([",".join(f"f{i}" for i in range(WIDTHS[0]))] if header else []) + rows
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    rc = main(
+        ["run", str(model), "--input", str(tmp_path / "x.csv"), "-o", str(tmp_path / "y.npy")]
+    )
+    assert rc == 2 and not (tmp_path / "y.npy").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'zz' to float32 on line {3 if header else 2}, column 2" in err[0]
+
+
+def test_a_float64_beyond_float32_is_one_line_without_a_numpy_warning(tmp_path, model, capsys):
+    x = _x(3).astype(np.float64)
+    x[1, 0] = 1e300
+    np.save(tmp_path / "x.npy", x)
+    assert (
+        main(["run", str(model), "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy")]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 1, column 0" in err[0] and "allow_nonfinite" not in err[0]
+
+
 def test_int_npy_is_converted(tmp_path, model):
     x = np.arange(3 * WIDTHS[0], dtype=np.int64).reshape(3, -1) % 5
     np.save(tmp_path / "x.npy", x)
