@@ -363,7 +363,7 @@ def _nonfinite_message(X: np.ndarray, row_offset: int = 0) -> str:
     where = f"row {pos[0]}, column {pos[1]}" if len(pos) == 2 else f"index {pos}"
     return (
         f"input has {count} non-finite value{'s' if count != 1 else ''} (NaN or Inf), the first "
-        f"at {where} (a float64 value beyond float32's range becomes Inf); clean the data"
+        f"at {where}; clean the data"
     )
 
 
