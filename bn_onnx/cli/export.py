@@ -114,5 +114,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"BatchNormalization: {result.n_bn} kept (unfolded)")
     print(f"ops: {ops}")
-    print(f"time: export {result.export_seconds:.2f} s, fold {result.fold_seconds:.3f} s")
+    folding = f", fold {result.fold_seconds:.3f} s" if args.fold else ""
+    print(f"time: export {result.export_seconds:.2f} s{folding}")
     return 0
