@@ -194,6 +194,19 @@ def tabular_records(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def bare_tabular(path: Path, records: list[dict]) -> np.ndarray:
+    """A bare onnxruntime session fed through bn_onnx.columns.feeds_from_columns: the
+    reference a tabular model's readers (run, serve, Predictor) are compared with."""
+    import onnxruntime as ort
+
+    from bn_onnx.columns import feeds_from_columns, read_columns
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    columns = read_columns(sess.get_modelmeta().custom_metadata_map)
+    data = {c.name: [r.get(c.name) for r in records] for c in columns}
+    return sess.run(None, feeds_from_columns(columns, data))[0]
+
+
 def tabular_forward(w: dict, records: list[dict]) -> np.ndarray:
     """The float64 oracle for `make_tabular`: the preprocessing in Python, then the MLP."""
     cont = [c for c in TABULAR_COLUMNS if c["kind"] == "continuous"]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from serve_testing import bare_tabular
 
 from bn_onnx import graphs
 from bn_onnx.cli import main
@@ -561,16 +562,6 @@ def _records(n, seed=0):
     return tabular_records(n, seed)
 
 
-def _bare_named(path, records):
-    """A bare onnxruntime session fed through bn_onnx.columns.feeds_from_columns."""
-    from bn_onnx.columns import feeds_from_columns, read_columns
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    columns = read_columns(sess.get_modelmeta().custom_metadata_map)
-    data = {c.name: [r.get(c.name) for r in records] for c in columns}
-    return sess.run(None, feeds_from_columns(columns, data))[0]
-
-
 def _write_csv(path, records, header=("grade", "id", "city", "income", "age")):
     """Columns in another order than the model's, an extra column, empty cells for None."""
     import csv
@@ -607,7 +598,7 @@ def test_named_columns_from_csv_and_parquet_equal_a_bare_session(tmp_path, tabul
     src = write(tmp_path / f"rows.{fmt}", records)
     assert _run(path, "-i", src, "-o", tmp_path / "y.npy", "--batch-size", batch, "-q") == 0
     y = np.load(tmp_path / "y.npy")
-    np.testing.assert_allclose(y, _bare_named(path, records), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, bare_tabular(path, records), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(y, tabular_forward(w, records), rtol=1e-4, atol=1e-5)
 
 
@@ -640,7 +631,7 @@ def test_labels_csv_has_a_header_the_class_and_probabilities(tmp_path, tabular):
     lines = (tmp_path / "out.csv").read_text().splitlines()
     names = w["names"]
     assert lines[0] == "label," + ",".join(f"proba_{n}" for n in names)
-    logits = _bare_named(path, records)
+    logits = bare_tabular(path, records)
     proba = np.exp(logits - logits.max(1, keepdims=True))
     proba /= proba.sum(1, keepdims=True)
     rows = [line.split(",") for line in lines[1:]]

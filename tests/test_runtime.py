@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
+from serve_testing import bare_tabular
 
 from bn_onnx import graphs, runtime
 from bn_onnx.errors import (
@@ -565,15 +566,6 @@ def _records(n, seed=0):
     return tabular_records(n, seed)
 
 
-def _bare_named(path, data):
-    """A bare onnxruntime session fed through bn_onnx.columns.feeds_from_columns."""
-    from bn_onnx.columns import feeds_from_columns, read_columns
-
-    sess = ort.InferenceSession(str(path), providers=[CPU])
-    columns = read_columns(sess.get_modelmeta().custom_metadata_map)
-    return sess.run(None, feeds_from_columns(columns, data))[0]
-
-
 def _by_column(records):
     return {k: [r.get(k) for r in records] for k in ("age", "city", "income", "grade")}
 
@@ -593,7 +585,7 @@ def test_named_columns_in_every_form_equal_a_bare_session_and_the_float64_oracle
     path, w = tabular
     p = Predictor(path, provider="cpu", threads=1)
     records = _records(60)
-    want = _bare_named(path, _by_column(records))
+    want = bare_tabular(path, records)
     table = pa.Table.from_pylist(records)
     for form in (records, _by_column(records), table, table.to_batches()[0]):
         np.testing.assert_array_equal(p.predict(form), want)
