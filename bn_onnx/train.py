@@ -614,8 +614,9 @@ def reproducibility_record(device: torch.device) -> dict[str, Any]:
     (docs/training.md): the torch build, the device, ATen's CPU kernels
     (`torch.backends.cpu.get_cpu_capability()`, lowered with `ATEN_CPU_CAPABILITY`), the
     intra-op thread count (call this while the run's count is in effect), oneMKL's kernel
-    variables when set (`MKL_CBWR=COMPATIBLE` pins its results on every x86-64 CPU;
-    otherwise oneMKL picks by CPU, which `cpu` names).
+    variables when set, and the CPU itself (`cpu`, its model name, and `cpu_flags`, its
+    `/proc/cpuinfo` feature flags): oneMKL's branches, `MKL_CBWR=COMPATIBLE` included, give
+    other bits on another vendor's CPU (measured: Intel Xeon against AMD EPYC).
     """
     return {
         "torch": torch.__version__,
@@ -624,7 +625,20 @@ def reproducibility_record(device: torch.device) -> dict[str, Any]:
         "intra_op_threads": torch.get_num_threads(),
         "mkl": {name: os.environ[name] for name in _MKL_ENV if os.environ.get(name)},
         "cpu": cpu_model_name(),
+        "cpu_flags": cpu_flags(),
     }
+
+
+def cpu_flags() -> str:
+    """This CPU's feature flags, sorted, space-separated (Linux `/proc/cpuinfo`; "" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return " ".join(sorted(set(line.split(":", 1)[1].split())))
+    except OSError:
+        pass
+    return ""
 
 
 def cpu_model_name() -> str:

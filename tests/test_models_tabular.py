@@ -22,6 +22,7 @@ from models_testing import (
     assert_same_onnx_bytes,
     card_lines_and_figures,
     make_models_module,
+    retrain_twice_gives_the_same_bits,
     retrain_under_the_recorded_kernels,
 )
 
@@ -131,7 +132,8 @@ def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path)
 
 
 def test_shipped_checkpoint_records_the_portable_kernels():
-    """make_models trained it under PORTABLE_KERNELS, so any x86-64 CPU can rerun them."""
+    """make_models trained it under PORTABLE_KERNELS (any x86-64 CPU runs them; only the
+    recorded CPU gives its bits)."""
     portable = make_models_module().PORTABLE_KERNELS
     record = read_checkpoint(TABULAR / "checkpoint").meta["reproducibility"]
     assert record["device"] == "cpu" and record["intra_op_threads"] == 1
@@ -140,10 +142,20 @@ def test_shipped_checkpoint_records_the_portable_kernels():
 
 
 @pytest.mark.slow
+def test_two_retrains_on_this_machine_give_the_same_bits(tmp_path):
+    """make_models' tabular training step, run twice in fresh processes on this machine under
+    the kernels and thread count the shipped checkpoint records, gives the same
+    `model.safetensors` byte for byte: bit-identity as promised, on the same machine and build.
+    """
+    retrain_twice_gives_the_same_bits("tabular", tmp_path)
+
+
+@pytest.mark.slow
 def test_retraining_under_the_recorded_kernels_reproduces_the_checkpoint_bit_for_bit(tmp_path):
-    """make_models' tabular training step (the table made afresh from its seed), rerun in a
-    fresh process under the kernels and thread count the shipped checkpoint records, gives the
-    same checkpoint byte for byte; skipped, with the reason, where this CPU cannot run them.
+    """On the machine the shipped checkpoint records, make_models' tabular training step (the
+    table made afresh from its seed), rerun in a fresh process under its kernels and thread
+    count, gives the same checkpoint byte for byte; skipped, with the reason, elsewhere (another
+    CPU gives other bits under the same settings).
     Not cpu_sensitive: the training process gets the recorded kernels whatever this one runs
     under (tests/test_models_shipped.py's digits test says more)."""
     retrain_under_the_recorded_kernels("tabular", tmp_path / "checkpoint")

@@ -10,11 +10,12 @@ scikit-learn's digits. `models/tabular/`: a model of raw table columns (categori
 cells) trained on the synthetic `people.csv` (`people_rows`) with `bn-onnx train`'s defaults.
 Both train with seed 0 on one CPU thread, each in a fresh Python (`--train-only DIR --model
 NAME`) under `PORTABLE_KERNELS` (ATen's baseline kernels, `ATEN_CPU_CAPABILITY=default`, and
-oneMKL's cross-vendor branch, `MKL_CBWR=COMPATIBLE`), so with the same torch build each
-checkpoint is bit-identical on every x86-64 CPU; the kernels and thread count it ran under are
-printed and recorded in `config.json["reproducibility"]`. Bit-identical covers the same torch
-build, ATen CPU capability, intra-op thread count and oneMKL branch on CPU, nothing wider:
-ATen's AVX2 and AVX-512 kernels, or oneMKL left to pick by CPU, give other bits (docs/training.md).
+oneMKL's `MKL_CBWR=COMPATIBLE` branch), which keep the bits the same across ATen capabilities
+and oneMKL's instruction sets on one machine; the kernels, thread count and CPU it ran under are
+printed and recorded in `config.json["reproducibility"]`. Bit-identical covers the same machine
+and build (CPU model and flags, torch build, ATen CPU capability, intra-op thread count, oneMKL
+branch), nothing wider: on another CPU, an AMD EPYC against the Intel Xeon that made the shipped
+checkpoints, the same settings give other bits of about the same accuracy (docs/training.md).
 `model.onnx` keeps its 3 BatchNormalization nodes, `model.folded.onnx` has none (export and
 fold regenerate the same bytes from a checkpoint on any CPU). Digits ships `sample_input.npy`,
 the first 16 rows of the test split (raw features, float32 [16, 64]); tabular ships
@@ -50,8 +51,9 @@ DIGITS_SETTINGS: dict[str, Any] = {
     "threads": 1,
 }
 N_SAMPLES = 16
-# Kernels every x86-64 CPU runs with the same results: ATen's baseline (no AVX) kernels and
-# oneMKL's SSE2 branch without approximate reciprocals, which it keeps on Intel and AMD alike.
+# Kernels whose bits do not move with ATen's capability or oneMKL's instruction set on one
+# machine: ATen's baseline (no AVX) kernels and oneMKL's COMPATIBLE branch. They do move with
+# the CPU: an AMD EPYC gives other bits than the Intel Xeon that made the shipped checkpoints.
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 # The environment variables that choose torch's CPU kernels (bn_onnx.train records the MKL ones).
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
@@ -68,17 +70,15 @@ CAPABILITY_FLAGS = {
 def describe_kernels(record: dict[str, Any]) -> str:
     """One line naming what a `config.json["reproducibility"]` record says the bits depend on.
 
-    The CPU's name is part of it only where oneMKL picked its kernels by CPU (no MKL_CBWR).
+    The CPU is always part of it: oneMKL's branches, COMPATIBLE included, differ by vendor.
     """
     mkl = record.get("mkl") or {}
-    parts = [f"{k}={v}" for k, v in mkl.items()]
-    if "MKL_CBWR" not in mkl:
-        parts.append(f"oneMKL as picked for {record.get('cpu')}")
+    parts = [f"{k}={v}" for k, v in mkl.items()] or ["oneMKL as it picks"]
     mkl_text = ", ".join(parts)
     threads = record.get("intra_op_threads")
     return (
-        f"torch {record.get('torch')} on {record.get('device')}, ATen CPU capability "
-        f"{record.get('aten_cpu_capability')}, {mkl_text}, {threads} intra-op "
+        f"torch {record.get('torch')} on {record.get('device')} ({record.get('cpu')}), ATen "
+        f"CPU capability {record.get('aten_cpu_capability')}, {mkl_text}, {threads} intra-op "
         f"thread{'s' if threads != 1 else ''}"
     )
 
@@ -103,8 +103,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | None], str | None]:
-    """The kernel environment that reproduces a checkpoint here, or why none can.
+def kernel_env(record: dict[str, Any] | None) -> tuple[dict[str, str | None], str | None]:
+    """The kernel environment a checkpoint's record names, if this machine can run it.
+
+    Unlike `reproduction_env` this does not ask whether this is the machine that made the
+    checkpoint: it is what two retrains here run under to be compared with each other.
 
     Args:
         record: The checkpoint's `config.json["reproducibility"]` (None for checkpoints written
@@ -112,9 +115,8 @@ def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | Non
 
     Returns:
         (env, None) with the values of `KERNEL_ENV` to run under (None: unset it), or
-        ({}, reason) when this machine cannot give the same bits: no record, another torch
-        build, not a CPU run, not an x86-64 machine, an ATen capability this CPU lacks, or
-        oneMKL left to pick its kernels by a CPU other than this one.
+        ({}, reason): no record, another torch build, not a CPU run, not an x86-64 machine,
+        or an ATen capability this CPU lacks (ATen obeys it unchecked and would crash).
     """
     import torch
 
@@ -136,17 +138,47 @@ def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | Non
     if missing:
         return {}, f"this CPU lacks {', '.join(sorted(missing))} for ATen's {capability} kernels"
     mkl = dict(record.get("mkl") or {})
-    if mkl.get("MKL_CBWR") != "COMPATIBLE":
-        from bn_onnx.train import cpu_model_name
-
-        here = cpu_model_name()
-        if record.get("cpu") != here:
-            return {}, (
-                f"oneMKL picked its kernels for {record.get('cpu')!r} (no MKL_CBWR=COMPATIBLE), "
-                f"this CPU is {here!r}"
-            )
     env = {"ATEN_CPU_CAPABILITY": capability.lower()}
     env.update({name: mkl.get(name) for name in KERNEL_ENV if name != "ATEN_CPU_CAPABILITY"})
+    return env, None
+
+
+def reproduction_env(record: dict[str, Any] | None) -> tuple[dict[str, str | None], str | None]:
+    """The kernel environment that reproduces a checkpoint's bits here, or why none can.
+
+    Bit-identity is promised on the same machine and build only: the same torch build, CPU
+    (model name and feature flags), ATen CPU capability, intra-op thread count and oneMKL
+    branch. oneMKL's `MKL_CBWR=COMPATIBLE` branch does not give an Intel CPU's bits on an AMD
+    one (measured: every trained tensor of the shipped digits checkpoint differs), so the CPU
+    must match whatever the MKL variables say.
+
+    Args:
+        record: The checkpoint's `config.json["reproducibility"]` (None for checkpoints written
+            before bn-onnx recorded it).
+
+    Returns:
+        (env, None) as `kernel_env` gives it, or ({}, reason) when this machine cannot be
+        shown to give the same bits: any of `kernel_env`'s reasons, another CPU model, other
+        CPU flags, or no flags recorded.
+    """
+    from bn_onnx.train import cpu_flags, cpu_model_name
+
+    env, reason = kernel_env(record)
+    if reason:
+        return {}, reason
+    assert record is not None  # kernel_env refused a missing record
+    here = cpu_model_name()
+    if record.get("cpu") != here:
+        return {}, f"made on a {record.get('cpu')!r} CPU, this CPU is {here!r}"
+    if "cpu_flags" not in record:
+        return {}, (
+            f"the checkpoint records no CPU flags, so this {here!r} cannot be shown to be "
+            "the same kind of CPU"
+        )
+    if record["cpu_flags"] != cpu_flags():
+        diff = sorted(set(str(record["cpu_flags"]).split()) ^ set(cpu_flags().split()))
+        shown = ", ".join(diff[:6]) + (", ..." if len(diff) > 6 else "")
+        return {}, f"this CPU's flags differ from the recorded ones ({shown})"
     return env, None
 
 
@@ -310,8 +342,9 @@ def _kernels_sentence(meta: dict[str, Any]) -> str:
         )
     return (
         f"Kernels: {describe_kernels(record)}; the same seed gives a bit-identical "
-        "`model.safetensors` wherever all of these are the same "
-        '(`config.json["reproducibility"]`).'
+        "`model.safetensors` on the same machine and build, where all of these and the CPU's "
+        'flags are the same (`config.json["reproducibility"]`); another CPU gives other bits '
+        "of about the same accuracy."
     )
 
 

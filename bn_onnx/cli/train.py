@@ -57,8 +57,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "or user dataset (seeded, stratified train/validation/test split), keep the epoch\n"
             "with the best validation loss, and write a checkpoint directory: config.json,\n"
             "model.safetensors, metrics.json. The same --seed on CPU gives a bit-identical\n"
-            "model.safetensors under the same torch build, CPU kernels and --threads\n"
-            '(recorded in config.json["reproducibility"]; see docs/training.md).'
+            "model.safetensors on the same machine and build (CPU, torch build, CPU kernels\n"
+            "and --threads)"
+            ' (recorded in config.json["reproducibility"]; see docs/training.md).'
         ),
         epilog=(
             "examples:\n"
