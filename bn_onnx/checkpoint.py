@@ -32,6 +32,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+# What a checkpoint is made of (other files in its folder are kept, never read).
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE)
 # A config.json or metrics.json larger than this is not one we wrote.
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
