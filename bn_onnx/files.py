@@ -333,7 +333,7 @@ class _Staged:
 
 
 def _reason(exc: OSError) -> str:
-    return exc.strerror or os.strerror(exc.errno or 0) or type(exc).__name__
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 class OutputGroup:
