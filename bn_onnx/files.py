@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import secrets
@@ -254,9 +255,13 @@ _AT_EMPTY_PATH = 0x1000
 _link_ways: dict[str, str | None] = {}
 
 
+@functools.cache
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _libc_linkat(fd: int, dest: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(dest), _AT_EMPTY_PATH) != 0:
+    if _libc().linkat(fd, b"", _AT_FDCWD, os.fsencode(dest), _AT_EMPTY_PATH) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dest)
 
