@@ -207,7 +207,7 @@ def temp_name(target: PathLike, suffix: str = "") -> Path:
     """A fresh temporary name beside `target` that `sweep_stale` recognizes."""
     p = Path(target)
     tag = f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-    return p.parent / f".{p.name}{TEMP_MARK}{tag}{suffix}"
+    return p.parent / f".{p.name[:120]}{TEMP_MARK}{tag}{suffix}"  # (names stay < 255 bytes)
 
 
 def _alive(pid: int) -> bool:

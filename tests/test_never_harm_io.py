@@ -343,6 +343,44 @@ def test_run_out_of_space_mid_write_is_one_line_and_leaves_nothing(
     assert _files_in(tmp_path) == sorted([str(model), str(x)])
 
 
+def test_run_past_a_real_file_size_limit_is_one_line_not_a_signal(tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse the write (EFBIG) as a full disk refuses it
+    # (ENOSPC): through a memory map either kills the process (SIGBUS/SIGXFSZ).
+    import resource
+
+    model = _model(tmp_path)
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((20_000, WIDTHS[0]), np.float32))  # the output needs 240 kB
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bn_onnx",
+            "run",
+            str(model),
+            "-i",
+            str(x),
+            "-o",
+            str(tmp_path / "y.npy"),
+            "--quiet",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=limit,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"bn-onnx run: error: cannot write {tmp_path / 'y.npy'}: File too large"
+    )
+    assert _files_in(tmp_path) == sorted([str(model), str(x)])
+
+
 def test_fold_io_error_mid_write_leaves_nothing(tmp_path, capsys, monkeypatch):
     src = _model(tmp_path)
     before = _digests(tmp_path)
