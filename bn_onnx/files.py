@@ -185,14 +185,6 @@ def model_files(
     return found
 
 
-def lazy_model_files(
-    paths: Iterable[PathLike], what: str = "the input model"
-) -> Callable[[], list[Named]]:
-    """`check_outputs` inputs for model files: their external data is read only if needed."""
-    paths = list(paths)
-    return lambda: [f for p in paths for f in model_files(p, what=what)]
-
-
 def checkpoint_files(ckpt_dir: PathLike | None, names: Iterable[str]) -> list[Named]:
     """(what, path) of the files `names` that a command reads from a checkpoint directory."""
     if ckpt_dir is None:
@@ -519,7 +511,6 @@ __all__ = [
     "check_output_path",
     "check_outputs",
     "external_data_locations",
-    "lazy_model_files",
     "make_temp_dir",
     "model_files",
     "sweep_stale",
