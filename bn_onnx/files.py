@@ -16,14 +16,11 @@ Two rules every command that writes follows:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import os
 import re
-import secrets
 import shutil
-import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -45,7 +42,7 @@ PathLike = str | os.PathLike[str]
 Named = tuple[str, PathLike]  # (what it is, for messages; the path)
 
 TEMP_MARK = ".bn-onnx-tmp-"
-_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_HOST = re.sub(r"[^A-Za-z0-9]", "", os.uname().nodename)[:32] or "host"
 _TEMP_RE = re.compile(rf"^\..*{re.escape(TEMP_MARK)}(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-")
 
 
@@ -198,7 +195,7 @@ def checkpoint_files(ckpt_dir: PathLike | None, names: Iterable[str]) -> list[Na
 def temp_name(target: PathLike, suffix: str = "") -> Path:
     """A fresh temporary name beside `target` that `sweep_stale` recognizes."""
     p = Path(target)
-    tag = f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+    tag = f"{_HOST}-{os.getpid()}-{os.urandom(4).hex()}"
     return p.parent / f".{p.name[:120]}{TEMP_MARK}{tag}{suffix}"  # (names stay < 255 bytes)
 
 
@@ -249,11 +246,15 @@ _link_ways: dict[str, str | None] = {}
 
 @functools.cache
 def _libc() -> Any:
+    import ctypes
+
     return ctypes.CDLL(None, use_errno=True)
 
 
 def _libc_linkat(fd: int, dest: str) -> None:
     if _libc().linkat(fd, b"", _AT_FDCWD, os.fsencode(dest), _AT_EMPTY_PATH) != 0:
+        import ctypes
+
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dest)
 
