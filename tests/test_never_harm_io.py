@@ -117,7 +117,7 @@ def test_fold_two_outputs_on_one_file_exit_2(tmp_path, capsys, ext):
     )
 
 
-@pytest.mark.parametrize("how", ["symlink", "hardlink", "relative", "dotted"])
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "relative", "dotted", "linked_folder"])
 def test_fold_output_onto_the_model_by_another_name_exits_2(tmp_path, capsys, monkeypatch, how):
     src = _model(tmp_path)
     other = tmp_path / "other.onnx"
@@ -125,12 +125,15 @@ def test_fold_output_onto_the_model_by_another_name_exits_2(tmp_path, capsys, mo
         other.symlink_to(src)
     elif how == "hardlink":
         os.link(src, other)
+    elif how == "linked_folder":
+        (tmp_path / "lnk").symlink_to(tmp_path)
     monkeypatch.chdir(tmp_path)
     out = {
         "symlink": str(other),
         "hardlink": str(other),
         "relative": "m.onnx",
         "dotted": f"../{tmp_path.name}/./m.onnx",
+        "linked_folder": str(tmp_path / "lnk" / "m.onnx"),
     }[how]
     _check_clash(tmp_path, capsys, ["fold", str(src.resolve()), "-o", out], "is the input model")
 
@@ -197,6 +200,18 @@ def test_train_out_holding_the_dataset_file_exits_2(tmp_path, capsys):
     _check_clash(tmp_path, capsys, argv, "--out's metrics.json", "the dataset file")
 
 
+def test_bench_outputs_onto_the_model_or_each_other_exit_2(tmp_path, capsys, ext):
+    link = tmp_path / "p.png"
+    link.symlink_to("r.json")
+    cases = [
+        (["--json", str(tmp_path / "m.onnx.data")], "is the external data of m.onnx"),
+        (["--plot", str(ext)], "is the input model"),
+        (["--json", str(tmp_path / "r.json"), "--plot", str(link)], "are the same file"),
+    ]
+    for extra, needle in cases:
+        _check_clash(tmp_path, capsys, ["bench", str(ext), "--batch-sizes", "1", *extra], needle)
+
+
 def test_in_place_fold_may_replace_the_model_but_not_with_the_report(tmp_path, capsys):
     src = _model(tmp_path)
     rc = main(["fold", str(src), "-o", str(src), "--in-place", "--report", str(src)])
@@ -237,6 +252,14 @@ def test_model_files_reads_locations_in_subgraphs_and_functions(tmp_path):
 # --- 2. outputs written as a group ------------------------------------------------------------
 
 
+@pytest.fixture(params=["unnamed", "named"])
+def temporaries(request, monkeypatch):
+    """Both kinds of temporary file: O_TMPFILE where linkable, and the named fallback."""
+    if request.param == "named":
+        monkeypatch.setattr(files, "_open_unnamed", lambda folder: None)
+    return request.param
+
+
 def _files_in(*folders: Path) -> list[str]:
     return sorted(str(p) for f in folders for p in f.iterdir())
 
@@ -266,7 +289,7 @@ class _RefuseIn:
             raise OSError(self.code, os.strerror(self.code), os.fspath(path))
 
 
-def test_read_only_report_folder_leaves_no_model_behind(tmp_path, capsys, monkeypatch):
+def test_read_only_report_folder_leaves_no_model_behind(tmp_path, capsys, monkeypatch, temporaries):
     src = _model(tmp_path)
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -330,7 +353,7 @@ class _Limited:
 
 @pytest.mark.parametrize("out", ["y.npy", "y.csv"])
 def test_run_out_of_space_mid_write_is_one_line_and_leaves_nothing(
-    tmp_path, capsys, monkeypatch, out
+    tmp_path, capsys, monkeypatch, out, temporaries
 ):
     model = _model(tmp_path)
     x = tmp_path / "x.npy"
@@ -381,7 +404,7 @@ def test_run_past_a_real_file_size_limit_is_one_line_not_a_signal(tmp_path):
     assert _files_in(tmp_path) == sorted([str(model), str(x)])
 
 
-def test_fold_io_error_mid_write_leaves_nothing(tmp_path, capsys, monkeypatch):
+def test_fold_io_error_mid_write_leaves_nothing(tmp_path, capsys, monkeypatch, temporaries):
     src = _model(tmp_path)
     before = _digests(tmp_path)
     _FullDisk(monkeypatch, room=100, code=errno.EIO)
@@ -390,7 +413,7 @@ def test_fold_io_error_mid_write_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert _digests(tmp_path) == before
 
 
-def test_rename_failure_at_commit_leaves_no_temporary(tmp_path, capsys, monkeypatch):
+def test_rename_failure_at_commit_leaves_no_temporary(tmp_path, capsys, monkeypatch, temporaries):
     src = _model(tmp_path)
 
     def failing_replace(a, b):
@@ -477,7 +500,7 @@ def test_killed_writers_temporary_is_removed_by_the_next_run(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "f.onnx", "m.onnx"])
 
 
-def test_group_of_three_outputs_commits_all_or_none(tmp_path):
+def test_group_of_three_outputs_commits_all_or_none(tmp_path, temporaries):
     with files.OutputGroup() as group:
         with group.open(tmp_path / "a.json", "w") as f:
             f.write("{}")
