@@ -22,7 +22,7 @@ from typing import IO, Any
 import numpy as np
 
 from bn_onnx.errors import InputDataError, InputFileError
-from bn_onnx.files import atomic_output, check_input_file
+from bn_onnx.files import OutputGroup, check_input_file
 
 FORMATS = (".npy", ".csv")
 # What `bn-onnx run` reads: the array formats and Parquet (rows by column name or numbers).
@@ -196,44 +196,59 @@ def _read_chunks(X: np.memmap, rows: int, reuse: bool) -> Iterator[tuple[int, np
 class ChunkWriter:
     """Receives output chunks in order and writes them to the open temporary file."""
 
-    def __init__(self, fmt: str, target: np.ndarray | IO[str], rows: int) -> None:
+    def __init__(self, fmt: str, target: IO[Any], rows: int, dtype: Any = None) -> None:
         self.fmt = fmt
         self.target = target
         self.rows = rows
+        self.dtype = dtype
         self.done = 0
 
     def write(self, chunk: np.ndarray) -> None:
         """Append `chunk` (rows in order)."""
         n = len(chunk)
+        if self.done + n > self.rows:
+            raise RuntimeError(f"more than the {self.rows} rows announced")
         if self.fmt == ".npy":
-            assert isinstance(self.target, np.ndarray)
-            self.target[self.done : self.done + n] = chunk
+            # Plain buffered writes, not a memory map: a full disk is an OSError (ENOSPC)
+            # here, where a mapped page would kill the process with SIGBUS.
+            self.target.write(np.ascontiguousarray(chunk, dtype=self.dtype).data)
         else:
             np.savetxt(self.target, chunk.reshape(n, -1), delimiter=",", fmt="%.9g")
         self.done += n
 
 
+def _npy_header(f: IO[bytes], shape: tuple[int, ...], dtype: np.dtype) -> None:
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": shape,
+    }
+    np.lib.format.write_array_header_1_0(f, header)
+
+
 @contextlib.contextmanager
 def open_output(
-    path: str | os.PathLike[str], rows: int, row_shape: tuple[int, ...], dtype: np.dtype
+    path: str | os.PathLike[str],
+    rows: int,
+    row_shape: tuple[int, ...],
+    dtype: np.dtype,
+    group: OutputGroup | None = None,
 ) -> Iterator[ChunkWriter]:
-    """Write an output array chunk by chunk into a temp file; rename it onto `path` at the end.
+    """Write an output array chunk by chunk into a temporary file, renamed onto `path` at the
+    end (by `group` when it commits, if one is given).
 
-    A failure leaves no partial file. `.npy` outputs are a memmap of the final size, so the
-    whole output never has to sit in memory either.
+    A failure leaves no partial file; a write error (no space, EIO) is an `OutputFileError`.
+    `.npy` rows are written as they come, so the whole output never has to sit in memory.
     """
     fmt = array_format(path, "output")
-    with atomic_output(path, suffix=fmt) as tmp:
+    with contextlib.nullcontext(group) if group is not None else OutputGroup() as g:
         if fmt == ".npy":
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, *row_shape))
-            writer = ChunkWriter(fmt, mm, rows)
-            yield writer
-            mm.flush()
-            del writer.target, mm
+            f = g.open(path, "wb")
+            _npy_header(f, (rows, *row_shape), dtype)
+            writer = ChunkWriter(fmt, f, rows, dtype)
         else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                writer = ChunkWriter(fmt, f, rows)
-                yield writer
+            writer = ChunkWriter(fmt, g.open(path, "w"), rows)
+        yield writer
         if writer.done != rows:
             raise RuntimeError(f"wrote {writer.done} of {rows} rows")
 
@@ -415,12 +430,8 @@ def open_label_output(
     """Write a CSV with a header `label,proba_<class>,...` atomically (see `LabelWriter`)."""
     if array_format(path, "output") != ".csv":
         raise InputFileError(f"output {Path(path)} must be a .csv file for labels")
-    with (
-        atomic_output(path, suffix=".csv") as tmp,
-        open(tmp, "w", encoding="utf-8", newline="") as f,
-    ):
-        writer = LabelWriter(f, class_names)
-        yield writer
+    with OutputGroup() as group:
+        yield LabelWriter(group.open(path, "w", newline=""), class_names)
 
 
 class LabelWriter:

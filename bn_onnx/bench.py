@@ -7,6 +7,7 @@ the same run. No torch at module level: the torch eager subject imports it when 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -740,14 +741,20 @@ def measure_process(
 # --- output -------------------------------------------------------------------------------
 
 
-def save_json(result: BenchResult | dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write the result as JSON, atomically."""
-    from bn_onnx.files import atomic_output, check_output_path
+def save_json(
+    result: BenchResult | dict[str, Any], path: str | os.PathLike[str], group: Any = None
+) -> Path:
+    """Write the result as JSON, atomically (into `group`, a `files.OutputGroup`, if given)."""
+    from bn_onnx.files import OutputGroup, check_output_path
 
     p = check_output_path(path)
     data = result.to_dict() if isinstance(result, BenchResult) else result
-    with atomic_output(p, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=_json_default) + "\n")
+    text = json.dumps(data, indent=1, default=_json_default) + "\n"
+    with (
+        contextlib.nullcontext(group) if group is not None else OutputGroup() as g,
+        g.open(p, "w") as f,
+    ):
+        f.write(text)
     return p
 
 
@@ -759,9 +766,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON-able: {type(obj).__name__}")
 
 
-def plot_result(result: BenchResult, path: str | os.PathLike[str], title: str = "") -> Path:
-    """Plot median latency (with IQR bars) and the ratio to the first subject per batch size."""
-    from bn_onnx.files import atomic_output, check_output_path
+def plot_result(
+    result: BenchResult, path: str | os.PathLike[str], title: str = "", group: Any = None
+) -> Path:
+    """Plot median latency (with IQR bars) and the ratio to the first subject per batch size;
+    written atomically (into `group`, a `files.OutputGroup`, if given)."""
+    from bn_onnx.files import OutputGroup, check_output_path
 
     p = check_output_path(path)
     try:
@@ -791,9 +801,14 @@ def plot_result(result: BenchResult, path: str | os.PathLike[str], title: str = 
     ax2.grid(True, alpha=0.3)
     fig.suptitle(title or "bn-onnx bench (median, bars: quartiles)")
     fig.tight_layout()
-    with atomic_output(p, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with (
+            contextlib.nullcontext(group) if group is not None else OutputGroup() as g,
+            g.open(p, "wb") as f,
+        ):
+            fig.savefig(f, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return p
 
 

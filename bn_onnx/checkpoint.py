@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bn_onnx import __version__
-from bn_onnx.errors import BnOnnxError, CheckpointError
-from bn_onnx.files import DIR_MODE
+from bn_onnx.errors import BnOnnxError, CheckpointError, OutputFileError
+from bn_onnx.files import DIR_MODE, make_temp_dir
 from bn_onnx.model_config import MLPConfig, expected_tensor_dtype, expected_tensor_shapes
 
 if TYPE_CHECKING:
@@ -32,6 +31,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+# What a checkpoint is made of (other files in its folder are kept, never read).
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE)
 # A config.json or metrics.json larger than this is not one we wrote.
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
@@ -215,10 +216,11 @@ def write_checkpoint_files(
         METRICS_FILE: _json_bytes(metrics or {}),
         CONFIG_FILE: _json_bytes(body),
     }
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
-    os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would make the renamed checkpoint owner-only
+    tmp: Path | None = None
     try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(root)  # a name a later run removes if this one is killed
+        os.chmod(tmp, DIR_MODE)  # mkdir's 0700 would make the renamed checkpoint owner-only
         for name, data in payload.items():
             (tmp / name).write_bytes(data)
         if not root.exists():
@@ -233,8 +235,11 @@ def write_checkpoint_files(
         for name in (WEIGHTS_FILE, METRICS_FILE, CONFIG_FILE):
             os.replace(tmp / name, root / name)
         return root
+    except OSError as exc:  # read-only folder, no space, EIO
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise OutputFileError(f"cannot write checkpoint {root}: {reason}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

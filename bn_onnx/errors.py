@@ -35,3 +35,7 @@ class ProviderError(BnOnnxError):
 
 class InputDataError(BnOnnxError):
     """Input data of the wrong shape, dtype or with non-finite values."""
+
+
+class OutputFileError(BnOnnxError):
+    """An output that cannot be written: read-only folder, no space left, an I/O error."""

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from bn_onnx import __version__, onnx_meta
-from bn_onnx.checkpoint import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, Checkpoint
+from bn_onnx.checkpoint import CHECKPOINT_FILES, Checkpoint
 from bn_onnx.columns import COLUMNS_KEY
 from bn_onnx.errors import UnsupportedModelError, UsageError
-from bn_onnx.files import check_output_path
+from bn_onnx.files import OutputGroup, check_output_path, check_outputs, checkpoint_files
 from bn_onnx.model_config import MLPConfig
 
 if TYPE_CHECKING:
@@ -425,10 +425,10 @@ def export_checkpoint(
     check_opset(opset)
     ckpt_root = Path(ckpt_dir)
     out = check_output_path(out_path)
-    for name in (CONFIG_FILE, WEIGHTS_FILE, METRICS_FILE):
-        part = ckpt_root / name
-        if part.exists() and out.exists() and os.path.samefile(part, out):
-            raise UsageError(f"output {out} is the checkpoint's {name}; choose another path")
+    check_outputs(
+        [("output", out), ("the output's external data", out.parent / (out.name + ".data"))],
+        lambda: checkpoint_files(ckpt_root, CHECKPOINT_FILES),
+    )
     model, ckpt = _load_checkpoint(ckpt_root)
     if on_start is not None:
         on_start(
@@ -465,21 +465,16 @@ def export_checkpoint(
     )
 
 
-def save_checked(model: onnx.ModelProto, out: Path) -> list[Path]:
-    """Save atomically as one file, or with external data above 2 GB (checked from disk first)."""
+def save_checked(model: onnx.ModelProto, out: Path, group: OutputGroup | None = None) -> list[Path]:
+    """Save atomically as one file, or with external data above 2 GB (checked from disk first,
+    in the temporary folder the files are staged in); `group` as in `onnx_io.save_model`."""
     from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 
+    if group is None:
+        with OutputGroup() as own:
+            return save_checked(model, out, own)
     if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        return save_model(model, out, external_data=False)
-    # Too large for an in-memory check: write into a scratch folder beside the output, check
-    # the files there, then move them into place, the data file before the model.
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
-        files = save_model(model, Path(scratch) / out.name, external_data=True)
-        onnx.checker.check_model(str(files[0]), full_check=True)
-        # (tensors under 1 KB stay inline, so the data file may not exist)
-        files = [f for f in files if f.exists()]
-        for f in reversed(files):
-            os.replace(f, out.parent / f.name)
-    return [out.parent / f.name for f in files]
+        return save_model(model, out, external_data=False, group=group)
+    files = save_model(model, out, external_data=True, group=group)
+    onnx.checker.check_model(str(group.staged(out)), full_check=True)
+    return files

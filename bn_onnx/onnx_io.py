@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper
 
 from bn_onnx.errors import InputFileError
-from bn_onnx.files import atomic_output, atomic_output_dir, check_input_file
+from bn_onnx.files import OutputGroup, check_input_file
 
 _FIXED_SIZE_TYPES = {
     dtype: helper.tensor_dtype_to_np_dtype(dtype).itemsize
@@ -98,28 +98,39 @@ def save_model(
     path: str | os.PathLike[str],
     *,
     external_data: bool | None = None,
+    group: OutputGroup | None = None,
 ) -> list[Path]:
     """Write `model` to `path` atomically; return the files written.
 
     `external_data=None` writes one file unless the tensors approach protobuf's 2 GiB limit, in
     which case they go to `<name>.data` beside it. With external data the model proto is
     modified in place (its tensors become references), which saves a copy of the weights.
+    `group`: the command's `OutputGroup`, which renames the files when all its outputs are
+    written (with external data they are staged under a name, `group.staged(path)`); without
+    one they are renamed before this returns.
+
+    Raises:
+        OutputFileError: the files cannot be written; nothing is left behind.
     """
+    if group is None:
+        with OutputGroup() as own:
+            return save_model(model, path, external_data=external_data, group=own)
     p = Path(path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if not external_data:
-        with atomic_output(p, suffix=".onnx") as tmp:
-            onnx.save_model(model, str(tmp))
+        with group.open(p) as f:
+            f.write(model.SerializeToString())
         return [p]
     data_name = p.name + ".data"
-    with atomic_output_dir(p) as tmp_dir:
-        onnx.save_model(
-            model,
-            str(tmp_dir / p.name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=1024,
-        )
-    return [p, p.parent / data_name]
+    tmp_dir = group.folder(p)
+    onnx.save_model(
+        model,
+        str(tmp_dir / p.name),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+    # (tensors under 1 KB stay inline, so the data file may not exist)
+    return [p, *([p.parent / data_name] if (tmp_dir / data_name).exists() else [])]

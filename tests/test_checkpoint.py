@@ -25,7 +25,7 @@ from bn_onnx.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from bn_onnx.errors import CheckpointError
+from bn_onnx.errors import CheckpointError, OutputFileError
 from bn_onnx.model import MLP, MLPConfig
 
 
@@ -115,7 +115,7 @@ def test_failed_save_leaves_no_partial_directory(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("bn_onnx.checkpoint.os.rename", broken_rename)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputFileError, match="cannot write checkpoint .*: disk full"):
         save_checkpoint(model, tmp_path / "new", {}, {})
     assert list(tmp_path.iterdir()) == []
 
@@ -134,7 +134,7 @@ def test_interrupted_overwrite_is_refused_not_mixed(ckpt, monkeypatch):
 
     monkeypatch.setattr("bn_onnx.checkpoint.os.replace", flaky_replace)
     model = random_model(MLPConfig(5, 3, hidden=(9,)), seed=2)
-    with pytest.raises(OSError, match="interrupted"):
+    with pytest.raises(OutputFileError, match="interrupted"):
         save_checkpoint(model, ckpt, {}, {})
     with pytest.raises(CheckpointError, match="incomplete"):
         read_checkpoint(ckpt)

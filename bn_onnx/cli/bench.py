@@ -95,17 +95,32 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from bn_onnx import bench
+    from bn_onnx.checkpoint import CHECKPOINT_FILES
     from bn_onnx.errors import UsageError
-    from bn_onnx.files import check_input_file, check_output_path
+    from bn_onnx.files import (
+        OutputGroup,
+        check_input_file,
+        check_output_path,
+        check_outputs,
+        checkpoint_files,
+        model_files,
+    )
 
     paths = [args.model, *args.others]
     for path in paths:
         check_input_file(path, "model file")
-    for out in (args.json, args.plot):
-        if out:
-            check_output_path(out, paths)
+    outputs = [(name, out) for name, out in (("--json", args.json), ("--plot", args.plot)) if out]
+    for _, out in outputs:
+        check_output_path(out)
     if args.json and args.plot and args.json == args.plot:
         raise UsageError("--json and --plot must be different files")
+    check_outputs(
+        outputs,
+        lambda: [
+            *(f for p in paths for f in model_files(p)),
+            *checkpoint_files(args.checkpoint, CHECKPOINT_FILES),
+        ],
+    )
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
 
     subjects = []
@@ -174,10 +189,11 @@ def run(args: argparse.Namespace) -> int:
             + (f", load {load[0]}" if load else "")
             + "; ratios are medians of this run (interleaved), quartiles in brackets"
         )
-    if args.json:
-        bench.save_json(result, args.json)
-        log(f"wrote {args.json}")
-    if args.plot:
-        bench.plot_result(result, args.plot)
-        log(f"wrote {args.plot}")
+    with OutputGroup() as group:  # both files appear, or neither
+        if args.json:
+            bench.save_json(result, args.json, group=group)
+        if args.plot:
+            bench.plot_result(result, args.plot, group=group)
+    for _, out in outputs:
+        log(f"wrote {out}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 # Folded BNs are listed one a line up to this many; beyond, only counted (one screen).
@@ -152,33 +153,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fold_verified(args: argparse.Namespace) -> int:
-    """Fold into a temporary folder beside OUT, verify against IN, and only then rename."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    from bn_onnx.files import check_output_path
+    """Fold into the output group (temporary files beside OUT), verify against IN, and only
+    then rename."""
+    from bn_onnx.files import OutputGroup
     from bn_onnx.fold import fold_file
     from bn_onnx.verify import render, verify
 
-    out = check_output_path(args.output, [args.model], in_place=args.in_place)
-    if args.report:
-        check_output_path(args.report, [args.model, out])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        folded = tmp / out.name
+    with OutputGroup() as group:
         callback, context = _progress(args)
         with context:
             report = fold_file(
                 args.model,
-                folded,
-                report_path=tmp / "report.json",
+                args.output,
+                report_path=args.report,
+                in_place=args.in_place,
                 external_data=args.external_data,
                 progress=callback,
                 cleanup=args.cleanup,
+                group=group,
             )
-        names = [Path(args.model).name, out.name]
+        folded = group.staged(args.output)
+        names = [Path(args.model).name, Path(args.output).name]
         if names[0] == names[1]:
             names = [f"{names[0]} (original)", f"{names[1]} (folded)"]
         proof = verify(
@@ -188,16 +183,13 @@ def _fold_verified(args: argparse.Namespace) -> int:
             renamed=report.to_dict().get("renamed"),
         )
         if not proof:
+            group.discard()
             print(render(proof))
-            print(f"not written: {out} (the folded model does not compute what {args.model} does)")
+            print(
+                f"not written: {args.output} (the folded model does not compute what "
+                f"{args.model} does)"
+            )
             return 1
-        for f in sorted(tmp.iterdir(), key=lambda f: f == folded):
-            if f.name != "report.json":
-                os.replace(f, out.parent / f.name)  # external data first, the model last
-        if args.report:
-            os.replace(tmp / "report.json", args.report)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not args.quiet:
         print("\n".join(summary_lines(report, args.model, args.output)))
         print(f"verified: {render(proof).splitlines()[-1]}")

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     """Check everything before writing, then stream the input through the model."""
     from bn_onnx.arrays import array_format, input_format
     from bn_onnx.errors import UsageError
-    from bn_onnx.files import check_input_file, check_output_path
+    from bn_onnx.files import check_input_file, check_output_path, check_outputs, model_files
     from bn_onnx.runtime import Predictor, ProviderWarning
 
     check_input_file(args.model, "model file")
@@ -120,14 +120,11 @@ def run(args: argparse.Namespace) -> int:
     out_fmt = array_format(args.output, "output")
     if args.labels and out_fmt != ".csv":
         raise UsageError("--labels writes a .csv table; give -o Y.csv")
-    for src in (args.input, args.model):
-        if (
-            os.path.exists(src)
-            and os.path.exists(args.output)
-            and os.path.samefile(src, args.output)
-        ):
-            raise UsageError(f"output {args.output} is the input file {src}; choose another path")
-    check_output_path(args.output, [args.input, args.model])
+    check_output_path(args.output)
+    check_outputs(
+        [("output", args.output)],
+        lambda: [("the input file", args.input), *model_files(args.model)],
+    )
     check_input_file(args.input, "input file")
     with warnings.catch_warnings():  # a fallback is printed below as one plain line
         warnings.simplefilter("ignore", ProviderWarning)

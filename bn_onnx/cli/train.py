@@ -414,13 +414,18 @@ class _Reporter:
 
 def run(args: argparse.Namespace) -> int:
     """Train, save the checkpoint, print a one-line summary."""
+    from bn_onnx.checkpoint import CHECKPOINT_FILES
     from bn_onnx.data import check_dataset_name
-    from bn_onnx.files import check_input_file
+    from bn_onnx.files import check_input_file, check_outputs
 
     _check_out(args.out)
     check_dataset_name(args.dataset)  # before the slow torch import
     if args.dataset.lower().endswith((".csv", ".parquet", ".npz")):
         check_input_file(args.dataset, "dataset file")
+        check_outputs(
+            [(f"--out's {name}", os.path.join(args.out, name)) for name in CHECKPOINT_FILES],
+            [("the dataset file", args.dataset)],
+        )
     from bn_onnx import distributed
 
     settings = _settings(args)

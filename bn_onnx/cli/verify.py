@@ -180,13 +180,29 @@ def torch_runner_or_none() -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Verify, print the table, write the report; 0 all pass, 1 any mismatch."""
-    from bn_onnx.files import check_input_file, check_output_path
+    from bn_onnx.checkpoint import CHECKPOINT_FILES
+    from bn_onnx.files import (
+        check_input_file,
+        check_output_path,
+        check_outputs,
+        checkpoint_files,
+        model_files,
+    )
     from bn_onnx.verify import render, verify, write_report
 
     for m in args.models:
         check_input_file(m, "model file")
     if args.report:
-        check_output_path(args.report, [*args.models, *([args.input] if args.input else [])])
+        check_output_path(args.report)
+        check_outputs(
+            [("--report", args.report)],
+            lambda: [
+                *(f for m in args.models for f in model_files(m)),
+                *([("the input file", args.input)] if args.input else []),
+                *([("the fold report", args.fold_report)] if args.fold_report else []),
+                *checkpoint_files(args.checkpoint, CHECKPOINT_FILES),
+            ],
+        )
     inputs = read_inputs(args.input) if args.input else None
     report = verify(
         args.models,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bn_onnx.errors import InputFileError, UsageError
+from bn_onnx.errors import InputFileError
+from bn_onnx.files import OutputGroup
 from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
 from bn_onnx.fold.validate import first_line
@@ -116,56 +117,75 @@ def save_model(
     *,
     external_data: bool | None = None,
     release: bool = False,
+    group: OutputGroup | None = None,
+    named: bool = False,
 ) -> list[Path]:
-    """Write `model` to `path` atomically with `onnx_ir.save`; return the files written.
+    """Write `model` to `path` with `onnx_ir.save`, atomically; return the files written.
 
     `external_data=None` writes one file unless the tensors approach protobuf's 2 GiB limit,
     in which case the tensors of at least 1 kB go to `<name>.data` beside it. The model is
     not changed (tensors mapped from the input's data file stay mapped), unless `release`:
     then the caller is done with it, and a one-file save drops its tensors once they are
     serialized (see `_save_one_file`).
-    """
-    from bn_onnx.files import atomic_output_dir
 
+    `group`: the command's `OutputGroup`, which renames the files when all its outputs are
+    written (without one the files are renamed before this returns); `named`: stage the
+    files under a name (`group.staged(path)`) so that the caller can read them before that.
+
+    Raises:
+        InputFileError: an external tensor of the input cannot be read.
+        OutputFileError: the files cannot be written (read-only folder, no space, EIO).
+    """
+    from bn_onnx.files import OutputGroup
+
+    if group is None:
+        with OutputGroup() as own:
+            return save_model(
+                model, path, external_data=external_data, release=release, group=own, named=named
+            )
     p = Path(path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     try:
         with quiet_onnx_ir():
             if not external_data:
-                _save_one_file(model, p, release=release)
+                _save_one_file(model, p, release=release, group=group, named=named)
                 return [p]
             data_name = p.name + ".data"
-            with atomic_output_dir(p) as tmp_dir:
-                ir.save(
-                    model,
-                    tmp_dir / p.name,
-                    external_data=data_name,
-                    size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD,
-                )
+            # The data file has a fixed name relative to the model: both are written in a
+            # temporary folder, and the group moves the data file before the model.
+            ir.save(
+                model,
+                group.folder(p) / p.name,
+                external_data=data_name,
+                size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD,
+            )
             return [p, p.parent / data_name]
     except ValueError as exc:  # onnx-ir refused to read an external tensor
         raise InputFileError(f"cannot write {p}: {first_line(exc)}") from None
 
 
-def _save_one_file(model: ir.Model, path: Path, *, release: bool) -> None:
-    """Write `model` as one protobuf file, atomically (what `onnx_ir.save` does without
+def _save_one_file(
+    model: ir.Model, path: Path, *, release: bool, group: OutputGroup, named: bool
+) -> None:
+    """Write `model` as one protobuf file into `group` (what `onnx_ir.save` does without
     external data: serialize, then write the bytes).
 
     `release`: the caller is done with `model`; its tensors (the input's protobuf message, the
     rewritten weights) are dropped once serialized, before the file's bytes are made, so the
     save holds two copies of the weights, not three or four.
     """
-    from bn_onnx.files import atomic_output
-
     with quiet_onnx_ir(), _in_memory(model):
         proto = ir.serde.serialize_model(model)
     if release:
         _release_tensors(model)
     data = proto.SerializeToString()
     del proto
-    with atomic_output(path, suffix=".onnx") as tmp:
-        tmp.write_bytes(data)
+    if named:
+        (group.folder(path) / path.name).write_bytes(data)
+    else:
+        with group.open(path) as f:
+            f.write(data)
 
 
 def _release_tensors(model: ir.Model) -> None:
@@ -226,6 +246,7 @@ def fold_file(
     external_data: bool | None = None,
     progress: Callable[[str], None] | None = None,
     cleanup: bool = True,
+    group: OutputGroup | None = None,
 ) -> FoldReport:
     """Fold the model at `in_path` and write it to `out_path` (atomically), with its report.
 
@@ -233,31 +254,48 @@ def fold_file(
     dead code, duplicate initializers) unless `cleanup` is False.
 
     External data is read only from inside the model's folder; the output is one file unless
-    `external_data` is True or it nears protobuf's 2 GB limit. The input file is never changed
-    unless `in_place` and `out_path` is the input. `progress` is called with the stage
-    ("loading", "folding", "writing") as each one starts.
+    `external_data` is True or it nears protobuf's 2 GB limit. No output may be a file the
+    fold reads (the model, any of its external-data files), or another output; `in_place`
+    allows `out_path` (and its data file) to be the input's. `progress` is called with the
+    stage ("loading", "folding", "writing") as each one starts.
+
+    `group`: write into the caller's `OutputGroup` (the files appear when it commits; the
+    model is staged under a name, `group.staged(out_path)`); without one, the model and the
+    report are renamed into place together before this returns.
 
     Raises:
         InputFileError, UsageError, UnsupportedModelError: bad input or paths (one line).
+        OutputFileError: an output cannot be written; nothing is left behind.
     """
-    from bn_onnx.files import atomic_output, check_output_path
+    from bn_onnx.files import OutputGroup, check_output_path, check_outputs, model_files
 
     step = progress or (lambda stage: None)
     src = Path(in_path)
-    out = check_output_path(out_path, [src], in_place=in_place)
-    rep = None
+    out = check_output_path(out_path)
+    outputs: list[tuple[str, str | os.PathLike[str]]] = [("output", out)]
     if report_path is not None:
-        rep = check_output_path(report_path, [src, out])
-        if rep.resolve() in (src.resolve(), out.resolve()):
-            raise UsageError(f"report path {rep} is the model input or output")
+        outputs.append(("--report", check_output_path(report_path)))
+    may_replace = ("output", "the output's external data") if in_place else ()
+    check_outputs(outputs, [("the input model", src)], may_replace=may_replace, in_place_hint=True)
     step("loading")
     model = load_model(src)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        outputs.insert(1, ("the output's external data", out.parent / (out.name + ".data")))
+    locations = {
+        os.fspath(t.location) for t in _all_tensors(model) if isinstance(t, ir.ExternalTensor)
+    }
+    check_outputs(outputs, model_files(src, sorted(locations)), may_replace=may_replace)
     step("folding")
     report = fold_in_place(model, cleanup=cleanup)
     step("writing")
-    save_model(model, out, external_data=external_data, release=True)
-    del model
-    if rep is not None:
-        with atomic_output(rep, suffix=".json") as tmp:
-            tmp.write_text(report.to_json() + "\n", encoding="utf-8")
+    with contextlib.nullcontext(group) if group is not None else OutputGroup() as g:
+        save_model(
+            model, out, external_data=external_data, release=True, group=g, named=group is not None
+        )
+        del model
+        if report_path is not None:
+            with g.open(report_path, "w") as f:
+                f.write(report.to_json() + "\n")
     return report

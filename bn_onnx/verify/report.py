@@ -364,8 +364,8 @@ def _render_location(loc: Location) -> list[str]:
 
 
 def write_report(report: VerifyReport, path: str | os.PathLike[str]) -> None:
-    """Write the JSON report atomically."""
-    from bn_onnx.files import atomic_output
+    """Write the JSON report atomically (`OutputFileError` if it cannot be written)."""
+    from bn_onnx.files import OutputGroup
 
-    with atomic_output(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    with OutputGroup() as group, group.open(path, "w") as f:
+        f.write(json.dumps(report.to_dict(), indent=2) + "\n")
