@@ -57,6 +57,12 @@ def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np
     name = value.name if value is not None else ""
     if value is not None and ctx.is_graph_input(value):
         return Refusal(f"weight {name!r} is {ctx.describe_input(value)}, not a constant")
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear" and is_standard(producer):
+        return Refusal(
+            f"weight {name!r} is dequantized by {label(producer)!r}: a fold would store it"
+            " unquantized"
+        )
     w = ctx.const(value)
     if w is None:
         return Refusal(f"weight {name!r} is not a constant")
