@@ -31,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import layout, lazy, legacy, pools
+from bn_onnx.fold import casts, layout, lazy, legacy, pools, splits
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -86,6 +86,16 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
                 if isinstance(moved, Refusal):
                     return moved
                 frontier.append(moved)
+            elif first and casts.is_cast(node):
+                moved = casts.forward(node, ch, ctx)
+                if isinstance(moved, Refusal):
+                    return moved
+                frontier.append(moved)
+            elif first and splits.is_split(node):
+                parts = splits.forward(node, ch, ctx)
+                if isinstance(parts, Refusal):
+                    return parts
+                frontier.extend(parts)
             elif first and pools.is_pool(node):
                 stepped = pools.step(node, ch, ctx, forward=True)
                 if isinstance(stepped, Refusal):

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import concat, layout, lazy, legacy, pools
+from bn_onnx.fold import casts, concat, layout, lazy, legacy, pools, splits
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -119,7 +119,8 @@ def walk_back(
     site: AffineSite, ctx: FoldContext, value: ir.Value, ch: Channels
 ) -> list[Part] | Refusal:
     """From `value` (carrying the site's channels as `ch`) back to the linear nodes computing it:
-    through passthroughs (rule 8), layout ops (rule 19), pools (rule 23) and Concat (rule 22).
+    through passthroughs (rule 8), layout ops (rule 19), pools (rule 23), Concat (rule 22),
+    float Casts (`casts`) and Split (`splits`: one output's channels of the input).
     Every value on the way changes, so each must have one reader and be no graph output."""
     while True:
         name = value.name
@@ -131,6 +132,12 @@ def walk_back(
         if producer is None:
             what = "a graph input" if value.is_graph_input() else "not computed by a node"
             return Refusal(f"{ch.prefix()}{name!r} is {what}")
+        if splits.is_split(producer):
+            moved = splits.back(producer, value, ch, ctx)
+            if isinstance(moved, Refusal):
+                return moved
+            value, ch = moved
+            continue
         if producer.outputs[0] is not value:
             break
         if is_passthrough(producer, ctx):
@@ -138,6 +145,12 @@ def walk_back(
             continue
         if layout.is_layout(producer):
             moved = layout.back(producer, ch, ctx)
+            if isinstance(moved, Refusal):
+                return moved
+            value, ch = moved
+            continue
+        if casts.is_cast(producer):
+            moved = casts.back(producer, ch, ctx, site)
             if isinstance(moved, Refusal):
                 return moved
             value, ch = moved
