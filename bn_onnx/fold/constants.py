@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from bn_onnx.errors import UnsupportedModelError
 from bn_onnx.fold import evaluate
-from bn_onnx.fold.sites import attr_int, is_standard
+from bn_onnx.fold.nodes import attr_int, is_standard
 from bn_onnx.fold.validate import check_tensor_data, first_line
 
 if TYPE_CHECKING:

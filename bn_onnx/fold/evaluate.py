@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bn_onnx.fold.sites import FLOAT_DTYPES
+from bn_onnx.fold.nodes import FLOAT_DTYPES
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext

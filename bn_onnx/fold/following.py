@@ -33,9 +33,9 @@ import onnx_ir as ir
 
 from bn_onnx.fold import casts, layout, lazy, legacy, pools, splits
 from bn_onnx.fold import math as fm
-from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.layout import Channels, attr_ints, attr_str
+from bn_onnx.fold.layout import Channels
+from bn_onnx.fold.nodes import attr_ints, attr_str, is_passthrough
 from bn_onnx.fold.preceding import bias, mismatch, weight
 from bn_onnx.fold.sites import (
     AffineSite,

@@ -32,9 +32,9 @@ import onnx_ir as ir
 
 from bn_onnx.fold import casts, concat, layout, lazy, legacy, pools, splits
 from bn_onnx.fold import math as fm
-from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
+from bn_onnx.fold.nodes import is_passthrough
 from bn_onnx.fold.sites import (
     FLOAT_DTYPES,
     AffineSite,
