@@ -51,6 +51,36 @@ from bn_onnx.fold.sites import (
 LINEAR_AFTER = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
+ForwardStep = Callable[
+    [ir.Node, Channels, FoldContext], "list[tuple[ir.Value, Channels]] | Refusal"
+]
+
+
+def _one(moved: tuple[ir.Value, Channels] | Refusal) -> list[tuple[ir.Value, Channels]] | Refusal:
+    return moved if isinstance(moved, Refusal) else [moved]
+
+
+def _pool_forward(
+    node: ir.Node, ch: Channels, ctx: FoldContext
+) -> list[tuple[ir.Value, Channels]] | Refusal:
+    stepped = pools.step(node, ch, ctx, forward=True)
+    return stepped if isinstance(stepped, Refusal) else [(node.outputs[0], stepped)]
+
+
+# The walk's steps from a node's input 0 to the outputs that carry the channels, by the ops
+# they claim (the counterparts of `preceding.BACK_STEPS`).
+FORWARD_STEPS: tuple[tuple[Callable[[ir.Node], bool], ForwardStep], ...] = (
+    (layout.is_layout, lambda n, ch, ctx: _one(layout.forward(n, ch, ctx))),
+    (casts.is_cast, lambda n, ch, ctx: _one(casts.forward(n, ch, ctx))),
+    (pools.is_pool, _pool_forward),
+    (splits.is_split, splits.forward),
+)
+
+
+def _forward_step(node: ir.Node) -> ForwardStep | None:
+    return next((fn for claims, fn in FORWARD_STEPS if claims(node)), None)
+
+
 def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
     """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output."""
     y = site.y
@@ -81,26 +111,11 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
                 frontier.append((node.outputs[0], ch))
             elif is_standard(node) and node.op_type in LINEAR_AFTER:
                 readers.append((node, value, ch))
-            elif first and layout.is_layout(node):
-                moved = layout.forward(node, ch, ctx)
+            elif first and (step := _forward_step(node)) is not None:
+                moved = step(node, ch, ctx)
                 if isinstance(moved, Refusal):
                     return moved
-                frontier.append(moved)
-            elif first and casts.is_cast(node):
-                moved = casts.forward(node, ch, ctx)
-                if isinstance(moved, Refusal):
-                    return moved
-                frontier.append(moved)
-            elif first and splits.is_split(node):
-                parts = splits.forward(node, ch, ctx)
-                if isinstance(parts, Refusal):
-                    return parts
-                frontier.extend(parts)
-            elif first and pools.is_pool(node):
-                stepped = pools.step(node, ch, ctx, forward=True)
-                if isinstance(stepped, Refusal):
-                    return stepped
-                frontier.append((node.outputs[0], stepped))
+                frontier.extend(moved)
             else:
                 return Refusal(
                     f"{ch.prefix()}{value.name!r} is read by {node.op_type} {label(node)!r}"

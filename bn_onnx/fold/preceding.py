@@ -101,6 +101,29 @@ class Part:
     rewrite: Callable[[], None]
 
 
+BackStep = Callable[
+    [ir.Node, ir.Value, Channels, FoldContext, AffineSite], "tuple[ir.Value, Channels] | Refusal"
+]
+
+
+def _pool_back(
+    node: ir.Node, value: ir.Value, ch: Channels, ctx: FoldContext, site: AffineSite
+) -> tuple[ir.Value, Channels] | Refusal:
+    stepped = pools.step(node, ch, ctx, forward=False)
+    return stepped if isinstance(stepped, Refusal) else (node.inputs[0], stepped)  # type: ignore[return-value]
+
+
+# The walk's steps from a node's output (the one carrying the channels) to its input, by the
+# ops they claim: a new step is a module that maps the channels and one entry here (and one
+# in `following.FORWARD_STEPS`).
+BACK_STEPS: tuple[tuple[Callable[[ir.Node], bool], BackStep], ...] = (
+    (layout.is_layout, lambda n, v, ch, ctx, site: layout.back(n, ch, ctx)),
+    (casts.is_cast, lambda n, v, ch, ctx, site: casts.back(n, ch, ctx, site)),
+    (pools.is_pool, _pool_back),
+    (splits.is_split, lambda n, v, ch, ctx, site: splits.back(n, v, ch, ctx)),
+)
+
+
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
     """Rules 1-4, 16-17, 19-20: find the linear node(s) before the site and fold."""
     parts = walk_back(site, ctx, site.x, Channels.of(site))
@@ -132,34 +155,17 @@ def walk_back(
         if producer is None:
             what = "a graph input" if value.is_graph_input() else "not computed by a node"
             return Refusal(f"{ch.prefix()}{name!r} is {what}")
-        if splits.is_split(producer):
-            moved = splits.back(producer, value, ch, ctx)
-            if isinstance(moved, Refusal):
-                return moved
-            value, ch = moved
-            continue
-        if producer.outputs[0] is not value:
+        if producer.outputs[0] is not value and not splits.is_split(producer):
             break
         if is_passthrough(producer, ctx):
             value = producer.inputs[0]  # type: ignore[assignment]
             continue
-        if layout.is_layout(producer):
-            moved = layout.back(producer, ch, ctx)
+        step = next((fn for claims, fn in BACK_STEPS if claims(producer)), None)
+        if step is not None:
+            moved = step(producer, value, ch, ctx, site)
             if isinstance(moved, Refusal):
                 return moved
             value, ch = moved
-            continue
-        if casts.is_cast(producer):
-            moved = casts.back(producer, ch, ctx, site)
-            if isinstance(moved, Refusal):
-                return moved
-            value, ch = moved
-            continue
-        if pools.is_pool(producer):
-            stepped = pools.step(producer, ch, ctx, forward=False)
-            if isinstance(stepped, Refusal):
-                return stepped
-            value, ch = producer.inputs[0], stepped  # type: ignore[assignment]
             continue
         if concat.is_concat(producer):
             return _split(site, ctx, producer, ch)
