@@ -48,9 +48,6 @@ from bn_onnx.fold.sites import (
     label,
 )
 
-LINEAR_AFTER = ("Gemm", "MatMul", "Conv", "ConvTranspose")
-
-
 ForwardStep = Callable[
     [ir.Node, Channels, FoldContext], "list[tuple[ir.Value, Channels]] | Refusal"
 ]
@@ -109,7 +106,7 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
             first = node.inputs[0] is value and count == 1
             if first and is_passthrough(node, ctx):
                 frontier.append((node.outputs[0], ch))
-            elif is_standard(node) and node.op_type in LINEAR_AFTER:
+            elif is_standard(node) and node.op_type in TARGETS_AFTER:
                 readers.append((node, value, ch))
             elif first and (step := _forward_step(node)) is not None:
                 moved = step(node, ch, ctx)
@@ -122,10 +119,7 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
                 )
     rewrites: list[Callable[[], None]] = []
     for node, value, ch in readers:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            plan = _into_conv_after(site, ctx, node, value, ch)
-        else:
-            plan = _into_linear_after(site, ctx, node, value, ch)
+        plan = TARGETS_AFTER[node.op_type](site, ctx, node, value, ch)
         if isinstance(plan, Refusal):
             return plan
         rewrites.append(plan)
@@ -360,5 +354,18 @@ def _into_conv_after(
 
     return rewrite_conv
 
+
+IntoAfter = Callable[
+    [AffineSite, FoldContext, ir.Node, ir.Value, Channels], "Callable[[], None] | Refusal"
+]
+# The linear nodes a site folds into from before them, by op type: `fn(site, ctx, node, value
+# it reads, channels on it) -> rewrite | Refusal`; a new target op is one function and one entry.
+TARGETS_AFTER: dict[str, IntoAfter] = {
+    "Gemm": _into_linear_after,
+    "MatMul": _into_linear_after,
+    "Conv": _into_conv_after,
+    "ConvTranspose": _into_conv_after,
+}
+LINEAR_AFTER = tuple(TARGETS_AFTER)
 
 RULE = Rule("following", "after", fold_into_following)

@@ -49,7 +49,6 @@ from bn_onnx.fold.sites import (
 
 # A Concat's reason names at most this many of the inputs that do not fold.
 MAX_NAMED = 4
-LINEAR_BEFORE = ("Gemm", "MatMul", "Add", "Conv", "ConvTranspose")
 
 
 def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np.ndarray | Refusal:
@@ -178,28 +177,30 @@ def _into_linear(
     site: AffineSite, ctx: FoldContext, producer: ir.Node, value: ir.Value, ch: Channels
 ) -> Part | Refusal:
     """Rules 1-4: the site's channels `ch` on `value`, the output of `producer`."""
-    if not is_standard(producer) or producer.op_type not in LINEAR_BEFORE:
+    into = TARGETS_BEFORE.get(producer.op_type) if is_standard(producer) else None
+    if into is None:
         return Refusal(
             f"{ch.prefix()}comes after {producer.op_type} {label(producer)!r}, not Gemm/MatMul/Conv"
         )
-    if producer.op_type == "Gemm":
-        return _into_gemm(site, ctx, producer, ch)
-    if producer.op_type == "MatMul":
-        return _into_matmul(site, ctx, producer, None, value, ch)
-    if producer.op_type == "Add":
-        for pos in (0, 1):
-            mm_out = _input(producer, pos)
-            mm = mm_out.producer() if mm_out is not None else None
-            if mm is not None and mm.op_type == "MatMul" and is_standard(mm):
-                if mm_out.is_graph_output() or ctx.uses(mm_out) != 1:  # type: ignore[union-attr]
-                    return Refusal(
-                        f"{ch.prefix()}MatMul output {mm_out.name!r} is read by another node"  # type: ignore[union-attr]
-                    )
-                return _into_matmul(site, ctx, mm, (producer, 1 - pos), value, ch)
-        return Refusal(
-            f"{ch.prefix()}comes after Add {label(producer)!r} that does not add to a MatMul"
-        )
-    return _into_conv(site, ctx, producer, ch)
+    return into(site, ctx, producer, value, ch)
+
+
+def _into_add(
+    site: AffineSite, ctx: FoldContext, producer: ir.Node, value: ir.Value, ch: Channels
+) -> Part | Refusal:
+    """MatMul -> Add (the bias as either input) is one linear node."""
+    for pos in (0, 1):
+        mm_out = _input(producer, pos)
+        mm = mm_out.producer() if mm_out is not None else None
+        if mm is not None and mm.op_type == "MatMul" and is_standard(mm):
+            if mm_out.is_graph_output() or ctx.uses(mm_out) != 1:  # type: ignore[union-attr]
+                return Refusal(
+                    f"{ch.prefix()}MatMul output {mm_out.name!r} is read by another node"  # type: ignore[union-attr]
+                )
+            return _into_matmul(site, ctx, mm, (producer, 1 - pos), value, ch)
+    return Refusal(
+        f"{ch.prefix()}comes after Add {label(producer)!r} that does not add to a MatMul"
+    )
 
 
 def _split(site: AffineSite, ctx: FoldContext, node: ir.Node, ch: Channels) -> list[Part] | Refusal:
@@ -366,5 +367,17 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node, ch: Channels) 
 
     return Part([conv], rewrite)
 
+
+IntoBefore = Callable[[AffineSite, FoldContext, ir.Node, ir.Value, Channels], "Part | Refusal"]
+# The linear nodes a site folds into from after them, by op type: `fn(site, ctx, node, value
+# it computes, channels on it)`; a new target op is one function and one entry.
+TARGETS_BEFORE: dict[str, IntoBefore] = {
+    "Gemm": lambda site, ctx, node, value, ch: _into_gemm(site, ctx, node, ch),
+    "MatMul": lambda site, ctx, node, value, ch: _into_matmul(site, ctx, node, None, value, ch),
+    "Add": _into_add,
+    "Conv": lambda site, ctx, node, value, ch: _into_conv(site, ctx, node, ch),
+    "ConvTranspose": lambda site, ctx, node, value, ch: _into_conv(site, ctx, node, ch),
+}
+LINEAR_BEFORE = tuple(TARGETS_BEFORE)
 
 RULE = Rule("preceding", "before", fold_into_preceding)
