@@ -40,7 +40,10 @@ def test_fold_cli_prints_summary_and_writes_report(model_path, tmp_path, capsys)
     assert model_path.read_bytes() == before
     folded = onnx.load(out)
     onnx.checker.check_model(folded, full_check=True)
-    assert {p.key: p.value for p in folded.metadata_props} == {"bn_onnx.task": "classification"}
+    assert {p.key: p.value for p in folded.metadata_props} == {
+        "bn_onnx.task": "classification",
+        "bn_onnx.folded": "false",  # the probe's BN is left
+    }
     x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
     for w, g in zip(
         run_ort(mlp_with_probe(), {"input": x}), run_ort(folded, {"input": x}), strict=True

@@ -66,8 +66,10 @@ def test_folded_flag_stays_false_when_a_bn_is_left():
     assert onnx_meta.get_metadata(result.model)[onnx_meta.FOLDED] == "false"
 
 
-def test_files_without_the_flag_get_none():
+def test_files_without_the_flag_get_it():
+    """verify labels a model "(folded)" from the flag, so every folded file carries it."""
     model = build_mlp([8, 16, 4], "unfolded")
     del model.metadata_props[:]
     out = fold_model(model).model
-    assert onnx_meta.FOLDED not in onnx_meta.get_metadata(out)
+    assert onnx_meta.get_metadata(out) == {onnx_meta.FOLDED: "true"}
+    assert onnx_meta.get_metadata(model) == {}  # the input is not changed

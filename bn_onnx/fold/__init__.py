@@ -9,7 +9,10 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
 - `preceding`, `following`, `chains`: the rule families;
 - `affine_ops`: Mul/Add/Sub/Div chains by constants as sites; `legacy`: broadcasting before
   opset 7; `flush`: float16 channels the unfolded model makes constant;
-- `layout`, `pools`, `concat`: the steps of their walks (layout ops, commuting pools, Concat);
+- `layout`, `pools`, `concat`, `casts`, `splits`: the steps of their walks (layout ops,
+  commuting pools, Concat, float Casts, Split);
+- `nodes`: the ground floor (node attributes, labels, float dtypes, passthroughs);
+- `evaluate`: one standard node evaluated on constant inputs (for `constants`);
 - `scopes`: subgraphs and model-local functions;
 - `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_in_place` (the pass and
   the cleanup), `fold_model`, `inspect_model`;

@@ -219,10 +219,9 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
 
 
 def update_folded_flag(model: ir.Model) -> None:
-    """Keep a bn-onnx file's `bn_onnx.folded` metadata true to its graph (any BN left anywhere,
-    subgraphs and functions included, makes it "false"); other files are not touched."""
-    if onnx_meta.FOLDED not in model.metadata_props:
-        return
+    """Write the `bn_onnx.folded` metadata of a folded model, true to its graph: "false" when
+    any BN is left anywhere (subgraphs and functions included), else "true". Every file the
+    fold writes gets it: `verify` labels a model "(folded)" from it."""
     nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
     for function in model.functions.values():
         nodes.extend(ir.traversal.RecursiveGraphIterator(function))

@@ -1,8 +1,6 @@
-"""Chains: nodes a fold looks through, and two BNs in a row merged into one.
+"""Chains: two BNs in a row merged into one (the passthroughs the walks look through, Identity
+and inference-mode Dropout, are `nodes.is_passthrough`).
 
-- Identity and inference-mode Dropout (no training_mode input, or a constant false one; before
-  opset 7, `is_test=1`) pass values through unchanged: the rules look through them before a
-  site and keep them after it.
 - BN -> BN: the first site's map is composed into the second BN, whose parameters become
   scale = a2*a1, B = a2*c1 + c2, mean = 0, var = 1, epsilon = 0; the exact float64 map is kept
   in `ctx.exact_affine`, so a later fold of the merged BN rounds once.
@@ -22,31 +20,11 @@ from bn_onnx.fold.sites import (
     Plan,
     Refusal,
     Rule,
-    attr_int,
     batch_norm_site,
     fit_uniform,
     is_standard,
     label,
 )
-
-PASSTHROUGH = ("Identity", "Dropout")
-
-
-def is_passthrough(node: ir.Node, ctx: FoldContext) -> bool:
-    """Whether `node` copies its first input to its first output (Identity, inference
-    Dropout)."""
-    if not is_standard(node) or node.op_type not in PASSTHROUGH or not node.inputs:
-        return False
-    if node.inputs[0] is None:
-        return False
-    if node.op_type == "Identity":
-        return True
-    if ctx.opset < 7 and not attr_int(node, "is_test", 0):
-        return False
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        mode = ctx.const(node.inputs[2])
-        return mode is not None and mode.size == 1 and not bool(mode.reshape(-1)[0])
-    return True
 
 
 def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:

@@ -1,10 +1,11 @@
 """Constant values for the fold: initializers, Constant nodes and small constant subgraphs.
 
 A value is constant when it is an initializer that is not an overridable graph input, the
-output of a Constant node, the Shape of a value whose dims are static, or the output of one of
-`CONST_OPS` whose inputs are all constant (CastLike needs only its first input: the second
-gives the type). Subgraphs are evaluated node by node, with numpy for Identity and CastLike and
-`onnx.reference` (imported on first use) for the rest. The nodes so evaluated are remembered:
+output of a Constant node, the Shape of a value whose dims are static, or the output of any
+standard op whose inputs are all constant (CastLike needs only its first input: the second
+gives the type). Subgraphs are evaluated node by node by `bn_onnx.fold.evaluate`: onnx.reference's
+kernels at the model's opset under a size budget, and a few evaluators of its own (random ops
+and nodes with subgraphs are never constants). The nodes so evaluated are remembered:
 the fold removes them once nothing reads their outputs. A function input is a constant when
 every call of the function passes the same constant (`scopes.ScopeIndex.argument`); a node with
 an attribute that refers to a function attribute is never evaluated.
@@ -12,30 +13,19 @@ an attribute that refers to a function attribute is never evaluated.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.errors import UnsupportedModelError
-from bn_onnx.fold.sites import FLOAT_DTYPES, attr_int, is_standard
+from bn_onnx.fold import evaluate
+from bn_onnx.fold.nodes import attr_int, is_standard
 from bn_onnx.fold.validate import check_tensor_data, first_line
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext
 
-# Ops evaluated when all their inputs are constant (parameters computed by constant subgraphs).
-# fmt: off
-CONST_OPS = frozenset([
-    "Identity", "Cast", "CastLike", "Shape", "Size", "Expand", "ConstantOfShape", "Reshape",
-    "Squeeze", "Unsqueeze", "Flatten", "Transpose", "Concat", "Gather", "Slice", "Split",
-    "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Reciprocal", "Pow", "Exp", "Log",
-    "Max", "Min", "Sum", "Clip", "ReduceMean", "ReduceSum", "Where", "Equal", "Not",
-])
-# fmt: on
-# A constant subgraph may not build a tensor bigger than this (elements): no memory bombs.
-MAX_CONST_ELEMENTS = 1 << 26
 # Values above this many elements are not kept in memory between uses (weights are read again).
 CACHE_ELEMENTS = 1 << 16
 
@@ -75,13 +65,6 @@ def read_tensor(tensor: ir.TensorProtocol, name: str) -> np.ndarray:
         return array
     except Exception as exc:
         raise UnsupportedModelError(f"cannot read tensor {name!r}: {first_line(exc)}") from None
-
-
-def _has_subgraph(node: ir.Node) -> bool:
-    return any(
-        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-        for a in node.attributes.values()
-    )
 
 
 def _constant_node_value(node: ir.Node) -> np.ndarray | None:
@@ -164,10 +147,8 @@ class Constants:
         node = value.producer()
         if node is None or value.const_value is not None or self.ctx.is_graph_input(value):
             return None
-        if not is_standard(node) or node.op_type not in CONST_OPS or node.op_type == "Shape":
+        if not is_standard(node) or node.op_type == "Shape" or not evaluate.evaluable(node):
             return None
-        if _has_subgraph(node) or any(a.is_ref() for a in node.attributes.values()):
-            return None  # an attribute set by each call of a function is no constant
         if node.op_type == "CastLike":  # the second input only gives the type
             if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
                 return None
@@ -205,46 +186,13 @@ class Constants:
         return None
 
     def _evaluate(self, node: ir.Node) -> None:
-        inputs = node.inputs[:1] if node.op_type == "CastLike" else node.inputs
+        inputs = evaluate.data_inputs(node)
         values = [self.cache.get(v) if v is not None else None for v in inputs]
         if any(x is None for v, x in zip(inputs, values, strict=True) if v is not None):
             return
-        if node.op_type in ("ConstantOfShape", "Expand") and values:
-            target = values[0] if node.op_type == "ConstantOfShape" else values[1]
-            if target is None or target.size > 16:
-                return
-            if math.prod(abs(int(d)) for d in target.reshape(-1)) > MAX_CONST_ELEMENTS:
-                return  # no memory bombs from a hostile shape
-        if sum(v.size for v in values if v is not None) > MAX_CONST_ELEMENTS:
+        out = evaluate.evaluate(node, values, self.ctx)
+        if out is None:
             return
-        if node.op_type == "Identity":
-            out = [values[0]]
-        elif node.op_type == "CastLike":
-            to = self.ctx.elem_type(node.inputs[1])  # type: ignore[arg-type]
-            try:
-                dtype = ir.DataType(to).numpy()
-            except Exception:
-                return
-            if dtype not in FLOAT_DTYPES:
-                return
-            out = [values[0].astype(dtype)]  # type: ignore[union-attr]
-        else:
-            try:
-                from onnx.reference import ReferenceEvaluator
-
-                proto = ir.serde.serialize_node(node)
-                feeds = {
-                    v.name: x for v, x in zip(node.inputs, values, strict=True) if v is not None
-                }
-                out = ReferenceEvaluator(proto, opsets={"": self.ctx.opset}).run(None, feeds)
-            except Exception:  # not evaluable: treat as not constant
-                return
-        results = []
-        for value, x in zip(node.outputs, out, strict=False):
-            arr = np.asarray(x)
-            if arr.size > MAX_CONST_ELEMENTS:
-                return
-            results.append((value, arr))
-        for value, arr in results:
+        for value, arr in zip([o for o in node.outputs if o.name], out, strict=False):
             self.cache[value] = arr
         self.nodes.add(node)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold import math as fm
-from bn_onnx.fold.sites import attr_float, is_standard
+from bn_onnx.fold.nodes import attr_float, is_passthrough, is_standard
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext
@@ -44,7 +44,6 @@ _BOUNDED = {
 def value_range(value: ir.Value, ctx: FoldContext, dtype: np.dtype) -> tuple[float, float]:
     """Bounds of every finite value `value` can take, from its producer (see the module
     docstring); the dtype's finite range when nothing narrower is known."""
-    from bn_onnx.fold.chains import is_passthrough
 
     top = _max(dtype)
     for _ in range(64):  # through Identity / inference Dropout

@@ -31,11 +31,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import layout, lazy, legacy, pools
+from bn_onnx.fold import casts, layout, lazy, legacy, pools, splits
 from bn_onnx.fold import math as fm
-from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.layout import Channels, attr_ints, attr_str
+from bn_onnx.fold.layout import Channels
+from bn_onnx.fold.nodes import attr_ints, attr_str, is_passthrough
 from bn_onnx.fold.preceding import bias, mismatch, weight
 from bn_onnx.fold.sites import (
     AffineSite,
@@ -48,7 +48,34 @@ from bn_onnx.fold.sites import (
     label,
 )
 
-LINEAR_AFTER = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+ForwardStep = Callable[
+    [ir.Node, Channels, FoldContext], "list[tuple[ir.Value, Channels]] | Refusal"
+]
+
+
+def _one(moved: tuple[ir.Value, Channels] | Refusal) -> list[tuple[ir.Value, Channels]] | Refusal:
+    return moved if isinstance(moved, Refusal) else [moved]
+
+
+def _pool_forward(
+    node: ir.Node, ch: Channels, ctx: FoldContext
+) -> list[tuple[ir.Value, Channels]] | Refusal:
+    stepped = pools.step(node, ch, ctx, forward=True)
+    return stepped if isinstance(stepped, Refusal) else [(node.outputs[0], stepped)]
+
+
+# The walk's steps from a node's input 0 to the outputs that carry the channels, by the ops
+# they claim (the counterparts of `preceding.BACK_STEPS`).
+FORWARD_STEPS: tuple[tuple[Callable[[ir.Node], bool], ForwardStep], ...] = (
+    (layout.is_layout, lambda n, ch, ctx: _one(layout.forward(n, ch, ctx))),
+    (casts.is_cast, lambda n, ch, ctx: _one(casts.forward(n, ch, ctx))),
+    (pools.is_pool, _pool_forward),
+    (splits.is_split, splits.forward),
+)
+
+
+def _forward_step(node: ir.Node) -> ForwardStep | None:
+    return next((fn for claims, fn in FORWARD_STEPS if claims(node)), None)
 
 
 def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
@@ -79,28 +106,20 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
             first = node.inputs[0] is value and count == 1
             if first and is_passthrough(node, ctx):
                 frontier.append((node.outputs[0], ch))
-            elif is_standard(node) and node.op_type in LINEAR_AFTER:
+            elif is_standard(node) and node.op_type in TARGETS_AFTER:
                 readers.append((node, value, ch))
-            elif first and layout.is_layout(node):
-                moved = layout.forward(node, ch, ctx)
+            elif first and (step := _forward_step(node)) is not None:
+                moved = step(node, ch, ctx)
                 if isinstance(moved, Refusal):
                     return moved
-                frontier.append(moved)
-            elif first and pools.is_pool(node):
-                stepped = pools.step(node, ch, ctx, forward=True)
-                if isinstance(stepped, Refusal):
-                    return stepped
-                frontier.append((node.outputs[0], stepped))
+                frontier.extend(moved)
             else:
                 return Refusal(
                     f"{ch.prefix()}{value.name!r} is read by {node.op_type} {label(node)!r}"
                 )
     rewrites: list[Callable[[], None]] = []
     for node, value, ch in readers:
-        if node.op_type in ("Conv", "ConvTranspose"):
-            plan = _into_conv_after(site, ctx, node, value, ch)
-        else:
-            plan = _into_linear_after(site, ctx, node, value, ch)
+        plan = TARGETS_AFTER[node.op_type](site, ctx, node, value, ch)
         if isinstance(plan, Refusal):
             return plan
         rewrites.append(plan)
@@ -335,5 +354,18 @@ def _into_conv_after(
 
     return rewrite_conv
 
+
+IntoAfter = Callable[
+    [AffineSite, FoldContext, ir.Node, ir.Value, Channels], "Callable[[], None] | Refusal"
+]
+# The linear nodes a site folds into from before them, by op type: `fn(site, ctx, node, value
+# it reads, channels on it) -> rewrite | Refusal`; a new target op is one function and one entry.
+TARGETS_AFTER: dict[str, IntoAfter] = {
+    "Gemm": _into_linear_after,
+    "MatMul": _into_linear_after,
+    "Conv": _into_conv_after,
+    "ConvTranspose": _into_conv_after,
+}
+LINEAR_AFTER = tuple(TARGETS_AFTER)
 
 RULE = Rule("following", "after", fold_into_following)

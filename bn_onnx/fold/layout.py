@@ -39,7 +39,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.sites import AffineSite, Refusal, is_standard, label
+from bn_onnx.fold.nodes import attr_ints, is_standard, label
+from bn_onnx.fold.sites import AffineSite, Refusal
 
 LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
@@ -121,21 +122,6 @@ class Channels:
     def prefix(self) -> str:
         """ "through Transpose 't': " when the walk went through ops, else ""."""
         return f"through {', '.join(self.via)}: " if self.via else ""
-
-
-def attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    """An ints attribute as a list, or None when absent."""
-    a = node.attributes.get(name)
-    if a is None or a.is_ref() or a.value is None:
-        return None
-    return [int(v) for v in a.value]
-
-
-def attr_str(node: ir.Node, name: str, default: str) -> str:
-    a = node.attributes.get(name)
-    if a is None or a.is_ref() or a.value is None:
-        return default
-    return str(a.value)
 
 
 def axes_of(node: ir.Node, ctx: FoldContext, pos: int = 1) -> list[int] | None | Refusal:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from bn_onnx.fold.sites import attr_int, label
+from bn_onnx.fold.nodes import attr_int, label
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext

@@ -30,7 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.layout import Channels, attr_ints, attr_str, axes_of
+from bn_onnx.fold.layout import Channels, axes_of
+from bn_onnx.fold.nodes import attr_ints, attr_str
 from bn_onnx.fold.sites import Refusal, attr_int, is_standard, label
 
 POOLS = frozenset(

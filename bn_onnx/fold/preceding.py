@@ -30,11 +30,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import concat, layout, lazy, legacy, pools
+from bn_onnx.fold import casts, concat, layout, lazy, legacy, pools, splits
 from bn_onnx.fold import math as fm
-from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
+from bn_onnx.fold.nodes import is_passthrough
 from bn_onnx.fold.sites import (
     FLOAT_DTYPES,
     AffineSite,
@@ -49,7 +49,6 @@ from bn_onnx.fold.sites import (
 
 # A Concat's reason names at most this many of the inputs that do not fold.
 MAX_NAMED = 4
-LINEAR_BEFORE = ("Gemm", "MatMul", "Add", "Conv", "ConvTranspose")
 
 
 def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np.ndarray | Refusal:
@@ -57,6 +56,12 @@ def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np
     name = value.name if value is not None else ""
     if value is not None and ctx.is_graph_input(value):
         return Refusal(f"weight {name!r} is {ctx.describe_input(value)}, not a constant")
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear" and is_standard(producer):
+        return Refusal(
+            f"weight {name!r} is dequantized by {label(producer)!r}: a fold would store it"
+            " unquantized"
+        )
     w = ctx.const(value)
     if w is None:
         return Refusal(f"weight {name!r} is not a constant")
@@ -95,6 +100,29 @@ class Part:
     rewrite: Callable[[], None]
 
 
+BackStep = Callable[
+    [ir.Node, ir.Value, Channels, FoldContext, AffineSite], "tuple[ir.Value, Channels] | Refusal"
+]
+
+
+def _pool_back(
+    node: ir.Node, value: ir.Value, ch: Channels, ctx: FoldContext, site: AffineSite
+) -> tuple[ir.Value, Channels] | Refusal:
+    stepped = pools.step(node, ch, ctx, forward=False)
+    return stepped if isinstance(stepped, Refusal) else (node.inputs[0], stepped)  # type: ignore[return-value]
+
+
+# The walk's steps from a node's output (the one carrying the channels) to its input, by the
+# ops they claim: a new step is a module that maps the channels and one entry here (and one
+# in `following.FORWARD_STEPS`).
+BACK_STEPS: tuple[tuple[Callable[[ir.Node], bool], BackStep], ...] = (
+    (layout.is_layout, lambda n, v, ch, ctx, site: layout.back(n, ch, ctx)),
+    (casts.is_cast, lambda n, v, ch, ctx, site: casts.back(n, ch, ctx, site)),
+    (pools.is_pool, _pool_back),
+    (splits.is_split, lambda n, v, ch, ctx, site: splits.back(n, v, ch, ctx)),
+)
+
+
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
     """Rules 1-4, 16-17, 19-20: find the linear node(s) before the site and fold."""
     parts = walk_back(site, ctx, site.x, Channels.of(site))
@@ -113,7 +141,8 @@ def walk_back(
     site: AffineSite, ctx: FoldContext, value: ir.Value, ch: Channels
 ) -> list[Part] | Refusal:
     """From `value` (carrying the site's channels as `ch`) back to the linear nodes computing it:
-    through passthroughs (rule 8), layout ops (rule 19), pools (rule 23) and Concat (rule 22).
+    through passthroughs (rule 8), layout ops (rule 19), pools (rule 23), Concat (rule 22),
+    float Casts (`casts`) and Split (`splits`: one output's channels of the input).
     Every value on the way changes, so each must have one reader and be no graph output."""
     while True:
         name = value.name
@@ -125,22 +154,17 @@ def walk_back(
         if producer is None:
             what = "a graph input" if value.is_graph_input() else "not computed by a node"
             return Refusal(f"{ch.prefix()}{name!r} is {what}")
-        if producer.outputs[0] is not value:
+        if producer.outputs[0] is not value and not splits.is_split(producer):
             break
         if is_passthrough(producer, ctx):
             value = producer.inputs[0]  # type: ignore[assignment]
             continue
-        if layout.is_layout(producer):
-            moved = layout.back(producer, ch, ctx)
+        step = next((fn for claims, fn in BACK_STEPS if claims(producer)), None)
+        if step is not None:
+            moved = step(producer, value, ch, ctx, site)
             if isinstance(moved, Refusal):
                 return moved
             value, ch = moved
-            continue
-        if pools.is_pool(producer):
-            stepped = pools.step(producer, ch, ctx, forward=False)
-            if isinstance(stepped, Refusal):
-                return stepped
-            value, ch = producer.inputs[0], stepped  # type: ignore[assignment]
             continue
         if concat.is_concat(producer):
             return _split(site, ctx, producer, ch)
@@ -153,28 +177,30 @@ def _into_linear(
     site: AffineSite, ctx: FoldContext, producer: ir.Node, value: ir.Value, ch: Channels
 ) -> Part | Refusal:
     """Rules 1-4: the site's channels `ch` on `value`, the output of `producer`."""
-    if not is_standard(producer) or producer.op_type not in LINEAR_BEFORE:
+    into = TARGETS_BEFORE.get(producer.op_type) if is_standard(producer) else None
+    if into is None:
         return Refusal(
             f"{ch.prefix()}comes after {producer.op_type} {label(producer)!r}, not Gemm/MatMul/Conv"
         )
-    if producer.op_type == "Gemm":
-        return _into_gemm(site, ctx, producer, ch)
-    if producer.op_type == "MatMul":
-        return _into_matmul(site, ctx, producer, None, value, ch)
-    if producer.op_type == "Add":
-        for pos in (0, 1):
-            mm_out = _input(producer, pos)
-            mm = mm_out.producer() if mm_out is not None else None
-            if mm is not None and mm.op_type == "MatMul" and is_standard(mm):
-                if mm_out.is_graph_output() or ctx.uses(mm_out) != 1:  # type: ignore[union-attr]
-                    return Refusal(
-                        f"{ch.prefix()}MatMul output {mm_out.name!r} is read by another node"  # type: ignore[union-attr]
-                    )
-                return _into_matmul(site, ctx, mm, (producer, 1 - pos), value, ch)
-        return Refusal(
-            f"{ch.prefix()}comes after Add {label(producer)!r} that does not add to a MatMul"
-        )
-    return _into_conv(site, ctx, producer, ch)
+    return into(site, ctx, producer, value, ch)
+
+
+def _into_add(
+    site: AffineSite, ctx: FoldContext, producer: ir.Node, value: ir.Value, ch: Channels
+) -> Part | Refusal:
+    """MatMul -> Add (the bias as either input) is one linear node."""
+    for pos in (0, 1):
+        mm_out = _input(producer, pos)
+        mm = mm_out.producer() if mm_out is not None else None
+        if mm is not None and mm.op_type == "MatMul" and is_standard(mm):
+            if mm_out.is_graph_output() or ctx.uses(mm_out) != 1:  # type: ignore[union-attr]
+                return Refusal(
+                    f"{ch.prefix()}MatMul output {mm_out.name!r} is read by another node"  # type: ignore[union-attr]
+                )
+            return _into_matmul(site, ctx, mm, (producer, 1 - pos), value, ch)
+    return Refusal(
+        f"{ch.prefix()}comes after Add {label(producer)!r} that does not add to a MatMul"
+    )
 
 
 def _split(site: AffineSite, ctx: FoldContext, node: ir.Node, ch: Channels) -> list[Part] | Refusal:
@@ -341,5 +367,17 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node, ch: Channels) 
 
     return Part([conv], rewrite)
 
+
+IntoBefore = Callable[[AffineSite, FoldContext, ir.Node, ir.Value, Channels], "Part | Refusal"]
+# The linear nodes a site folds into from after them, by op type: `fn(site, ctx, node, value
+# it computes, channels on it)`; a new target op is one function and one entry.
+TARGETS_BEFORE: dict[str, IntoBefore] = {
+    "Gemm": lambda site, ctx, node, value, ch: _into_gemm(site, ctx, node, ch),
+    "MatMul": lambda site, ctx, node, value, ch: _into_matmul(site, ctx, node, None, value, ch),
+    "Add": _into_add,
+    "Conv": lambda site, ctx, node, value, ch: _into_conv(site, ctx, node, ch),
+    "ConvTranspose": lambda site, ctx, node, value, ch: _into_conv(site, ctx, node, ch),
+}
+LINEAR_BEFORE = tuple(TARGETS_BEFORE)
 
 RULE = Rule("preceding", "before", fold_into_preceding)

@@ -18,14 +18,18 @@ import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold import math as fm
+from bn_onnx.fold.flush import flush_constant_channels
+from bn_onnx.fold.nodes import (  # re-exported: the node helpers' old home
+    FLOAT_DTYPES,
+    attr_float,
+    attr_int,
+    is_standard,
+    label,
+)
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext
 
-FLOAT_DTYPES = frozenset(
-    t.numpy()
-    for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
-)
 MAIN_GRAPH = "main"
 
 
@@ -148,39 +152,6 @@ def combine(outcomes: Sequence[tuple[Rule, Refusal]]) -> Refusal:
     return Refusal("; ".join(parts))
 
 
-def label(node: ir.Node) -> str:
-    """A node's name, or `Op(first output)` for a nameless node."""
-    if node.name:
-        return node.name
-    out = node.outputs[0].name if node.outputs else None
-    return f"{node.op_type}({out or '?'})"
-
-
-def is_standard(node: ir.Node) -> bool:
-    """Whether the node is of the default ONNX domain (onnx-ir spells "ai.onnx" as "")."""
-    return node.domain == ""
-
-
-def attr_int(node: ir.Node, name: str, default: int) -> int:
-    a = node.attributes.get(name)
-    if a is None or a.is_ref():
-        return default
-    try:
-        return int(a.value)
-    except (TypeError, ValueError):
-        return default
-
-
-def attr_float(node: ir.Node, name: str, default: float) -> float:
-    a = node.attributes.get(name)
-    if a is None or a.is_ref():
-        return default
-    try:
-        return float(a.value)
-    except (TypeError, ValueError):
-        return default
-
-
 # --------------------------------------------------------------------------------------------
 # The BatchNormalization site
 
@@ -258,8 +229,6 @@ def batch_norm_site(node: ir.Node, ctx: FoldContext) -> AffineSite | Refusal:
     shape = ctx.shape(x)
     elem_type = ctx.elem_type(x)
     if exact is None and elem_type is not None:  # a merged BN's channels were flushed before
-        from bn_onnx.fold.flush import flush_constant_channels
-
         a, c = flush_constant_channels([(a, c)], a, c, x, ir.DataType(elem_type), ctx)
     return AffineSite(
         kind="BatchNormalization",

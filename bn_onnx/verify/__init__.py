@@ -95,12 +95,12 @@ def _labels(paths: Sequence[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
 
 
-def is_folded(model: onnx.ModelProto) -> bool:
-    """`bn_onnx.folded` metadata, else whether the graph has no BatchNormalization node."""
+def is_folded(model: onnx.ModelProto) -> bool | None:
+    """The `bn_onnx.folded` metadata (which export and fold write), or None when the model
+    does not say: a graph without BatchNormalization may still hold what the fold removes (a
+    Mul/Add chain), so the absence of BN nodes proves nothing."""
     flag = get_metadata(model).get("bn_onnx.folded")
-    if flag in ("true", "false"):
-        return flag == "true"
-    return not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    return flag == "true" if flag in ("true", "false") else None
 
 
 class _Models:
@@ -217,7 +217,7 @@ class _Verifier:
     # -- runs ---------------------------------------------------------------------------------
 
     def add_reference(self) -> None:
-        order = sorted(range(len(self.m.protos)), key=lambda i: self.m.folded[i])
+        order = sorted(range(len(self.m.protos)), key=lambda i: self.m.folded[i] is True)
         i = order[0]
         self.ref = float64.build(self.m.protos[i], F64, self.m.labels[i])
         self.report.reference = self.ref.describe()

@@ -208,7 +208,8 @@ def render(report: VerifyReport) -> str:
     lines = [
         "models: "
         + ", ".join(
-            f"{m['label']} ({'folded' if m['folded'] else 'unfolded'})" for m in report.models
+            m["label"] + {True: " (folded)", False: " (unfolded)"}.get(m["folded"], "")
+            for m in report.models
         )
     ]
     lines.append("inputs: " + "; ".join(report.inputs))
