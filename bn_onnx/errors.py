@@ -35,3 +35,15 @@ class ProviderError(BnOnnxError):
 
 class InputDataError(BnOnnxError):
     """Input data of the wrong shape, dtype or with non-finite values."""
+
+
+class CellError(InputDataError):
+    """A cell of a named column that cannot be used, at a row counted from 0 in the data given.
+
+    A reader that knows where rows sit in a file (a CSV's line numbers) names the place with
+    `column`, `row` and `what` instead of the row index.
+    """
+
+    def __init__(self, column: str, row: int, what: str) -> None:
+        super().__init__(f"column {column!r} row {row}: {what}")
+        self.column, self.row, self.what = column, row, what

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from bn_onnx.columns import CONTINUOUS, Column, RecordReader, feeds_from_columns, read_columns
 from bn_onnx.errors import (
     BnOnnxError,
+    CellError,
     InputDataError,
     InputFileError,
     ProviderError,
@@ -807,9 +808,11 @@ class Predictor:
                 continue
             row, col = (int(i) for i in np.argwhere(np.isinf(arr))[0])
             where = self._column_at.get((name, col), f"{name}[{col}]")
-            raise InputDataError(
-                f"column {where!r} row {row + row_offset}: not a finite number: "
-                f"{float(arr[row, col])!r} (leave a missing value empty or null)"
+            raise CellError(
+                where,
+                row + row_offset,
+                f"not a finite number: {float(arr[row, col])!r} (leave a missing value empty "
+                "or null)",
             )
         return feeds
 
