@@ -12,7 +12,8 @@ a subprocess on a free port, and `curl` commands that name port N are sent there
 `;` chain commands; a trailing `\\` or an open quote continues a command on the next line.
 
 Output is compared by format, not value: every number on both sides is one placeholder, runs
-of spaces are one, `...` inside a line stands for any text and a line `...` for any lines.
+of spaces are one, a ruler of dashes is any ruler, `...` inside a line stands for any text and
+a line `...` for any lines.
 curl's JSON is compared with all white space removed (the docs wrap it).
 """
 
@@ -62,11 +63,13 @@ def _line_pattern(line: str) -> re.Pattern[str]:
         if piece == "...":
             out.append(".*")
             continue
-        for token in re.split(rf"({NUMBER}|\s+)", piece):
+        for token in re.split(rf"({NUMBER}|\s+|-{{3,}})", piece):
             if not token:
                 continue
             if token.isspace():
                 out.append(r"\s+")
+            elif re.fullmatch(r"-{3,}", token):  # a table's ruler: as wide as its column
+                out.append(r"-{3,}")
             elif _NUMBER_RE.fullmatch(token):
                 out.append(NUMBER)
             else:
@@ -233,7 +236,8 @@ class DocRunner:
         not trained again: its checkpoint is copied to this --out and its output replayed.
         """
         out = args[args.index("--out") + 1] if "--out" in args else None
-        rest = [a for i, a in enumerate(args) if a != out or args[i - 1] != "--out"]
+        at = args.index("--out") if out is not None else len(args)
+        rest = args[:at] + args[at + 2 :]
         data = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--dataset"), "")
         digest = hashlib.sha256(Path(data).read_bytes()).hexdigest() if Path(data).is_file() else ""
         key = (tuple(rest), digest)

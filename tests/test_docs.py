@@ -31,6 +31,7 @@ def test_output_is_compared_by_format_with_numbers_free():
     assert not output_matches(shown, ["wrote a.onnx (7 bytes)", "data 0 ok"])
     assert not output_matches(["a 1"], ["a 1", "an extra line"])
     assert output_matches(['{"outputs":[[6.99,-4.17,...]]}'], ['{"outputs":[[1.5,2,3.25]]}'])
+    assert output_matches(["model  batch", "-----  -----"], ["model   batch", "------  -----"])
 
 
 def test_blocks_split_into_commands_with_their_output_and_line():
