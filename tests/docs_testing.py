@@ -43,8 +43,20 @@ from sybil import Sybil
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
 
 ROOT = Path(__file__).resolve().parent.parent
-# (train options without --out, dataset file digest) -> (checkpoint copy, its --out, output)
-_TRAINED: dict[tuple, tuple[Path, str, str]] = {}
+# (options without the output path, digests of the inputs) -> (output copy, its path, output)
+_MEMO: dict[tuple, tuple[Path | None, str | None, str]] = {}
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files with their names."""
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file():
+            h.update(str(f.relative_to(path) if path.is_dir() else "").encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 NUMBER = r"[-+]?(?:\d[\d,]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _NUMBER_RE = re.compile(NUMBER)
 
@@ -212,8 +224,8 @@ class DocRunner:
         if name == "pip" or (name.startswith("python") and args[:3] == ["-m", "pip", "install"]):
             self.notes.append("pip install: the suite runs where the project is installed")
             return 0, ""
-        if name == "bn-onnx" and args[:1] == ["train"] and not env:
-            return self._train(args)
+        if name == "bn-onnx" and args[:1] in (["train"], ["export"], ["verify"]) and not env:
+            return self._memoized(args)
         if name == "bn-onnx" and args[:1] == ["serve"]:
             return self._serve(args)
         if name == "bn-onnx" and not env:
@@ -228,31 +240,39 @@ class DocRunner:
             f'the docs test does not run {name!r}: mark the block <!-- skip: next "reason" -->'
         )
 
-    def _train(self, args: list[str]) -> tuple[int, str]:
-        """`bn-onnx train`, once per set of options and data in the whole suite.
+    def _memoized(self, args: list[str]) -> tuple[int, str]:
+        """`bn-onnx train|export|verify`, once per set of options and inputs in the suite.
 
-        The same seed, options, data and machine give the same checkpoint bits (the project's
-        promise, tests/test_reproducibility.py), so a command another example already ran is
-        not trained again: its checkpoint is copied to this --out and its output replayed.
+        The same options, input bytes and machine give the same checkpoint and ONNX bits (the
+        project's promise: tests/test_reproducibility.py), so a command that an earlier
+        example ran on the same inputs is not run again: its output file or folder is copied
+        to this one's path and its printed output replayed.
         """
-        out = args[args.index("--out") + 1] if "--out" in args else None
-        at = args.index("--out") if out is not None else len(args)
-        rest = args[:at] + args[at + 2 :]
-        data = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--dataset"), "")
-        digest = hashlib.sha256(Path(data).read_bytes()).hexdigest() if Path(data).is_file() else ""
-        key = (tuple(rest), digest)
-        if out is None or key not in _TRAINED:
+        flag = {"train": "--out", "export": "-o"}.get(args[0])
+        at = args.index(flag) if flag in args[:-1] else None
+        out = args[at + 1] if at is not None else None
+        rest = args if at is None else args[:at] + args[at + 2 :]
+        key = (tuple(rest), tuple(_digest(Path(a)) for a in rest if Path(a).exists()))
+        if key not in _MEMO:
             rc, text = self._in_process(args)
-            if rc == 0 and out is not None:
-                keep = Path(tempfile.mkdtemp(prefix="bn-docs-train-"))
-                atexit.register(shutil.rmtree, keep, True)
-                shutil.copytree(out, keep, dirs_exist_ok=True)
-                _TRAINED[key] = (keep, out, text)
+            if rc == 0:
+                keep = None
+                if out is not None:
+                    keep = Path(tempfile.mkdtemp(prefix="bn-docs-")) / "out"
+                    atexit.register(shutil.rmtree, keep.parent, True)
+                    copy = shutil.copytree if Path(out).is_dir() else shutil.copy2
+                    copy(out, keep)
+                _MEMO[key] = (keep, out, text)
             return rc, text
-        keep, first_out, text = _TRAINED[key]
-        shutil.copytree(keep, out, dirs_exist_ok=True)
-        self.notes.append(f"train {' '.join(rest)}: the checkpoint of the same command, copied")
-        return 0, text.replace(f"-> {first_out}", f"-> {out}")
+        keep, first_out, text = _MEMO[key]
+        if keep is not None:
+            if keep.is_dir():
+                shutil.copytree(keep, out, dirs_exist_ok=True)
+            else:
+                shutil.copy2(keep, out)
+            text = text.replace(str(first_out), str(out))
+        self.notes.append(f"bn-onnx {' '.join(args)}: the result of the same earlier command")
+        return 0, text
 
     def _in_process(self, args: list[str]) -> tuple[int, str]:
         from bn_onnx.cli import main

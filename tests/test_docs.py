@@ -10,6 +10,8 @@ is marked `<!-- skip: next "reason" -->` in the document, and the reason shows i
 from __future__ import annotations
 
 import pytest
+
+pytest.importorskip("sybil", reason="the docs test needs sybil (the dev extra)")
 from docs_testing import ROOT, doc_paths, output_matches, parse_block, prepare_folder, run_document
 
 
@@ -18,6 +20,7 @@ from docs_testing import ROOT, doc_paths, output_matches, parse_block, prepare_f
 def test_every_example_of_the_document_runs_as_pasted(doc, tmp_path):
     prepare_folder(tmp_path)
     outcome = run_document(doc, tmp_path)
+    print(f"{doc.name}: ran {outcome.ran} examples")
     for line in outcome.skipped:
         print("skipped", line)
     assert not outcome.failures, f"{len(outcome.failures)} failed:\n" + "\n".join(outcome.failures)
@@ -38,6 +41,6 @@ def test_blocks_split_into_commands_with_their_output_and_line():
     source = "$ bn-onnx a \\\n    --b 1\nout 1\nout 2\n$ curl -d '{\"x\":\n  1}'\n"
     first, second = parse_block(source, 10, prompt=True)
     assert (first.text, first.line, first.expected) == ("bn-onnx a --b 1", 10, ["out 1", "out 2"])
-    assert (second.text, second.line, second.expected) == ("curl -d '{\"x\":\n1}'", 13, [])
+    assert (second.text, second.line, second.expected) == ("curl -d '{\"x\":\n1}'", 14, [])
     bash = parse_block("# a comment\nbn-onnx x  # note\n\nbn-onnx y\n", 1, prompt=False)
     assert [(c.text, c.line) for c in bash] == [("bn-onnx x  # note", 2), ("bn-onnx y", 4)]
