@@ -44,3 +44,17 @@ def test_blocks_split_into_commands_with_their_output_and_line():
     assert (second.text, second.line, second.expected) == ("curl -d '{\"x\":\n1}'", 14, [])
     bash = parse_block("# a comment\nbn-onnx x  # note\n\nbn-onnx y\n", 1, prompt=False)
     assert [(c.text, c.line) for c in bash] == [("bn-onnx x  # note", 2), ("bn-onnx y", 4)]
+
+
+@pytest.mark.parametrize("doc", doc_paths(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_example_hides_in_an_indented_block(doc):
+    # An indented code block is not run: a `$ ` command or a tools/ script in one belongs
+    # in a fence (```console / ```bash), or behind a skip marker that says why.
+    import re
+
+    hidden = [
+        f"{doc.name}:{n}: {line.strip()}"
+        for n, line in enumerate(doc.read_text().splitlines(), 1)
+        if re.match(r" {4,}(\$ |python3? tools/|pip install )", line)
+    ]
+    assert not hidden, "\n".join(hidden)
