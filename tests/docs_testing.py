@@ -8,13 +8,17 @@ nothing. Sybil's `<!-- skip: next "reason" -->` before a block skips that block.
 Commands: `bn-onnx ...` runs in this process (`bn_onnx.cli.main`, so torch is imported once
 for the whole suite; with a `VAR=value` prefix, in a subprocess); `python ...` in a
 subprocess with the checkout on PYTHONPATH; `bn-onnx serve ... --port N` starts a server in
-a subprocess on a free port, and `curl` commands that name port N are sent there. `&&` and
-`;` chain commands; a trailing `\\` or an open quote continues a command on the next line.
+a subprocess on a free port, and `curl` commands that name port N are sent there; `head`,
+`cat` and `ls` run as themselves; `pip install` is not run (the suite runs installed). A
+`train`, `export` or `verify` that an earlier example ran with the same options on the same
+input bytes is not run again: its result is copied and its output replayed (the same bits on
+the same machine and build is the project's promise). `&&` and `;` chain commands; a trailing
+`\\` or an open quote continues a command on the next line.
 
 Output is compared by format, not value: every number on both sides is one placeholder, runs
 of spaces are one, a ruler of dashes is any ruler, `...` inside a line stands for any text and
-a line `...` for any lines.
-curl's JSON is compared with all white space removed (the docs wrap it).
+a line `...` for any lines. curl's JSON is compared with all white space removed (the docs
+wrap it).
 """
 
 from __future__ import annotations
