@@ -366,7 +366,7 @@ def run_document(doc: Path, folder: Path) -> Outcome:
             for cmd in parse_block(source, example.line + 1, prompt):
                 try:
                     rc, out = runner.run(cmd.text)
-                except (ValueError, subprocess.TimeoutExpired) as exc:
+                except (ValueError, OSError, subprocess.TimeoutExpired) as exc:
                     rc, out = 1, str(exc)
                 outcome.ran += 1
                 where = f"{_where(doc, cmd.line)}: $ {cmd.text}"
@@ -412,7 +412,7 @@ def run_document(doc: Path, folder: Path) -> Outcome:
                 outcome.skipped.append(f"{_where(doc, example.line)}: {exc}")
             except Exception:
                 outcome.failures.append(
-                    f"{_where(doc, example.line)}: python block failed\n"
+                    f"{_where(doc, example.line)}: block failed\n"
                     + _indent(traceback.format_exc(limit=-3))
                 )
             outcome.ran += is_python
