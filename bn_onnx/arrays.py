@@ -114,6 +114,26 @@ def read_csv(path: str | os.PathLike[str]) -> np.ndarray:
     return arr
 
 
+def csv_data_line(path: str | os.PathLike[str], row: int) -> int | None:
+    """The file line (from 1) of data row `row` (from 0) of a CSV that `read_csv` read.
+
+    The same lines count as for `read_csv` (numpy's loadtxt): a header line is skipped, and so
+    are blank lines and `#` comments. Reads the file again: for error messages only.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+        skip = 0 if all(_is_number(c.strip()) for c in first.split(",") if c.strip()) else 1
+        f.seek(0)
+        seen = 0
+        for number, line in enumerate(f, 1):
+            if number <= skip or not line.split("#", 1)[0].strip():
+                continue
+            if seen == row:
+                return number
+            seen += 1
+    return None
+
+
 def read_array(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an input array: .npy as a read-only memmap, .csv into memory as float32."""
     return read_npy(path) if array_format(path) == ".npy" else read_csv(path)

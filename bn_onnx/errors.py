@@ -47,3 +47,11 @@ class CellError(InputDataError):
     def __init__(self, column: str, row: int, what: str) -> None:
         super().__init__(f"column {column!r} row {row}: {what}")
         self.column, self.row, self.what = column, row, what
+
+
+class NonFiniteError(InputDataError):
+    """A NaN or infinity in an array of numbers: `row` (from 0 in the data given), `column`."""
+
+    def __init__(self, message: str, row: int, column: int, value: float) -> None:
+        super().__init__(message)
+        self.row, self.column, self.value = row, column, value

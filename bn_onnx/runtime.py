@@ -27,6 +27,7 @@ from bn_onnx.errors import (
     CellError,
     InputDataError,
     InputFileError,
+    NonFiniteError,
     ProviderError,
     UnsupportedModelError,
     UsageError,
@@ -440,7 +441,11 @@ def check_input(
     if not X.flags.c_contiguous:
         X = np.ascontiguousarray(X)
     if not allow_nonfinite and X.size and not _all_finite(X):
-        raise InputDataError(_nonfinite_message(X, row_offset))
+        message = _nonfinite_message(X, row_offset)
+        if X.ndim != 2:
+            raise InputDataError(message)
+        row, col = (int(i) for i in np.argwhere(~np.isfinite(X))[0])
+        raise NonFiniteError(message, row + row_offset, col, float(X[row, col]))
     return X
 
 

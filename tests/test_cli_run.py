@@ -747,3 +747,24 @@ def test_a_bad_csv_row_is_named_by_its_file_line_whatever_is_wrong(
     )
     line5 = message.replace("line 3", "line 5")
     assert capsys.readouterr().err == f"bn-onnx run: error: x.csv {line5}\n"
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("-inf", "-inf")])
+def test_a_non_finite_csv_cell_is_named_by_its_file_line_and_column(
+    tmp_path, model, capsys, value, shown
+):
+    # header line 1, data on 2, a blank line 3 and a comment line 4 (numpy skips both), bad
+    # cell on line 5 in column 3 (numbered from 1, as the parse errors number them)
+    row = [str(i) for i in range(WIDTHS[0])]
+    bad = row[:2] + [value] + row[3:]
+    header = ",".join(f"f{i}" for i in range(WIDTHS[0]))
+    text = f"{header}\n{','.join(row)}\n\n# a note\n{','.join(bad)}\n"
+    (tmp_path / "x.csv").write_text(text)
+    out = tmp_path / "y.npy"
+    assert main(["run", str(model), "-i", str(tmp_path / "x.csv"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"bn-onnx run: error: x.csv line 5, column 3: {shown} is not a finite number; "
+        "clean the data\n"
+    )
+    assert not out.exists()

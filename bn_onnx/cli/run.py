@@ -8,6 +8,7 @@ Both stream in chunks of --batch-size rows.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -143,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
         rows, chunks, line_of = _named_chunks(args.input, fmt, predictor)
     else:
         rows, chunks = _array_chunks(args.input, predictor)
+        if fmt == ".csv":
+            from bn_onnx.arrays import csv_data_line
+
+            line_of = functools.partial(csv_data_line, args.input)
     start = time.perf_counter()
     progress = _Progress(rows, not args.quiet)
     try:
@@ -200,7 +205,7 @@ class _Located:
         return getattr(self.predictor, name)
 
     def predict(self, chunk: Any, *, row_offset: int) -> Any:
-        from bn_onnx.errors import CellError, InputDataError
+        from bn_onnx.errors import CellError, InputDataError, NonFiniteError
 
         try:
             return self.predictor.predict(chunk, row_offset=row_offset)
@@ -209,6 +214,15 @@ class _Located:
                 raise
             line = self.line_of(exc.row)
             message = f"{self.name} line {line}: column {exc.column!r}: {exc.what}"
+            raise InputDataError(message) from None
+        except NonFiniteError as exc:
+            line = self.line_of(exc.row) if self.line_of is not None else None
+            if line is None:
+                raise
+            message = (
+                f"{self.name} line {line}, column {exc.column + 1}: {exc.value!r} is not a "
+                "finite number; clean the data"
+            )
             raise InputDataError(message) from None
 
 
