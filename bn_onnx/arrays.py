@@ -99,12 +99,39 @@ def read_csv(path: str | os.PathLike[str]) -> np.ndarray:
         # numpy counts rows from 0 after the skipped header and columns from 1: say the line
         at = re.search(r" at row (\d+), column (\d+)\.?$", why)
         if at:
-            line = int(at.group(1)) + skip + 1
-            why = why[: at.start()] + f" on line {line}, column {at.group(2)}"
+            line, column = int(at.group(1)) + skip + 1, int(at.group(2))
+            text = re.match(r"could not convert string (.*) to float32", why)
+            if text:  # a text column: a model of numbers, not one of named columns
+                name = f" ({cells[column - 1]!r})" if skip and column <= len(cells) else ""
+                raise InputDataError(
+                    f"{p.name} line {line}, column {column}{name}: {text.group(1)} is not a "
+                    "number; this model takes numbers only"
+                ) from None
+            why = why[: at.start()] + f" on line {line}, column {column}"
         raise InputDataError(f"cannot read {p.name} as numbers: {why}") from None
     if arr.size == 0:
         raise InputDataError(f"input {p.name} has no data rows")
     return arr
+
+
+def csv_data_line(path: str | os.PathLike[str], row: int) -> int | None:
+    """The file line (from 1) of data row `row` (from 0) of a CSV that `read_csv` read.
+
+    The same lines count as for `read_csv` (numpy's loadtxt): a header line is skipped, and so
+    are blank lines and `#` comments. Reads the file again: for error messages only.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+        skip = 0 if all(_is_number(c.strip()) for c in first.split(",") if c.strip()) else 1
+        f.seek(0)
+        seen = 0
+        for number, line in enumerate(f, 1):
+            if number <= skip or not line.split("#", 1)[0].strip():
+                continue
+            if seen == row:
+                return number
+            seen += 1
+    return None
 
 
 def read_array(path: str | os.PathLike[str]) -> np.ndarray:
@@ -290,10 +317,16 @@ class CsvColumns:
             self.header = [h.strip() for h in header]
             if not any(self.header):
                 raise InputDataError(f"input {self.path.name} has no header line")
-            self.rows = sum(1 for row in self._rows(reader))
+            self.rows = sum(1 for _ in self._rows(reader))
+        self._lines: list[int] = []  # file line of each row of the chunk last yielded
+        self._start = 0
 
     def _open(self) -> IO[str]:
         return open(self.path, encoding="utf-8-sig", errors="replace", newline="")
+
+    def line_of(self, row: int) -> int:
+        """The file line (from 1, the header's) of data row `row` of the chunk last yielded."""
+        return self._lines[row - self._start]
 
     def _rows(self, reader: Any) -> Iterator[list[str]]:
         width = len(self.header)
@@ -337,13 +370,17 @@ class CsvColumns:
             next(reader)
             start = 0
             block: list[list[str]] = []
+            lines: list[int] = []
             for row in self._rows(reader):
                 block.append(row)
+                lines.append(reader.line_num)  # the row's last line (a quoted cell may span)
                 if len(block) == rows:
+                    self._start, self._lines = start, lines
                     yield start, {n: [r[i] for r in block] for n, i in where.items()}
                     start += len(block)
-                    block = []
+                    block, lines = [], []
             if block:
+                self._start, self._lines = start, lines
                 yield start, {n: [r[i] for r in block] for n, i in where.items()}
 
 

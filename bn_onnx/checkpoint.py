@@ -129,6 +129,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointError(f"checkpoint not found: {root}")
     if not root.is_dir():
         raise CheckpointError(f"checkpoint must be a directory holding {CONFIG_FILE}: {root}")
+    if not (root / CONFIG_FILE).is_file():
+        inner = sorted(str(p.parent) for p in root.glob(f"*/{CONFIG_FILE}"))
+        if inner:  # the folder of a shipped model, say, not its checkpoint folder
+            some = inner[0] if len(inner) == 1 else f"{inner[0]} (or {', '.join(inner[1:])})"
+            raise CheckpointError(
+                f"no checkpoint in {root} ({CONFIG_FILE} missing); the checkpoint is its "
+                f"subfolder {some}"
+            )
     meta = _read_json(root / CONFIG_FILE, CONFIG_FILE)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(

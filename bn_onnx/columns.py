@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bn_onnx.errors import InputDataError, UnsupportedModelError
+from bn_onnx.errors import CellError, InputDataError, UnsupportedModelError
 
 COLUMNS_KEY = "bn_onnx.columns"
 CONTINUOUS = "continuous"
@@ -149,12 +149,12 @@ def _number(value: Any, column: str, row: int) -> float:
     if value is None:
         return math.nan
     if isinstance(value, (bool, np.bool_)):
-        raise InputDataError(f"column {column!r} row {row}: not a number: {value!r}")
+        raise CellError(column, row, f"not a number: {value!r}")
     if isinstance(value, (int, float, np.integer, np.floating)):
         try:
             return float(value)
         except OverflowError:  # an int beyond float's range
-            raise InputDataError(f"column {column!r} row {row}: number too large") from None
+            raise CellError(column, row, "number too large") from None
     if isinstance(value, (str, np.str_, bytes, np.bytes_)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
         text = text.strip()
@@ -163,8 +163,8 @@ def _number(value: Any, column: str, row: int) -> float:
         try:
             return float(text)
         except ValueError:
-            raise InputDataError(f"column {column!r} row {row}: not a number: {text!r}") from None
-    raise InputDataError(f"column {column!r} row {row}: not a number: {value!r}")
+            raise CellError(column, row, f"not a number: {text!r}") from None
+    raise CellError(column, row, f"not a number: {value!r}")
 
 
 def continuous_values(values: Any, column: str, row_offset: int = 0) -> np.ndarray:

@@ -39,3 +39,23 @@ class InputDataError(BnOnnxError):
 
 class OutputFileError(BnOnnxError):
     """An output that cannot be written: read-only folder, no space left, an I/O error."""
+
+
+class CellError(InputDataError):
+    """A cell of a named column that cannot be used, at a row counted from 0 in the data given.
+
+    A reader that knows where rows sit in a file (a CSV's line numbers) names the place with
+    `column`, `row` and `what` instead of the row index.
+    """
+
+    def __init__(self, column: str, row: int, what: str) -> None:
+        super().__init__(f"column {column!r} row {row}: {what}")
+        self.column, self.row, self.what = column, row, what
+
+
+class NonFiniteError(InputDataError):
+    """A NaN or infinity in an array of numbers: `row` (from 0 in the data given), `column`."""
+
+    def __init__(self, message: str, row: int, column: int, value: float) -> None:
+        super().__init__(message)
+        self.row, self.column, self.value = row, column, value

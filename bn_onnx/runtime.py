@@ -24,8 +24,10 @@ import onnxruntime as ort
 from bn_onnx.columns import CONTINUOUS, Column, RecordReader, feeds_from_columns, read_columns
 from bn_onnx.errors import (
     BnOnnxError,
+    CellError,
     InputDataError,
     InputFileError,
+    NonFiniteError,
     ProviderError,
     UnsupportedModelError,
     UsageError,
@@ -439,7 +441,11 @@ def check_input(
     if not X.flags.c_contiguous:
         X = np.ascontiguousarray(X)
     if not allow_nonfinite and X.size and not _all_finite(X):
-        raise InputDataError(_nonfinite_message(X, row_offset))
+        message = _nonfinite_message(X, row_offset)
+        if X.ndim != 2:
+            raise InputDataError(message)
+        row, col = (int(i) for i in np.argwhere(~np.isfinite(X))[0])
+        raise NonFiniteError(message, row + row_offset, col, float(X[row, col]))
     return X
 
 
@@ -807,9 +813,11 @@ class Predictor:
                 continue
             row, col = (int(i) for i in np.argwhere(np.isinf(arr))[0])
             where = self._column_at.get((name, col), f"{name}[{col}]")
-            raise InputDataError(
-                f"column {where!r} row {row + row_offset}: not a finite number: "
-                f"{float(arr[row, col])!r} (leave a missing value empty or null)"
+            raise CellError(
+                where,
+                row + row_offset,
+                f"not a finite number: {float(arr[row, col])!r} (leave a missing value empty "
+                "or null)",
             )
         return feeds
 

@@ -239,6 +239,19 @@ def test_missing_and_non_directory_checkpoint(tmp_path):
         read_checkpoint(tmp_path / "empty")
 
 
+def test_a_folder_around_a_checkpoint_names_the_checkpoint_subfolder(tmp_path, capsys):
+    from bn_onnx.cli import main
+
+    shipped = Path(__file__).parent.parent / "models" / "digits"
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(shipped)
+    assert str(info.value).endswith(f"the checkpoint is its subfolder {shipped / 'checkpoint'}")
+    assert main(["export", str(shipped), "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+    assert err.count("\n") == 1 and f"subfolder {shipped / 'checkpoint'}" in err
+
+
 def test_reading_never_changes_the_checkpoint(ckpt):
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     read_checkpoint(ckpt)

@@ -60,3 +60,30 @@ def test_usage_errors_of_every_command_are_one_line(capsys, argv):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "error:" in err
+
+
+def _command_names() -> list[str]:
+    from bn_onnx.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _command_names())
+def test_a_mistyped_option_is_named_before_missing_required_ones(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--inptu", "X"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"bn-onnx {command}: error: unrecognized arguments: --inptu" in err, err
+    assert "required" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_mistyped_option_names_the_closest_one_and_known_abbreviations_still_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "m.onnx", "--inptu", "X", "-o", "y.npy"])
+    assert "unrecognized arguments: --inptu (did you mean --input?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --inp is argparse's abbreviation of --input: not unknown
+        main(["run", "--inp", "x.npy", "--lr", "-1"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --lr (" in err and "--inp" not in err.split("(")[0]

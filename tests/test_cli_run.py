@@ -98,7 +98,10 @@ def test_a_text_cell_in_a_csv_is_named_by_its_line_and_column(tmp_path, model, c
     )
     assert rc == 2 and not (tmp_path / "y.npy").exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"'zz' to float32 on line {3 if header else 2}, column 2" in err[0]
+    where = f"x.csv line {3 if header else 2}, column 2{' (' + repr('f1') + ')' if header else ''}"
+    assert err == [
+        f"bn-onnx run: error: {where}: 'zz' is not a number; this model takes numbers only"
+    ]
 
 
 def test_a_float64_beyond_float32_is_one_line_without_a_numpy_warning(tmp_path, model, capsys):
@@ -180,7 +183,7 @@ def _bad(tmp_path, name, array=None, raw=None):
         (lambda d: _bad(d, "x.npy", np.zeros((2, 12), np.complex64)), "dtype"),
         (lambda d: _bad(d, "x.npy", raw=b"\x93NUMPY garbage"), "not a readable .npy"),
         (lambda d: _bad(d, "x.txt", raw=b"1,2,3\n"), "must be a .npy, .csv or .parquet"),
-        (lambda d: _bad(d, "x.csv", raw=b"1,2,3\n4,x,6\n"), "cannot read"),
+        (lambda d: _bad(d, "x.csv", raw=b"1,2,3\n4,x,6\n"), "x.csv line 2, column 2: 'x'"),
         (lambda d: d / "missing.npy", "not found"),
         (lambda d: _bad(d, "x.csv", raw=b"a,b,c\n"), "no data rows"),
     ],
@@ -662,7 +665,7 @@ def test_labels_need_a_csv_output_and_a_classifier(tmp_path, tabular, capsys):
         ),
         (
             lambda d: _write_csv(d / "x.csv", _records(30) + [{"age": "abc"}] + _records(3)),
-            "column 'age' row 30: not a number: 'abc'",
+            "x.csv line 32: column 'age': not a number: 'abc'",  # rows 0-29 on lines 2-31
         ),
         (
             lambda d: _write_parquet(d / "x.parquet", _records(20) + [{"age": 1e39}]),
@@ -717,3 +720,51 @@ def test_numeric_parquet_columns_are_the_features_of_a_plain_model(tmp_path, mod
         ["run", str(model), "-i", str(tmp_path / "narrow.parquet"), "-o", str(tmp_path / "z.npy")]
     )
     assert rc == 2 and "has 1 columns, the model expects 12 features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "line3, message",
+    [
+        ("abc,Busan,3.2,2", "line 3: column 'age': not a number: 'abc'"),
+        (
+            "1e39,Busan,3.2,2",
+            "line 3: column 'age': not a finite number: inf (leave a missing value empty or null)",
+        ),
+        ("31,Busan,3.2", "line 3: 3 cells, the header has 4"),
+    ],
+    ids=["text", "inf", "short"],
+)
+@pytest.mark.parametrize("batch", [1, 8192])
+def test_a_bad_csv_row_is_named_by_its_file_line_whatever_is_wrong(
+    tmp_path, tabular, capsys, line3, message, batch
+):
+    # the header is line 1, a blank line 4 is skipped: the bad row on line 5 is data row 2
+    text = f"age,city,income,grade\n31,Busan,3.2,2\n\n{line3}\n"
+    (tmp_path / "x.csv").write_text(text.replace("\n\n", "\n31,Seoul,1.0,1\n\n"))
+    assert (
+        _run(tabular[0], "-i", tmp_path / "x.csv", "-o", tmp_path / "y.npy", "--batch-size", batch)
+        == 2
+    )
+    line5 = message.replace("line 3", "line 5")
+    assert capsys.readouterr().err == f"bn-onnx run: error: x.csv {line5}\n"
+
+
+@pytest.mark.parametrize("value, shown", [("nan", "nan"), ("-inf", "-inf")])
+def test_a_non_finite_csv_cell_is_named_by_its_file_line_and_column(
+    tmp_path, model, capsys, value, shown
+):
+    # header line 1, data on 2, a blank line 3 and a comment line 4 (numpy skips both), bad
+    # cell on line 5 in column 3 (numbered from 1, as the parse errors number them)
+    row = [str(i) for i in range(WIDTHS[0])]
+    bad = row[:2] + [value] + row[3:]
+    header = ",".join(f"f{i}" for i in range(WIDTHS[0]))
+    text = f"{header}\n{','.join(row)}\n\n# a note\n{','.join(bad)}\n"
+    (tmp_path / "x.csv").write_text(text)
+    out = tmp_path / "y.npy"
+    assert main(["run", str(model), "-i", str(tmp_path / "x.csv"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"bn-onnx run: error: x.csv line 5, column 3: {shown} is not a finite number; "
+        "clean the data\n"
+    )
+    assert not out.exists()

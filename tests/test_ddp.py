@@ -58,6 +58,21 @@ def test_launcher_passes_every_option_to_the_workers():
     assert a == b
 
 
+def test_launcher_gives_the_workers_omp_threads_so_torchrun_prints_no_banner(monkeypatch):
+    import bn_onnx.cli.train as cli_train
+    from bn_onnx.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: seen.update(env) or 0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = build_parser().parse_args(["train", "--nproc", "2", "--threads", "3", "--out", "o"])
+    assert cli_train._launch(args, ["--out", "o"]) == 0
+    assert seen["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's own setting wins
+    cli_train._launch(args, ["--out", "o"])
+    assert seen["OMP_NUM_THREADS"] == "5"
+
+
 @pytest.mark.slow
 def test_two_process_cpu_training_checkpoint_exports_folds_and_verifies(tmp_path):
     out = tmp_path / "ddp"
@@ -66,6 +81,7 @@ def test_two_process_cpu_training_checkpoint_exports_folds_and_verifies(tmp_path
     cmd += ["--patience", "0", "--quiet", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "" and "OMP_NUM_THREADS" not in done.stderr  # --quiet: no banner
     ck = read_checkpoint(out)
     assert list(ck.tensors) and set(ck.tensors) == set(expected_tensor_shapes(ck.config))
     dist = ck.meta["training"]["distributed"]

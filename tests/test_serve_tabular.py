@@ -95,9 +95,11 @@ def test_wrongly_typed_column_is_400_with_the_message_of_the_cli(client, tabular
     r = client.post("/predict", json={"inputs": rows})
     assert r.status_code == 400
     message = r.json()["error"]
-    assert message == "column 'age' row 1: not a number: 'abc'"
+    assert message == "column 'age' row 1: not a number: 'abc'"  # rows of the request from 0
     cells = [[31, "Busan", 2, 1], ["abc", "Busan", 2, 1]]
-    assert _cli_error(tmp_path, tabular[0], COLUMNS, cells, capsys) == message
+    # the same cell, named by its file line in the CLI
+    cli = "rows.csv line 3: column 'age': not a number: 'abc'"
+    assert _cli_error(tmp_path, tabular[0], COLUMNS, cells, capsys) == cli
 
 
 ROW = {"age": 31, "city": "Busan", "income": 2.0, "grade": 1}

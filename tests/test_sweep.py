@@ -208,16 +208,18 @@ def test_epochs_option_names_its_files_and_sets_the_budget(tmp_path):
     assert result["models"]["relu"]["settings"]["epochs"] == 2
 
 
-def test_missing_output_folder_is_a_one_line_error(tmp_path):
+def test_an_output_path_that_is_a_file_is_a_one_line_error(tmp_path):
+    # (a missing folder is made: docs/batchnorm.md's `--quick --out runs/bn`, in test_docs)
     tool = Path(__file__).resolve().parent.parent / "tools" / "bn_sweep.py"
+    (tmp_path / "file").write_text("x")
     proc = subprocess.run(
-        [sys.executable, str(tool), "--quick", "--out", str(tmp_path / "nope")],
+        [sys.executable, str(tool), "--quick", "--out", str(tmp_path / "file")],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
-    assert "output folder does not exist" in proc.stderr
+    assert "--out must be a folder, but" in proc.stderr
 
 
 @pytest.mark.parametrize("bn", ["none", "pre"])

@@ -8,6 +8,7 @@ Both stream in chunks of --batch-size rows.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -135,14 +136,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"bn-onnx run: warning: {note}", file=sys.stderr)
     if args.labels and predictor.task == "regression":
         raise UsageError("--labels needs a classifier; this model is a regressor")
+    line_of = None
     if predictor.columns is not None or fmt == ".parquet":
-        rows, chunks = _named_chunks(args.input, fmt, predictor)
+        rows, chunks, line_of = _named_chunks(args.input, fmt, predictor)
     else:
         rows, chunks = _array_chunks(args.input, predictor)
+        if fmt == ".csv":
+            from bn_onnx.arrays import csv_data_line
+
+            line_of = functools.partial(csv_data_line, args.input)
     start = time.perf_counter()
     progress = _Progress(rows, not args.quiet)
     try:
-        shape, dtype = _write(args, predictor, rows, chunks, progress)
+        shape, dtype = _write(
+            args, _Located(predictor, args.input, line_of), rows, chunks, progress
+        )
     finally:
         progress.close()
     if not args.quiet:
@@ -184,9 +192,44 @@ def _array_chunks(path: str, predictor: Any) -> tuple[int, Chunks]:
     return X.shape[0], iter_chunks(X, predictor.batch_size, reuse=True)
 
 
-def _named_chunks(path: str, fmt: str, predictor: Any) -> tuple[int, Chunks]:
-    """Rows by column name (.csv with a header, .parquet), read only for the columns needed."""
-    from bn_onnx.arrays import open_columns
+class _Located:
+    """The predictor, with a bad cell named by its file line where the reader knows it."""
+
+    def __init__(self, predictor: Any, path: str, line_of: Any) -> None:
+        self.predictor, self.name, self.line_of = predictor, os.path.basename(path), line_of
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.predictor, name)
+
+    def predict(self, chunk: Any, *, row_offset: int) -> Any:
+        from bn_onnx.errors import CellError, InputDataError, NonFiniteError
+
+        try:
+            return self.predictor.predict(chunk, row_offset=row_offset)
+        except CellError as exc:
+            if self.line_of is None:
+                raise
+            line = self.line_of(exc.row)
+            message = f"{self.name} line {line}: column {exc.column!r}: {exc.what}"
+            raise InputDataError(message) from None
+        except NonFiniteError as exc:
+            line = self.line_of(exc.row) if self.line_of is not None else None
+            if line is None:
+                raise
+            message = (
+                f"{self.name} line {line}, column {exc.column + 1}: {exc.value!r} is not a "
+                "finite number; clean the data"
+            )
+            raise InputDataError(message) from None
+
+
+def _named_chunks(path: str, fmt: str, predictor: Any) -> tuple[int, Chunks, Any]:
+    """Rows by column name (.csv with a header, .parquet), read only for the columns needed.
+
+    Returns the row count, the chunks and, for a CSV, the file line of a row of the chunk last
+    yielded (else None).
+    """
+    from bn_onnx.arrays import CsvColumns, open_columns
     from bn_onnx.columns import missing_columns_error
     from bn_onnx.errors import InputDataError
 
@@ -210,7 +253,8 @@ def _named_chunks(path: str, fmt: str, predictor: Any) -> tuple[int, Chunks]:
         )
     if reader.rows == 0:
         raise InputDataError(f"input {os.path.basename(path)} has no data rows")
-    return reader.rows, reader.chunks(predictor.batch_size, names)
+    line_of = reader.line_of if isinstance(reader, CsvColumns) else None
+    return reader.rows, reader.chunks(predictor.batch_size, names), line_of
 
 
 def _write(

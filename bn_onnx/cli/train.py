@@ -333,7 +333,10 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         "train",
         *argv,
     ]
-    return subprocess.call(cmd)
+    # torchrun sets OMP_NUM_THREADS=1 for its workers where it is unset, and says so in a
+    # banner; each worker uses --threads, so say that to OpenMP here and torchrun stays quiet.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.threads))}
+    return subprocess.call(cmd, env=env)
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
