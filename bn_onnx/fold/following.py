@@ -26,12 +26,13 @@ CastLike's type input) are rewired to x, whose shape and type are y's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import layout, lazy, legacy, pools
+from bn_onnx.fold import layout, lazy, legacy, pools, quant_guard
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.chains import is_passthrough
 from bn_onnx.fold.context import FoldContext
@@ -51,8 +52,14 @@ from bn_onnx.fold.sites import (
 LINEAR_AFTER = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
-def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output."""
+def fold_into_following(
+    site: AffineSite, ctx: FoldContext, *, max_growth: float | None = None
+) -> Plan | Refusal:
+    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output.
+
+    `max_growth`: refuse a fold that widens a weight's per-channel range past this factor
+    (`quant_guard`); None: no bound.
+    """
     y = site.y
     if y.is_graph_output():
         return Refusal(f"its output {y.name!r} is a graph output")
@@ -98,9 +105,9 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
     rewrites: list[Callable[[], None]] = []
     for node, value, ch in readers:
         if node.op_type in ("Conv", "ConvTranspose"):
-            plan = _into_conv_after(site, ctx, node, value, ch)
+            plan = _into_conv_after(site, ctx, node, value, ch, max_growth)
         else:
-            plan = _into_linear_after(site, ctx, node, value, ch)
+            plan = _into_linear_after(site, ctx, node, value, ch, max_growth)
         if isinstance(plan, Refusal):
             return plan
         rewrites.append(plan)
@@ -120,7 +127,12 @@ def _reads_as_data(node: ir.Node, value: ir.Value, ch: Channels) -> Refusal | No
 
 
 def _into_linear_after(
-    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
+    site: AffineSite,
+    ctx: FoldContext,
+    node: ir.Node,
+    value: ir.Value,
+    ch: Channels,
+    max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
     wrong = _reads_as_data(node, value, ch)
     if wrong is not None:
@@ -149,8 +161,12 @@ def _into_linear_after(
         if isinstance(b, Refusal):
             return b
         alpha, beta = attr_float(node, "alpha", 1.0), attr_float(node, "beta", 1.0)
+        factor = fm.following_factor(a, trans_b, weight_scale=alpha)
+        wide = quant_guard.refusal(site, node, w, factor, 0 if trans_b else 1, max_growth)
+        if wide is not None:
+            return wide
         try:
-            w_r = lazy.scaled(w, fm.following_factor(a, trans_b, weight_scale=alpha))
+            w_r = lazy.scaled(w, factor)
             new_b = fm.following_bias(w, b, c, trans_b, weight_scale=alpha, bias_scale=beta)
             b_r = fm.round_to(new_b, w.dtype)
         except ValueError as exc:
@@ -193,6 +209,9 @@ def _into_linear_after(
                 if not isinstance(b, Refusal) and b is not None and legacy_ok:
                     add = (add_node, pos, b)
     b = add[2] if add else None
+    wide = quant_guard.refusal(site, node, w, fm.following_factor(a, False), 1, max_growth)
+    if wide is not None:
+        return wide
     try:
         w_r = lazy.scaled(w, fm.following_factor(a, transposed=False))
         new_b = fm.following_bias(w, b, c)
@@ -284,7 +303,12 @@ def _conv_transpose_refusal(
 
 
 def _into_conv_after(
-    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
+    site: AffineSite,
+    ctx: FoldContext,
+    node: ir.Node,
+    value: ir.Value,
+    ch: Channels,
+    max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
     """Rule 21: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
     wrong = _reads_as_data(node, value, ch)
@@ -322,8 +346,12 @@ def _into_conv_after(
         b = ctx.const(b_value) if not ctx.is_graph_input(b_value) else None
         if b is None or b.shape != (c_out,):
             return Refusal(f"bias {b_value.name!r} is not a constant vector of {c_out}")
+    factor = fm.conv_input_factor(a, w.shape, group, transpose)
+    wide = quant_guard.refusal(site, node, w, factor, 1 if transpose else 0, max_growth)
+    if wide is not None:
+        return wide
     try:
-        w_r = lazy.scaled(w, fm.conv_input_factor(a, w.shape, group, transpose))
+        w_r = lazy.scaled(w, factor)
         shift = fm.conv_input_shift(w, c, group, transpose)
         b_r = fm.round_to(shift if b is None else b.astype(np.float64) + shift, w.dtype)
     except ValueError as exc:
@@ -337,3 +365,8 @@ def _into_conv_after(
 
 
 RULE = Rule("following", "after", fold_into_following)
+
+
+def guarded(max_growth: float) -> Rule:
+    """The rule with the quantization-aware bound (`quant_guard`)."""
+    return Rule("following", "after", functools.partial(fold_into_following, max_growth=max_growth))
