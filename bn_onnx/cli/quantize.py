@@ -160,6 +160,7 @@ def quantize_file(
     report_path: str | None = None,
     quiet: bool = False,
     protected: tuple[str, ...] = (),
+    float_label: str | None = None,
 ) -> int:
     """Quantize, prove, print and write atomically; 0 written, 1 over budget (nothing
     written). `protected`: more paths the output must not be."""
@@ -239,7 +240,7 @@ def quantize_file(
         with atomic_output(report_path) as tmp:
             tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     size, before = out.stat().st_size, os.path.getsize(model_path)
-    lines.append(f"wrote {out} ({size:,} bytes; {model_path}: {before:,} bytes)")
+    lines.append(f"wrote {out} ({size:,} bytes; {float_label or model_path}: {before:,} bytes)")
     if not quiet:
         print("\n".join(lines))
     return 0
@@ -267,6 +268,40 @@ def _quantized_line(model: Any, proof: Any, nodes_before: int) -> str:
     inside = ", ".join(f"{op} {k}" for op, k in sorted(int8.items())) or "no op"
     qdq = ", ".join(f"{op} {ops[op]}" for op in QDQ_OPS)
     return f"quantized: {inside} in INT8; {qdq}; nodes {nodes_before} -> {len(model.graph.node)}"
+
+
+def export_quantized(args: argparse.Namespace, on_start: Any = None) -> int:
+    """`export --quantize`: export the checkpoint (BN kept) to a temporary file beside the
+    output, then quantize it calibrated on the checkpoint's training split."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from bn_onnx.export import export_checkpoint
+    from bn_onnx.files import check_output_path
+
+    out = check_output_path(args.output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        exported = export_checkpoint(
+            args.checkpoint, tmp / "float.onnx", opset=args.opset, on_start=on_start
+        )
+        protected = tuple(str(Path(args.checkpoint) / f) for f in os.listdir(args.checkpoint))
+        return quantize_file(
+            str(exported.path),
+            args.output,
+            calibrate=None,
+            checkpoint=args.checkpoint,
+            accurate=args.accurate,
+            max_accuracy_drop=0.5,
+            max_row_range_growth=None,
+            calibration_rows=DEFAULT_CALIBRATION_ROWS,
+            quiet=args.quiet,
+            protected=protected,
+            float_label="the float export",
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
