@@ -79,7 +79,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="X",
         help="keep a BN whose fold into the next layer would widen that weight's per-channel "
-        "max/rms more than X times (default: 1.5; 0: fold every BN)",
+        "max/rms more than X times (default: 2; 0: fold every BN)",
     )
     p.add_argument(
         "--calibration-rows",

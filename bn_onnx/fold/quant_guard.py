@@ -7,7 +7,7 @@ large factors (an input feature of tiny variance: a = 1/sqrt(var + eps) up to ~3
 then set each output channel's scale, and the other weights of that channel lose their
 precision. The measure is the weight's range: the mean over output channels of
 max|w| / rms(w) (about 2.3 for a trained Gemm of 64 inputs). The guard refuses a forward fold
-that multiplies it by more than a bound (`fold_model(..., max_row_range_growth=1.5)`); the BN
+that multiplies it by more than a bound (`fold_model(..., max_row_range_growth=2.0)`); the BN
 stays and the quantizer gives its output a scale of its own. Pure numpy on the weight.
 """
 
