@@ -289,10 +289,14 @@ def latencies(models: dict[str, onnx.ModelProto], x: np.ndarray, rounds: int) ->
         for s in sessions.values():
             s.run(None, feed)  # warm-up
             calls.append(lambda s=s, f=feed, n=inner: [s.run(None, f) for _ in range(n)])
-        times = time_interleaved(calls, rounds, order="shuffle") / inner
-        for k, row in zip(sessions, times, strict=True):
-            st = Stats.of(row)
+        cpu = np.empty((len(calls), rounds))
+        wall = time_interleaved(
+            calls, rounds, order="shuffle", cpu_clock=time.thread_time, cpu_out=cpu
+        )
+        for k, w, c in zip(sessions, wall / inner, cpu / inner, strict=True):
+            st = Stats.of(w)
             out[k][f"b{batch}"] = [st.median_s * 1e3, st.q1_s * 1e3, st.q3_s * 1e3]
+            out[k][f"b{batch}_cpu"] = float(np.median(c)) * 1e3
     for k, first in same.items():
         out[k] = out[first]
     return out
@@ -355,9 +359,10 @@ def measure(name: str, case: tuple, kernels: Any, rounds: int) -> dict[str, Any]
 def table(rows: list[dict]) -> list[str]:
     head = (
         "| model | pipeline | nodes | BN left | float Conv/Gemm/MatMul after ORT | Q/DQ | bytes"
-        " | batch 1 ms (IQR) | batch 8 ms (IQR) | SQNR dB | accuracy |"
+        " | batch 1 ms (IQR) | batch 1 CPU ms | batch 8 ms (IQR) | batch 8 CPU ms | SQNR dB"
+        " | accuracy |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         for k in PIPELINES:
             m = r[k]
@@ -368,7 +373,8 @@ def table(rows: list[dict]) -> list[str]:
             label = k + (" *" if k == "A" and r["a_note"] else "")
             lines.append(
                 f"| {r['model']} | {label} | {m['nodes']} | {m['bn_left']} |"
-                f" {m['float_linear_after_ort']} | {m['qdq']} | {m['bytes']:,} | {b1} | {b8} |"
+                f" {m['float_linear_after_ort']} | {m['qdq']} | {m['bytes']:,} | {b1} |"
+                f" {lat['b1_cpu']:.3f} | {b8} | {lat['b8_cpu']:.3f} |"
                 f" {sq} | {acc} |"
             )
     return lines
@@ -383,7 +389,9 @@ def ratios(rows: list[dict]) -> list[str]:
         out.append(
             f"{r['model']}: B/A latency b1 {b['b1'][0] / a['b1'][0]:.2f}x,"
             f" b8 {b['b8'][0] / a['b8'][0]:.2f}x; B/FP32 b1 {b['b1'][0] / f['b1'][0]:.2f}x,"
-            f" b8 {b['b8'][0] / f['b8'][0]:.2f}x; SQNR B-A {gain:+.1f} dB{note}"
+            f" b8 {b['b8'][0] / f['b8'][0]:.2f}x; on CPU time B/A b1"
+            f" {b['b1_cpu'] / a['b1_cpu']:.2f}x, b8 {b['b8_cpu'] / a['b8_cpu']:.2f}x;"
+            f" SQNR B-A {gain:+.1f} dB{note}"
         )
     return out
 

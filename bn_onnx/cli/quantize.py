@@ -39,7 +39,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_options(p)
     p.add_argument("model", metavar="IN.onnx", help="the float model")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the INT8 model")
     p.add_argument(
@@ -55,6 +54,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--calibrate) and its test split measures the accuracy",
     )
     p.add_argument("--report", metavar="REPORT.json", help="write the fold report and proof")
+    add_options(p)
     return p
 
 
