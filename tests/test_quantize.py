@@ -32,14 +32,15 @@ def _bn(name: str, x: str, y: str, p: dict[str, np.ndarray]) -> tuple[onnx.NodeP
     return helper.make_node("BatchNormalization", [x, *names], [y], name=name), inits
 
 
-def tiny_mlp(var: np.ndarray, seed: int = 0) -> onnx.ModelProto:
-    """BN(input, variances `var`) -> Gemm -> BN -> Relu -> Gemm -> logits, float32."""
+def tiny_mlp(var: np.ndarray, seed: int = 0, mean: float = 4.0) -> onnx.ModelProto:
+    """BN(input, variances `var`, means about `mean`) -> Gemm -> BN -> Relu -> Gemm -> logits,
+    float32."""
     rng = np.random.default_rng(seed)
     f32 = np.float32
     in_bn = {
         "s": np.ones(N_IN, f32),
         "b": np.zeros(N_IN, f32),
-        "mu": rng.normal(4, 1, N_IN).astype(f32),
+        "mu": (mean + rng.normal(0, 1, N_IN) * (mean != 0)).astype(f32),
         "var": var.astype(f32),
     }
     hid_bn = {
@@ -117,8 +118,10 @@ def test_forward_fold_guard_keeps_the_bn_that_widens_the_next_weight() -> None:
 
 
 def test_forward_fold_guard_folds_an_even_scale() -> None:
-    guarded = fold_model(tiny_mlp(np.full(N_IN, 0.25)), max_row_range_growth=2.0)
-    assert guarded.report.n_folded == 2  # every input row scaled alike: the range is unchanged
+    # Every input row scaled alike: the weight's range is unchanged; centred inputs of one
+    # spread: so is the activation range.
+    guarded = fold_model(tiny_mlp(np.full(N_IN, 0.25), mean=0.0), max_row_range_growth=2.0)
+    assert guarded.report.n_folded == 2
 
 
 def test_weight_range_is_mean_max_over_rms_per_output_channel() -> None:
@@ -355,3 +358,71 @@ def test_shipped_digits_quantized_from_its_checkpoint_keeps_accuracy(
     assert test["source"].startswith("the checkpoint's test split") and test["rows"] == 270
     assert test["accuracy_float"] - test["accuracy_int8"] <= 0.005  # within 0.5 points
     assert proof["basis"] == "accuracy drop on labelled data"
+
+
+def _wide_concat_bn() -> onnx.ModelProto:
+    """Concat(income-like column, 3 narrow columns) -> BN (their statistics) -> Gemm."""
+    rng = np.random.default_rng(5)
+    f32 = np.float32
+    p = {
+        "s": np.ones(4, f32),
+        "b": np.zeros(4, f32),
+        "mu": np.array([5e4, 0, 0, 0], f32),
+        "var": np.array([4e8, 0.09, 0.09, 0.09], f32),
+    }
+    bn, inits = _bn("in_bn", "cat", "z", p)
+    nodes = [
+        helper.make_node("Concat", ["wide", "narrow"], ["cat"], axis=1, name="concat"),
+        bn,
+        helper.make_node("Gemm", ["z", "W", "bias"], ["logits"], name="gemm"),
+    ]
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(f32), "W"),
+        numpy_helper.from_array(np.zeros(3, f32), "bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tab",
+        [
+            helper.make_tensor_value_info("wide", TensorProto.FLOAT, ["n", 1]),
+            helper.make_tensor_value_info("narrow", TensorProto.FLOAT, ["n", 3]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_forward_fold_guard_keeps_a_bn_over_inputs_of_very_different_ranges(
+    tmp_path: Path,
+) -> None:
+    model = _wide_concat_bn()
+    entry = _entry(fold_model(model, max_row_range_growth=2.0), "in_bn")
+    assert entry.status == "left" and "un-normalized" in entry.reason
+    rng = np.random.default_rng(6)
+    feeds = {
+        "wide": rng.normal(5e4, 2e4, (256, 1)).astype(np.float32),
+        "narrow": rng.normal(0, 0.3, (256, 3)).astype(np.float32),
+    }
+    onnx.save(model, tmp_path / "tab.onnx")
+    np.savez(tmp_path / "x.npz", **feeds)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = ref.run(None, feeds)[0]
+    sqnr = {}
+    for growth in ("2", "0"):  # 0: fold every BN
+        out = tmp_path / f"tab.{growth}.onnx"
+        argv = ["quantize", str(tmp_path / "tab.onnx"), "-o", str(out), "-q"]
+        argv += ["--calibrate", str(tmp_path / "x.npz"), "--max-row-range-growth", growth]
+        assert main([*argv, "--max-accuracy-drop", "100"]) == 0
+        q = onnx.load(out)
+        if growth == "2":  # the Concat feeding the kept BN stays float: no per-tensor scale
+            concat_out = next(n for n in q.graph.node if n.op_type == "Concat").output[0]
+            assert not any(
+                n.op_type == "QuantizeLinear" and n.input[0] == concat_out for n in q.graph.node
+            )
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        sqnr[growth] = sqnr_db(y, sess.run(None, feeds)[0])
+    assert sqnr["2"] > 25.0 and sqnr["2"] > sqnr["0"] + 10.0

@@ -209,7 +209,11 @@ def quantize_file(
             (f"the checkpoint's test split ({n} rows)", predictor.feeds(test_feeds), labels)
         )
     probes.append((f"calibration data ({rows} rows)", feeds, None))
-    reasons = {e.node: "left by the fold (above)" for e in result.fold_report.left}
+    reasons = {
+        n: "kept in float: it computes the input of a BatchNormalization the fold left"
+        for n in result.excluded
+    }
+    reasons.update({e.node: "left by the fold (above)" for e in result.fold_report.left})
     classifier = [predictor.output_names[0]] if predictor.task == "classification" else []
     if not classifier and predictor.output_names[0] == "logits":
         classifier = ["logits"]
@@ -225,7 +229,7 @@ def quantize_file(
     lines = [f"kernels: {kernels.describe()}", f"calibration: {source}"]
     lines.append(f"fold: folded {report.n_folded} of {report.n_bn} BatchNormalization nodes")
     lines.extend(f"  left    {e.node}: {e.reason}" for e in report.left)
-    lines.append(_quantized_line(result.model, proof, report.nodes_before))
+    lines.append(_quantized_line(result.model, report.nodes_before))
     lines.extend(render(proof))
     if not proof:
         print("\n".join(lines))
@@ -252,22 +256,14 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _quantized_line(model: Any, proof: Any, nodes_before: int) -> str:
+def _quantized_line(model: Any, nodes_before: int) -> str:
     """ "quantized: Gemm 3 in INT8; QuantizeLinear 4, DequantizeLinear 10; nodes 8 -> 18"."""
-    from collections import Counter
+    from bn_onnx.quantize.proof import QDQ_OPS, int8_ops
 
-    from bn_onnx.quantize.proof import QDQ_OPS
-
-    floats = {f.node for f in proof.float_ops}
-    ops = Counter(n.op_type for n in model.graph.node)
-    int8 = Counter(
-        n.op_type
-        for n in model.graph.node
-        if n.op_type not in QDQ_OPS and (n.name or f"{n.op_type}({n.output[0]})") not in floats
-    )
-    inside = ", ".join(f"{op} {k}" for op, k in sorted(int8.items())) or "no op"
-    qdq = ", ".join(f"{op} {ops[op]}" for op in QDQ_OPS)
-    return f"quantized: {inside} in INT8; {qdq}; nodes {nodes_before} -> {len(model.graph.node)}"
+    ops = [n.op_type for n in model.graph.node]
+    inside = ", ".join(f"{op} {k}" for op, k in int8_ops(model).items()) or "no op"
+    qdq = ", ".join(f"{op} {ops.count(op)}" for op in QDQ_OPS)
+    return f"quantized: {inside} in INT8; {qdq}; nodes {nodes_before} -> {len(ops)}"
 
 
 def export_quantized(args: argparse.Namespace, on_start: Any = None) -> int:

@@ -111,6 +111,9 @@ def fold_into_following(
         if isinstance(plan, Refusal):
             return plan
         rewrites.append(plan)
+    wide = quant_guard.input_refusal(site, ctx, max_growth)
+    if wide is not None:
+        return wide
 
     def rewrite() -> None:
         for fn in rewrites:

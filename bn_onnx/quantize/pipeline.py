@@ -7,8 +7,8 @@
    optimizations (constant folding, redundant nodes, Conv+Add/Mul fusions) saved with
    `optimized_model_filepath`.
 3. `onnxruntime.quantization.quantize_static`: QDQ format, per-channel weights, MinMax
-   calibration on the given feeds; BatchNormalization nodes the fold left are excluded (they
-   run in float; onnxruntime would quantize their scale per tensor).
+   calibration on the given feeds; BatchNormalization nodes the fold left, and the nodes
+   computing their input, are excluded (`float_nodes`): they run in float.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ DEFAULT_MAX_GROWTH = 2.0
 CALIBRATION_BATCH = 256
 QUANTIZED_META = "bn_onnx.quantized"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ class QuantizeResult:
         model: the QDQ model (weights int8/uint8 per channel, activations uint8).
         fold_report: the quantization-aware fold's report (BNs folded and left, with reasons).
         kernels: the kernels quantized for.
-        excluded: nodes kept out of quantization (the BNs left), by name.
+        excluded: nodes kept out of quantization (`float_nodes`), by name.
     """
 
     model: onnx.ModelProto
@@ -105,6 +106,27 @@ def preprocess(model: onnx.ModelProto, path: Path) -> None:
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {line}") from None
 
 
+def float_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes kept out of quantization: every BatchNormalization the fold left and the
+    nodes that compute its input up to a linear node (a tabular model's fill, lookups,
+    embeddings and Concat: one per-tensor scale over incomes and embeddings would erase the
+    embeddings; the BN normalizes them in float and its output gets the scale)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    kept = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    names = [n.name for n in kept]
+    todo = [n.input[0] for n in kept if n.input]
+    seen: set[str] = set()
+    while todo:
+        value = todo.pop()
+        node = producer.get(value)
+        if node is None or node.name in seen or node.op_type in LINEAR_OPS:
+            continue
+        seen.add(node.name)
+        names.append(node.name)
+        todo.extend(x for x in node.input if x)
+    return names
+
+
 def quantize_model(
     model: onnx.ModelProto,
     calibration: Sequence[Mapping[str, np.ndarray]],
@@ -132,7 +154,7 @@ def quantize_model(
     with tempfile.TemporaryDirectory(prefix="bn-onnx-quantize-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         preprocess(folded.model, pre)
-        excluded = [n.name for n in onnx.load(pre).graph.node if n.op_type == "BatchNormalization"]
+        excluded = float_nodes(onnx.load(pre).graph)
         weight = QuantType.QInt8 if kernels.weight_signed else QuantType.QUInt8
         logger = logging.getLogger()
         level = logger.level

@@ -141,26 +141,44 @@ def compare_probe(
     return ProbeResult(source, rows, outputs, acc_f, acc_q)
 
 
+def _float_inputs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, list[str], list[str]]]:
+    """Per node other than Q/DQ: its float inputs, and those not produced by a
+    DequantizeLinear."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+    types.update({v.name: v.type.tensor_type.elem_type for v in graph.output})
+    types.update({t.name: t.data_type for t in graph.initializer})
+    producer = {o: n for n in graph.node for o in n.output}
+    out = []
+    for node in graph.node:
+        if node.op_type in QDQ_OPS:
+            continue
+        floats = [x for x in node.input if x and types.get(x) in FLOAT_TYPES]
+        plain = [x for x in floats if _op(producer.get(x)) != "DequantizeLinear"]
+        out.append((node, floats, plain))
+    return out
+
+
+def int8_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type -> count of the nodes that compute on quantized values: every float input
+    comes from a DequantizeLinear (onnxruntime fuses them into integer kernels)."""
+    counts: dict[str, int] = {}
+    for node, floats, plain in _float_inputs(model):
+        if floats and not plain:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def float_ops(model: onnx.ModelProto, reasons: Mapping[str, str] | None = None) -> list[FloatOp]:
     """Every node of a QDQ model that computes in float: a float input not produced by a
     DequantizeLinear. `reasons`: node name -> why it stays (the fold's reasons for BNs)."""
     from onnxruntime.quantization.registry import QDQRegistry
 
     reasons = reasons or {}
-    graph = onnx.shape_inference.infer_shapes(model).graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
-    types.update({v.name: v.type.tensor_type.elem_type for v in graph.output})
-    types.update({t.name: t.data_type for t in graph.initializer})
-    producer = {o: n for n in graph.node for o in n.output}
-    inputs = {v.name for v in graph.input}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inputs = {v.name for v in model.graph.input}
     out = []
-    for node in graph.node:
-        if node.op_type in QDQ_OPS:
-            continue
-        floats = [x for x in node.input if x and types.get(x) in FLOAT_TYPES]
-        plain = [
-            x for x in floats if getattr(producer.get(x), "op_type", None) != "DequantizeLinear"
-        ]
+    for node, _, plain in _float_inputs(model):
         if not plain:
             continue
         name = node.name or f"{node.op_type}({node.output[0]})"
@@ -176,6 +194,10 @@ def float_ops(model: onnx.ModelProto, reasons: Mapping[str, str] | None = None) 
             why = f"its input {plain[0]!r} comes from {what}, not from a DequantizeLinear"
         out.append(FloatOp(name, node.op_type, why))
     return out
+
+
+def _op(node: onnx.NodeProto | None) -> str | None:
+    return node.op_type if node is not None else None
 
 
 def prove(
