@@ -38,6 +38,8 @@ DEFAULT_MAX_GROWTH = 2.0
 CALIBRATION_BATCH = 256
 QUANTIZED_META = "bn_onnx.quantized"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# Above this the float model needs external data, which the pipeline does not handle yet.
+MAX_BYTES = 1 << 30
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -143,13 +145,20 @@ def quantize_model(
         max_row_range_growth: the quantization-aware fold's bound (None: fold every BN).
 
     Raises:
-        UnsupportedModelError: the model is not valid ONNX, onnxruntime cannot load it, or
-            the quantizer fails on it.
+        UnsupportedModelError: the model is not valid ONNX, its tensors exceed 1 GiB,
+            onnxruntime cannot load it, or the quantizer fails on it.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from bn_onnx.onnx_io import tensor_bytes
+
     if not calibration:
         raise UnsupportedModelError("no calibration data")
+    if tensor_bytes(model) > MAX_BYTES:
+        raise UnsupportedModelError(
+            f"the model's tensors take {tensor_bytes(model):,} bytes: quantizing models near"
+            " 2 GB (external data) is not supported yet"
+        )
     folded = fold_model(model, max_row_range_growth=max_row_range_growth)
     with tempfile.TemporaryDirectory(prefix="bn-onnx-quantize-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
