@@ -188,6 +188,11 @@ def quantize_model(
             logger.setLevel(level)
         q = onnx.load(out)
     _carry_metadata(folded.model, q, kernels)
+    try:
+        onnx.checker.check_model(q, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        line = str(exc).strip().splitlines()[0]
+        raise UnsupportedModelError(f"the quantized model fails the checker: {line}") from None
     return QuantizeResult(model=q, fold_report=folded.report, kernels=kernels, excluded=excluded)
 
 
