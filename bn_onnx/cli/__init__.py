@@ -20,7 +20,18 @@ from bn_onnx import __version__
 from bn_onnx.errors import BnOnnxError
 
 # Order in `--help`; modules not listed here come after, alphabetically.
-ORDER = ["train", "export", "fold", "inspect", "verify", "run", "bench", "serve", "serve_web"]
+ORDER = [
+    "train",
+    "export",
+    "fold",
+    "quantize",
+    "inspect",
+    "verify",
+    "run",
+    "bench",
+    "serve",
+    "serve_web",
+]
 
 
 def _command_modules() -> list[str]:

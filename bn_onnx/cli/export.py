@@ -21,6 +21,7 @@ embeddings inside the graph and the columns in the metadata `bn_onnx.columns`.
 example:
   bn-onnx export runs/digits -o digits.onnx
   bn-onnx export runs/digits -o digits.folded.onnx --fold
+  bn-onnx export runs/digits -o digits.int8.onnx --quantize
 """
 
 
@@ -48,6 +49,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="with --fold, also fold the constants the exporter left and remove dead code "
         "(default); --no-cleanup changes nothing but the BatchNormalization nodes",
     )
+    p.add_argument(
+        "--quantize",
+        action="store_true",
+        help="write an INT8 (QDQ) model instead, calibrated and proven on the checkpoint's "
+        "splits as `bn-onnx quantize --checkpoint` does",
+    )
+    p.add_argument("--accurate", action="store_true", help="with --quantize: u8u8 kernels (slower)")
     p.add_argument(
         "--opset", type=positive_int, default=18, metavar="N", help="ONNX opset (default 18)"
     )
@@ -85,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_opset(args.opset)
     progress = _Progress(args.quiet)
+    if args.quantize:
+        from bn_onnx.cli.quantize import export_quantized
+
+        try:
+            return export_quantized(args, on_start=progress.start)
+        finally:
+            progress.stop()
     try:
         result = export_checkpoint(
             args.checkpoint,

@@ -283,7 +283,11 @@ def _own_constant_tensors(model: ir.Model) -> None:
 
 
 def fold_in_place(
-    model: ir.Model, *, cleanup: bool = True, check_output: bool = False
+    model: ir.Model,
+    *,
+    cleanup: bool = True,
+    check_output: bool = False,
+    max_row_range_growth: float | None = None,
 ) -> FoldReport:
     """Fold `model` in place with `FoldBatchNormPass`, then clean it; return the report.
 
@@ -291,7 +295,8 @@ def fold_in_place(
     an exporter left and removes dead code; the report's `nodes_after`/`initializers_after`,
     its `cleanup` counts, its `renamed` map and the `bn_onnx.folded` metadata are taken after
     it. With `check_output`, the final model is validated (checker and strict shape
-    inference).
+    inference). `max_row_range_growth` (for INT8: `bn_onnx.fold.quant_guard`) keeps a BN whose
+    forward fold would widen a weight's per-channel range more than that factor.
 
     Raises:
         InvalidModelError: the model is not valid ONNX.
@@ -300,7 +305,7 @@ def fold_in_place(
     graph = model.graph
     original = {v.name for v in _computed_values(graph)}
     with quiet_onnx_ir():
-        result = FoldBatchNormPass()(model)
+        result = FoldBatchNormPass(rules=rules_for(max_row_range_growth))(model)
     assert isinstance(result, FoldPassResult) and result.report is not None
     report = result.report
     if cleanup:
@@ -328,6 +333,14 @@ def fold_in_place(
     return report
 
 
+def rules_for(max_row_range_growth: float | None) -> tuple[Rule, ...]:
+    """DEFAULT_RULES, the forward fold bounded by `max_row_range_growth` when given."""
+    if max_row_range_growth is None:
+        return DEFAULT_RULES
+    bounded = following.guarded(max_row_range_growth)
+    return tuple(bounded if r is following.RULE else r for r in DEFAULT_RULES)
+
+
 def _computed_values(graph: ir.Graph) -> Iterator[ir.Value]:
     """The main graph's inputs and node outputs (the values `verify --locate` compares)."""
     yield from graph.inputs
@@ -336,7 +349,11 @@ def _computed_values(graph: ir.Graph) -> Iterator[ir.Value]:
 
 
 def fold_model(
-    model: onnx.ModelProto | ir.Model, *, check_output: bool = False, cleanup: bool = True
+    model: onnx.ModelProto | ir.Model,
+    *,
+    check_output: bool = False,
+    cleanup: bool = True,
+    max_row_range_growth: float | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNormalization of `model`, then clean it; the input model is
     not changed.
@@ -347,6 +364,9 @@ def fold_model(
         cleanup: run `bn_onnx.fold.cleanup.cleanup` after the fold (constants the exporter
             left, dead code, duplicate initializers); False leaves every node other than the
             folded BNs (and the constants only they read) as it was.
+        max_row_range_growth: keep a BN whose fold into the node after it would widen that
+            weight's per-channel range (mean max/rms) more than this factor: the
+            quantization-aware fold (`bn_onnx.fold.quant_guard`); None folds regardless.
 
     Returns:
         The folded model, of the type given, and the report.
@@ -357,7 +377,12 @@ def fold_model(
     """
     as_proto = isinstance(model, onnx.ModelProto)
     work = to_ir(model) if as_proto else model.clone()  # type: ignore[union-attr]
-    report = fold_in_place(work, cleanup=cleanup, check_output=check_output)
+    report = fold_in_place(
+        work,
+        cleanup=cleanup,
+        check_output=check_output,
+        max_row_range_growth=max_row_range_growth,
+    )
     with quiet_onnx_ir():
         out = ir.serde.serialize_model(work) if as_proto else work
     return FoldResult(model=out, report=report)

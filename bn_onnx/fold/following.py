@@ -26,12 +26,13 @@ CastLike's type input) are rewired to x, whose shape and type are y's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import casts, layout, lazy, legacy, pools, splits
+from bn_onnx.fold import casts, layout, lazy, legacy, pools, quant_guard, splits
 from bn_onnx.fold import math as fm
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
@@ -78,8 +79,14 @@ def _forward_step(node: ir.Node) -> ForwardStep | None:
     return next((fn for claims, fn in FORWARD_STEPS if claims(node)), None)
 
 
-def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output."""
+def fold_into_following(
+    site: AffineSite, ctx: FoldContext, *, max_growth: float | None = None
+) -> Plan | Refusal:
+    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output.
+
+    `max_growth`: refuse a fold that widens a weight's per-channel range past this factor
+    (`quant_guard`); None: no bound.
+    """
     y = site.y
     if y.is_graph_output():
         return Refusal(f"its output {y.name!r} is a graph output")
@@ -119,10 +126,13 @@ def fold_into_following(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
                 )
     rewrites: list[Callable[[], None]] = []
     for node, value, ch in readers:
-        plan = TARGETS_AFTER[node.op_type](site, ctx, node, value, ch)
+        plan = TARGETS_AFTER[node.op_type](site, ctx, node, value, ch, max_growth)
         if isinstance(plan, Refusal):
             return plan
         rewrites.append(plan)
+    wide = quant_guard.input_refusal(site, ctx, max_growth)
+    if wide is not None:
+        return wide
 
     def rewrite() -> None:
         for fn in rewrites:
@@ -139,7 +149,12 @@ def _reads_as_data(node: ir.Node, value: ir.Value, ch: Channels) -> Refusal | No
 
 
 def _into_linear_after(
-    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
+    site: AffineSite,
+    ctx: FoldContext,
+    node: ir.Node,
+    value: ir.Value,
+    ch: Channels,
+    max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
     wrong = _reads_as_data(node, value, ch)
     if wrong is not None:
@@ -168,8 +183,12 @@ def _into_linear_after(
         if isinstance(b, Refusal):
             return b
         alpha, beta = attr_float(node, "alpha", 1.0), attr_float(node, "beta", 1.0)
+        factor = fm.following_factor(a, trans_b, weight_scale=alpha)
+        wide = quant_guard.refusal(site, node, w, factor, 0 if trans_b else 1, max_growth)
+        if wide is not None:
+            return wide
         try:
-            w_r = lazy.scaled(w, fm.following_factor(a, trans_b, weight_scale=alpha))
+            w_r = lazy.scaled(w, factor)
             new_b = fm.following_bias(w, b, c, trans_b, weight_scale=alpha, bias_scale=beta)
             b_r = fm.round_to(new_b, w.dtype)
         except ValueError as exc:
@@ -212,6 +231,9 @@ def _into_linear_after(
                 if not isinstance(b, Refusal) and b is not None and legacy_ok:
                     add = (add_node, pos, b)
     b = add[2] if add else None
+    wide = quant_guard.refusal(site, node, w, fm.following_factor(a, False), 1, max_growth)
+    if wide is not None:
+        return wide
     try:
         w_r = lazy.scaled(w, fm.following_factor(a, transposed=False))
         new_b = fm.following_bias(w, b, c)
@@ -303,7 +325,12 @@ def _conv_transpose_refusal(
 
 
 def _into_conv_after(
-    site: AffineSite, ctx: FoldContext, node: ir.Node, value: ir.Value, ch: Channels
+    site: AffineSite,
+    ctx: FoldContext,
+    node: ir.Node,
+    value: ir.Value,
+    ch: Channels,
+    max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
     """Rule 21: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
     wrong = _reads_as_data(node, value, ch)
@@ -341,8 +368,12 @@ def _into_conv_after(
         b = ctx.const(b_value) if not ctx.is_graph_input(b_value) else None
         if b is None or b.shape != (c_out,):
             return Refusal(f"bias {b_value.name!r} is not a constant vector of {c_out}")
+    factor = fm.conv_input_factor(a, w.shape, group, transpose)
+    wide = quant_guard.refusal(site, node, w, factor, 1 if transpose else 0, max_growth)
+    if wide is not None:
+        return wide
     try:
-        w_r = lazy.scaled(w, fm.conv_input_factor(a, w.shape, group, transpose))
+        w_r = lazy.scaled(w, factor)
         shift = fm.conv_input_shift(w, c, group, transpose)
         b_r = fm.round_to(shift if b is None else b.astype(np.float64) + shift, w.dtype)
     except ValueError as exc:
@@ -356,10 +387,12 @@ def _into_conv_after(
 
 
 IntoAfter = Callable[
-    [AffineSite, FoldContext, ir.Node, ir.Value, Channels], "Callable[[], None] | Refusal"
+    [AffineSite, FoldContext, ir.Node, ir.Value, Channels, "float | None"],
+    "Callable[[], None] | Refusal",
 ]
 # The linear nodes a site folds into from before them, by op type: `fn(site, ctx, node, value
-# it reads, channels on it) -> rewrite | Refusal`; a new target op is one function and one entry.
+# it reads, channels on it, max_growth) -> rewrite | Refusal`; a new target op is one function
+# and one entry.
 TARGETS_AFTER: dict[str, IntoAfter] = {
     "Gemm": _into_linear_after,
     "MatMul": _into_linear_after,
@@ -369,3 +402,8 @@ TARGETS_AFTER: dict[str, IntoAfter] = {
 LINEAR_AFTER = tuple(TARGETS_AFTER)
 
 RULE = Rule("following", "after", fold_into_following)
+
+
+def guarded(max_growth: float) -> Rule:
+    """The rule with the quantization-aware bound (`quant_guard`)."""
+    return Rule("following", "after", functools.partial(fold_into_following, max_growth=max_growth))

@@ -64,6 +64,12 @@ def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np
         )
     w = ctx.const(value)
     if w is None:
+        src = value.producer() if value is not None else None
+        if src is not None and src.op_type == "DequantizeLinear":  # a QDQ (QAT) model
+            return Refusal(
+                f"weight {name!r} is quantized (DequantizeLinear {label(src)!r}): folding would"
+                " change its INT8 values and scales; fold the float model before quantizing"
+            )
         return Refusal(f"weight {name!r} is not a constant")
     if ndim is not None and w.ndim != ndim:
         return Refusal(f"weight {name!r} has rank {w.ndim}, not {ndim}")
