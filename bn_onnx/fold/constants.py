@@ -13,7 +13,7 @@ an attribute that refers to a function attribute is never evaluated.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -228,15 +228,14 @@ class Constants:
             if dtype not in FLOAT_DTYPES:
                 return
             out = [values[0].astype(dtype)]  # type: ignore[union-attr]
+        elif node.op_type in ("Squeeze", "Unsqueeze"):
+            try:
+                out = [_squeeze(node, values, self.ctx.opset)]
+            except Exception:  # invalid axes: not a constant (the runtime refuses it)
+                return
         else:
             try:
-                from onnx.reference import ReferenceEvaluator
-
-                proto = ir.serde.serialize_node(node)
-                feeds = {
-                    v.name: x for v, x in zip(node.inputs, values, strict=True) if v is not None
-                }
-                out = ReferenceEvaluator(proto, opsets={"": self.ctx.opset}).run(None, feeds)
+                out = _reference_run(node, values, self.ctx.opset)
             except Exception:  # not evaluable: treat as not constant
                 return
         results = []
@@ -248,3 +247,57 @@ class Constants:
         for value, arr in results:
             self.cache[value] = arr
         self.nodes.add(node)
+
+
+def _reference_run(node: ir.Node, values: list[np.ndarray | None], opset: int) -> list[Any]:
+    """Run one node in onnx.reference at the model's opset.
+
+    Given a bare NodeProto, onnx.reference runs the newest version of the op whatever
+    `opsets` says (a Squeeze-11's `axes` attribute is then ignored and every 1 dim goes): the
+    node is wrapped in a graph, for which it honours the opset.
+    """
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    proto = ir.serde.serialize_node(node)
+    feeds = {v.name: x for v, x in zip(node.inputs, values, strict=True) if v is not None}
+    graph = onnx.helper.make_graph(
+        [proto],
+        "constant",
+        [onnx.helper.make_empty_tensor_value_info(name) for name in feeds],
+        [onnx.helper.make_empty_tensor_value_info(name) for name in proto.output if name],
+    )
+    return ReferenceEvaluator(graph, opsets={"": opset}).run(None, feeds)
+
+
+def _squeeze(node: ir.Node, values: list[np.ndarray | None], opset: int) -> np.ndarray:
+    """Squeeze or Unsqueeze in numpy, axes from the attribute (opset < 13) or the input.
+
+    onnx.reference's Unsqueeze-1/-11 inserts the axes one at a time, which is wrong for
+    negative ones (`axes=[-2, -1]` of a [4] vector gives [1, 4, 1], not [4, 1, 1]).
+
+    Raises:
+        ValueError: axes missing (Unsqueeze), out of range or repeated.
+    """
+    data = values[0]
+    assert data is not None
+    if opset < 13:
+        attr = node.attributes.get("axes")
+        axes = None if attr is None else [int(a) for a in attr.as_ints()]
+    else:
+        given = values[1] if len(values) > 1 else None
+        axes = None if given is None else [int(a) for a in given.reshape(-1)]
+    if node.op_type == "Squeeze":
+        if axes is None:
+            return np.squeeze(data)
+        axes = [a + data.ndim if a < 0 else a for a in axes]
+        if len(set(axes)) != len(axes) or any(not 0 <= a < data.ndim for a in axes):
+            raise ValueError(f"Squeeze axes {axes} for rank {data.ndim}")
+        return np.squeeze(data, axis=tuple(axes))
+    if axes is None:
+        raise ValueError("Unsqueeze without axes")
+    rank = data.ndim + len(axes)
+    axes = [a + rank if a < 0 else a for a in axes]
+    if len(set(axes)) != len(axes) or any(not 0 <= a < rank for a in axes):
+        raise ValueError(f"Unsqueeze axes {axes} for output rank {rank}")
+    return np.expand_dims(data, axis=tuple(sorted(axes)))
