@@ -230,3 +230,17 @@ def test_bn9_with_empty_optional_outputs_is_inference_mode_and_folds(tmp_path):
     z = x.astype(np.float64) @ w
     want = s * (z - m) / np.sqrt(v + 1e-5) + b  # float64 BatchNormalization, epsilon 1e-5
     np.testing.assert_allclose(_session(folded).run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_in_place_without_reload_falls_back_on_its_own_clone(monkeypatch):
+    import onnx_ir as ir
+
+    from bn_onnx.fold import fold_in_place
+
+    _upstream_reshape_rule(monkeypatch)
+    model = ir.load(GAP_CASE)
+    report = fold_in_place(model)
+    assert list(report.checks["dropped_steps"]) == ["rewrite_rules"]
+    folded = ir.serde.serialize_model(model)
+    x = np.random.default_rng(8).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    _assert_valid_and_same(onnx.load(GAP_CASE), folded, x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import onnx
@@ -296,7 +296,12 @@ def _own_constant_tensors(model: ir.Model) -> None:
 
 
 def fold_in_place(
-    model: ir.Model, *, cleanup: bool = True, check_output: bool = False, guard: bool = True
+    model: ir.Model,
+    *,
+    cleanup: bool = True,
+    check_output: bool = False,
+    guard: bool = True,
+    reload: Callable[[], ir.Model] | None = None,
 ) -> FoldReport:
     """Fold `model` in place with `FoldBatchNormPass`, then clean it; return the report.
 
@@ -306,7 +311,10 @@ def fold_in_place(
     it. With `guard` (the default), the result is checked (`bn_onnx.fold.guard`: the full
     checker with strict shape inference, and an onnxruntime session where onnxruntime loads
     the input): a cleanup step that breaks the model is left out (or the whole cleanup), and
-    the report's `checks` says which and why. With `check_output`, the final model is
+    the report's `checks` says which and why. The fold alone, which that needs, is made again
+    from `reload()` (a fresh copy of the input: a file read again, a proto deserialized) only
+    when the check fails; without `reload`, the folded model is cloned before the cleanup
+    (O(nodes): 0.27 s for 10,000 nodes here). With `check_output`, the final model is
     validated once more (checker and strict shape inference).
 
     Raises:
@@ -326,7 +334,7 @@ def fold_in_place(
     report = result.report
     checker = OutputChecker(fold_pass.input_skeleton) if guard else None
     if cleanup:
-        snapshot = model.clone() if checker is not None else None
+        snapshot = model.clone() if checker is not None and reload is None else None
         problem = None
         try:
             _clean(model, report, original, ())
@@ -337,7 +345,11 @@ def fold_in_place(
         if checker is not None:
             problem = problem or checker.problem(model)
             if problem is not None:
-                assert snapshot is not None
+                if snapshot is None:
+                    assert reload is not None
+                    snapshot = reload()
+                    with quiet_onnx_ir():
+                        FoldBatchNormPass()(snapshot)  # the fold alone, once more
                 _fall_back(model, snapshot, report, original, checker, problem)
     elif checker is not None and (problem := checker.problem(model)) is not None:
         raise _refusal(problem)
@@ -458,8 +470,14 @@ def fold_model(
         FoldOutputError: (a RuntimeError) the result failed `check_output`: a bug in the pass.
     """
     as_proto = isinstance(model, onnx.ModelProto)
-    work = to_ir(model) if as_proto else model.clone()  # type: ignore[union-attr]
-    report = fold_in_place(work, cleanup=cleanup, check_output=check_output, guard=guard)
+
+    def fresh() -> ir.Model:
+        return to_ir(model) if as_proto else model.clone()  # type: ignore[arg-type, union-attr]
+
+    work = fresh()
+    report = fold_in_place(
+        work, cleanup=cleanup, check_output=check_output, guard=guard, reload=fresh
+    )
     with quiet_onnx_ir():
         out = ir.serde.serialize_model(work) if as_proto else work
     return FoldResult(model=out, report=report)

@@ -253,7 +253,7 @@ def fold_file(
     step("loading")
     model = load_model(src)
     step("folding")
-    report = fold_in_place(model, cleanup=cleanup)
+    report = fold_in_place(model, cleanup=cleanup, reload=lambda: load_model(src))
     step("writing")
     save_model(model, out, external_data=external_data, release=True)
     del model
