@@ -194,6 +194,10 @@ class OutputComparison:
     argmax_agreement: float | None = None
     note: str | None = None
     origin: str | None = None  # where atol/rtol came from, e.g. "float16 default"
+    # Elements outside atol/rtol that a further judgment accepted (verify: no further from
+    # float64 than the original model is), not counted in n_mismatched, and why.
+    n_forgiven: int = 0
+    forgiven: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -248,6 +252,8 @@ class OutputComparison:
             "argmax_agreement": self.argmax_agreement,
             "note": self.note,
             "tolerance_origin": self.origin,
+            "n_forgiven": self.n_forgiven,
+            "forgiven": self.forgiven,
         }
 
 

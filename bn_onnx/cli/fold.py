@@ -80,6 +80,22 @@ def summary_lines(report: Any, src: str, dst: str) -> list[str]:
     )
     if report.cleanup is not None:
         lines.append(cleanup_line(report.cleanup))
+    lines.extend(check_lines(report.checks))
+    return lines
+
+
+def check_lines(checks: dict[str, Any] | None) -> list[str]:
+    """What the output check left out, one line each (none when it left out nothing), e.g.
+    "cleanup: left out rewrite_rules (onnxruntime: ... Unrecognized attribute: allowzero ...)"."""
+    if not checks:
+        return []
+    lines = []
+    steps = checks.get("dropped_steps") or {}
+    if steps:
+        reason = next(iter(steps.values()))
+        lines.append(f"cleanup: left out {', '.join(steps)} ({reason})")
+    if checks.get("cleanup_dropped"):
+        lines.append(f"cleanup: left out entirely ({checks['cleanup_dropped']})")
     return lines
 
 

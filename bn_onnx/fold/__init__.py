@@ -21,6 +21,7 @@ Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The pa
 - `lazy`: rewritten weights of external data computed when written;
 - `math`: the float64 arithmetic, pure numpy;
 - `validate`: the checker and strict shape inference on the model without its weights;
+- `guard`: the output check (checker, onnxruntime session) and the cleanup steps it drops;
 - `report`: the report objects.
 """
 
@@ -38,7 +39,7 @@ from bn_onnx.fold._pass import (
 from bn_onnx.fold.io import fold_file
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
 from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
-from bn_onnx.fold.validate import FoldOutputError, InvalidModelError
+from bn_onnx.fold.validate import FoldCheckError, FoldOutputError, InvalidModelError
 
 __all__ = [
     "DEFAULT_RULES",
@@ -47,6 +48,7 @@ __all__ = [
     "BnEntry",
     "BnInfo",
     "FoldBatchNormPass",
+    "FoldCheckError",
     "FoldOutputError",
     "FoldPassResult",
     "FoldReport",

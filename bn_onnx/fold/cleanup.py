@@ -56,6 +56,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 __all__ = [
+    "CLEANUP_STEPS",
     "DEFAULT_MAX_HEAVY_INPUT_ELEMENTS",
     "DEFAULT_MAX_NEW_ELEMENTS",
     "CleanupPass",
@@ -120,6 +121,17 @@ _QUIET_LOGGERS = (
     "onnxscript.optimizer._constant_folding",
 )
 _FOLDED_FROM_KEY = "pkg.onnxscript.optimizer.folded_from"
+# The cleanup's steps by name, in the order they run (`CleanupPass(skip=...)` leaves some out;
+# the fold's output check drops a step that breaks a model: `bn_onnx.fold.guard`).
+CLEANUP_STEPS = (
+    "constant_folding",  # onnxscript's FoldConstantsPass and the initializer Transpose fold
+    "rewrite_rules",  # onnxscript's default rewrite rules
+    "identity_elimination",
+    "remove_unused",  # dead nodes, unused initializers and functions
+    "lift_constants",
+    "deduplicate_initializers",
+    "common_subexpressions",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,6 +232,28 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
         return [int(v) for v in value.const_value.numpy().reshape(-1)]
     except (TypeError, ValueError):
         return None
+
+
+def _nonnegative_unsqueeze_axes(node: ir.Node) -> None:
+    """Write an Unsqueeze-11's negative `axes` attribute as the same axes counted from 0.
+
+    onnx.reference's Unsqueeze-1/-11, which onnxscript's folder runs, inserts the axes one at
+    a time, so `axes=[-2, -1]` of a [4] vector gives [1, 4, 1] instead of [4, 1, 1]. Counted
+    from 0 (output rank = input rank + number of axes) the attribute means the same and the
+    evaluator gets it right. The input must be a constant (its rank known).
+    """
+    attr = node.attributes.get("axes")
+    data = node.inputs[0] if node.inputs else None
+    if attr is None or attr.is_ref() or attr.type != ir.AttributeType.INTS:
+        return
+    if data is None or data.const_value is None:
+        return
+    axes = list(attr.as_ints())
+    if all(a >= 0 for a in axes):
+        return
+    rank = len(data.const_value.shape) + len(axes)
+    fixed = sorted(a + rank if a < 0 else a for a in axes)
+    node.attributes["axes"] = ir.AttrInt64s("axes", fixed)
 
 
 def _has_graph_attr(node: ir.Node) -> bool:
@@ -686,6 +720,13 @@ class CleanupPass(ir.passes.InPlacePass):
         fold_constants: False skips the Transpose fold of rule 0 and rules 1 and 2 (and never
             imports onnxscript).
         rewrite: False skips rule 2.
+        skip: names from `CLEANUP_STEPS` to leave out ("constant_folding": the Transpose fold
+            of rule 0 and rule 1; "rewrite_rules": rule 2; "identity_elimination": 3;
+            "remove_unused": 4; "lift_constants": 5; "deduplicate_initializers": the merges of
+            rules 0 and 6; "common_subexpressions": 7).
+
+    Raises:
+        ValueError: a name in `skip` is not a step.
     """
 
     def __init__(
@@ -695,8 +736,17 @@ class CleanupPass(ir.passes.InPlacePass):
         max_heavy_input_elements: int = DEFAULT_MAX_HEAVY_INPUT_ELEMENTS,
         fold_constants: bool = True,
         rewrite: bool = True,
+        skip: frozenset[str] | set[str] | tuple[str, ...] = (),
     ) -> None:
         super().__init__()
+        unknown = set(skip) - set(CLEANUP_STEPS)
+        if unknown:
+            raise ValueError(f"unknown cleanup steps {sorted(unknown)}; known: {CLEANUP_STEPS}")
+        self.skip = frozenset(skip)
+        if "constant_folding" in self.skip:
+            fold_constants = False
+        if "rewrite_rules" in self.skip:
+            rewrite = False
         self.rewrite = rewrite
         self.max_new_elements = max_new_elements
         self.max_heavy_input_elements = max_heavy_input_elements
@@ -719,6 +769,8 @@ class CleanupPass(ir.passes.InPlacePass):
             return False  # a function's attribute: its value is known only at the call
         if any(v is not None and v.const_value is None for v in node.inputs):
             return False
+        if node.op_type == "Unsqueeze" and self._opset < 13:
+            _nonnegative_unsqueeze_axes(node)
         in_sizes = [v.const_value.size for v in node.inputs if v is not None]  # type: ignore[union-attr]
         if node.op_type not in CHEAP_OPS and sum(in_sizes) > self.max_heavy_input_elements:
             return False
@@ -757,10 +809,13 @@ class CleanupPass(ir.passes.InPlacePass):
         modified = False
         used_folder = False
         rewrites = 0
+        skip = self.skip
         with _quiet_library_loggers():
             # Large duplicates first, while they are still the file's (memory-mapped) tensors.
-            deduplicated = _deduplicate_large_initializers(model, _SMALL_ELEMENTS)
-            modified |= deduplicated > 0
+            deduplicated = 0
+            if "deduplicate_initializers" not in skip:
+                deduplicated = _deduplicate_large_initializers(model, _SMALL_ELEMENTS)
+                modified |= deduplicated > 0
             if self.fold_constants:
                 modified |= _fold_initializer_transposes(model) > 0
             if self.fold_constants and needs_constant_folder(model):
@@ -771,16 +826,22 @@ class CleanupPass(ir.passes.InPlacePass):
                     if rewrites:
                         modified = True
                         self._run_constant_folder(model)
-            modified |= _SafeIdentityEliminationPass()(model).modified
-            modified |= common_passes.RemoveUnusedNodesPass()(model).modified
-            modified |= _remove_unused_subgraph_initializers(model) > 0
-            modified |= common_passes.RemoveUnusedFunctionsPass()(model).modified
-            modified |= _LiftConstantsPass(lift_all_constants=True, size_limit=0)(model).modified
-            n_inits = _count_initializers(model)
-            dedup = common_passes.DeduplicateInitializersPass(size_limit=_SMALL_ELEMENTS)
-            modified |= dedup(model).modified
-            deduplicated += n_inits - _count_initializers(model)
-            modified |= _SafeCommonSubexpressionEliminationPass()(model).modified
+            if "identity_elimination" not in skip:
+                modified |= _SafeIdentityEliminationPass()(model).modified
+            if "remove_unused" not in skip:
+                modified |= common_passes.RemoveUnusedNodesPass()(model).modified
+                modified |= _remove_unused_subgraph_initializers(model) > 0
+                modified |= common_passes.RemoveUnusedFunctionsPass()(model).modified
+            if "lift_constants" not in skip:
+                lift = _LiftConstantsPass(lift_all_constants=True, size_limit=0)
+                modified |= lift(model).modified
+            if "deduplicate_initializers" not in skip:
+                n_inits = _count_initializers(model)
+                dedup = common_passes.DeduplicateInitializersPass(size_limit=_SMALL_ELEMENTS)
+                modified |= dedup(model).modified
+                deduplicated += n_inits - _count_initializers(model)
+            if "common_subexpressions" not in skip:
+                modified |= _SafeCommonSubexpressionEliminationPass()(model).modified
         self._contract.restore_types(model)
         after = collections.Counter(n.op_type for n in _all_nodes(model))
         removed = {op: before[op] - after[op] for op in sorted(before | after)}
@@ -822,16 +883,57 @@ class CleanupPass(ir.passes.InPlacePass):
 
 
 def _rewrite_rules() -> Any:
-    """onnxscript's default rewrite rules without those `CleanupPass` rule 2 leaves out."""
+    """onnxscript's default rewrite rules without those `CleanupPass` rule 2 leaves out, and
+    with its Reshape-shape rule replaced by `_opset_safe_materialize_rule` (it writes
+    `allowzero=1`, an attribute Reshape has only from opset 14)."""
     from onnxscript import rewriter
-    from onnxscript.rewriter.rules.common import _basic_rules, _fuse_batchnorm, _no_op
+    from onnxscript.rewriter.rules.common import (
+        _basic_rules,
+        _fuse_batchnorm,
+        _materialize_reshape_shape,
+        _no_op,
+    )
 
     excluded = {
         id(rule)
         for rule in (*_fuse_batchnorm.rules.rules, *_no_op.rules.rules, _basic_rules.cast_cast_rule)
     }
-    rules = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if id(rule) not in excluded]
+    materialize = _materialize_reshape_shape.materialize_reshape_shape_rule
+    rules = [
+        _opset_safe_materialize_rule() if rule is materialize else rule
+        for rule in rewriter._DEFAULT_REWRITE_RULES
+        if id(rule) not in excluded
+    ]
     return rewriter.pattern.RewriteRuleSet(rules)
+
+
+def _opset_safe_materialize_rule() -> Any:
+    """onnxscript's MaterializeReshapeShape (a Reshape whose computed shape has at most one
+    unknown dim gets a constant shape), writing `allowzero=1` only where a dim is 0 (elsewhere
+    it changes nothing) and, there, only from opset 14; before, such a Reshape is kept."""
+    from onnxscript.rewriter.rules.common._materialize_reshape_shape import (
+        MaterializeReshapeShape,
+    )
+
+    class _OpsetSafeMaterializeReshapeShape(MaterializeReshapeShape):
+        def check(self, context, data, shape):  # type: ignore[no-untyped-def]
+            result = super().check(context, data, shape)
+            if not result:
+                return result
+            scope = context.graph_or_function
+            opset = scope.opset_imports.get("", context.model.opset_imports.get("", 0))
+            self._zero = 0 in self._new_dims
+            if self._zero and opset < 14:
+                return result.fail("a 0 dim needs allowzero=1, which Reshape has from opset 14")
+            return result
+
+        def rewrite(self, op, data, shape):  # type: ignore[no-untyped-def]
+            new_shape = op.Constant(value=ir.tensor(self._new_dims, dtype=ir.DataType.INT64))
+            if self._zero:
+                return op.Reshape(data, new_shape, allowzero=1)
+            return op.Reshape(data, new_shape)
+
+    return _OpsetSafeMaterializeReshapeShape.rule()
 
 
 def cleanup(
@@ -841,6 +943,7 @@ def cleanup(
     max_heavy_input_elements: int = DEFAULT_MAX_HEAVY_INPUT_ELEMENTS,
     fold_constants: bool = True,
     rewrite: bool = True,
+    skip: frozenset[str] | set[str] | tuple[str, ...] = (),
 ) -> CleanupResult:
     """Clean `model` in place after the BN fold; see `CleanupPass` for the rules.
 
@@ -852,6 +955,7 @@ def cleanup(
         fold_constants: False runs only the dead-code, Identity, lifting and deduplication
             passes, never importing onnxscript.
         rewrite: False leaves out onnxscript's rewrite rules (rule 2).
+        skip: steps of `CLEANUP_STEPS` to leave out (see `CleanupPass`).
 
     Returns:
         The counts of what changed.
@@ -864,6 +968,7 @@ def cleanup(
         max_heavy_input_elements=max_heavy_input_elements,
         fold_constants=fold_constants,
         rewrite=rewrite,
+        skip=skip,
     )
     result = cleanup_pass(model)
     assert isinstance(result, CleanupResult)

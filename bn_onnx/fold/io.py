@@ -288,7 +288,7 @@ def fold_file(
     }
     check_outputs(outputs, model_files(src, sorted(locations)), may_replace=may_replace)
     step("folding")
-    report = fold_in_place(model, cleanup=cleanup)
+    report = fold_in_place(model, cleanup=cleanup, reload=lambda: load_model(src))
     step("writing")
     with contextlib.nullcontext(group) if group is not None else OutputGroup() as g:
         save_model(

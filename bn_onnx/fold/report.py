@@ -57,6 +57,9 @@ class FoldReport:
         renamed: original value name -> name in the output, for values of the main graph that
             the output still computes under another name (for `bn-onnx verify --locate
             --fold-report`); values whose name did not change are not listed.
+        checks: the output check (`bn_onnx.fold.guard.OutputChecks.to_dict()`: `checker`,
+            `onnxruntime`, `dropped_steps` (cleanup step -> why it was left out),
+            `cleanup_dropped`), or None when the fold ran without it.
     """
 
     entries: list[BnEntry]
@@ -66,6 +69,7 @@ class FoldReport:
     initializers_after: int
     cleanup: dict[str, Any] | None = None
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)
+    checks: dict[str, Any] | None = None
 
     @property
     def n_bn(self) -> int:
@@ -103,6 +107,7 @@ class FoldReport:
             "bn": [e.to_dict() for e in self.entries],
             "cleanup": self.cleanup,
             "renamed": dict(self.renamed),
+            "checks": self.checks,
         }
 
     def to_json(self) -> str:

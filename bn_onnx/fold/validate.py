@@ -44,6 +44,11 @@ class FoldOutputError(RuntimeError, ir.passes.PostconditionError):
     """The fold produced an invalid model: a bug in the pass, not a user error."""
 
 
+class FoldCheckError(UnsupportedModelError):
+    """The fold itself (without the cleanup) made a model that fails the output check while
+    the input passes it: refused (exit 2), nothing is written."""
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message as one line of at most 300 characters.
 
@@ -263,6 +268,16 @@ def validate_model(model: ir.Model) -> ShapeTable:
         InvalidModelError: the model is not valid ONNX, with the checker's or shape
             inference's first line as the reason.
     """
+    return validate_skeleton(model)[1]
+
+
+def validate_skeleton(model: ir.Model) -> tuple[onnx.ModelProto, ShapeTable]:
+    """As `validate_model`, also returning the checked skeleton (the model without its big
+    initializers, declared as typed graph inputs), e.g. for an onnxruntime session.
+
+    The checks are those of `onnx.checker.check_model(full_check=True)`: the checker, then
+    shape inference with `check_type=True, strict_mode=True` (and `data_prop=True`).
+    """
     if not model.opset_imports:
         raise InvalidModelError("not an ONNX model (no graph or opset)")
     try:
@@ -283,7 +298,7 @@ def validate_model(model: ir.Model) -> ShapeTable:
     _collect_subgraphs(model.graph, inferred.graph, table.scopes)
     with contextlib.suppress(Exception):  # best effort: function shapes stay unknown
         _infer_functions(model, table)
-    return table
+    return skeleton, table
 
 
 def _collect_subgraphs(

@@ -524,6 +524,7 @@ def verify(
     policy = pairs.calibrate(report, policy, baseline=(CKPT, F64), original=m.paths[0])
     v.policy = policy
     pairs.add_pairs(report, used, policy, v.classifier, baseline=(CKPT, F64))
+    pairs.forgive_float_noise(report, original=m.paths[0])
     if not report.counted:
         raise UnsupportedModelError(
             f"nothing to compare: one model and no float64 reference "

@@ -200,6 +200,8 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 def _status(p: Pair, o: OutputComparison) -> str:
     if not p.counted:
         return "ok (info)" if o.passed else "differs (info)"
+    if o.passed and o.n_forgiven:
+        return f"ok ({o.n_forgiven} within the original's own error)"
     return "ok" if o.passed else "FAIL" + (f" ({o.note})" if o.note else "")
 
 
@@ -284,6 +286,10 @@ def render(report: VerifyReport) -> str:
         lines.append(
             f"  (info: {', '.join(kinds)} runs, not counted; each side is checked against float64)"
         )
+    for p in report.pairs:
+        for o in p.comparison.outputs:
+            if o.forgiven:
+                lines.append(f"  ({p.actual}, {p.probe}, {o.name}: {o.forgiven})")
     if report.folding:
         lines += ["", "folding vs float64 (does folding add error?):"]
         for f in report.folding:
