@@ -228,4 +228,4 @@ def test_a_dequantized_weight_is_not_folded_into():
     }
     result = fold_model(model_from_text(text, inits))
     assert result.report.n_folded == 0
-    assert "is dequantized by" in result.report.entries[0].reason
+    assert "is quantized (DequantizeLinear" in result.report.entries[0].reason

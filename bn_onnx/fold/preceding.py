@@ -58,18 +58,13 @@ def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np
         return Refusal(f"weight {name!r} is {ctx.describe_input(value)}, not a constant")
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "DequantizeLinear" and is_standard(producer):
+        # a QDQ (QAT) model: a fold would store the weight unquantized, losing its scales
         return Refusal(
-            f"weight {name!r} is dequantized by {label(producer)!r}: a fold would store it"
-            " unquantized"
+            f"weight {name!r} is quantized (DequantizeLinear {label(producer)!r}): folding would"
+            " change its INT8 values and scales; fold the float model before quantizing"
         )
     w = ctx.const(value)
     if w is None:
-        src = value.producer() if value is not None else None
-        if src is not None and src.op_type == "DequantizeLinear":  # a QDQ (QAT) model
-            return Refusal(
-                f"weight {name!r} is quantized (DequantizeLinear {label(src)!r}): folding would"
-                " change its INT8 values and scales; fold the float model before quantizing"
-            )
         return Refusal(f"weight {name!r} is not a constant")
     if ndim is not None and w.ndim != ndim:
         return Refusal(f"weight {name!r} has rank {w.ndim}, not {ndim}")
