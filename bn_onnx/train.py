@@ -396,6 +396,11 @@ def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[st
     }
     if settings.input_norm:
         mean, var, constant = input_statistics(data.x_train)
+        # The was-missing indicators stay 0/1: normalized by a rarely-missing column's
+        # statistics, an empty cell would be an input many standard deviations out.
+        flags = slice(spec.n_continuous, spec.n_numeric)
+        mean[flags], var[flags] = 0.0, 1.0
+        constant = [i for i in constant if i < spec.n_continuous]
         model.set_input_stats(mean, var)
         width = spec.embedding_width
         preprocessing["input_norm"] = {
@@ -404,7 +409,8 @@ def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[st
             "mean": [0.0] * width + [float(v) for v in mean.astype(np.float32)],
             "var": [1.0] * width + [float(v) for v in var.astype(np.float32)],
             "constant_features": [width + i for i in constant],
-            "note": "spans the first layer's input; the embedding columns have mean 0, var 1",
+            "note": "spans the first layer's input; the embedding columns and the "
+            "was-missing indicators have mean 0, var 1",
         }
     return model, preprocessing
 
