@@ -49,7 +49,8 @@ class Column:
         input: The model input that holds it ("continuous" or "categorical").
         index: Its position along axis 1 of that input.
         vocabulary: Categorical only: the categories seen in the training split, in code order.
-        fill: Continuous only: the value a missing cell gets (the training split's median).
+        fill: Continuous only: the value a missing cell gets (the training split's median);
+            None for a plain model's feature (`feature_columns`), which takes no missing value.
     """
 
     name: str
@@ -68,6 +69,16 @@ class Column:
         if self.fill is None:
             del d["fill"]
         return d
+
+
+def feature_columns(names: Sequence[str], input_name: str = "input") -> list[Column]:
+    """The schema of a plain model trained from a file with a header: its features by name.
+
+    Each name is a continuous column at its place in the model's one float input, without a
+    fill: the model fills nothing, so a missing value is refused as before. Apps read named
+    rows (CSV header, Parquet, JSON objects) by these names; plain arrays keep position.
+    """
+    return [Column(str(n), CONTINUOUS, input_name, i) for i, n in enumerate(names)]
 
 
 def columns_to_json(columns: Sequence[Column]) -> str:

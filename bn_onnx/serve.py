@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -454,6 +455,8 @@ def parse_inputs(
 
 
 _LIST = {list}
+# A body whose rows are lists of numbers: a plain model with named features takes both.
+_LIST_ROWS = re.compile(rb'^\s*\{\s*"inputs"\s*:\s*\[\s*\[')
 
 
 @functools.cache
@@ -614,7 +617,7 @@ def create_app(
     def to_feeds(body: bytes) -> dict[str, np.ndarray]:
         """The checked model inputs for a request body; `RequestError` 400 otherwise."""
         try:
-            if columns is None:
+            if columns is None or (predictor.array_input and _LIST_ROWS.search(body)):
                 # 2-D, the model's width and dtype, finite, C-contiguous: what check() ensures
                 return {input_name: parse_inputs(body, predictor.n_features, input_dtype)}
             return predictor.feeds(parse_records(body, columns))

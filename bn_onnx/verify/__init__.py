@@ -151,7 +151,7 @@ def _build_probes(
     nan_ok = [
         c.get("input")
         for c in probes.columns_metadata(m.protos[0])
-        if c.get("kind") == "continuous"
+        if c.get("kind") == "continuous" and c.get("fill") is not None  # the model fills it
     ]
     out: list[probes.Probe] = []
     if inputs is not None:
