@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from bn_onnx.columns import CATEGORICAL, CONTINUOUS, category_text
+from bn_onnx.columns import (
+    CATEGORICAL,
+    CONTINUOUS,
+    NA_VALUES,
+    categorical_values,
+    category_text,
+    na_set,
+)
 from bn_onnx.errors import CheckpointError, InputFileError, UsageError
 from bn_onnx.tabular import TabularSpec, fit_spec
 
@@ -39,7 +46,7 @@ BUNDLED = ("digits", "wine", "breast-cancer", "iris")
 FILE_SUFFIXES = (".csv", ".parquet", ".npz")
 SPLITS = ("train", "val", "test")
 # A text column with at least this share of number cells is taken for a column of numbers
-# with a stray marker ("NA"): an error asks which it is, rather than guessing categorical.
+# with a stray marker ("?"): an error asks which it is, rather than guessing categorical.
 MOSTLY_NUMBERS = 0.9
 DATASET_NAMES = (*BUNDLED, "synthetic")
 TASKS = ("classification", "regression")
@@ -186,7 +193,12 @@ class _RawColumn:
     where: Callable[[int], str]
     # "number" columns: the cells in their own type (int64 ids stay exact as categories)
     originals: Any = None
+    # the missing-cell spellings (`bn_onnx.columns.na_set`), for text cells
+    na: frozenset[str] = field(default_factory=na_set)
     _parsed: tuple[np.ndarray | None, int] | None = field(default=None, repr=False)
+
+    def _missing(self, text: str) -> bool:
+        return not text or text.lower() in self.na
 
     def _parse(self) -> tuple[np.ndarray | None, int]:
         """float64 values (NaN where missing), or None and the index of the first non-number."""
@@ -205,7 +217,7 @@ class _RawColumn:
             if isinstance(cell, (bool, np.bool_)):
                 return None, i
             text = cell.strip() if isinstance(cell, str) else cell
-            if isinstance(text, str) and not text:
+            if isinstance(text, str) and self._missing(text):
                 out[i] = math.nan
                 continue
             try:
@@ -225,7 +237,7 @@ class _RawColumn:
         present = numbers = 0
         for cell in self.cells:
             text = cell.strip() if isinstance(cell, str) else ""
-            if text:
+            if not self._missing(text):
                 present += 1
                 try:
                     float(text)
@@ -258,7 +270,7 @@ class _RawColumn:
         """`category_text` of every cell, object [n] of str ("" for a missing value)."""
         cells = self.cells if self.originals is None else self.originals
         cells = cells.tolist() if isinstance(cells, np.ndarray) else cells
-        return np.array([category_text(c) for c in cells], dtype=object)
+        return categorical_values(cells, self.na)
 
 
 def _check_target(target: str | None, names: list[str], path: Path, kind: str) -> str:
@@ -457,8 +469,8 @@ def _column_kinds(
                 _, bad = col._parse()
                 raise InputFileError(
                     f"{path.name} {col.where(bad)}: column {col.name!r} holds numbers but also "
-                    f"{col.cells[bad]!r}; empty such cells and give --continuous {col.name}, "
-                    f"or give --categorical {col.name}"
+                    f"{col.cells[bad]!r}; give --na-values {col.cells[bad].strip()!r} if it "
+                    f"marks a missing value, or give --categorical {col.name}"
                 )
     return kinds
 
@@ -552,6 +564,7 @@ def load_dataset(
     n_classes: int = 3,
     categorical: tuple[str, ...] | list[str] | None = None,
     continuous: tuple[str, ...] | list[str] | None = None,
+    na_values: tuple[str, ...] | list[str] | None = None,
 ) -> Dataset:
     """Load a dataset by name or path and split it.
 
@@ -567,6 +580,9 @@ def load_dataset(
         categorical, continuous: Columns of a file to take as categorical / continuous
             (the others are inferred: numbers are continuous, anything else categorical).
             Either makes the dataset tabular.
+        na_values: The text cells of a file that are missing values, compared
+            case-insensitively after stripping spaces (default `NA_VALUES`: empty, NA, N/A,
+            NaN, null). Recorded in the recipe when not the default.
 
     Raises:
         UsageError: unknown dataset name or options that do not fit it.
@@ -632,6 +648,9 @@ def load_dataset(
             columns, y_raw = _read_parquet(path, target)
         else:
             columns, y_raw = _read_csv(path, target)
+        na = na_set(na_values)
+        for col in columns:
+            col.na = na
         feature_names = [c.name for c in columns]
         kinds = _column_kinds(columns, categorical, continuous, path, target)
         values = {
@@ -657,6 +676,8 @@ def load_dataset(
             spec["categorical"] = list(categorical)
         if continuous:
             spec["continuous"] = list(continuous)
+        if na_values is not None and tuple(na_values) != NA_VALUES:
+            spec["na_values"] = list(na_values)
         if task == "classification":
             if y_raw.ndim != 1:
                 raise InputFileError("class labels must be one column")
@@ -765,6 +786,8 @@ def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
         for kind in ("categorical", "continuous"):
             if spec.get(kind):
                 kwargs[kind] = tuple(str(n) for n in spec[kind])
+        if isinstance(spec.get("na_values"), list):
+            kwargs["na_values"] = tuple(str(v) for v in spec["na_values"])
     else:
         raise CheckpointError(f"checkpoint records an unknown dataset source {source!r}")
     try:

@@ -27,7 +27,7 @@ import onnx
 
 from bn_onnx import __version__, onnx_meta
 from bn_onnx.checkpoint import CONFIG_FILE, METRICS_FILE, WEIGHTS_FILE, Checkpoint
-from bn_onnx.columns import COLUMNS_KEY, columns_to_json, feature_columns
+from bn_onnx.columns import COLUMNS_KEY, NA_KEY, columns_to_json, feature_columns
 from bn_onnx.errors import UnsupportedModelError, UsageError
 from bn_onnx.files import check_output_path
 from bn_onnx.model_config import MLPConfig
@@ -114,6 +114,9 @@ def metadata_for(config: MLPConfig, meta: dict[str, Any], *, folded: bool) -> di
     elif _named_source(meta, config.in_features):
         names = meta["preprocessing"]["feature_names"]
         values[COLUMNS_KEY] = columns_to_json(feature_columns(names, onnx_meta.INPUT_NAME))
+    na_values = (meta.get("dataset") or {}).get("na_values")
+    if COLUMNS_KEY in values and isinstance(na_values, list):  # only when not the default
+        values[NA_KEY] = onnx_meta.json_value(na_values)
     return values
 
 

@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bn_onnx.columns import CONTINUOUS, Column, RecordReader, feeds_from_columns, read_columns
+from bn_onnx.columns import (
+    CONTINUOUS,
+    Column,
+    RecordReader,
+    feeds_from_columns,
+    read_columns,
+    read_na_values,
+)
 from bn_onnx.errors import (
     BnOnnxError,
     InputDataError,
@@ -577,7 +584,10 @@ class Predictor:
         self.metadata: dict[str, str] = dict(meta)
         self.columns: list[Column] | None = read_columns(meta)
         self._check_columns()
-        self._records = RecordReader(self.columns) if self.columns is not None else None
+        self.na_values: tuple[str, ...] = read_na_values(meta)
+        self._records = (
+            RecordReader(self.columns, self.na_values) if self.columns is not None else None
+        )
         first = specs[0]
         array_input = len(specs) == 1 and first.type in _ORT_FLOAT_TYPES and len(first.shape) == 2
         # A plain model whose schema only names its features (`feature_columns`): named rows
@@ -725,7 +735,8 @@ class Predictor:
         else:
             raise InputDataError(self.describe_inputs())
         return self._named_feeds(
-            feeds_from_columns(columns, data, row_offset=row_offset), row_offset
+            feeds_from_columns(columns, data, row_offset=row_offset, na_values=self.na_values),
+            row_offset,
         )
 
     def _named_feeds(self, feeds: dict[str, np.ndarray], row_offset: int) -> dict[str, np.ndarray]:

@@ -42,6 +42,8 @@ class TrainSettings:
         target: Target column of a CSV or Parquet file.
         categorical, continuous: File columns to take as categorical / continuous (others
             are inferred; see `bn_onnx.data`); None or empty: all inferred.
+        na_values: Text cells of a file that are missing values (None: the default,
+            `bn_onnx.columns.NA_VALUES`).
         embedding_dropout: Dropout on the concatenated embeddings of a tabular model.
         task: classification or regression (None: inferred from the data).
         samples, features, classes: Size of synthetic data.
@@ -87,6 +89,7 @@ class TrainSettings:
     threads: int | None = 1
     categorical: tuple[str, ...] | None = None
     continuous: tuple[str, ...] | None = None
+    na_values: tuple[str, ...] | None = None
     embedding_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class TrainSettings:
             self.categorical = tuple(self.categorical)
         if self.continuous is not None:
             self.continuous = tuple(self.continuous)
+        if self.na_values is not None:
+            self.na_values = tuple(self.na_values)
 
     def resolved_lr(self) -> float:
         """The learning rate in use: `lr` or the optimizer's default."""
@@ -115,6 +120,7 @@ class TrainSettings:
             n_classes=self.classes,
             categorical=self.categorical,
             continuous=self.continuous,
+            na_values=self.na_values,
         )
 
     def validate(self) -> None:
@@ -596,7 +602,12 @@ def _training_record(settings: TrainSettings, ctx: Any, device: torch.device) ->
     record["hidden"] = list(settings.hidden)
     # The tabular options are recorded when set, so that earlier checkpoints' config.json
     # (the shipped digits model's) stay byte for byte what this version writes.
-    for name, default in (("categorical", None), ("continuous", None), ("embedding_dropout", 0.0)):
+    for name, default in (
+        ("categorical", None),
+        ("continuous", None),
+        ("na_values", None),
+        ("embedding_dropout", 0.0),
+    ):
         if record[name] == default:
             del record[name]
         elif isinstance(record[name], tuple):

@@ -241,13 +241,14 @@ def test_big_integer_ids_stay_exact_as_categories(tmp_path):
 
 def test_numbers_with_a_stray_marker_ask_which_kind(tmp_path):
     path = tmp_path / "na.csv"
-    path.write_text("a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(30)) + "NA,1\n")
+    path.write_text("a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(30)) + "?,1\n")
     with pytest.raises(InputFileError) as info:
         load_dataset(path, target="y")
     assert str(info.value) == (
-        "na.csv line 32: column 'a' holds numbers but also 'NA'; empty such cells and give "
-        "--continuous a, or give --categorical a"
+        "na.csv line 32: column 'a' holds numbers but also '?'; give --na-values '?' if it "
+        "marks a missing value, or give --categorical a"
     )
+    assert load_dataset(path, target="y", na_values=("", "?")).tabular.indicators == ("a",)
     assert load_dataset(path, target="y", categorical=["a"]).tabular.columns[0].kind == (
         "categorical"
     )

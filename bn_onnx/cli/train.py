@@ -26,6 +26,11 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _na_values(text: str) -> list[str]:
+    """`--na-values`: comma-separated spellings; an empty cell is always missing."""
+    return ["", *(v.strip() for v in text.split(",") if v.strip())]
+
+
 def _dropout(text: str) -> float:
     value = non_negative_float(text)
     if value >= 1:
@@ -92,6 +97,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="A,B",
         help="columns of a file to treat as categories (learned embeddings); others are "
         "inferred: numbers are continuous, anything else categorical",
+    )
+    data.add_argument(
+        "--na-values",
+        type=_na_values,
+        metavar="A,B",
+        help="text cells of a file that are missing values, compared case-insensitively; "
+        "an empty cell always is (default: NA,N/A,NaN,null; '' for empty cells only). "
+        "The model reads them the same way in run, serve and Predictor",
     )
     data.add_argument(
         "--continuous",
@@ -306,6 +319,7 @@ def _settings(args: argparse.Namespace) -> Any:
         threads=args.threads,
         categorical=tuple(args.categorical) if args.categorical else None,
         continuous=tuple(args.continuous) if args.continuous else None,
+        na_values=tuple(args.na_values) if args.na_values is not None else None,
         embedding_dropout=args.embedding_dropout,
     )
 
@@ -350,6 +364,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     for name in ("categorical", "continuous"):
         if getattr(args, name):
             argv += [f"--{name}", ",".join(getattr(args, name))]
+    if args.na_values is not None:
+        argv += ["--na-values", ",".join(args.na_values)]
     argv += ["--hidden", ",".join(str(h) for h in args.hidden)]
     if args.quiet:
         argv.append("--quiet")
