@@ -40,9 +40,17 @@ NA_VALUES = ("", "NA", "N/A", "NaN", "null")
 NA_KEY = "bn_onnx.na_values"
 CONTINUOUS = "continuous"
 CATEGORICAL = "categorical"
-KINDS = (CONTINUOUS, CATEGORICAL)
+KINDS = (CONTINUOUS, CATEGORICAL)  # the column kinds of a tabular model
+# A plain model's feature, named (`feature_columns`): a number the model fills nothing for.
+NUMBER = "number"
+COLUMN_KINDS = (*KINDS, NUMBER)
 # The input of each column family and its element type.
-INPUT_DTYPES = {CONTINUOUS: np.dtype(np.float32), CATEGORICAL: np.dtype(object)}
+INPUT_DTYPES = {
+    CONTINUOUS: np.dtype(np.float32),
+    CATEGORICAL: np.dtype(object),
+    NUMBER: np.dtype(np.float32),
+}
+NUMERIC_KINDS = (CONTINUOUS, NUMBER)
 MISSING_TEXT = ""
 
 
@@ -52,12 +60,12 @@ class Column:
 
     Attributes:
         name: The column's name in the user's data (CSV header, Parquet field, JSON key).
-        kind: "continuous" (a number, NaN when missing) or "categorical" (text).
+        kind: "continuous" (a number, NaN when missing), "categorical" (text), or "number"
+            (a plain model's feature by name: a number, never missing).
         input: The model input that holds it ("continuous" or "categorical").
         index: Its position along axis 1 of that input.
         vocabulary: Categorical only: the categories seen in the training split, in code order.
-        fill: Continuous only: the value a missing cell gets (the training split's median);
-            None for a plain model's feature (`feature_columns`), which takes no missing value.
+        fill: Continuous only: the value a missing cell gets (the training split's median).
     """
 
     name: str
@@ -81,11 +89,11 @@ class Column:
 def feature_columns(names: Sequence[str], input_name: str = "input") -> list[Column]:
     """The schema of a plain model trained from a file with a header: its features by name.
 
-    Each name is a continuous column at its place in the model's one float input, without a
-    fill: the model fills nothing, so a missing value is refused as before. Apps read named
-    rows (CSV header, Parquet, JSON objects) by these names; plain arrays keep position.
+    Each name is a "number" column at its place in the model's one float input: the model
+    fills nothing, so a missing value is refused as before. Apps read named rows (CSV header,
+    Parquet, JSON objects) by these names; plain arrays keep position.
     """
-    return [Column(str(n), CONTINUOUS, input_name, i) for i, n in enumerate(names)]
+    return [Column(str(n), NUMBER, input_name, i) for i, n in enumerate(names)]
 
 
 def columns_to_json(columns: Sequence[Column]) -> str:
@@ -118,7 +126,7 @@ def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
                 vocabulary=None if vocab is None else tuple(str(v) for v in vocab),
                 fill=None if fill is None else float(fill),
             )
-            if col.kind not in KINDS or col.index < 0:
+            if col.kind not in COLUMN_KINDS or col.index < 0:
                 raise ValueError(f"column {col.name!r}: kind {col.kind!r}, index {col.index}")
             columns.append(col)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -365,7 +373,7 @@ def feeds_from_columns(
     na = _DEFAULT_NA if na_values is None else na_set(na_values)
     for c in columns:
         values = data[c.name]
-        if c.kind == CONTINUOUS:
+        if c.kind in NUMERIC_KINDS:
             col = continuous_values(values, c.name, row_offset, na)
         else:
             col = categorical_values(values, na, c)
@@ -421,11 +429,11 @@ class RecordReader:
         self._layout: list[tuple[str, bool, list[str | None]]] = []
         self._names = {c.name for c in self.columns}
         self._readings = {
-            c.name: _column_reading(self._na, c) for c in self.columns if c.kind != CONTINUOUS
+            c.name: _column_reading(self._na, c) for c in self.columns if c.kind == CATEGORICAL
         }
         for name, at in places.items():
             slots = [at[j].name if j in at else None for j in range(max(at) + 1)]
-            continuous = next(iter(at.values())).kind == CONTINUOUS
+            continuous = next(iter(at.values())).kind in NUMERIC_KINDS
             self._layout.append((name, continuous, slots))
 
     def feeds(

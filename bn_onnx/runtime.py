@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from bn_onnx.columns import (
     CONTINUOUS,
+    NUMBER,
     Column,
     RecordReader,
     feeds_from_columns,
@@ -525,7 +526,8 @@ class Predictor:
     `X` is what the model takes:
     - a model with one 2-D float input: an array-like [rows, features] (the fast path), by
       position; one trained from a CSV or Parquet file also names its features (metadata
-      `bn_onnx.columns` without fills) and takes rows by name as below, extra columns ignored;
+      `bn_onnx.columns`, columns of kind "number") and takes rows by name as below, extra
+      columns ignored;
     - a tabular model (metadata `bn_onnx.columns`, see `bn_onnx.columns`): rows by column name,
       as a mapping column -> values, a list of row objects (`{"age": 31, "city": "Busan"}`) or
       a pyarrow Table / RecordBatch; an unseen category maps to "unknown" inside the model;
@@ -594,7 +596,7 @@ class Predictor:
         # are read by name, arrays keep position.
         self.positional: bool = array_input and (
             self.columns is None
-            or all(c.input == first.name and c.fill is None for c in self.columns)
+            or all(c.input == first.name and c.kind == NUMBER for c in self.columns)
         )
         # The fast path: one 2-D float input fed from an array, checked by `check_input`.
         self._plain = self.positional
@@ -646,7 +648,7 @@ class Predictor:
                 )
             widths[c.input] = max(widths.get(c.input, 0), c.index + 1)
             self._column_at[(c.input, c.index)] = c.name
-            if c.kind == CONTINUOUS and c.fill is not None:  # the model fills it
+            if c.kind == CONTINUOUS:  # the model fills it
                 self._nan_inputs.add(c.input)
         for spec in self.inputs:
             width = spec.shape[1] if len(spec.shape) == 2 else None

@@ -61,7 +61,7 @@ def test_export_names_the_features_of_a_model_trained_from_a_csv_or_parquet():
             config, {"dataset": {"source": source}, "preprocessing": pre}, folded=False
         )
         assert [c.name for c in read_columns(meta)] == NAMES
-        assert {(c.input, c.fill) for c in read_columns(meta)} == {("input", None)}
+        assert {(c.input, c.kind) for c in read_columns(meta)} == {("input", "number")}
     for source in ("npz", "sklearn", "synthetic"):  # arrays keep position
         meta = metadata_for(
             config, {"dataset": {"source": source}, "preprocessing": pre}, folded=False

@@ -151,7 +151,7 @@ def _build_probes(
     nan_ok = [
         c.get("input")
         for c in probes.columns_metadata(m.protos[0])
-        if c.get("kind") == "continuous" and c.get("fill") is not None  # the model fills it
+        if c.get("kind") == "continuous"
     ]
     out: list[probes.Probe] = []
     if inputs is not None:
@@ -521,7 +521,9 @@ def verify(
     used = v.add_models(providers, provider.strip().lower() == "auto")
     if not used:
         raise ProviderError("no execution provider could run the models")
-    policy = pairs.calibrate(report, policy, baseline=(CKPT, F64), original=m.paths[0])
+    policy = pairs.calibrate(
+        report, policy, baseline=(CKPT, F64), original=m.paths[0], independent=TORCH
+    )
     v.policy = policy
     pairs.add_pairs(report, used, policy, v.classifier, baseline=(CKPT, F64))
     if not report.counted:

@@ -62,7 +62,12 @@ CALIBRATION = 2.0  # folding may add about the original model's own float error,
 
 
 def calibrate(
-    report: VerifyReport, policy: TolerancePolicy, *, baseline: Sequence[str], original: str
+    report: VerifyReport,
+    policy: TolerancePolicy,
+    *,
+    baseline: Sequence[str],
+    original: str,
+    independent: str | None = None,
 ) -> TolerancePolicy:
     """Raise a float output's default atol to twice what the original model itself needs.
 
@@ -74,14 +79,18 @@ def calibrate(
     graph; DESIGN.md's numerics policy asks that folding add no more than about that. So where
     twice that exceeds the default atol, it becomes the default (printed with its reason;
     capped at `FLOOR_CAP` times the default, above which the original itself fails). A user's
-    --atol is used as given. Without a float64 baseline, or with one model only, the
-    defaults stay.
+    --atol is used as given. With one model only, the float32 run of the same checkpoint that
+    is not the model (run label `independent`: torch eval) sets what float32 costs instead:
+    a model cannot calibrate its own proof. Without a float64 baseline, or with one model and
+    no such run, the defaults stay.
     """
     runs = {r.label: r for r in report.runs}
     base = next((runs[b] for b in baseline if b in runs), None)
     models = [r for r in report.runs if r.kind == "onnx"]
     own = [r for r in models if r.model == original]
-    if base is None or len(own) == len(models):
+    if base is not None and len(own) == len(models) and independent in runs:
+        own = [runs[independent]]
+    elif base is None or len(own) == len(models):
         return policy
     worst: dict[str, tuple[float, str]] = {}
     for r in own:

@@ -430,12 +430,7 @@ def input_ranges(
         if spec.kind == "float":
             missing = (
                 MISSING_FRACTION
-                if any(
-                    c.get("input") == name
-                    and c.get("kind") == "continuous"
-                    and c.get("fill") is not None  # the model fills it; a plain model does not
-                    for c in columns
-                )
+                if any(c.get("input") == name and c.get("kind") == "continuous" for c in columns)
                 else 0.0
             )
             if name in stats:
