@@ -518,10 +518,13 @@ def _guess_task(values: np.ndarray) -> str:
 def split_indices(
     y: np.ndarray | None, n: int, seed: int, val_fraction: float, test_fraction: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """Seeded train/val/test index arrays; stratified by `y` when every class allows it."""
+    """Seeded train/val/test index arrays; stratified by `y` when every class allows it.
+
+    `test_fraction` 0 holds out no test rows (the test array is empty).
+    """
     from sklearn.model_selection import train_test_split
 
-    n_test = max(1, round(n * test_fraction))
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
     n_val = max(1, round(n * val_fraction))
     if n - n_test - n_val < 2:
         raise UsageError(
@@ -533,9 +536,14 @@ def split_indices(
         counts = np.bincount(y)
         counts = counts[counts > 0]
         n_classes = len(counts)
-        stratified = counts.min() >= 3 and n_test >= n_classes and n_val >= n_classes
+        stratified = (
+            counts.min() >= 3 and n_test in (0, *range(n_classes, n)) and n_val >= n_classes
+        )
     strat = y if stratified else None
-    rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=strat)
+    if n_test:
+        rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=strat)
+    else:
+        rest, test = idx, idx[:0]
     strat_rest = y[rest] if stratified else None
     train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=strat_rest)
     return np.sort(train), np.sort(val), np.sort(test), stratified
@@ -575,7 +583,8 @@ def load_dataset(
         task: classification or regression; None infers it (synthetic: classification).
         seed: Seed of the split (and of synthetic data).
         val_fraction: Share of rows held out for validation (early stopping, best epoch).
-        test_fraction: Share of rows held out for the final test metrics.
+        test_fraction: Share of rows held out for the final test metrics; 0 holds out none
+            (train on everything but the validation split; the test metrics are then None).
         n_samples, n_features, n_classes: Size of synthetic data.
         categorical, continuous: Columns of a file to take as categorical / continuous
             (the others are inferred: numbers are continuous, anything else categorical).
@@ -593,9 +602,12 @@ def load_dataset(
     continuous = tuple(continuous or ())
     if task is not None and task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    for frac_name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 < frac < 0.5:
-            raise UsageError(f"{frac_name} must be between 0 and 0.5, got {frac}")
+    if not 0 < val_fraction < 0.5:
+        raise UsageError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
+    if not 0 <= test_fraction < 0.5:
+        raise UsageError(
+            f"test_fraction must be from 0 (no test split) to 0.5, got {test_fraction}"
+        )
     spec: dict[str, Any] = {
         "seed": int(seed),
         "val_fraction": float(val_fraction),

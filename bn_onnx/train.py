@@ -56,7 +56,8 @@ class TrainSettings:
         batch_size: Rows per optimizer step (per process under DDP).
         patience: Stop after this many epochs without a better validation loss (0: never).
         seed: Seeds the split, the initial weights, the shuffling and dropout.
-        val_fraction, test_fraction: Shares of the rows held out.
+        val_fraction, test_fraction: Shares of the rows held out (test_fraction 0: none,
+            the test metrics are None).
         device: auto (CUDA if available), cpu or cuda.
         threads: torch CPU threads during the run (restored afterwards); None keeps torch's
             setting. Small MLPs train fastest on one thread, and a fixed count keeps CPU runs
@@ -669,9 +670,12 @@ def _final_metrics(
     # The head now predicts raw units: compare against raw targets, without rescaling.
     raw = _RawObjective(objective)
     metrics: dict[str, Any] = {"task": data.task, "metric": objective.metric_name}
+    # (the split sizes are also in config.json["dataset"]["sizes"])
     for split, y in (("val", data.y_val), ("test", data.y_test)):
-        x = tuple(torch.from_numpy(a) for a in data.inputs(split))
-        loss, metric = evaluate(model, raw, x, torch.from_numpy(y))
+        loss = metric = None  # --test-fraction 0: no test split
+        if len(y):
+            x = tuple(torch.from_numpy(a) for a in data.inputs(split))
+            loss, metric = evaluate(model, raw, x, torch.from_numpy(y))
         metrics[f"{split}_loss"] = loss
         metrics[f"{split}_{objective.metric_name}"] = metric
         metrics[f"n_{split}"] = len(y)

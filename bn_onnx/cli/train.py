@@ -19,6 +19,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _test_fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"expected 0 (no test split) up to 0.5, got {text}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -140,7 +147,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="classes of synthetic data (default: 3)",
     )
     data.add_argument(
+        "--valid-fraction",
         "--val-fraction",
+        dest="val_fraction",
         metavar="F",
         type=_fraction,
         default=0.15,
@@ -149,9 +158,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     data.add_argument(
         "--test-fraction",
         metavar="F",
-        type=_fraction,
+        type=_test_fraction,
         default=0.15,
-        help="share of rows for the final test metrics (default: 0.15)",
+        help="share of rows for the final test metrics (default: 0.15); 0 trains on "
+        "everything but the validation split (a file already split off its test rows)",
     )
 
     model = p.add_argument_group("model")
@@ -458,13 +468,21 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet or not is_main:
         return 0
     m = result.metrics
+    split = "test" if m["n_test"] else "validation"  # --test-fraction 0: no test split
+    key = "test" if m["n_test"] else "val"
     if result.dataset.task == "classification":
-        score = f"test accuracy {m['test_accuracy']:.4f}"
+        score = f"{split} accuracy {m[f'{key}_accuracy']:.4f}"
     else:
-        score = f"test rmse {m['test_rmse']:.4g}"
+        score = f"{split} rmse {m[f'{key}_rmse']:.4g}"
     stop = ", stopped early" if result.stopped_early else ""
+    sizes = result.dataset.spec.get("sizes", {})
+    rows = (
+        f"; rows: {sizes['train']} train, {sizes['val']} validation, {sizes['test']} test"
+        if sizes
+        else ""
+    )
     print(
         f"{result.dataset.name}: {score} (best epoch {result.best_epoch} of "
-        f"{m['epochs_run']}{stop}, {result.seconds:.1f} s) -> {result.checkpoint_dir}"
+        f"{m['epochs_run']}{stop}, {result.seconds:.1f} s{rows}) -> {result.checkpoint_dir}"
     )
     return 0
