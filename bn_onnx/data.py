@@ -23,6 +23,7 @@ import csv
 import hashlib
 import math
 import os
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import numpy as np
 from bn_onnx.columns import (
     CATEGORICAL,
     CONTINUOUS,
+    MISSING_TEXT,
     NA_VALUES,
     categorical_values,
     category_text,
@@ -52,6 +54,17 @@ DATASET_NAMES = (*BUNDLED, "synthetic")
 TASKS = ("classification", "regression")
 # A numeric target with at most this many distinct integer values is taken as class labels.
 MAX_AUTO_CLASSES = 50
+# A text column is date-like when at least this share of its present cells looks like a date
+# or a date and time (ISO 8601 `2008-03-15`, `2008-03-15 10:30`, or `3/15/2008`).
+MOSTLY_DATES = 0.9
+_DATE = re.compile(
+    r"\d{4}-\d{1,2}-\d{1,2}(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+    r"|\d{1,2}/\d{1,2}/\d{2,4}"
+)
+DATE_MODES = ("drop", "keep")
+# A categorical column is id-like when its training split holds more than ID_MIN distinct
+# values and at least ID_SHARE of its present cells are distinct (names, ids, free text).
+ID_MIN, ID_SHARE = 20, 0.5
 
 
 @dataclass
@@ -72,6 +85,8 @@ class Dataset:
         feeds_train, feeds_val, feeds_test: The raw model inputs (tabular): `continuous`
             float32 [N, k] with NaN for a missing value, `categorical` str [N, m] with "" for
             a missing value, as `bn_onnx.columns.feeds_from_columns` builds them.
+        notes: Warnings about the columns (dates dropped or kept, id-like columns), one line
+            each, for the user to see.
     """
 
     name: str
@@ -92,6 +107,7 @@ class Dataset:
     feeds_train: dict[str, np.ndarray] | None = None
     feeds_val: dict[str, np.ndarray] | None = None
     feeds_test: dict[str, np.ndarray] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_features(self) -> int:
@@ -246,6 +262,18 @@ class _RawColumn:
                     pass
         return present > 0 and numbers >= MOSTLY_NUMBERS * present
 
+    def looks_like_dates(self) -> bool:
+        """Whether at least `MOSTLY_DATES` of the present text cells are dates (or times)."""
+        if self.source == "number":
+            return False
+        present = dated = 0
+        for cell in self.cells:
+            text = cell.strip() if isinstance(cell, str) else ""
+            if not self._missing(text):
+                present += 1
+                dated += _DATE.fullmatch(text) is not None
+        return present > 0 and dated >= MOSTLY_DATES * present
+
     def continuous(self, file: str) -> np.ndarray:
         """float64 [n], NaN for a missing value.
 
@@ -271,6 +299,19 @@ class _RawColumn:
         cells = self.cells if self.originals is None else self.originals
         cells = cells.tolist() if isinstance(cells, np.ndarray) else cells
         return categorical_values(cells, self.na)
+
+
+def _date_note(name: str, mode: str) -> str:
+    what = (
+        "dropped"
+        if mode == "drop"
+        else "kept as a category (a date not seen in training is unknown)"
+    )
+    return (
+        f"column {name!r} holds dates: {what}; the exported graph cannot compute date parts "
+        f"(year, month, day of week) from text, so add them as columns of numbers yourself"
+        + ("" if mode == "keep" else ", or give --dates keep")
+    )
 
 
 def _check_target(target: str | None, names: list[str], path: Path, kind: str) -> str:
@@ -364,6 +405,8 @@ def _read_parquet(path: Path, target: str | None) -> tuple[list[_RawColumn], np.
             originals = col.to_pylist() if pa.types.is_integer(kind) else None
         elif textual(kind):
             source, cells = "category", col.to_pylist()
+        elif pa.types.is_temporal(kind):  # dates and times: their text (see `dates=`)
+            source, cells = "text", [None if v is None else str(v) for v in col.to_pylist()]
         else:
             raise InputFileError(
                 f"{path.name}: column {name!r} has Parquet type {kind}, neither numbers nor text"
@@ -573,6 +616,9 @@ def load_dataset(
     categorical: tuple[str, ...] | list[str] | None = None,
     continuous: tuple[str, ...] | list[str] | None = None,
     na_values: tuple[str, ...] | list[str] | None = None,
+    max_categories: int | None = None,
+    min_frequency: int = 1,
+    dates: str = "drop",
 ) -> Dataset:
     """Load a dataset by name or path and split it.
 
@@ -592,6 +638,12 @@ def load_dataset(
         na_values: The text cells of a file that are missing values, compared
             case-insensitively after stripping spaces (default `NA_VALUES`: empty, NA, N/A,
             NaN, null). Recorded in the recipe when not the default.
+        max_categories, min_frequency: Caps on each categorical column's vocabulary
+            (`bn_onnx.tabular.fit_spec`): rare values become "unknown". Recorded when set.
+        dates: What to do with a date-like text column not given as `categorical`: "drop"
+            it (the default) or "keep" it as a category (a later date is then "unknown").
+            The exported graph cannot compute date parts from text, so neither mode expands
+            them; `Dataset.notes` says which columns and what was done.
 
     Raises:
         UsageError: unknown dataset name or options that do not fit it.
@@ -614,6 +666,11 @@ def load_dataset(
         "test_fraction": float(test_fraction),
     }
     text = os.fspath(name_or_path)
+    notes: list[str] = []
+    if max_categories is not None and (isinstance(max_categories, bool) or max_categories < 1):
+        raise UsageError(f"max_categories must be >= 1, got {max_categories}")
+    if isinstance(min_frequency, bool) or min_frequency < 1:
+        raise UsageError(f"min_frequency must be >= 1, got {min_frequency}")
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
     table: tuple[list[str], dict[str, str], dict[str, np.ndarray]] | None = None
@@ -663,6 +720,15 @@ def load_dataset(
         na = na_set(na_values)
         for col in columns:
             col.na = na
+        if dates not in DATE_MODES:
+            raise UsageError(f"unknown dates mode {dates!r} (choose from {', '.join(DATE_MODES)})")
+        for col in [c for c in columns if c.name not in (*categorical, *continuous)]:
+            if col.looks_like_dates():
+                notes.append(_date_note(col.name, dates))
+                if dates == "drop":
+                    columns.remove(col)
+        if not columns:
+            raise InputFileError(f"{path.name}: no feature columns left after dropping dates")
         feature_names = [c.name for c in columns]
         kinds = _column_kinds(columns, categorical, continuous, path, target)
         values = {
@@ -690,6 +756,12 @@ def load_dataset(
             spec["continuous"] = list(continuous)
         if na_values is not None and tuple(na_values) != NA_VALUES:
             spec["na_values"] = list(na_values)
+        if max_categories is not None:
+            spec["max_categories"] = int(max_categories)
+        if min_frequency != 1:
+            spec["min_frequency"] = int(min_frequency)
+        if dates != "drop":
+            spec["dates"] = dates
         if task == "classification":
             if y_raw.ndim != 1:
                 raise InputFileError("class labels must be one column")
@@ -736,9 +808,11 @@ def load_dataset(
         class_names=class_names if task == "classification" else None,
         feature_names=feature_names,
         spec=spec,
+        notes=notes,
     )
     if table is not None:
-        _add_tabular(data, *table, {"train": train, "val": val, "test": test})
+        caps = {"max_categories": max_categories, "min_frequency": min_frequency}
+        _add_tabular(data, *table, {"train": train, "val": val, "test": test}, caps)
     return data
 
 
@@ -748,10 +822,22 @@ def _add_tabular(
     kinds: dict[str, str],
     values: dict[str, np.ndarray],
     splits: dict[str, np.ndarray],
+    caps: dict[str, Any],
 ) -> None:
     """Learn the tabular spec from the training rows and fill in every split's inputs."""
     train = splits["train"]
-    spec = fit_spec(names, kinds, {n: v[train] for n, v in values.items()})
+    spec = fit_spec(names, kinds, {n: v[train] for n, v in values.items()}, **caps)
+    for col in spec.categorical:
+        cells = values[col.name][train]
+        present = int(np.sum(cells != MISSING_TEXT))
+        distinct = len(set(cells.tolist()) - {MISSING_TEXT})
+        if distinct > ID_MIN and distinct >= ID_SHARE * present:
+            data.notes.append(
+                f"column {col.name!r} looks like an id ({distinct} distinct values in {present} "
+                f"training rows, {len(col.vocabulary or ())} kept): rows it has not seen read as "
+                "unknown; drop it from the file, or cap it with --max-categories / "
+                "--min-frequency"
+            )
     feeds = _raw_feeds(names, kinds, values)
     data.tabular = spec
     for split, rows in splits.items():
@@ -798,6 +884,11 @@ def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
         for kind in ("categorical", "continuous"):
             if spec.get(kind):
                 kwargs[kind] = tuple(str(n) for n in spec[kind])
+        for key in ("max_categories", "min_frequency"):
+            if spec.get(key) is not None:
+                kwargs[key] = int(spec[key])
+        if spec.get("dates") in DATE_MODES:
+            kwargs["dates"] = spec["dates"]
         if isinstance(spec.get("na_values"), list):
             kwargs["na_values"] = tuple(str(v) for v in spec["na_values"])
     else:

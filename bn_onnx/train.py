@@ -44,6 +44,9 @@ class TrainSettings:
             are inferred; see `bn_onnx.data`); None or empty: all inferred.
         na_values: Text cells of a file that are missing values (None: the default,
             `bn_onnx.columns.NA_VALUES`).
+        max_categories, min_frequency: Caps on each categorical vocabulary (rare values
+            become "unknown"); dates: "drop" or "keep" a date-like text column
+            (`bn_onnx.data.load_dataset`).
         embedding_dropout: Dropout on the concatenated embeddings of a tabular model.
         task: classification or regression (None: inferred from the data).
         samples, features, classes: Size of synthetic data.
@@ -91,6 +94,9 @@ class TrainSettings:
     categorical: tuple[str, ...] | None = None
     continuous: tuple[str, ...] | None = None
     na_values: tuple[str, ...] | None = None
+    max_categories: int | None = None
+    min_frequency: int = 1
+    dates: str = "drop"
     embedding_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -122,6 +128,9 @@ class TrainSettings:
             categorical=self.categorical,
             continuous=self.continuous,
             na_values=self.na_values,
+            max_categories=self.max_categories,
+            min_frequency=self.min_frequency,
+            dates=self.dates,
         )
 
     def validate(self) -> None:
@@ -180,6 +189,7 @@ class ProgressEvent:
     metric_name: str
     stats: EpochStats | None = None
     metrics: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()  # "start": warnings about the data (`Dataset.notes`)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -488,7 +498,9 @@ def _fit(
         if progress is not None and ctx.is_main:
             progress(event)
 
-    report(ProgressEvent("start", 0, settings.epochs, objective.metric_name))
+    report(
+        ProgressEvent("start", 0, settings.epochs, objective.metric_name, notes=tuple(data.notes))
+    )
     history: list[EpochStats] = []
     best_loss = math.inf
     best_epoch = 0
@@ -607,6 +619,9 @@ def _training_record(settings: TrainSettings, ctx: Any, device: torch.device) ->
         ("categorical", None),
         ("continuous", None),
         ("na_values", None),
+        ("max_categories", None),
+        ("min_frequency", 1),
+        ("dates", "drop"),
         ("embedding_dropout", 0.0),
     ):
         if record[name] == default:

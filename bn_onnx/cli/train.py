@@ -114,6 +114,28 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "The model reads them the same way in run, serve and Predictor",
     )
     data.add_argument(
+        "--max-categories",
+        type=positive_int,
+        metavar="N",
+        help="keep at most N values per categorical column, the most frequent; the rest "
+        "read as unknown (default: all)",
+    )
+    data.add_argument(
+        "--min-frequency",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="keep only category values seen in at least N training rows (default: 1)",
+    )
+    data.add_argument(
+        "--dates",
+        choices=("drop", "keep"),
+        default="drop",
+        help="a column of dates (2008-03-15, 3/15/2008) not given as --categorical: drop it "
+        "(default) or keep it as a category; the graph cannot compute date parts from text, "
+        "so add year, month, day of week as number columns to use them",
+    )
+    data.add_argument(
         "--continuous",
         type=_names,
         metavar="C,D",
@@ -330,6 +352,9 @@ def _settings(args: argparse.Namespace) -> Any:
         categorical=tuple(args.categorical) if args.categorical else None,
         continuous=tuple(args.continuous) if args.continuous else None,
         na_values=tuple(args.na_values) if args.na_values is not None else None,
+        max_categories=args.max_categories,
+        min_frequency=args.min_frequency,
+        dates=args.dates,
         embedding_dropout=args.embedding_dropout,
     )
 
@@ -366,7 +391,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         "dataset", "target", "task", "samples", "features", "classes", "val_fraction",
         "test_fraction", "bn", "activation", "dropout", "bn_eps", "bn_momentum", "optimizer",
         "lr", "weight_decay", "epochs", "batch_size", "patience", "seed", "device", "threads",
-        "embedding_dropout", "out",
+        "embedding_dropout", "max_categories", "min_frequency", "dates", "out",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -392,6 +417,8 @@ class _Reporter:
         self.task: Any = None
 
     def __call__(self, event: Any) -> None:
+        for note in event.notes:  # shown even with --quiet: they say what the model lacks
+            print(f"bn-onnx train: warning: {note}", file=sys.stderr)
         if self.quiet:
             return
         name = "acc" if event.metric_name == "accuracy" else "rmse"
