@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bn_onnx import _lazy_dynamo
 from bn_onnx.checkpoint import library_versions, save_checkpoint
 from bn_onnx.data import Dataset, load_dataset
 from bn_onnx.errors import UsageError
@@ -466,7 +467,8 @@ def train(
             if ctx.active:
                 # Same initial weights on every rank, but each rank its own dropout masks.
                 torch.manual_seed(settings.seed + 1000 * ctx.rank)
-            return _fit(settings, data, base, preprocessing, device, ctx, out_dir, progress)
+            with _lazy_dynamo.deferred():  # about 2 s of CPU that eager training never uses
+                return _fit(settings, data, base, preprocessing, device, ctx, out_dir, progress)
     finally:
         torch.set_num_threads(old_threads)
 
