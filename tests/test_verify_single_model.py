@@ -60,3 +60,24 @@ def test_one_model_without_an_independent_float32_run_keeps_the_default():
         independent="torch eval",
     )
     assert _atol(policy) == (pytest.approx(1e-5), "float32 default")
+
+
+def test_one_model_is_also_judged_by_its_own_float32_arithmetic_not_by_its_constants():
+    """Against its own graph in float64 (the same constants, exact arithmetic) the model shows
+    what the runtime's float32 costs; constants that are off stay off against the checkpoint."""
+    report = _report(torch_error=None, model_error=9e-5)
+    truth = report.runs[0].outputs["data"]["logits"]
+    graph = Run("float64 reference", "float64", "the graph in float64")
+    graph.outputs["data"] = {"logits": truth + 8.99e-5}  # the constants are 9e-5 off
+    report.runs.append(graph)
+    policy = pairs.calibrate(
+        report,
+        TolerancePolicy(),
+        baseline=("float64 checkpoint", "float64 reference"),
+        original="m.onnx",
+        independent="torch eval",
+        own_graph="float64 reference",
+    )
+    atol, origin = _atol(policy)
+    assert atol == pytest.approx(1e-5)  # float32 arithmetic here is exact to 1e-8: no raise
+    assert origin == "float32 default"

@@ -522,7 +522,12 @@ def verify(
     if not used:
         raise ProviderError("no execution provider could run the models")
     policy = pairs.calibrate(
-        report, policy, baseline=(CKPT, F64), original=m.paths[0], independent=TORCH
+        report,
+        policy,
+        baseline=(CKPT, F64),
+        original=m.paths[0],
+        independent=TORCH,
+        own_graph=F64,
     )
     v.policy = policy
     pairs.add_pairs(report, used, policy, v.classifier, baseline=(CKPT, F64))
