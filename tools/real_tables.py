@@ -13,6 +13,7 @@ Splits CSV (stratified, seeded, 80/20) into train.csv and test.csv in a temporar
 - `bn-onnx verify MODEL --checkpoint CKPT` and `bn-onnx bench MODEL`.
 
     python tools/real_tables.py penguins.csv --target species [--categorical year]
+    python tools/real_tables.py titanic.csv --target survived --drop rownames
 
 Needs scikit-learn (the train extra). Prints one table row per case.
 """
@@ -141,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", required=True)
     parser.add_argument("--categorical", default="")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drop", default="", help="columns to remove first (an id, a name)")
     args = parser.parse_args(argv)
     from sklearn.model_selection import train_test_split
 
     header, rows = _read(args.csv)
+    keep = [j for j, h in enumerate(header) if h not in args.drop.split(",")]
+    header, rows = [header[j] for j in keep], [[r[j] for j in keep] for r in rows]
     t = header.index(args.target)
     train_rows, test_rows = train_test_split(
         rows, test_size=0.2, random_state=args.seed, stratify=[r[t] for r in rows]
