@@ -539,7 +539,8 @@ def _json_safe(values: np.ndarray) -> list[Any]:
 def model_metadata(predictor: Predictor, model_name: str) -> dict[str, Any]:
     """What `/metadata` answers: the model's inputs, outputs, features or columns, classes and
     providers. `columns` is the tabular schema (name, kind, input, index, and the vocabulary or
-    fill of each column; see `bn_onnx.columns`), None for a model that takes rows of numbers.
+    fill of each column; see `bn_onnx.columns`), None for a model that takes rows of numbers
+    only; a numeric model trained from a named file lists its features (kind "number").
     """
     session = predictor.session
     folded = predictor.metadata.get("bn_onnx.folded")
