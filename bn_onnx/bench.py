@@ -48,22 +48,29 @@ class Subject:
         name: its label in tables and JSON.
         bind: turns an input batch into a zero-argument call that runs one inference on it
             (binding outside the timed region, e.g. IOBinding or a torch tensor).
-        n_features: input width.
+        n_features: input width (a model with one 2-D float input), or 0 for a subject fed
+            by `make_feeds`.
         kind: `onnxruntime`, `predictor`, `torch` or anything else descriptive.
         dtype: the input dtype.
         sync: waits for asynchronous work (e.g. `torch.cuda.synchronize`), around each timing.
         create_s: seconds to create the session or load the model, if measured.
         info: extra facts for the JSON (path, providers, threads, optimization level).
+        make_feeds: for a model with other inputs (a tabular model's raw columns, several
+            inputs): `make_feeds(batch, rng)` gives one batch as input name -> array, drawn as
+            verify's random probe draws them; `bind` then takes that dict.
+        inputs: the inputs `make_feeds` fills, described (subjects timed together must agree).
     """
 
     name: str
-    bind: Callable[[np.ndarray], Call]
+    bind: Callable[[Any], Call]
     n_features: int
     kind: str = "custom"
     dtype: Any = np.float32
     sync: Callable[[], None] | None = None
     create_s: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    make_feeds: Callable[[int, np.random.Generator], dict[str, np.ndarray]] | None = None
+    inputs: str | None = None
 
 
 def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
@@ -324,24 +331,32 @@ def run_benchmark(
     names = [s.name for s in subjects]
     if len(set(names)) != len(names):
         raise UsageError(f"subject names must be unique, got {names}")
-    widths = {s.n_features for s in subjects}
+    widths = {(s.n_features, s.inputs) for s in subjects}
     if len(widths) != 1:
-        detail = ", ".join(f"{s.name}: {s.n_features}" for s in subjects)
-        raise UsageError(f"models take inputs of different widths ({detail})")
+        detail = ", ".join(f"{s.name}: {s.inputs or s.n_features}" for s in subjects)
+        what = (
+            "different inputs" if any(s.inputs for s in subjects) else "inputs of different widths"
+        )
+        raise UsageError(f"models take {what} ({detail})")
+    make_feeds = subjects[0].make_feeds
     sizes = [int(b) for b in batch_sizes]
     if not sizes or min(sizes) < 1:
         raise UsageError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
     if warmup < 0:
         raise UsageError(f"warm-up must be >= 0, got {warmup}")
-    n_features = widths.pop()
+    n_features = subjects[0].n_features
     rng = np.random.default_rng(seed)
     syncs = [s.sync for s in subjects]
     first_run: dict[str, float] = {}
     rows: list[Row] = []
     used_repeats: dict[int, int] = {}
     for k, batch in enumerate(sizes):
-        x64 = rng.standard_normal((batch, n_features))
-        calls = [s.bind(np.ascontiguousarray(x64, dtype=s.dtype)) for s in subjects]
+        if make_feeds is not None:
+            feeds = make_feeds(batch, rng)
+            calls = [s.bind(feeds) for s in subjects]
+        else:
+            x64 = rng.standard_normal((batch, n_features))
+            calls = [s.bind(np.ascontiguousarray(x64, dtype=s.dtype)) for s in subjects]
         if k == 0:
             for s, t in zip(
                 subjects, time_interleaved(calls, 1, syncs=syncs, clock=clock)[:, 0], strict=True
@@ -443,22 +458,58 @@ def _cpu_model() -> str:
 # --- subjects ----------------------------------------------------------------------------
 
 
-def _input_spec(session: Any, name: str) -> tuple[str, int, Any, str, int | None]:
-    """(input name, width, dtype, first output name, fixed batch size or None)."""
+def _input_spec(session: Any, name: str) -> tuple[str, int, Any, str, int | None] | None:
+    """(input name, width, dtype, first output name, fixed batch size or None), or None for a
+    model without one 2-D float input of a fixed width (fed by `feed_maker`)."""
     inputs = session.get_inputs()
-    if len(inputs) != 1:
-        raise UnsupportedModelError(
-            f"{name}: bench needs a model with one input, got {len(inputs)}"
-        )
     inp = inputs[0]
-    if inp.type not in _DTYPES or len(inp.shape) != 2 or not isinstance(inp.shape[1], int):
-        raise UnsupportedModelError(
-            f"{name}: bench needs a 2-D float input [batch, features] with a fixed width; "
-            f"input {inp.name!r} is {inp.type} {inp.shape}"
-        )
+    if (
+        len(inputs) != 1
+        or inp.type not in _DTYPES
+        or len(inp.shape) != 2
+        or not isinstance(inp.shape[1], int)
+    ):
+        return None
     batch_dim = inp.shape[0] if isinstance(inp.shape[0], int) else None
     out = session.get_outputs()[0].name
     return inp.name, int(inp.shape[1]), _DTYPES[inp.type], out, batch_dim
+
+
+def feed_maker(
+    model: str | os.PathLike[str] | bytes, name: str
+) -> tuple[Callable[[int, np.random.Generator], dict[str, np.ndarray]], str]:
+    """Random batches for any model's inputs, as verify's random probe draws them.
+
+    Floats from the BatchNormalization that normalizes them in the graph (else N(0, 1)), 10%
+    NaN in a tabular model's continuous columns, codes and strings from the column metadata
+    or the graph's LabelEncoder keys (`bn_onnx.verify.probes.input_ranges`). Every dimension
+    but the batch must be fixed.
+
+    Returns:
+        `make(batch, rng) -> {input name: array}` and the inputs in words.
+
+    Raises:
+        UnsupportedModelError: an input with a symbolic dimension besides the batch.
+    """
+    import onnx
+
+    from bn_onnx.verify import probes, signature
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+    sig = signature.signature(proto)
+    ranges = probes.input_ranges(proto, sig.inputs)
+    for spec in sig.inputs:
+        if spec.dims is None or any(not isinstance(d, int) for d in spec.dims[1:]):
+            raise UnsupportedModelError(
+                f"{name}: bench needs every dimension but the batch fixed; input {spec.describe()}"
+            )
+
+    def make(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {
+            s.name: ranges[s.name].sample((batch, *s.dims[1:]), s.dtype, rng) for s in sig.inputs
+        }
+
+    return make, "; ".join(s.describe() for s in sig.inputs)
 
 
 def ort_subject(
@@ -484,7 +535,27 @@ def ort_subject(
     )
     create_s = time.perf_counter() - t0
     sess = info.session
-    in_name, n_features, dtype, out_name, batch_dim = _input_spec(sess, name)
+    spec = _input_spec(sess, name)
+    if spec is None:  # several inputs, strings, NaN: random feeds of the model's own inputs
+        make, words = feed_maker(model, name)
+        outs = [sess.get_outputs()[0].name]
+        return Subject(
+            name=name,
+            bind=lambda feeds: lambda: sess.run(outs, feeds),
+            n_features=0,
+            kind="onnxruntime",
+            create_s=create_s,
+            info={
+                "path": None if isinstance(model, (bytes, bytearray)) else str(model),
+                "providers": info.providers,
+                "threads": threads,
+                "graph_optimization_level": graph_optimization_level,
+                "iobinding": False,
+            },
+            make_feeds=make,
+            inputs=words,
+        )
+    in_name, n_features, dtype, out_name, batch_dim = spec
     on_cuda = CUDA in info.providers
     use_binding = on_cuda if iobinding is None else bool(iobinding)
 
@@ -543,6 +614,22 @@ def predictor_subject(
     t0 = time.perf_counter()
     pred = Predictor(model, provider, threads=threads, batch_size=batch_size or DEFAULT_BATCH_SIZE)
     create_s = time.perf_counter() - t0
+    if not pred.array_input:  # input name -> array, checked as an app's would be
+        make, words = feed_maker(model, name)
+        return Subject(
+            name=name,
+            bind=lambda feeds: lambda: pred.predict(feeds),
+            n_features=0,
+            kind="predictor",
+            create_s=create_s,
+            info={
+                "path": None if isinstance(model, (bytes, bytearray)) else str(model),
+                "providers": pred.providers,
+                "threads": threads,
+            },
+            make_feeds=make,
+            inputs=words,
+        )
     if pred.n_features is None:
         raise UnsupportedModelError(f"{name}: bench needs a model with a fixed input width")
     return Subject(
@@ -606,6 +693,11 @@ def checkpoint_subject(
     t0 = time.perf_counter()
     model, ckpt = load_model(ckpt_dir)
     create_s = time.perf_counter() - t0
+    if ckpt.config.tabular is not None:
+        raise UnsupportedModelError(
+            f"{ckpt_dir}: bench --checkpoint times a plain MLP; a tabular checkpoint's torch "
+            "part takes the preprocessed inputs, not the raw columns the ONNX model takes"
+        )
     s = torch_subject(model, name, ckpt.config.in_features, device=device, threads=threads)
     s.create_s = create_s
     s.info["path"] = str(ckpt_dir)

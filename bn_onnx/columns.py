@@ -20,8 +20,10 @@ read it to build the input arrays from CSV, Parquet or JSON rows. numpy only.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,11 +33,24 @@ import numpy as np
 from bn_onnx.errors import CellError, InputDataError, UnsupportedModelError
 
 COLUMNS_KEY = "bn_onnx.columns"
+# The spellings of a missing cell (besides None and NaN), compared case-insensitively after
+# stripping spaces: `bn-onnx train --na-values`' default. A model trained with other ones
+# records them in its metadata under NA_KEY (a JSON list); without the key, these apply.
+NA_VALUES = ("", "NA", "N/A", "NaN", "null")
+NA_KEY = "bn_onnx.na_values"
 CONTINUOUS = "continuous"
 CATEGORICAL = "categorical"
-KINDS = (CONTINUOUS, CATEGORICAL)
+KINDS = (CONTINUOUS, CATEGORICAL)  # the column kinds of a tabular model
+# A plain model's feature, named (`feature_columns`): a number the model fills nothing for.
+NUMBER = "number"
+COLUMN_KINDS = (*KINDS, NUMBER)
 # The input of each column family and its element type.
-INPUT_DTYPES = {CONTINUOUS: np.dtype(np.float32), CATEGORICAL: np.dtype(object)}
+INPUT_DTYPES = {
+    CONTINUOUS: np.dtype(np.float32),
+    CATEGORICAL: np.dtype(object),
+    NUMBER: np.dtype(np.float32),
+}
+NUMERIC_KINDS = (CONTINUOUS, NUMBER)
 MISSING_TEXT = ""
 
 
@@ -45,7 +60,8 @@ class Column:
 
     Attributes:
         name: The column's name in the user's data (CSV header, Parquet field, JSON key).
-        kind: "continuous" (a number, NaN when missing) or "categorical" (text).
+        kind: "continuous" (a number, NaN when missing), "categorical" (text), or "number"
+            (a plain model's feature by name: a number, never missing).
         input: The model input that holds it ("continuous" or "categorical").
         index: Its position along axis 1 of that input.
         vocabulary: Categorical only: the categories seen in the training split, in code order.
@@ -68,6 +84,16 @@ class Column:
         if self.fill is None:
             del d["fill"]
         return d
+
+
+def feature_columns(names: Sequence[str], input_name: str = "input") -> list[Column]:
+    """The schema of a plain model trained from a file with a header: its features by name.
+
+    Each name is a "number" column at its place in the model's one float input: the model
+    fills nothing, so a missing value is refused as before. Apps read named rows (CSV header,
+    Parquet, JSON objects) by these names; plain arrays keep position.
+    """
+    return [Column(str(n), NUMBER, input_name, i) for i, n in enumerate(names)]
 
 
 def columns_to_json(columns: Sequence[Column]) -> str:
@@ -100,7 +126,7 @@ def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
                 vocabulary=None if vocab is None else tuple(str(v) for v in vocab),
                 fill=None if fill is None else float(fill),
             )
-            if col.kind not in KINDS or col.index < 0:
+            if col.kind not in COLUMN_KINDS or col.index < 0:
                 raise ValueError(f"column {col.name!r}: kind {col.kind!r}, index {col.index}")
             columns.append(col)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -115,21 +141,74 @@ def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
     return columns
 
 
+def na_set(values: Sequence[str] | None = None) -> frozenset[str]:
+    """The missing-cell spellings to compare a stripped, lower-cased cell with."""
+    return frozenset(str(v).strip().lower() for v in (NA_VALUES if values is None else values))
+
+
+def read_na_values(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The missing-cell spellings a model was trained with (`NA_VALUES` when not recorded).
+
+    Raises:
+        UnsupportedModelError: the metadata entry is not a JSON list of strings.
+    """
+    text = metadata.get(NA_KEY)
+    if text is None:
+        return NA_VALUES
+    try:
+        values = json.loads(text)
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise UnsupportedModelError(f"model metadata {NA_KEY} is not a JSON list of strings")
+    return tuple(values)
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def text_category(text: str) -> str:
+    """A text cell as a category: stripped; numbers and booleans written one way.
+
+    A number is written as `category_text` writes the value (`1`, `1.0`, `1.00`, `+1` -> "1";
+    `2.50` -> "2.5"), so that a CSV cell and the same value from Parquet or JSON are one
+    category; `true`, `TRUE` -> "True" and `false` -> "False" in any case. Other text is kept.
+    """
+    t = text.strip()
+    head = t[:1]
+    if head and head in "0123456789+-.":
+        if _INTEGER.fullmatch(t):
+            return str(int(t))
+        if _NUMBER.fullmatch(t):
+            v = float(t)
+            if math.isfinite(v):
+                return str(int(v)) if v.is_integer() else repr(v)
+    elif len(t) in (4, 5):
+        low = t.lower()
+        if low == "true":
+            return "True"
+        if low == "false":
+            return "False"
+    return t
+
+
 def category_text(value: Any) -> str:
     """The text a categorical value is looked up by; "" for a missing value.
 
     One rule for every source, so that training (CSV, Parquet, NPZ) and apps (CSV, Parquet,
-    JSON) agree: None and NaN are missing; text is stripped of surrounding spaces; integers and
-    integral floats are written as integers ("3", as the CSV cell "3" reads: Parquet and
-    pandas turn an integer column with nulls into floats); other floats with `repr`; booleans
-    as "True"/"False" (as pandas writes them to CSV).
+    JSON) agree: None and NaN are missing; text goes through `text_category` (stripped;
+    numeric text and booleans in any case written as below); integers and integral floats are
+    written as integers ("3": Parquet and pandas turn an integer column with nulls into
+    floats); other floats with `repr`; booleans as "True"/"False" (as pandas writes them).
+    Missing-value spellings (`NA_VALUES`) are the caller's to apply (`categorical_values`).
     """
     if value is None:
         return MISSING_TEXT
     if isinstance(value, (str, np.str_)):
-        return str(value).strip()
+        return text_category(str(value))
     if isinstance(value, (bytes, np.bytes_)):
-        return bytes(value).decode("utf-8", errors="replace").strip()
+        return text_category(bytes(value).decode("utf-8", errors="replace"))
     if isinstance(value, (bool, np.bool_)):
         return "True" if value else "False"
     if isinstance(value, (int, np.integer)):
@@ -144,8 +223,8 @@ def category_text(value: Any) -> str:
     return str(value).strip()
 
 
-def _number(value: Any, column: str, row: int) -> float:
-    """A continuous cell as a float; NaN for a missing one (None, NaN, empty text)."""
+def _number(value: Any, column: str, row: int, na: frozenset[str] = frozenset()) -> float:
+    """A continuous cell as a float; NaN for a missing one (None, NaN, empty or `na` text)."""
     if value is None:
         return math.nan
     if isinstance(value, (bool, np.bool_)):
@@ -158,7 +237,7 @@ def _number(value: Any, column: str, row: int) -> float:
     if isinstance(value, (str, np.str_, bytes, np.bytes_)):
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
         text = text.strip()
-        if not text:
+        if not text or text.lower() in na:
             return math.nan
         try:
             return float(text)
@@ -167,10 +246,13 @@ def _number(value: Any, column: str, row: int) -> float:
     raise CellError(column, row, f"not a number: {value!r}")
 
 
-def continuous_values(values: Any, column: str, row_offset: int = 0) -> np.ndarray:
+def continuous_values(
+    values: Any, column: str, row_offset: int = 0, na: frozenset[str] | None = None
+) -> np.ndarray:
     """One continuous column as float32 [n]; NaN where missing.
 
-    `row_offset` is added to row numbers in messages (for a chunk of a larger input).
+    `row_offset` is added to row numbers in messages (for a chunk of a larger input); `na`:
+    the missing-cell spellings (`na_set`; default `NA_VALUES`).
 
     Raises:
         InputDataError: a cell that is neither a number nor missing, naming the column and row.
@@ -188,33 +270,59 @@ def continuous_values(values: Any, column: str, row_offset: int = 0) -> np.ndarr
             return arr.astype(np.float32)
     if arr.dtype.kind == "b":
         raise InputDataError(f"column {column!r}: booleans, not numbers")
+    na = _DEFAULT_NA if na is None else na
     out = np.empty(len(arr), dtype=np.float32)
     for i, v in enumerate(arr):
-        out[i] = _float32_cell(v, column, i + row_offset)
+        out[i] = _float32_cell(v, column, i + row_offset, na)
     return out
 
 
-def categorical_values(values: Any) -> np.ndarray:
-    """One categorical column as an object array of str [n] (`category_text` of each cell)."""
+def categorical_values(
+    values: Any, na: frozenset[str] | None = None, column: Column | None = None
+) -> np.ndarray:
+    """One categorical column as an object array of str [n] (`category_text` of each cell).
+
+    A cell whose stripped text is a missing-value spelling (`na`, from `na_set`; default
+    `NA_VALUES`) is "", unless `column`'s vocabulary holds it (a model trained when only an
+    empty cell was missing); a cell that `column`'s vocabulary spells another way (`1.0` in a
+    model trained before numbers were written one way) is given the vocabulary's spelling.
+    """
     arr = values if isinstance(values, np.ndarray) else np.asarray(list(values), dtype=object)
     cells = arr.tolist()
     kinds = set(map(type, cells))
-    # The usual columns at C speed, with category_text's result for these types.
-    if kinds <= _TEXT:
-        out = [v.strip() for v in cells]
-    elif kinds <= _TEXT_OR_NONE:
-        out = [MISSING_TEXT if v is None else v.strip() for v in cells]
-    elif kinds <= _INT:
-        out = list(map(str, cells))
-    else:
-        out = [category_text(v) for v in cells]
+    # the usual integer columns at C speed
+    out = list(map(str, cells)) if kinds <= _INT else [category_text(v) for v in cells]
+    na, spelling = _column_reading(_DEFAULT_NA if na is None else na, column)
+    if na:
+        out = [MISSING_TEXT if t.lower() in na else t for t in out]
+    if spelling:
+        out = [spelling.get(t, t) for t in out]
     result = np.empty(len(out), dtype=object)
     result[:] = out
     return result
 
 
-_TEXT = {str}
-_TEXT_OR_NONE = {str, type(None)}
+_DEFAULT_NA = na_set()
+
+
+@functools.lru_cache(maxsize=256)
+def _vocabulary_reading(
+    na: frozenset[str], vocabulary: tuple[str, ...] | None
+) -> tuple[frozenset[str], dict[str, str]]:
+    if not vocabulary:
+        return na - {MISSING_TEXT}, {}
+    held = {v.lower() for v in vocabulary}
+    spelling = {text_category(v): v for v in vocabulary if text_category(v) != v}
+    return na - held - {MISSING_TEXT}, spelling
+
+
+def _column_reading(
+    na: frozenset[str], column: Column | None
+) -> tuple[frozenset[str], dict[str, str]]:
+    """The spellings read as missing in a column, and the vocabulary's own spellings."""
+    return _vocabulary_reading(na, None if column is None else column.vocabulary)
+
+
 _INT = {int}
 
 
@@ -233,6 +341,7 @@ def feeds_from_columns(
     n_rows: int | None = None,
     *,
     row_offset: int = 0,
+    na_values: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """The model's input arrays from data given by column name.
 
@@ -243,6 +352,8 @@ def feeds_from_columns(
         n_rows: The expected number of rows (taken from the first column when None).
         row_offset: Added to row numbers in messages, for data that is a chunk of a larger
             input (a Parquet batch, a chunk of a CSV file).
+        na_values: The spellings of a missing cell (`read_na_values` of the model; default
+            `NA_VALUES`), compared case-insensitively.
 
     Returns:
         Input name -> array: float32 [n_rows, k] for "continuous" (NaN = missing), object
@@ -259,12 +370,13 @@ def feeds_from_columns(
     for c in columns:
         widths[c.input] = max(widths.get(c.input, 0), c.index + 1)
     feeds: dict[str, np.ndarray] = {}
+    na = _DEFAULT_NA if na_values is None else na_set(na_values)
     for c in columns:
         values = data[c.name]
-        if c.kind == CONTINUOUS:
-            col = continuous_values(values, c.name, row_offset)
+        if c.kind in NUMERIC_KINDS:
+            col = continuous_values(values, c.name, row_offset, na)
         else:
-            col = categorical_values(values)
+            col = categorical_values(values, na, c)
         if n_rows is None:
             n_rows = len(col)
         if len(col) != n_rows:
@@ -277,7 +389,11 @@ def feeds_from_columns(
 
 
 def feeds_from_records(
-    columns: Sequence[Column], records: Sequence[Mapping[str, Any]], *, row_offset: int = 0
+    columns: Sequence[Column],
+    records: Sequence[Mapping[str, Any]],
+    *,
+    row_offset: int = 0,
+    na_values: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """The model's input arrays from rows given as objects (`{"age": 31, "city": "Busan"}`).
 
@@ -290,7 +406,7 @@ def feeds_from_records(
         InputDataError: a record is not an object, a column is absent from every record, or a
             continuous value is not a number.
     """
-    return RecordReader(columns).feeds(records, row_offset=row_offset)
+    return RecordReader(columns, na_values).feeds(records, row_offset=row_offset)
 
 
 class RecordReader:
@@ -301,8 +417,10 @@ class RecordReader:
     per-call cost would otherwise be most of the work.
     """
 
-    def __init__(self, columns: Sequence[Column]) -> None:
+    def __init__(self, columns: Sequence[Column], na_values: Sequence[str] | None = None) -> None:
         self.columns = list(columns)
+        self.na_values = NA_VALUES if na_values is None else tuple(na_values)
+        self._na = na_set(self.na_values)
         places: dict[str, dict[int, Column]] = {}
         for c in self.columns:
             places.setdefault(c.input, {})[c.index] = c
@@ -310,9 +428,12 @@ class RecordReader:
         # a place no column fills).
         self._layout: list[tuple[str, bool, list[str | None]]] = []
         self._names = {c.name for c in self.columns}
+        self._readings = {
+            c.name: _column_reading(self._na, c) for c in self.columns if c.kind == CATEGORICAL
+        }
         for name, at in places.items():
             slots = [at[j].name if j in at else None for j in range(max(at) + 1)]
-            continuous = next(iter(at.values())).kind == CONTINUOUS
+            continuous = next(iter(at.values())).kind in NUMERIC_KINDS
             self._layout.append((name, continuous, slots))
 
     def feeds(
@@ -334,24 +455,33 @@ class RecordReader:
                 if any(c.name in r for r in records)
             }
             return feeds_from_columns(
-                self.columns, data, n_rows=len(records), row_offset=row_offset
+                self.columns,
+                data,
+                n_rows=len(records),
+                row_offset=row_offset,
+                na_values=self.na_values,
             )
         feeds: dict[str, np.ndarray] = {}
+        na = self._na
         for name, continuous, slots in self._layout:
             if continuous:
                 rows = [
                     [
                         v
                         if type(v := r.get(n)) is float and -_F32_INF < v < _F32_INF
-                        else _float32_cell(v, n, i)
+                        else _float32_cell(v, n, i, na)
                         for n in slots
                     ]
                     for i, r in enumerate(records, row_offset)
                 ]
                 feeds[name] = np.array(rows, dtype=np.float32)
             else:
+                readings = [self._readings.get(n, (na, {})) for n in slots]
                 cells = [
-                    [MISSING_TEXT if n is None else category_text(r.get(n)) for n in slots]
+                    [
+                        MISSING_TEXT if n is None else _read_category(r.get(n), *reading)
+                        for n, reading in zip(slots, readings, strict=True)
+                    ]
                     for r in records
                 ]
                 feeds[name] = np.array(cells, dtype=object)
@@ -363,11 +493,21 @@ _DICT = {dict}
 _F32_INF = float.fromhex("0x1.ffffffp+127")
 
 
-def _float32_cell(value: Any, column: str | None, row: int) -> float:
+def _read_category(value: Any, na: frozenset[str], spelling: dict[str, str]) -> str:
+    """One categorical cell as `categorical_values` reads it."""
+    t = category_text(value)
+    if t.lower() in na:
+        return MISSING_TEXT
+    return spelling.get(t, t) if spelling else t
+
+
+def _float32_cell(
+    value: Any, column: str | None, row: int, na: frozenset[str] = frozenset()
+) -> float:
     """A continuous cell as a float that converts to float32 without an overflow warning."""
     if column is None:  # a place of the input that no column fills
         return math.nan
-    v = _number(value, column, row)
+    v = _number(value, column, row, na)
     if v >= _F32_INF:
         return math.inf
     if v <= -_F32_INF:

@@ -23,6 +23,7 @@ import csv
 import hashlib
 import math
 import os
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from bn_onnx.columns import CATEGORICAL, CONTINUOUS, category_text
+from bn_onnx.columns import (
+    CATEGORICAL,
+    CONTINUOUS,
+    MISSING_TEXT,
+    NA_VALUES,
+    categorical_values,
+    category_text,
+    na_set,
+)
 from bn_onnx.errors import CheckpointError, InputFileError, UsageError
 from bn_onnx.tabular import TabularSpec, fit_spec
 
@@ -39,12 +48,23 @@ BUNDLED = ("digits", "wine", "breast-cancer", "iris")
 FILE_SUFFIXES = (".csv", ".parquet", ".npz")
 SPLITS = ("train", "val", "test")
 # A text column with at least this share of number cells is taken for a column of numbers
-# with a stray marker ("NA"): an error asks which it is, rather than guessing categorical.
+# with a stray marker ("?"): an error asks which it is, rather than guessing categorical.
 MOSTLY_NUMBERS = 0.9
 DATASET_NAMES = (*BUNDLED, "synthetic")
 TASKS = ("classification", "regression")
 # A numeric target with at most this many distinct integer values is taken as class labels.
 MAX_AUTO_CLASSES = 50
+# A text column is date-like when at least this share of its present cells looks like a date
+# or a date and time (ISO 8601 `2008-03-15`, `2008-03-15 10:30`, or `3/15/2008`).
+MOSTLY_DATES = 0.9
+_DATE = re.compile(
+    r"\d{4}-\d{1,2}-\d{1,2}(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+    r"|\d{1,2}/\d{1,2}/\d{2,4}"
+)
+DATE_MODES = ("drop", "keep")
+# A categorical column is id-like when its training split holds more than ID_MIN distinct
+# values and at least ID_SHARE of its present cells are distinct (names, ids, free text).
+ID_MIN, ID_SHARE = 20, 0.5
 
 
 @dataclass
@@ -65,6 +85,8 @@ class Dataset:
         feeds_train, feeds_val, feeds_test: The raw model inputs (tabular): `continuous`
             float32 [N, k] with NaN for a missing value, `categorical` str [N, m] with "" for
             a missing value, as `bn_onnx.columns.feeds_from_columns` builds them.
+        notes: Warnings about the columns (dates dropped or kept, id-like columns), one line
+            each, for the user to see.
     """
 
     name: str
@@ -85,6 +107,7 @@ class Dataset:
     feeds_train: dict[str, np.ndarray] | None = None
     feeds_val: dict[str, np.ndarray] | None = None
     feeds_test: dict[str, np.ndarray] | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_features(self) -> int:
@@ -186,7 +209,12 @@ class _RawColumn:
     where: Callable[[int], str]
     # "number" columns: the cells in their own type (int64 ids stay exact as categories)
     originals: Any = None
+    # the missing-cell spellings (`bn_onnx.columns.na_set`), for text cells
+    na: frozenset[str] = field(default_factory=na_set)
     _parsed: tuple[np.ndarray | None, int] | None = field(default=None, repr=False)
+
+    def _missing(self, text: str) -> bool:
+        return not text or text.lower() in self.na
 
     def _parse(self) -> tuple[np.ndarray | None, int]:
         """float64 values (NaN where missing), or None and the index of the first non-number."""
@@ -205,7 +233,7 @@ class _RawColumn:
             if isinstance(cell, (bool, np.bool_)):
                 return None, i
             text = cell.strip() if isinstance(cell, str) else cell
-            if isinstance(text, str) and not text:
+            if isinstance(text, str) and self._missing(text):
                 out[i] = math.nan
                 continue
             try:
@@ -225,7 +253,7 @@ class _RawColumn:
         present = numbers = 0
         for cell in self.cells:
             text = cell.strip() if isinstance(cell, str) else ""
-            if text:
+            if not self._missing(text):
                 present += 1
                 try:
                     float(text)
@@ -233,6 +261,18 @@ class _RawColumn:
                 except ValueError:
                     pass
         return present > 0 and numbers >= MOSTLY_NUMBERS * present
+
+    def looks_like_dates(self) -> bool:
+        """Whether at least `MOSTLY_DATES` of the present text cells are dates (or times)."""
+        if self.source == "number":
+            return False
+        present = dated = 0
+        for cell in self.cells:
+            text = cell.strip() if isinstance(cell, str) else ""
+            if not self._missing(text):
+                present += 1
+                dated += _DATE.fullmatch(text) is not None
+        return present > 0 and dated >= MOSTLY_DATES * present
 
     def continuous(self, file: str) -> np.ndarray:
         """float64 [n], NaN for a missing value.
@@ -258,7 +298,20 @@ class _RawColumn:
         """`category_text` of every cell, object [n] of str ("" for a missing value)."""
         cells = self.cells if self.originals is None else self.originals
         cells = cells.tolist() if isinstance(cells, np.ndarray) else cells
-        return np.array([category_text(c) for c in cells], dtype=object)
+        return categorical_values(cells, self.na)
+
+
+def _date_note(name: str, mode: str) -> str:
+    what = (
+        "dropped"
+        if mode == "drop"
+        else "kept as a category (a date not seen in training is unknown)"
+    )
+    return (
+        f"column {name!r} holds dates: {what}; the exported graph cannot compute date parts "
+        f"(year, month, day of week) from text, so add them as columns of numbers yourself"
+        + ("" if mode == "keep" else ", or give --dates keep")
+    )
 
 
 def _check_target(target: str | None, names: list[str], path: Path, kind: str) -> str:
@@ -352,6 +405,8 @@ def _read_parquet(path: Path, target: str | None) -> tuple[list[_RawColumn], np.
             originals = col.to_pylist() if pa.types.is_integer(kind) else None
         elif textual(kind):
             source, cells = "category", col.to_pylist()
+        elif pa.types.is_temporal(kind):  # dates and times: their text (see `dates=`)
+            source, cells = "text", [None if v is None else str(v) for v in col.to_pylist()]
         else:
             raise InputFileError(
                 f"{path.name}: column {name!r} has Parquet type {kind}, neither numbers nor text"
@@ -457,8 +512,8 @@ def _column_kinds(
                 _, bad = col._parse()
                 raise InputFileError(
                     f"{path.name} {col.where(bad)}: column {col.name!r} holds numbers but also "
-                    f"{col.cells[bad]!r}; empty such cells and give --continuous {col.name}, "
-                    f"or give --categorical {col.name}"
+                    f"{col.cells[bad]!r}; give --na-values {col.cells[bad].strip()!r} if it "
+                    f"marks a missing value, or give --categorical {col.name}"
                 )
     return kinds
 
@@ -506,10 +561,12 @@ def _guess_task(values: np.ndarray) -> str:
 def split_indices(
     y: np.ndarray | None, n: int, seed: int, val_fraction: float, test_fraction: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-    """Seeded train/val/test index arrays; stratified by `y` when every class allows it."""
-    from sklearn.model_selection import train_test_split
+    """Seeded train/val/test index arrays; stratified by `y` when every class allows it.
 
-    n_test = max(1, round(n * test_fraction))
+    `test_fraction` 0 holds out no test rows (the test array is empty).
+    """
+
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
     n_val = max(1, round(n * val_fraction))
     if n - n_test - n_val < 2:
         raise UsageError(
@@ -521,12 +578,59 @@ def split_indices(
         counts = np.bincount(y)
         counts = counts[counts > 0]
         n_classes = len(counts)
-        stratified = counts.min() >= 3 and n_test >= n_classes and n_val >= n_classes
+        stratified = (
+            counts.min() >= 3 and n_test in (0, *range(n_classes, n)) and n_val >= n_classes
+        )
     strat = y if stratified else None
-    rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=strat)
+    if n_test:
+        rest, test = train_test_split(idx, n_test, seed, strat)
+    else:
+        rest, test = idx, idx[:0]
     strat_rest = y[rest] if stratified else None
-    train, val = train_test_split(rest, test_size=n_val, random_state=seed + 1, stratify=strat_rest)
+    train, val = train_test_split(rest, n_val, seed + 1, strat_rest)
     return np.sort(train), np.sort(val), np.sort(test), stratified
+
+
+def train_test_split(
+    idx: np.ndarray, n_test: int, seed: int, stratify: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`sklearn.model_selection.train_test_split(idx, test_size=n_test, random_state=seed,
+    stratify=stratify)`, the same indices in the same order, without importing scikit-learn
+    (about 1.8 s of CPU at start-up). Its `ShuffleSplit` and `StratifiedShuffleSplit` with
+    `_approximate_mode`, scikit-learn 1.x (BSD-3-Clause); tests compare the two."""
+    n = len(idx)
+    rng = np.random.RandomState(seed)
+    if stratify is None:
+        perm = rng.permutation(n)
+        return idx[perm[n_test:]], idx[perm[:n_test]]
+    _, y_indices, counts = np.unique(stratify, return_inverse=True, return_counts=True)
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(counts)[:-1])
+    n_i = _approximate_mode(counts, n - n_test, rng)
+    t_i = _approximate_mode(counts - n_i, n_test, rng)
+    train: list[int] = []
+    test: list[int] = []
+    for i in range(len(counts)):
+        perm = class_indices[i].take(rng.permutation(counts[i]), mode="clip")
+        train.extend(perm[: n_i[i]])
+        test.extend(perm[n_i[i] : n_i[i] + t_i[i]])
+    return idx[rng.permutation(train)], idx[rng.permutation(test)]
+
+
+def _approximate_mode(counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's approximate mode of the multivariate hypergeometric (ties drawn by rng)."""
+    continuous = counts / counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need = int(n_draws - floored.sum())
+    if need > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add = min(len(inds), need)
+            floored[rng.choice(inds, size=add, replace=False)] += 1
+            need -= add
+            if need == 0:
+                break
+    return floored.astype(int)
 
 
 def check_dataset_name(name_or_path: str | os.PathLike[str]) -> None:
@@ -552,6 +656,10 @@ def load_dataset(
     n_classes: int = 3,
     categorical: tuple[str, ...] | list[str] | None = None,
     continuous: tuple[str, ...] | list[str] | None = None,
+    na_values: tuple[str, ...] | list[str] | None = None,
+    max_categories: int | None = None,
+    min_frequency: int = 1,
+    dates: str = "drop",
 ) -> Dataset:
     """Load a dataset by name or path and split it.
 
@@ -562,11 +670,21 @@ def load_dataset(
         task: classification or regression; None infers it (synthetic: classification).
         seed: Seed of the split (and of synthetic data).
         val_fraction: Share of rows held out for validation (early stopping, best epoch).
-        test_fraction: Share of rows held out for the final test metrics.
+        test_fraction: Share of rows held out for the final test metrics; 0 holds out none
+            (train on everything but the validation split; the test metrics are then None).
         n_samples, n_features, n_classes: Size of synthetic data.
         categorical, continuous: Columns of a file to take as categorical / continuous
             (the others are inferred: numbers are continuous, anything else categorical).
             Either makes the dataset tabular.
+        na_values: The text cells of a file that are missing values, compared
+            case-insensitively after stripping spaces (default `NA_VALUES`: empty, NA, N/A,
+            NaN, null). Recorded in the recipe when not the default.
+        max_categories, min_frequency: Caps on each categorical column's vocabulary
+            (`bn_onnx.tabular.fit_spec`): rare values become "unknown". Recorded when set.
+        dates: What to do with a date-like text column not given as `categorical`: "drop"
+            it (the default) or "keep" it as a category (a later date is then "unknown").
+            The exported graph cannot compute date parts from text, so neither mode expands
+            them; `Dataset.notes` says which columns and what was done.
 
     Raises:
         UsageError: unknown dataset name or options that do not fit it.
@@ -577,15 +695,23 @@ def load_dataset(
     continuous = tuple(continuous or ())
     if task is not None and task not in TASKS:
         raise UsageError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    for frac_name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0 < frac < 0.5:
-            raise UsageError(f"{frac_name} must be between 0 and 0.5, got {frac}")
+    if not 0 < val_fraction < 0.5:
+        raise UsageError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
+    if not 0 <= test_fraction < 0.5:
+        raise UsageError(
+            f"test_fraction must be from 0 (no test split) to 0.5, got {test_fraction}"
+        )
     spec: dict[str, Any] = {
         "seed": int(seed),
         "val_fraction": float(val_fraction),
         "test_fraction": float(test_fraction),
     }
     text = os.fspath(name_or_path)
+    notes: list[str] = []
+    if max_categories is not None and (isinstance(max_categories, bool) or max_categories < 1):
+        raise UsageError(f"max_categories must be >= 1, got {max_categories}")
+    if isinstance(min_frequency, bool) or min_frequency < 1:
+        raise UsageError(f"min_frequency must be >= 1, got {min_frequency}")
     class_names: list[str] | None = None
     feature_names: list[str] | None = None
     table: tuple[list[str], dict[str, str], dict[str, np.ndarray]] | None = None
@@ -632,6 +758,18 @@ def load_dataset(
             columns, y_raw = _read_parquet(path, target)
         else:
             columns, y_raw = _read_csv(path, target)
+        na = na_set(na_values)
+        for col in columns:
+            col.na = na
+        if dates not in DATE_MODES:
+            raise UsageError(f"unknown dates mode {dates!r} (choose from {', '.join(DATE_MODES)})")
+        for col in [c for c in columns if c.name not in (*categorical, *continuous)]:
+            if col.looks_like_dates():
+                notes.append(_date_note(col.name, dates))
+                if dates == "drop":
+                    columns.remove(col)
+        if not columns:
+            raise InputFileError(f"{path.name}: no feature columns left after dropping dates")
         feature_names = [c.name for c in columns]
         kinds = _column_kinds(columns, categorical, continuous, path, target)
         values = {
@@ -657,6 +795,14 @@ def load_dataset(
             spec["categorical"] = list(categorical)
         if continuous:
             spec["continuous"] = list(continuous)
+        if na_values is not None and tuple(na_values) != NA_VALUES:
+            spec["na_values"] = list(na_values)
+        if max_categories is not None:
+            spec["max_categories"] = int(max_categories)
+        if min_frequency != 1:
+            spec["min_frequency"] = int(min_frequency)
+        if dates != "drop":
+            spec["dates"] = dates
         if task == "classification":
             if y_raw.ndim != 1:
                 raise InputFileError("class labels must be one column")
@@ -703,9 +849,11 @@ def load_dataset(
         class_names=class_names if task == "classification" else None,
         feature_names=feature_names,
         spec=spec,
+        notes=notes,
     )
     if table is not None:
-        _add_tabular(data, *table, {"train": train, "val": val, "test": test})
+        caps = {"max_categories": max_categories, "min_frequency": min_frequency}
+        _add_tabular(data, *table, {"train": train, "val": val, "test": test}, caps)
     return data
 
 
@@ -715,10 +863,22 @@ def _add_tabular(
     kinds: dict[str, str],
     values: dict[str, np.ndarray],
     splits: dict[str, np.ndarray],
+    caps: dict[str, Any],
 ) -> None:
     """Learn the tabular spec from the training rows and fill in every split's inputs."""
     train = splits["train"]
-    spec = fit_spec(names, kinds, {n: v[train] for n, v in values.items()})
+    spec = fit_spec(names, kinds, {n: v[train] for n, v in values.items()}, **caps)
+    for col in spec.categorical:
+        cells = values[col.name][train]
+        present = int(np.sum(cells != MISSING_TEXT))
+        distinct = len(set(cells.tolist()) - {MISSING_TEXT})
+        if distinct > ID_MIN and distinct >= ID_SHARE * present:
+            data.notes.append(
+                f"column {col.name!r} looks like an id ({distinct} distinct values in {present} "
+                f"training rows, {len(col.vocabulary or ())} kept): rows it has not seen read as "
+                "unknown; drop it from the file, or cap it with --max-categories / "
+                "--min-frequency"
+            )
     feeds = _raw_feeds(names, kinds, values)
     data.tabular = spec
     for split, rows in splits.items():
@@ -765,6 +925,13 @@ def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
         for kind in ("categorical", "continuous"):
             if spec.get(kind):
                 kwargs[kind] = tuple(str(n) for n in spec[kind])
+        for key in ("max_categories", "min_frequency"):
+            if spec.get(key) is not None:
+                kwargs[key] = int(spec[key])
+        if spec.get("dates") in DATE_MODES:
+            kwargs["dates"] = spec["dates"]
+        if isinstance(spec.get("na_values"), list):
+            kwargs["na_values"] = tuple(str(v) for v in spec["na_values"])
     else:
         raise CheckpointError(f"checkpoint records an unknown dataset source {source!r}")
     try:

@@ -27,7 +27,7 @@ import onnx
 
 from bn_onnx import __version__, onnx_meta
 from bn_onnx.checkpoint import CHECKPOINT_FILES, Checkpoint
-from bn_onnx.columns import COLUMNS_KEY
+from bn_onnx.columns import COLUMNS_KEY, NA_KEY, columns_to_json, feature_columns
 from bn_onnx.errors import UnsupportedModelError, UsageError
 from bn_onnx.files import OutputGroup, check_output_path, check_outputs, checkpoint_files
 from bn_onnx.model_config import MLPConfig
@@ -97,7 +97,9 @@ def check_opset(opset: int) -> int:
 def metadata_for(config: MLPConfig, meta: dict[str, Any], *, folded: bool) -> dict[str, str]:
     """The `bn_onnx.*` metadata_props of an exported model, from its checkpoint's config.json.
 
-    A tabular model also gets `bn_onnx.columns`, its column schema (`bn_onnx.columns`).
+    A tabular model also gets `bn_onnx.columns`, its column schema (`bn_onnx.columns`); so
+    does a plain model trained from a CSV or Parquet file: its features by name, read by
+    `run`, `serve` and `Predictor` from named rows (`bn_onnx.columns.feature_columns`).
     """
     values = {
         onnx_meta.PRODUCER_VERSION: __version__,
@@ -109,7 +111,24 @@ def metadata_for(config: MLPConfig, meta: dict[str, Any], *, folded: bool) -> di
     }
     if config.tabular is not None:
         values[COLUMNS_KEY] = config.tabular.columns_json()
+    elif _named_source(meta, config.in_features):
+        names = meta["preprocessing"]["feature_names"]
+        values[COLUMNS_KEY] = columns_to_json(feature_columns(names, onnx_meta.INPUT_NAME))
+    na_values = (meta.get("dataset") or {}).get("na_values")
+    if COLUMNS_KEY in values and isinstance(na_values, list):  # only when not the default
+        values[NA_KEY] = onnx_meta.json_value(na_values)
     return values
+
+
+def _named_source(meta: dict[str, Any], width: int) -> bool:
+    """Whether a plain model was trained from a file whose header names its features."""
+    dataset = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
+    names = (meta.get("preprocessing") or {}).get("feature_names")
+    return (
+        dataset.get("source") in ("csv", "parquet")
+        and isinstance(names, list)
+        and len(names) == len(set(map(str, names))) == width
+    )
 
 
 def _inference_copy(model: torch.nn.Module) -> tuple[torch.nn.Module, int]:

@@ -140,8 +140,9 @@ class TabularMLP(MLP):
     `[embedding of each code..., numeric...]`.
 
     The input normalization (a frozen BatchNorm1d, as in `MLP`) spans that whole vector: its
-    statistics are the training split's mean and variance for the numeric columns and
-    mean 0, variance 1 for the embedding columns, which it therefore scales by the constant
+    statistics are the training split's mean and variance for the continuous columns and
+    mean 0, variance 1 for the indicators (`bn_onnx.train` sets them) and for the embedding
+    columns, which it therefore scales by the constant
     1/sqrt(1 + eps) (the learned embeddings absorb it). fastai normalizes the continuous
     columns only, before the concatenation; normalizing after it keeps the BN next to the
     first Gemm, so that `bn-onnx fold` folds it there like a plain MLP's input normalization.

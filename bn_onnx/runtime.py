@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from bn_onnx.columns import CONTINUOUS, Column, RecordReader, feeds_from_columns, read_columns
+from bn_onnx.columns import (
+    CONTINUOUS,
+    NUMBER,
+    Column,
+    RecordReader,
+    feeds_from_columns,
+    read_columns,
+    read_na_values,
+)
 from bn_onnx.errors import (
     BnOnnxError,
     CellError,
@@ -522,7 +530,10 @@ class Predictor:
     """A loaded model for apps: `predict(X)` with input checks, chunking and class labels.
 
     `X` is what the model takes:
-    - a model with one 2-D float input: an array-like [rows, features] (the fast path);
+    - a model with one 2-D float input: an array-like [rows, features] (the fast path), by
+      position; one trained from a CSV or Parquet file also names its features (metadata
+      `bn_onnx.columns`, columns of kind "number") and takes rows by name as below, extra
+      columns ignored;
     - a tabular model (metadata `bn_onnx.columns`, see `bn_onnx.columns`): rows by column name,
       as a mapping column -> values, a list of row objects (`{"age": 31, "city": "Busan"}`) or
       a pyarrow Table / RecordBatch; an unseen category maps to "unknown" inside the model;
@@ -581,11 +592,20 @@ class Predictor:
         self.metadata: dict[str, str] = dict(meta)
         self.columns: list[Column] | None = read_columns(meta)
         self._check_columns()
-        self._records = RecordReader(self.columns) if self.columns is not None else None
+        self.na_values: tuple[str, ...] = read_na_values(meta)
+        self._records = (
+            RecordReader(self.columns, self.na_values) if self.columns is not None else None
+        )
         first = specs[0]
         array_input = len(specs) == 1 and first.type in _ORT_FLOAT_TYPES and len(first.shape) == 2
+        # A plain model whose schema only names its features (`feature_columns`): named rows
+        # are read by name, arrays keep position.
+        self.positional: bool = array_input and (
+            self.columns is None
+            or all(c.input == first.name and c.kind == NUMBER for c in self.columns)
+        )
         # The fast path: one 2-D float input fed from an array, checked by `check_input`.
-        self._plain = array_input and self.columns is None
+        self._plain = self.positional
         self.array_input: bool = self._plain
         self.input_name: str = first.name
         self.input_dtype: np.dtype = first.dtype
@@ -634,7 +654,7 @@ class Predictor:
                 )
             widths[c.input] = max(widths.get(c.input, 0), c.index + 1)
             self._column_at[(c.input, c.index)] = c.name
-            if c.kind == CONTINUOUS:
+            if c.kind == CONTINUOUS:  # the model fills it
                 self._nan_inputs.add(c.input)
         for spec in self.inputs:
             width = spec.shape[1] if len(spec.shape) == 2 else None
@@ -717,22 +737,30 @@ class Predictor:
                     "rows as objects by column name need a model with a column schema "
                     f"(metadata bn_onnx.columns); {self.describe_inputs()}"
                 )
-            return self._refuse_infinity(self._records.feeds(X, row_offset=row_offset), row_offset)
+            return self._named_feeds(self._records.feeds(X, row_offset=row_offset), row_offset)
         elif len(self.inputs) == 1:
             return self._check_feeds({self.input_name: X}, row_offset)
         else:
             raise InputDataError(self.describe_inputs())
-        return self._refuse_infinity(
-            feeds_from_columns(columns, data, row_offset=row_offset), row_offset
+        return self._named_feeds(
+            feeds_from_columns(columns, data, row_offset=row_offset, na_values=self.na_values),
+            row_offset,
         )
+
+    def _named_feeds(self, feeds: dict[str, np.ndarray], row_offset: int) -> dict[str, np.ndarray]:
+        """Feeds built from named columns, checked as the model needs them."""
+        if self._plain:  # a plain model's features by name: checked as an array would be
+            return self._check_feeds(feeds, row_offset)
+        return self._refuse_infinity(feeds, row_offset)
 
     def describe_inputs(self) -> str:
         """One line saying what `predict` takes for this model (for messages)."""
         if self.columns is not None:
             names = ", ".join(c.name for c in self.columns)
+            arrays = f", or an array [rows, {len(self.columns)}]" if self._plain else ""
             return (
                 f"this model takes named columns ({names}): a mapping column -> values, a list "
-                "of row objects or a pyarrow Table"
+                f"of row objects or a pyarrow Table{arrays}"
             )
         inputs = ", ".join(s.describe() for s in self.inputs)
         return f"this model takes a dict input name -> array for its inputs: {inputs}"
@@ -953,8 +981,12 @@ class Predictor:
 
 
 def _named(X: Any) -> bool:
-    """True for inputs by name (a mapping or a pyarrow table), which bypass the array path."""
-    return isinstance(X, Mapping) or _is_arrow(X)
+    """True for inputs by name (a mapping, rows as objects, a pyarrow table): not arrays."""
+    return (
+        isinstance(X, Mapping)
+        or _is_arrow(X)
+        or (isinstance(X, (list, tuple)) and bool(X) and isinstance(X[0], Mapping))
+    )
 
 
 def _named_input(name: str, convert: Callable[[], np.ndarray]) -> np.ndarray:

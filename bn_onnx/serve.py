@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -454,6 +455,8 @@ def parse_inputs(
 
 
 _LIST = {list}
+# A body whose rows are lists of numbers: a plain model with named features takes both.
+_LIST_ROWS = re.compile(rb'^\s*\{\s*"inputs"\s*:\s*\[\s*\[')
 
 
 @functools.cache
@@ -536,7 +539,8 @@ def _json_safe(values: np.ndarray) -> list[Any]:
 def model_metadata(predictor: Predictor, model_name: str) -> dict[str, Any]:
     """What `/metadata` answers: the model's inputs, outputs, features or columns, classes and
     providers. `columns` is the tabular schema (name, kind, input, index, and the vocabulary or
-    fill of each column; see `bn_onnx.columns`), None for a model that takes rows of numbers.
+    fill of each column; see `bn_onnx.columns`), None for a model that takes rows of numbers
+    only; a numeric model trained from a named file lists its features (kind "number").
     """
     session = predictor.session
     folded = predictor.metadata.get("bn_onnx.folded")
@@ -614,7 +618,7 @@ def create_app(
     def to_feeds(body: bytes) -> dict[str, np.ndarray]:
         """The checked model inputs for a request body; `RequestError` 400 otherwise."""
         try:
-            if columns is None:
+            if columns is None or (predictor.array_input and _LIST_ROWS.search(body)):
                 # 2-D, the model's width and dtype, finite, C-contiguous: what check() ensures
                 return {input_name: parse_inputs(body, predictor.n_features, input_dtype)}
             return predictor.feeds(parse_records(body, columns))

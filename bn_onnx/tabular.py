@@ -334,6 +334,8 @@ def fit_spec(
     values: Mapping[str, np.ndarray],
     *,
     embedding_dropout: float = 0.0,
+    max_categories: int | None = None,
+    min_frequency: int = 1,
 ) -> TabularSpec:
     """Learn fills, indicators and vocabularies from the training rows.
 
@@ -344,11 +346,15 @@ def fit_spec(
             value (continuous), or str [n] `category_text` values with "" for a missing value
             (categorical).
         embedding_dropout: Stored in the spec.
+        max_categories: Keep at most this many values per categorical column, the most
+            frequent (ties: the first in sorted order); None keeps all.
+        min_frequency: Keep only values seen in at least this many training rows.
+            Values left out are "unknown" (code 1), as a value the training split lacks is.
 
     Returns:
         The spec: fill = median of the present values, rounded to float32 (0.0 when none is
         present); an indicator for each continuous column with a missing value; vocabulary =
-        the sorted distinct present values; embedding widths by `embedding_size`.
+        the kept distinct present values, sorted; embedding widths by `embedding_size`.
     """
     columns: list[Column] = []
     indicators: list[str] = []
@@ -368,7 +374,7 @@ def fit_spec(
             if missing.any():
                 indicators.append(name)
         else:
-            vocab = tuple(sorted({str(v) for v in cells} - {MISSING_TEXT}))
+            vocab = _vocabulary(cells, max_categories, min_frequency)
             columns.append(Column(name, kind, kind, index, vocabulary=vocab))
             dims.append(embedding_size(FIRST_CATEGORY_CODE + len(vocab)))
     return TabularSpec(
@@ -377,3 +383,16 @@ def fit_spec(
         embedding_dims=tuple(dims),
         embedding_dropout=embedding_dropout,
     )
+
+
+def _vocabulary(cells: Any, max_categories: int | None, min_frequency: int) -> tuple[str, ...]:
+    """The sorted values of a categorical column kept by the caps (see `fit_spec`)."""
+    counts: dict[str, int] = {}
+    for v in cells:
+        t = str(v)
+        counts[t] = counts.get(t, 0) + 1
+    counts.pop(MISSING_TEXT, None)
+    kept = sorted(t for t, n in counts.items() if n >= min_frequency)
+    if max_categories is not None and len(kept) > max_categories:
+        kept = sorted(sorted(kept, key=lambda t: -counts[t])[:max_categories])
+    return tuple(kept)

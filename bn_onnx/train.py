@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bn_onnx import _lazy_dynamo
 from bn_onnx.checkpoint import library_versions, save_checkpoint
 from bn_onnx.data import Dataset, load_dataset
 from bn_onnx.errors import UsageError
@@ -42,6 +43,11 @@ class TrainSettings:
         target: Target column of a CSV or Parquet file.
         categorical, continuous: File columns to take as categorical / continuous (others
             are inferred; see `bn_onnx.data`); None or empty: all inferred.
+        na_values: Text cells of a file that are missing values (None: the default,
+            `bn_onnx.columns.NA_VALUES`).
+        max_categories, min_frequency: Caps on each categorical vocabulary (rare values
+            become "unknown"); dates: "drop" or "keep" a date-like text column
+            (`bn_onnx.data.load_dataset`).
         embedding_dropout: Dropout on the concatenated embeddings of a tabular model.
         task: classification or regression (None: inferred from the data).
         samples, features, classes: Size of synthetic data.
@@ -54,7 +60,8 @@ class TrainSettings:
         batch_size: Rows per optimizer step (per process under DDP).
         patience: Stop after this many epochs without a better validation loss (0: never).
         seed: Seeds the split, the initial weights, the shuffling and dropout.
-        val_fraction, test_fraction: Shares of the rows held out.
+        val_fraction, test_fraction: Shares of the rows held out (test_fraction 0: none,
+            the test metrics are None).
         device: auto (CUDA if available), cpu or cuda.
         threads: torch CPU threads during the run (restored afterwards); None keeps torch's
             setting. Small MLPs train fastest on one thread, and a fixed count keeps CPU runs
@@ -87,6 +94,10 @@ class TrainSettings:
     threads: int | None = 1
     categorical: tuple[str, ...] | None = None
     continuous: tuple[str, ...] | None = None
+    na_values: tuple[str, ...] | None = None
+    max_categories: int | None = None
+    min_frequency: int = 1
+    dates: str = "drop"
     embedding_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -96,6 +107,8 @@ class TrainSettings:
             self.categorical = tuple(self.categorical)
         if self.continuous is not None:
             self.continuous = tuple(self.continuous)
+        if self.na_values is not None:
+            self.na_values = tuple(self.na_values)
 
     def resolved_lr(self) -> float:
         """The learning rate in use: `lr` or the optimizer's default."""
@@ -115,6 +128,10 @@ class TrainSettings:
             n_classes=self.classes,
             categorical=self.categorical,
             continuous=self.continuous,
+            na_values=self.na_values,
+            max_categories=self.max_categories,
+            min_frequency=self.min_frequency,
+            dates=self.dates,
         )
 
     def validate(self) -> None:
@@ -173,6 +190,7 @@ class ProgressEvent:
     metric_name: str
     stats: EpochStats | None = None
     metrics: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()  # "start": warnings about the data (`Dataset.notes`)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -396,6 +414,11 @@ def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[st
     }
     if settings.input_norm:
         mean, var, constant = input_statistics(data.x_train)
+        # The was-missing indicators stay 0/1: normalized by a rarely-missing column's
+        # statistics, an empty cell would be an input many standard deviations out.
+        flags = slice(spec.n_continuous, spec.n_numeric)
+        mean[flags], var[flags] = 0.0, 1.0
+        constant = [i for i in constant if i < spec.n_continuous]
         model.set_input_stats(mean, var)
         width = spec.embedding_width
         preprocessing["input_norm"] = {
@@ -404,7 +427,8 @@ def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[st
             "mean": [0.0] * width + [float(v) for v in mean.astype(np.float32)],
             "var": [1.0] * width + [float(v) for v in var.astype(np.float32)],
             "constant_features": [width + i for i in constant],
-            "note": "spans the first layer's input; the embedding columns have mean 0, var 1",
+            "note": "spans the first layer's input; the embedding columns and the "
+            "was-missing indicators have mean 0, var 1",
         }
     return model, preprocessing
 
@@ -443,7 +467,8 @@ def train(
             if ctx.active:
                 # Same initial weights on every rank, but each rank its own dropout masks.
                 torch.manual_seed(settings.seed + 1000 * ctx.rank)
-            return _fit(settings, data, base, preprocessing, device, ctx, out_dir, progress)
+            with _lazy_dynamo.deferred():  # about 2 s of CPU that eager training never uses
+                return _fit(settings, data, base, preprocessing, device, ctx, out_dir, progress)
     finally:
         torch.set_num_threads(old_threads)
 
@@ -475,7 +500,9 @@ def _fit(
         if progress is not None and ctx.is_main:
             progress(event)
 
-    report(ProgressEvent("start", 0, settings.epochs, objective.metric_name))
+    report(
+        ProgressEvent("start", 0, settings.epochs, objective.metric_name, notes=tuple(data.notes))
+    )
     history: list[EpochStats] = []
     best_loss = math.inf
     best_epoch = 0
@@ -590,7 +617,15 @@ def _training_record(settings: TrainSettings, ctx: Any, device: torch.device) ->
     record["hidden"] = list(settings.hidden)
     # The tabular options are recorded when set, so that earlier checkpoints' config.json
     # (the shipped digits model's) stay byte for byte what this version writes.
-    for name, default in (("categorical", None), ("continuous", None), ("embedding_dropout", 0.0)):
+    for name, default in (
+        ("categorical", None),
+        ("continuous", None),
+        ("na_values", None),
+        ("max_categories", None),
+        ("min_frequency", 1),
+        ("dates", "drop"),
+        ("embedding_dropout", 0.0),
+    ):
         if record[name] == default:
             del record[name]
         elif isinstance(record[name], tuple):
@@ -666,9 +701,12 @@ def _final_metrics(
     # The head now predicts raw units: compare against raw targets, without rescaling.
     raw = _RawObjective(objective)
     metrics: dict[str, Any] = {"task": data.task, "metric": objective.metric_name}
+    # (the split sizes are also in config.json["dataset"]["sizes"])
     for split, y in (("val", data.y_val), ("test", data.y_test)):
-        x = tuple(torch.from_numpy(a) for a in data.inputs(split))
-        loss, metric = evaluate(model, raw, x, torch.from_numpy(y))
+        loss = metric = None  # --test-fraction 0: no test split
+        if len(y):
+            x = tuple(torch.from_numpy(a) for a in data.inputs(split))
+            loss, metric = evaluate(model, raw, x, torch.from_numpy(y))
         metrics[f"{split}_loss"] = loss
         metrics[f"{split}_{objective.metric_name}"] = metric
         metrics[f"n_{split}"] = len(y)

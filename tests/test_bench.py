@@ -331,3 +331,32 @@ def test_measure_process_reports_exit_code_output_and_peak_memory():
     del ballast
     assert set(run.to_dict()) == {"returncode", "wall_s", "maxrss_mb", "cpu_s"}
     assert run.cpu_s is not None and run.cpu_s > 0
+
+
+def test_a_tabular_model_is_timed_on_random_batches_of_its_own_inputs(tmp_path):
+    """Issue 20: bench refused a model with two inputs (raw continuous and categorical)."""
+    from serve_testing import TABULAR_COLUMNS, make_tabular
+
+    path = tmp_path / "tab.onnx"
+    make_tabular(path)
+    subjects = [
+        bench.ort_subject(path, "ort", provider="cpu", threads=1),
+        bench.predictor_subject(path, "predictor", provider="cpu", threads=1),
+    ]
+    assert subjects[0].inputs == subjects[1].inputs
+    assert "continuous" in subjects[0].inputs and "categorical" in subjects[0].inputs
+    feeds = subjects[0].make_feeds(64, np.random.default_rng(0))
+    assert feeds["continuous"].shape == (64, 2) and np.isnan(feeds["continuous"]).any()
+    vocab = {v for c in TABULAR_COLUMNS for v in c.get("vocabulary", ())}
+    assert vocab & set(feeds["categorical"].ravel())
+    result = bench.run_benchmark(subjects, [1, 16], repeats=3, warmup=1)
+    assert {(r.subject, r.batch) for r in result.rows} == {
+        (s, b) for s in ("ort", "predictor") for b in (1, 16)
+    }
+    from serve_testing import make_mlp
+
+    plain = tmp_path / "plain.onnx"
+    make_mlp(plain, 2, 4, 3, task="classification")
+    mixed = [subjects[0], bench.ort_subject(plain, "plain", provider="cpu", threads=1)]
+    with pytest.raises(UsageError, match="different inputs"):
+        bench.run_benchmark(mixed, [1], repeats=1, warmup=0)

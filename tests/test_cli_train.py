@@ -38,6 +38,21 @@ def test_train_writes_checkpoint_and_prints_summary(tmp_path, capsys):
     assert reported == pytest.approx(ck.metrics["test_accuracy"], abs=5e-5)
 
 
+def test_test_fraction_0_trains_on_all_but_the_validation_split_and_says_so(tmp_path, capsys):
+    out = tmp_path / "whole"
+    rc = main(
+        ["train", *FAST, "--test-fraction", "0", "--valid-fraction", "0.2", "--out", str(out)]
+    )
+    assert rc == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("iris: validation accuracy ")
+    assert "rows: 120 train, 30 validation, 0 test" in line
+    ck = read_checkpoint(out)
+    assert ck.meta["dataset"]["sizes"] == {"train": 120, "val": 30, "test": 0}
+    assert ck.metrics["n_test"] == 0 and ck.metrics["test_accuracy"] is None
+    assert ck.metrics["n_val"] == 30 and ck.metrics["val_accuracy"] is not None
+
+
 def test_quiet_prints_nothing(tmp_path, capsys):
     assert main(["train", *FAST, "--quiet", "--out", str(tmp_path / "q")]) == 0
     captured = capsys.readouterr()
@@ -66,6 +81,8 @@ BAD_OPTIONS = [
     (["--optimizer", "lbfgs"], "--optimizer"),
     (["--activation", "swish"], "--activation"),
     (["--val-fraction", "0.6"], "--val-fraction"),
+    (["--valid-fraction", "0"], "--valid-fraction"),
+    (["--test-fraction", "-0.1"], "--test-fraction"),
     (["--patience", "-2"], "--patience"),
     (["--bn-momentum", "2"], "--bn-momentum"),
 ]

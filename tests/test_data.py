@@ -265,3 +265,27 @@ def test_split_rebuilt_from_file_and_refused_when_file_changed(tmp_path):
         load_split_from_checkpoint_meta({"dataset": d.spec})
     with pytest.raises(CheckpointError, match="does not record"):
         load_split_from_checkpoint_meta({"model": {}})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    counts=st.lists(st.integers(3, 40), min_size=2, max_size=6),
+    frac=st.floats(0.05, 0.45),
+    seed=st.integers(0, 2**31 - 1),
+    stratified=st.booleans(),
+)
+def test_split_is_scikit_learns_train_test_split_index_for_index(counts, frac, seed, stratified):
+    """bn_onnx.data.train_test_split reproduces scikit-learn's, so old checkpoints' splits
+    rebuild unchanged without importing it (issue 20, start-up)."""
+    from sklearn.model_selection import train_test_split as sk_split
+
+    from bn_onnx.data import train_test_split
+
+    y = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    idx = np.arange(len(y)) * 3 + 1
+    n_test = max(len(counts), round(len(y) * frac))
+    strat = y if stratified else None
+    want = sk_split(idx, test_size=n_test, random_state=seed, stratify=strat)
+    got = train_test_split(idx, n_test, seed, strat)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -11,6 +11,7 @@ import pytest
 
 from bn_onnx.data import load_dataset, load_split_from_checkpoint_meta
 from bn_onnx.errors import InputFileError, UsageError
+from bn_onnx.tabular import FIRST_CATEGORY_CODE, MISSING_CODE, UNKNOWN_CODE, fit_spec
 
 CITIES = ["Busan", "Seoul", "Daegu"]
 
@@ -241,13 +242,64 @@ def test_big_integer_ids_stay_exact_as_categories(tmp_path):
 
 def test_numbers_with_a_stray_marker_ask_which_kind(tmp_path):
     path = tmp_path / "na.csv"
-    path.write_text("a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(30)) + "NA,1\n")
+    path.write_text("a,y\n" + "".join(f"{i},{i % 2}\n" for i in range(30)) + "?,1\n")
     with pytest.raises(InputFileError) as info:
         load_dataset(path, target="y")
     assert str(info.value) == (
-        "na.csv line 32: column 'a' holds numbers but also 'NA'; empty such cells and give "
-        "--continuous a, or give --categorical a"
+        "na.csv line 32: column 'a' holds numbers but also '?'; give --na-values '?' if it "
+        "marks a missing value, or give --categorical a"
     )
+    assert load_dataset(path, target="y", na_values=("", "?")).tabular.indicators == ("a",)
     assert load_dataset(path, target="y", categorical=["a"]).tabular.columns[0].kind == (
         "categorical"
     )
+
+
+def _dated_csv(path):
+    rows = "".join(
+        f"2020-{1 + i % 12:02d}-{1 + i % 28:02d},{i % 7},c{i % 3},{i % 2}\n" for i in range(60)
+    )
+    path.write_text("when,n,kind,y\n" + rows)
+    return path
+
+
+def test_date_columns_are_dropped_or_kept_by_flag_and_said(tmp_path):
+    path = _dated_csv(tmp_path / "d.csv")
+    dropped = load_dataset(path, target="y")
+    assert dropped.feature_names == ["n", "kind"]
+    assert len(dropped.notes) == 1 and "'when' holds dates: dropped" in dropped.notes[0]
+    kept = load_dataset(path, target="y", dates="keep")
+    assert kept.feature_names == ["when", "n", "kind"] and kept.spec["dates"] == "keep"
+    assert {c.name: c.kind for c in kept.tabular.columns}["when"] == "categorical"
+    assert "kept as a category" in kept.notes[0]
+    given = load_dataset(path, target="y", categorical=["when"])  # asked for: no guess
+    assert "when" in given.feature_names and not any("dates" in n for n in given.notes)
+
+
+def test_vocabularies_are_capped_and_rare_values_read_as_unknown():
+    cells = np.array(["a"] * 5 + ["b"] * 3 + ["c"] * 2 + ["d"] + [""], dtype=object)
+    kinds = {"k": "categorical"}
+    assert fit_spec(["k"], kinds, {"k": cells}).columns[0].vocabulary == ("a", "b", "c", "d")
+    assert fit_spec(["k"], kinds, {"k": cells}, min_frequency=2).columns[0].vocabulary == (
+        "a", "b", "c"
+    )  # fmt: skip
+    spec = fit_spec(["k"], kinds, {"k": cells}, max_categories=2)
+    assert spec.columns[0].vocabulary == ("a", "b")
+    codes = spec.encode(0, ["a", "c", "d", ""])
+    assert codes.tolist() == [FIRST_CATEGORY_CODE, UNKNOWN_CODE, UNKNOWN_CODE, MISSING_CODE]
+
+
+def test_an_id_like_column_is_warned_about_and_the_caps_are_recorded(tmp_path, capsys):
+    path = tmp_path / "ids.csv"
+    path.write_text("name,n,y\n" + "".join(f"person {i},{i % 5},{i % 2}\n" for i in range(80)))
+    d = load_dataset(path, target="y")
+    assert any("'name' looks like an id" in n for n in d.notes)
+    capped = load_dataset(path, target="y", min_frequency=2, max_categories=10)
+    assert capped.tabular.columns[0].vocabulary == ()
+    assert capped.spec["min_frequency"] == 2 and capped.spec["max_categories"] == 10
+    from bn_onnx.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", str(path), "--target", "y", "--epochs", "1", "--hidden", "4"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    assert "bn-onnx train: warning: column 'name' looks like an id" in capsys.readouterr().err

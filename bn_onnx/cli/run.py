@@ -1,8 +1,9 @@
 """`bn-onnx run`: run a model over an input file and write the outputs (.npy or .csv).
 
 Inputs: rows of numbers (.npy memory-mapped, .csv) for a model with one 2-D float input; rows
-by column name (.csv with a header, .parquet) for a tabular model (metadata `bn_onnx.columns`).
-Both stream in chunks of --batch-size rows.
+by column name (.csv with a header, .parquet) for a tabular model and for a plain model trained
+from a file with a header (metadata `bn_onnx.columns`; other columns, the target included, are
+ignored). Both stream in chunks of --batch-size rows.
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def run(args: argparse.Namespace) -> int:
     if args.labels and predictor.task == "regression":
         raise UsageError("--labels needs a classifier; this model is a regressor")
     line_of = None
-    if predictor.columns is not None or fmt == ".parquet":
+    named = predictor.columns is not None and not (
+        predictor.array_input and (fmt == ".npy" or not _csv_has_header(args.input, fmt))
+    )
+    if named or fmt == ".parquet":
         rows, chunks, line_of = _named_chunks(args.input, fmt, predictor)
     else:
         rows, chunks = _array_chunks(args.input, predictor)
@@ -163,6 +167,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 Chunks = Iterator[tuple[int, Any]]
+
+
+def _csv_has_header(path: str, fmt: str) -> bool:
+    """Whether a .csv input starts with a header line (a cell that is not a number)."""
+    import csv
+
+    if fmt != ".csv":
+        return False
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+        first = next(csv.reader(fh), [])
+    for cell in first:
+        try:
+            float(cell)
+        except ValueError:
+            return True
+    return False
 
 
 def _array_chunks(path: str, predictor: Any) -> tuple[int, Chunks]:

@@ -19,11 +19,23 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _test_fraction(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 <= value < 0.5:
+        raise argparse.ArgumentTypeError(f"expected 0 (no test split) up to 0.5, got {text}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected comma-separated column names, e.g. city,zip")
     return names
+
+
+def _na_values(text: str) -> list[str]:
+    """`--na-values`: comma-separated spellings; an empty cell is always missing."""
+    return ["", *(v.strip() for v in text.split(",") if v.strip())]
 
 
 def _dropout(text: str) -> float:
@@ -95,6 +107,36 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "inferred: numbers are continuous, anything else categorical",
     )
     data.add_argument(
+        "--na-values",
+        type=_na_values,
+        metavar="A,B",
+        help="text cells of a file that are missing values, compared case-insensitively; "
+        "an empty cell always is (default: NA,N/A,NaN,null; '' for empty cells only). "
+        "The model reads them the same way in run, serve and Predictor",
+    )
+    data.add_argument(
+        "--max-categories",
+        type=positive_int,
+        metavar="N",
+        help="keep at most N values per categorical column, the most frequent; the rest "
+        "read as unknown (default: all)",
+    )
+    data.add_argument(
+        "--min-frequency",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="keep only category values seen in at least N training rows (default: 1)",
+    )
+    data.add_argument(
+        "--dates",
+        choices=("drop", "keep"),
+        default="drop",
+        help="a column of dates (2008-03-15, 3/15/2008) not given as --categorical: drop it "
+        "(default) or keep it as a category; the graph cannot compute date parts from text, "
+        "so add year, month, day of week as number columns to use them",
+    )
+    data.add_argument(
         "--continuous",
         type=_names,
         metavar="C,D",
@@ -128,7 +170,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="classes of synthetic data (default: 3)",
     )
     data.add_argument(
+        "--valid-fraction",
         "--val-fraction",
+        dest="val_fraction",
         metavar="F",
         type=_fraction,
         default=0.15,
@@ -137,9 +181,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     data.add_argument(
         "--test-fraction",
         metavar="F",
-        type=_fraction,
+        type=_test_fraction,
         default=0.15,
-        help="share of rows for the final test metrics (default: 0.15)",
+        help="share of rows for the final test metrics (default: 0.15); 0 trains on "
+        "everything but the validation split (a file already split off its test rows)",
     )
 
     model = p.add_argument_group("model")
@@ -307,6 +352,10 @@ def _settings(args: argparse.Namespace) -> Any:
         threads=args.threads,
         categorical=tuple(args.categorical) if args.categorical else None,
         continuous=tuple(args.continuous) if args.continuous else None,
+        na_values=tuple(args.na_values) if args.na_values is not None else None,
+        max_categories=args.max_categories,
+        min_frequency=args.min_frequency,
+        dates=args.dates,
         embedding_dropout=args.embedding_dropout,
     )
 
@@ -346,7 +395,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         "dataset", "target", "task", "samples", "features", "classes", "val_fraction",
         "test_fraction", "bn", "activation", "dropout", "bn_eps", "bn_momentum", "optimizer",
         "lr", "weight_decay", "epochs", "batch_size", "patience", "seed", "device", "threads",
-        "embedding_dropout", "out",
+        "embedding_dropout", "max_categories", "min_frequency", "dates", "out",
     ):  # fmt: skip
         value = getattr(args, name)
         if value is not None:
@@ -354,6 +403,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     for name in ("categorical", "continuous"):
         if getattr(args, name):
             argv += [f"--{name}", ",".join(getattr(args, name))]
+    if args.na_values is not None:
+        argv += ["--na-values", ",".join(args.na_values)]
     argv += ["--hidden", ",".join(str(h) for h in args.hidden)]
     if args.quiet:
         argv.append("--quiet")
@@ -370,6 +421,8 @@ class _Reporter:
         self.task: Any = None
 
     def __call__(self, event: Any) -> None:
+        for note in event.notes:  # shown even with --quiet: they say what the model lacks
+            print(f"bn-onnx train: warning: {note}", file=sys.stderr)
         if self.quiet:
             return
         name = "acc" if event.metric_name == "accuracy" else "rmse"
@@ -451,13 +504,21 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet or not is_main:
         return 0
     m = result.metrics
+    split = "test" if m["n_test"] else "validation"  # --test-fraction 0: no test split
+    key = "test" if m["n_test"] else "val"
     if result.dataset.task == "classification":
-        score = f"test accuracy {m['test_accuracy']:.4f}"
+        score = f"{split} accuracy {m[f'{key}_accuracy']:.4f}"
     else:
-        score = f"test rmse {m['test_rmse']:.4g}"
+        score = f"{split} rmse {m[f'{key}_rmse']:.4g}"
     stop = ", stopped early" if result.stopped_early else ""
+    sizes = result.dataset.spec.get("sizes", {})
+    rows = (
+        f"; rows: {sizes['train']} train, {sizes['val']} validation, {sizes['test']} test"
+        if sizes
+        else ""
+    )
     print(
         f"{result.dataset.name}: {score} (best epoch {result.best_epoch} of "
-        f"{m['epochs_run']}{stop}, {result.seconds:.1f} s) -> {result.checkpoint_dir}"
+        f"{m['epochs_run']}{stop}, {result.seconds:.1f} s{rows}) -> {result.checkpoint_dir}"
     )
     return 0

@@ -521,7 +521,14 @@ def verify(
     used = v.add_models(providers, provider.strip().lower() == "auto")
     if not used:
         raise ProviderError("no execution provider could run the models")
-    policy = pairs.calibrate(report, policy, baseline=(CKPT, F64), original=m.paths[0])
+    policy = pairs.calibrate(
+        report,
+        policy,
+        baseline=(CKPT, F64),
+        original=m.paths[0],
+        independent=TORCH,
+        own_graph=F64,
+    )
     v.policy = policy
     pairs.add_pairs(report, used, policy, v.classifier, baseline=(CKPT, F64))
     pairs.forgive_float_noise(report, original=m.paths[0])

@@ -83,12 +83,15 @@ def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
 
     data = load_split_from_checkpoint_meta(checkpoint.meta)
     name = checkpoint.meta["dataset"].get("name", "dataset")
-    if getattr(data, "feeds_test", None) is not None:  # a tabular model: its raw columns
-        feeds = {k: np.asarray(v) for k, v in data.feeds_test.items()}
+    split = "test" if len(data.x_test) else "val"  # trained with --test-fraction 0
+    words = "test split" if split == "test" else "validation split (it has no test split)"
+    tab = getattr(data, f"feeds_{split}", None)
+    if tab is not None:  # a tabular model: its raw columns
+        feeds = {k: np.asarray(v) for k, v in tab.items()}
         rows = len(next(iter(feeds.values())))
-        return feeds, f"the checkpoint's test split ({name}, {rows} rows of raw columns)"
-    x = np.asarray(data.x_test)
-    return {INPUT_NAME: x}, f"the checkpoint's test split ({name}, {len(x)} rows)"
+        return feeds, f"the checkpoint's {words} ({name}, {rows} rows of raw columns)"
+    x = np.asarray(getattr(data, f"x_{split}"))
+    return {INPUT_NAME: x}, f"the checkpoint's {words} ({name}, {len(x)} rows)"
 
 
 def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -69,7 +69,13 @@ CALIBRATION = 2.0  # folding may add about the original model's own float error,
 
 
 def calibrate(
-    report: VerifyReport, policy: TolerancePolicy, *, baseline: Sequence[str], original: str
+    report: VerifyReport,
+    policy: TolerancePolicy,
+    *,
+    baseline: Sequence[str],
+    original: str,
+    independent: str | None = None,
+    own_graph: str | None = None,
 ) -> TolerancePolicy:
     """Raise a float output's default atol to twice what the original model itself needs.
 
@@ -81,20 +87,37 @@ def calibrate(
     graph; DESIGN.md's numerics policy asks that folding add no more than about that. So where
     twice that exceeds the default atol, it becomes the default (printed with its reason;
     capped at `FLOOR_CAP` times the default, above which the original itself fails). A user's
-    --atol is used as given. Without a float64 baseline, or with one model only, the
-    defaults stay.
+    --atol is used as given. With one model only, a model cannot calibrate its own proof;
+    what float32 costs is then taken from the runs that leave the model's constants out of it:
+    the float32 run of the same checkpoint that is not the model (run label `independent`:
+    torch eval) against the baseline, and the model against its own graph in float64 (run
+    label `own_graph`: the same constants, exact arithmetic), which measures the runtime's
+    float32 arithmetic only. The model's constants are still checked against the checkpoint
+    at that tolerance (the float64 graph's own comparison). Without a float64 baseline, or with
+    one model and neither run, the defaults stay.
     """
     runs = {r.label: r for r in report.runs}
     base = next((runs[b] for b in baseline if b in runs), None)
     models = [r for r in report.runs if r.kind == "onnx"]
     own = [r for r in models if r.model == original]
-    if base is None or len(own) == len(models):
+    against = {r.label: base for r in own}
+    if base is not None and len(own) == len(models):
+        own = [runs[independent]] if independent in runs else []
+        against = {r.label: base for r in own}
+        if own_graph in runs and runs[own_graph] is not base:
+            for r in models:
+                own.append(r)
+                against[r.label] = runs[own_graph]
+        if not own:
+            return policy
+    elif base is None:
         return policy
     worst: dict[str, tuple[float, str]] = {}
     for r in own:
+        ref = against[r.label]
         for probe, outputs in r.outputs.items():
             for name, arr in outputs.items():
-                exp = base.outputs.get(probe, {}).get(name)
+                exp = ref.outputs.get(probe, {}).get(name)
                 if exp is None or not is_float_dtype(arr.dtype) or arr.shape != exp.shape:
                     continue
                 rtol = policy.resolve(name, lowest_precision(arr.dtype, r.compute_dtype)).rtol
@@ -102,7 +125,8 @@ def calibrate(
                 need = np.abs(arr.astype(np.float64) - e) - rtol * np.abs(e)
                 need = need[np.isfinite(need)]
                 if need.size and float(need.max()) > worst.get(name, (0.0, ""))[0]:
-                    worst[name] = (float(need.max()), r.label)
+                    label = r.label if ref is base else f"{r.label} against {ref.label}"
+                    worst[name] = (float(need.max()), label)
     floor = {
         name: (CALIBRATION * need, f"{CALIBRATION:g}x the atol {label} needs ({need:.3g})")
         for name, (need, label) in worst.items()
