@@ -224,18 +224,11 @@ def _ort_error_line(exc: Exception) -> str:
 
 
 def _check_model_file(path: Path) -> None:
-    # onnx_io gives one-line errors for non-ONNX files and checks that external data stays in
-    # the model's folder before onnxruntime reads any of it.
-    from onnx import external_data_helper
+    # The one loader's checks (as fold and inspect run them) before onnxruntime reads the file:
+    # one-line errors for malformed models, external data kept inside the model's folder.
+    from bn_onnx.onnx_io import open_model
 
-    from bn_onnx.onnx_io import check_external_data, load_model
-
-    model = load_model(path, load_external_data=False)
-    if any(
-        external_data_helper.uses_external_data(t)
-        for t in external_data_helper._get_all_tensors(model)
-    ):
-        check_external_data(model, path.parent)
+    open_model(path)
 
 
 def _unsupported_reason(text: str) -> str | None:

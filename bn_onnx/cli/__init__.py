@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except BnOnnxError as exc:
         if args.debug:
+            if exc.detail:
+                print(exc.detail, file=sys.stderr)
             raise
         print(f"bn-onnx {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
