@@ -981,7 +981,7 @@ def _json_list(text: str | None) -> list[str] | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(value, list) and value:
         return [str(v) for v in value]
