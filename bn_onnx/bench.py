@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bn_onnx.errors import BnOnnxError, UnsupportedModelError, UsageError
+from bn_onnx.onnx_check import check_feed_bytes
 
 SCHEMA = "bn-onnx-bench"
 SCHEMA_VERSION = 1
@@ -338,6 +339,13 @@ def run_benchmark(
     first_run: dict[str, float] = {}
     rows: list[Row] = []
     used_repeats: dict[int, int] = {}
+    for batch in sizes:
+        check_feed_bytes(
+            f"the input for batch size {batch}",
+            (batch, n_features),
+            8,
+            "give smaller --batch-sizes",
+        )
     for k, batch in enumerate(sizes):
         x64 = rng.standard_normal((batch, n_features))
         calls = [s.bind(np.ascontiguousarray(x64, dtype=s.dtype)) for s in subjects]

@@ -32,8 +32,11 @@ SKELETON_KEEP_BYTES = 4096
 CHECK_BYTES = 1 << 24
 # A graph input whose fixed dims need more than this cannot be fed on any machine.
 MAX_INPUT_BYTES = 1 << 40
+# The most one generated input (verify's probe, bench's batch, run's padded chunk) may take.
+MAX_FEED_BYTES = 1 << 32
 
 _WHOLE_NUMBER = re.compile(r"[0-9]+")
+_NO_OP = re.compile(r"No Op registered for (\S+) with domain_version of (\d+)")
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 _TENSOR_FIELDS = onnx.TensorProto.DESCRIPTOR.fields_by_name
@@ -313,6 +316,23 @@ def check_interface(sk: onnx.ModelProto) -> None:
             )
 
 
+def check_feed_bytes(what: str, shape: tuple[int, ...], itemsize: int, hint: str) -> None:
+    """Refuse to make an input of `shape` over `MAX_FEED_BYTES`, with `hint` on what to do.
+
+    Raises:
+        UsageError
+    """
+    from bn_onnx.errors import UsageError
+
+    size = math.prod(shape) * itemsize
+    if size > MAX_FEED_BYTES:
+        dims = "x".join(map(str, shape))
+        raise UsageError(
+            f"{what} of dims {dims} would take {size / 2**30:.3g} GiB, over the "
+            f"{MAX_FEED_BYTES / 2**30:.3g} GiB budget; {hint}"
+        )
+
+
 def check_skeleton(sk: onnx.ModelProto) -> onnx.ModelProto:
     """`check_interface`, then the full checker and strict shape inference on `sk`; return the
     inferred skeleton.
@@ -329,6 +349,11 @@ def check_skeleton(sk: onnx.ModelProto) -> onnx.ModelProto:
     except RecursionError:
         raise UnsupportedModelError("invalid ONNX model: nested too deeply") from None
     except Exception as exc:  # ValidationError, InferenceError, and odd protobuf errors
+        m = _NO_OP.search(str(exc))
+        if m:
+            raise with_detail(
+                UnsupportedModelError(f"unsupported model: no op {m[1]} in opset {m[2]}"), exc
+            ) from None
         raise with_detail(
             UnsupportedModelError(f"invalid ONNX model: {first_line(exc)}"), exc
         ) from None

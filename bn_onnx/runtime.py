@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bn_onnx import crash
 from bn_onnx.columns import CONTINUOUS, Column, RecordReader, feeds_from_columns, read_columns
 from bn_onnx.errors import (
     BnOnnxError,
@@ -30,6 +31,7 @@ from bn_onnx.errors import (
     UnsupportedModelError,
     UsageError,
 )
+from bn_onnx.onnx_check import check_feed_bytes
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -311,6 +313,7 @@ def create_session(
         path = Path(model)
         _check_model_file(path)
         source = str(path)
+        crash.note(source)
     notes: list[str] = []
     strict = not _is_auto(provider)
     try:
@@ -585,6 +588,13 @@ class Predictor:
         self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
         if self.fixed_batch is not None:
             self.batch_size = self.fixed_batch
+            row = math.prod(d for d in first.shape[1:] if isinstance(d, int) and d > 0)
+            check_feed_bytes(
+                f"input {first.name!r} (a fixed batch, padded)",
+                (self.fixed_batch, row),
+                first.dtype.itemsize,
+                "export the model with a symbolic batch dim",
+            )
         outputs = session.get_outputs()
         self.output_names: list[str] = [o.name for o in outputs]
         self._first_output = self.output_names[:1]

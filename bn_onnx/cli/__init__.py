@@ -18,6 +18,10 @@ from typing import NoReturn
 from bn_onnx import __version__
 from bn_onnx.errors import BnOnnxError
 
+# Commands that run onnxruntime: on the command line they run in a watched child process, so
+# that a native crash is one line and exit 2 (`bn_onnx.crash`).
+CONTAINED = ("verify", "run", "bench", "fold")
+
 # Order in `--help`; modules not listed here come after, alphabetically.
 ORDER = ["train", "export", "fold", "inspect", "verify", "run", "bench", "serve", "serve_web"]
 
@@ -55,13 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 a check failed, 2 bad input)."""
+def _models(args: argparse.Namespace) -> list[str]:
+    found = getattr(args, "models", None) or [getattr(args, "model", None)]
+    return [str(m) for m in [*found, *(getattr(args, "others", None) or [])] if m]
+
+
+def main(argv: Sequence[str] | None = None, *, contain: bool | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 a check failed, 2 bad input).
+
+    `contain` (default: when `argv` is None, i.e. the real command line) runs the commands in
+    `CONTAINED` in a forked child watched for native crashes (`bn_onnx.crash`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    if (argv is None if contain is None else contain) and args.command in CONTAINED:
+        from bn_onnx import crash
+
+        code = crash.fork_watched(args.command, _models(args))
+        if code is not None:  # the parent: the child did the work
+            return code
+        if args.debug:
+            import faulthandler
+
+            faulthandler.enable()  # a crash shows the Python stack too
     try:
         return int(args._run(args) or 0)
     except BnOnnxError as exc:

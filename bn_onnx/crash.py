@@ -1,0 +1,103 @@
+"""Containing a native crash: a command that runs onnxruntime runs in a forked child.
+
+onnxruntime is C++: a malformed model it does not refuse can kill the process with a signal
+(a BatchNormalization-9 whose optional outputs are listed with empty names segfaults
+onnxruntime 1.32), which Python cannot catch. `bn-onnx verify`, `run` and `bench` therefore
+fork once, right after parsing their arguments and before importing anything heavy: the
+child does the work (and is the only process that ever starts onnxruntime, so no thread is
+forked), the parent waits and turns a death by signal into one line and exit code 2, naming
+the model the child was working on (`note`). A fork costs about a millisecond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+_AREA_BYTES = 4096
+_area: mmap.mmap | None = None  # shared with the watching parent; set in the child only
+
+
+def note(what: str) -> None:
+    """Tell the watching parent (if any) what the child works on now, e.g. a model's path."""
+    if _area is None:
+        return
+    data = what.encode("utf-8", "replace")[: _AREA_BYTES - 4]
+    _area[4 : 4 + len(data)] = data
+    _area[:4] = len(data).to_bytes(4, "little")
+
+
+def _noted(area: mmap.mmap) -> str | None:
+    n = int.from_bytes(area[:4], "little")
+    return area[4 : 4 + n].decode("utf-8", "replace") if 0 < n <= _AREA_BYTES - 4 else None
+
+
+def crash_message(sig: int, noted: str | None, models: Sequence[str]) -> str:
+    """The one line for a child killed by signal `sig` while working on `noted`."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = f"signal {sig}"
+    if noted:
+        subject = noted
+    elif len(models) == 1:
+        subject = models[0]
+    else:
+        subject = "one of " + ", ".join(models)
+    if sig == signal.SIGKILL:
+        return f"killed by {name} (out of memory?) while running {subject}"
+    return (
+        f"onnxruntime crashed ({name}) on {subject}: the model is malformed or hits a bug in "
+        "onnxruntime; check it with `bn-onnx inspect`"
+    )
+
+
+def fork_watched(command: str, models: Sequence[str]) -> int | None:
+    """Fork: return None in the child (which goes on with the command), and in the parent the
+    child's exit code once it ends, printing one line when it died of a signal (exit 2).
+
+    Without `os.fork` (Windows) nothing is forked and None is returned.
+    """
+    global _area
+    if not hasattr(os, "fork"):
+        return None
+    area = mmap.mmap(-1, _AREA_BYTES)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _area = area
+        return None
+    forwarded: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        forwarded.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    # Ctrl-C reaches the child too (same process group): it stops and exits 130 itself.
+    old = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+    }
+    if hasattr(signal, "SIGHUP"):
+        old[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    sig = os.WTERMSIG(status)
+    if sig == signal.SIGINT:
+        print("bn-onnx: interrupted", file=sys.stderr)
+        return 130
+    if sig in forwarded:
+        return 128 + sig
+    print(f"bn-onnx {command}: error: {crash_message(sig, _noted(area), models)}", file=sys.stderr)
+    return 2
