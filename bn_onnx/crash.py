@@ -16,7 +16,8 @@ import mmap
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 
 _AREA_BYTES = 4096
 _area: mmap.mmap | None = None  # shared with the watching parent; set in the child only
@@ -56,22 +57,34 @@ def crash_message(sig: int, noted: str | None, models: Sequence[str]) -> str:
     )
 
 
-def fork_watched(command: str, models: Sequence[str]) -> int | None:
-    """Fork: return None in the child (which goes on with the command), and in the parent the
-    child's exit code once it ends, printing one line when it died of a signal (exit 2).
+def run_watched(command: str, models: Sequence[str], work: Callable[[], int]) -> int:
+    """Run `work` in a forked child and return its exit code; a child killed by a signal is
+    one line on stderr and exit 2 (a SIGINT: 130). The child exits when `work` returns: it
+    never comes back to the caller.
 
-    Without `os.fork` (Windows) nothing is forked and None is returned.
+    Without `os.fork` (Windows) `work` runs here.
     """
     global _area
     if not hasattr(os, "fork"):
-        return None
+        return work()
     area = mmap.mmap(-1, _AREA_BYTES)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         _area = area
-        return None
+        code = 1
+        try:
+            code = work()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(code)
     forwarded: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
