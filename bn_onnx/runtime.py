@@ -31,7 +31,7 @@ from bn_onnx.errors import (
     UnsupportedModelError,
     UsageError,
 )
-from bn_onnx.onnx_check import check_feed_bytes
+from bn_onnx.onnx_check import check_feed_bytes, with_detail
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -215,8 +215,9 @@ def session_options(
             raise UsageError(f"threads must be >= 1, got {threads}")
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    # We report provider fallbacks ourselves; onnxruntime's own warnings go to stderr unasked.
-    so.log_severity_level = 3
+    # We report provider fallbacks and errors ourselves (one line each); onnxruntime's own
+    # log lines go to stderr unasked, an error's several times over.
+    so.log_severity_level = 4
     return so
 
 
@@ -275,7 +276,9 @@ def _new_session(
             raise UnsupportedModelError(f"onnxruntime cannot run this model: {line}") from None
         if CUDA in providers and ("CUDA" in line or "cuda" in line or "cudnn" in line.lower()):
             raise ProviderError(f"the CUDA execution provider failed to start: {line}") from None
-        raise InputFileError(f"onnxruntime cannot load the model: {line}") from None
+        raise with_detail(
+            InputFileError(f"onnxruntime cannot load the model: {line}"), exc
+        ) from None
 
 
 def create_session(

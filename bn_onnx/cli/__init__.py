@@ -78,16 +78,19 @@ def main(argv: Sequence[str] | None = None, *, contain: bool | None = None) -> i
     if (argv is None if contain is None else contain) and args.command in CONTAINED:
         from bn_onnx import crash
 
-        return crash.run_watched(args.command, _models(args), lambda: _dispatch(args))
+        def work() -> int:
+            if args.debug:
+                import faulthandler
+
+                faulthandler.enable()  # a native crash shows the Python stack too
+            return _dispatch(args)
+
+        return crash.run_watched(args.command, _models(args), work)
     return _dispatch(args)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command: a `BnOnnxError` is one line and its exit code."""
-    if args.debug and args.command in CONTAINED:
-        import faulthandler
-
-        faulthandler.enable()  # a native crash shows the Python stack too
     try:
         return int(args._run(args) or 0)
     except BnOnnxError as exc:
