@@ -94,11 +94,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         return int(args._run(args) or 0)
     except BnOnnxError as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [""]
         if args.debug:
-            if exc.detail:
-                print(exc.detail, file=sys.stderr)
+            detail = exc.detail or (str(exc) if len(lines) > 1 else None)
+            if detail:
+                print(detail, file=sys.stderr)
             raise
-        print(f"bn-onnx {args.command}: error: {exc}", file=sys.stderr)
+        print(f"bn-onnx {args.command}: error: {lines[0]}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("bn-onnx: interrupted", file=sys.stderr)
