@@ -230,3 +230,14 @@ def test_verify_of_bn9_with_empty_optional_outputs_does_not_crash(tmp_path):
     assert proc.returncode in (0, 1, 2), proc.stderr
     if proc.returncode == 2:
         assert proc.stderr.count("\n") == 1 and "bn9.onnx" in proc.stderr, proc.stderr
+
+
+def test_a_multi_line_error_prints_its_first_line(monkeypatch, capsys):
+    from bn_onnx.errors import UnsupportedModelError
+
+    def fails(args: object) -> int:
+        raise UnsupportedModelError("what is wrong\n\n==> Context: where")
+
+    monkeypatch.setattr("bn_onnx.cli.inspect.run", fails)
+    assert main(["inspect", "m.onnx"]) == 2
+    assert capsys.readouterr().err == "bn-onnx inspect: error: what is wrong\n"
