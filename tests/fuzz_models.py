@@ -1,6 +1,6 @@
 """A seeded mutator of model files and a campaign through inspect, fold, verify and run.
 
-`python tests/fuzz_models.py N SEED WORKDIR OUT.json` mutates the test models N times (bit
+`python tests/fuzz_models.py N SEED WORKDIR OUT.json [START]` mutates the test models N times (bit
 flips, truncation, protobuf field edits: dims, data_type, op_type, attributes, input names,
 opset, outputs; external-data entries and files), runs every command on each mutant through
 `bn_onnx.cli.main(argv, contain=True)` (each command in a forked child watched for native
@@ -429,8 +429,11 @@ def _check_one(folder: Path, out: Path, label: str, stats: dict, failures: list)
         failures.append(f"{label}: an input file changed")
 
 
-def campaign(n: int, seed: int, workdir: Path) -> dict:
-    """Run `n` mutants of campaign `seed` under `workdir`; return counts and failures."""
+def campaign(
+    n: int, seed: int, workdir: Path, *, start: int = 0, report: Path | None = None
+) -> dict:
+    """Run mutants `start`..`start + n - 1` of campaign `seed` under `workdir`; return counts
+    and failures (also written to `report` every 25 mutants, for long runs)."""
     # Imported before any fork, so that each child does not import them again; onnxruntime
     # sessions are only made in children.
     import onnxruntime  # noqa: F401
@@ -442,23 +445,31 @@ def campaign(n: int, seed: int, workdir: Path) -> dict:
     stats: dict[str, Counter] = {c: Counter() for c in [*COMMANDS, "folds"]}
     kinds: Counter = Counter()
     failures: list[str] = []
-    for i in range(n):
+
+    def result(done: int) -> dict:
+        return {
+            "mutants": done,
+            "seed": seed,
+            "start": start,
+            "exit_codes": {k: dict(v) for k, v in stats.items()},
+            "kinds": dict(kinds),
+            "failures": failures,
+        }
+
+    for i in range(start, start + n):
         folder = workdir / f"m{i}"
         base, kind = mutant(seed, i, folder)
         kinds[kind] += 1
         _check_one(folder, workdir / f"out{i}", f"mutant {i} ({base}, {kind})", stats, failures)
         shutil.rmtree(folder)
         shutil.rmtree(workdir / f"out{i}")
-    return {
-        "mutants": n,
-        "seed": seed,
-        "exit_codes": {k: dict(v) for k, v in stats.items()},
-        "kinds": dict(kinds),
-        "failures": failures,
-    }
+        if report is not None and (i - start + 1) % 25 == 0:
+            report.write_text(json.dumps(result(i - start + 1), indent=1))
+    return result(n)
 
 
 if __name__ == "__main__":
-    count, seed_arg, work, report = sys.argv[1:5]
-    result = campaign(int(count), int(seed_arg), Path(work))
-    Path(report).write_text(json.dumps(result, indent=1))
+    count, seed_arg, work, out = sys.argv[1:5]
+    first = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    found = campaign(int(count), int(seed_arg), Path(work), start=first, report=Path(out))
+    Path(out).write_text(json.dumps(found, indent=1))
