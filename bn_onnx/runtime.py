@@ -855,7 +855,7 @@ class Predictor:
                 return self._fast(self._first_output, feeds, None)[0]
             except Exception:
                 pass
-        return self._run(self._first_output, dict(feeds))[0]
+        return self._run_public(dict(feeds))
 
     def _run_one(self, X: np.ndarray) -> np.ndarray:
         fixed = self.fixed_batch
@@ -871,7 +871,18 @@ class Predictor:
                 return self._fast(self._first_output, {self.input_name: X}, None)[0]
             except Exception:
                 pass
-        return self._run(self._first_output, {self.input_name: X})[0]
+        return self._run_public({self.input_name: X})
+
+    def _run_public(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """`InferenceSession.run`, its error one line (a model that passed every check can
+        still fail on its input: a Gemm bias that does not broadcast)."""
+        try:
+            return self._run(self._first_output, feeds)[0]
+        except Exception as exc:
+            raise with_detail(
+                InputDataError(f"onnxruntime failed to run the model: {_ort_error_line(exc)}"),
+                exc,
+            ) from None
 
     def _predict_chunked(self, X: np.ndarray) -> np.ndarray:
         out: np.ndarray | None = None

@@ -40,6 +40,8 @@ def describe_model(model: Any) -> dict[str, Any]:
     """Everything `inspect` shows, as a JSON-able dict."""
     from bn_onnx.fold import inspect_model
 
+    # First: the fold pass checks the model (as fold does) before anything reads its fields.
+    batch_norm = [b.to_dict() for b in inspect_model(model)]
     g = model.graph
     return {
         "ir_version": model.ir_version,
@@ -60,7 +62,7 @@ def describe_model(model: Any) -> dict[str, Any]:
             }
             for f in model.functions
         ],
-        "batch_norm": [b.to_dict() for b in inspect_model(model)],
+        "batch_norm": batch_norm,
     }
 
 
