@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from bn_onnx.errors import BnOnnxError, UnsupportedModelError, UsageError
+from bn_onnx.onnx_check import check_feed_bytes
 
 SCHEMA = "bn-onnx-bench"
 SCHEMA_VERSION = 1
@@ -350,6 +351,13 @@ def run_benchmark(
     first_run: dict[str, float] = {}
     rows: list[Row] = []
     used_repeats: dict[int, int] = {}
+    for batch in sizes:
+        check_feed_bytes(
+            f"the input for batch size {batch}",
+            (batch, n_features),
+            8,
+            "give smaller --batch-sizes",
+        )
     for k, batch in enumerate(sizes):
         if make_feeds is not None:
             feeds = make_feeds(batch, rng)

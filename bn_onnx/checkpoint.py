@@ -77,6 +77,10 @@ def _read_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"corrupt checkpoint: {what} is too large ({size} bytes): {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # json's C decoder recurses once per level of nesting
+        raise CheckpointError(
+            f"corrupt checkpoint: {what} is nested too deeply to be a checkpoint config: {path}"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(

@@ -129,6 +129,10 @@ def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
             if col.kind not in COLUMN_KINDS or col.index < 0:
                 raise ValueError(f"column {col.name!r}: kind {col.kind!r}, index {col.index}")
             columns.append(col)
+    except RecursionError:
+        raise UnsupportedModelError(
+            f"model metadata {COLUMNS_KEY} is not valid: nested too deeply"
+        ) from None
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise UnsupportedModelError(f"model metadata {COLUMNS_KEY} is not valid: {exc}") from None
     seen: set[tuple[str, int]] = set()

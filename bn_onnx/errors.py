@@ -11,6 +11,8 @@ class BnOnnxError(Exception):
     """A user error: bad input, bad usage, an unsupported model. Exit code 2."""
 
     exit_code = 2
+    # The full text behind a one-line message (an onnx or onnxruntime error), for `--debug`.
+    detail: str | None = None
 
 
 class InputFileError(BnOnnxError):

@@ -31,40 +31,32 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     ]
 
 
-def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
-    """Refuse external data that is missing, truncated, or points outside `base_dir`."""
-    base = base_dir.resolve()
-    for tensor in _external_tensors(model):
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = info.location or ""
-        if not location or os.path.isabs(location):
-            raise InputFileError(
-                f"tensor {tensor.name!r}: external data location {location!r} must be a "
-                "relative path inside the model's folder"
-            )
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
-            raise InputFileError(
-                f"tensor {tensor.name!r}: external data {location!r} points outside the "
-                f"model's folder {base_dir}"
-            )
-        if not target.is_file():
-            raise InputFileError(f"tensor {tensor.name!r}: external data file missing: {target}")
-        size = target.stat().st_size
-        offset = int(info.offset or 0)
-        length = int(info.length) if info.length else size - offset
-        if offset < 0 or length < 0 or offset + length > size:
-            raise InputFileError(
-                f"tensor {tensor.name!r}: external data file {target.name} is truncated "
-                f"(needs bytes {offset}..{offset + length}, has {size})"
-            )
+# Files checked in full in this process: (path, device, inode, size, mtime) -> True.
+_CHECKED: set[tuple[str, int, int, int, int]] = set()
 
 
-def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model, turning every way a file can be wrong into an `InputFileError`.
+def _file_key(p: Path) -> tuple[str, int, int, int, int]:
+    st = p.stat()
+    return (str(p.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    External data is checked to lie inside the model's folder before any of it is read.
+
+def open_model(path: str | os.PathLike[str], *, check: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file (external data not loaded) and check it: the one loader of every
+    command.
+
+    Always: the file is a readable ModelProto with a graph, IR version and opset; its text
+    fields are UTF-8; its external data entries are well formed and their files lie inside the
+    model's folder and are long enough (`bn_onnx.onnx_check`). With `check` (every command
+    but fold and inspect, whose fold pass runs the same checks on onnx-ir in
+    `bn_onnx.fold.validate`): tensor data agrees with its dims, the graph has outputs and
+    feedable inputs, and the full checker and strict shape inference pass. A file checked
+    once in this process is not checked again.
+
+    Raises:
+        InputFileError, UnsupportedModelError: one line naming what is wrong.
     """
+    from bn_onnx import onnx_check
+
     p = check_input_file(path, "model file")
     try:
         model = onnx.load(str(p), load_external_data=False)
@@ -72,12 +64,31 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = True)
         raise InputFileError(f"not a readable ONNX model: {p} ({type(exc).__name__})") from None
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise InputFileError(f"not an ONNX model (no graph, IR version or opset): {p}")
+    key = _file_key(p)
+    if key in _CHECKED:
+        return model
+    onnx_check.check_strings(model)
+    onnx_check.check_external_data(model, p.parent)
+    if check:
+        onnx_check.check_skeleton(onnx_check.skeleton(model))
+        _CHECKED.add(key)
+    return model
+
+
+def load_model(
+    path: str | os.PathLike[str], *, load_external_data: bool = True, check: bool = True
+) -> onnx.ModelProto:
+    """Load and check an ONNX model (`open_model`), with its external data unless told not to.
+
+    Raises:
+        InputFileError, UnsupportedModelError: one line naming what is wrong.
+    """
+    model = open_model(path, check=check)
     if load_external_data and _external_tensors(model):
-        check_external_data(model, p.parent)
         try:
-            external_data_helper.load_external_data_for_model(model, str(p.parent))
+            external_data_helper.load_external_data_for_model(model, str(Path(path).parent))
         except Exception as exc:
-            raise InputFileError(f"cannot read external data of {p}: {exc}") from None
+            raise InputFileError(f"cannot read external data of {path}: {exc}") from None
     return model
 
 

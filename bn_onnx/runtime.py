@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from bn_onnx import crash
 from bn_onnx.columns import (
     CONTINUOUS,
     NUMBER,
@@ -40,6 +41,7 @@ from bn_onnx.errors import (
     UnsupportedModelError,
     UsageError,
 )
+from bn_onnx.onnx_check import check_feed_bytes, with_detail
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -223,8 +225,9 @@ def session_options(
             raise UsageError(f"threads must be >= 1, got {threads}")
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
-    # We report provider fallbacks ourselves; onnxruntime's own warnings go to stderr unasked.
-    so.log_severity_level = 3
+    # We report provider fallbacks and errors ourselves (one line each); onnxruntime's own
+    # log lines go to stderr unasked, an error's several times over.
+    so.log_severity_level = 4
     return so
 
 
@@ -234,18 +237,11 @@ def _ort_error_line(exc: Exception) -> str:
 
 
 def _check_model_file(path: Path) -> None:
-    # onnx_io gives one-line errors for non-ONNX files and checks that external data stays in
-    # the model's folder before onnxruntime reads any of it.
-    from onnx import external_data_helper
+    # The one loader's checks (as fold and inspect run them) before onnxruntime reads the file:
+    # one-line errors for malformed models, external data kept inside the model's folder.
+    from bn_onnx.onnx_io import open_model
 
-    from bn_onnx.onnx_io import check_external_data, load_model
-
-    model = load_model(path, load_external_data=False)
-    if any(
-        external_data_helper.uses_external_data(t)
-        for t in external_data_helper._get_all_tensors(model)
-    ):
-        check_external_data(model, path.parent)
+    open_model(path)
 
 
 def _unsupported_reason(text: str) -> str | None:
@@ -290,7 +286,9 @@ def _new_session(
             raise UnsupportedModelError(f"onnxruntime cannot run this model: {line}") from None
         if CUDA in providers and ("CUDA" in line or "cuda" in line or "cudnn" in line.lower()):
             raise ProviderError(f"the CUDA execution provider failed to start: {line}") from None
-        raise InputFileError(f"onnxruntime cannot load the model: {line}") from None
+        raise with_detail(
+            InputFileError(f"onnxruntime cannot load the model: {line}"), exc
+        ) from None
 
 
 def create_session(
@@ -328,6 +326,7 @@ def create_session(
         path = Path(model)
         _check_model_file(path)
         source = str(path)
+        crash.note(source)
     notes: list[str] = []
     strict = not _is_auto(provider)
     try:
@@ -618,6 +617,13 @@ class Predictor:
         self.fixed_batch: int | None = batch if isinstance(batch, int) and batch > 0 else None
         if self.fixed_batch is not None:
             self.batch_size = self.fixed_batch
+            row = math.prod(d for d in first.shape[1:] if isinstance(d, int) and d > 0)
+            check_feed_bytes(
+                f"input {first.name!r} (a fixed batch, padded)",
+                (self.fixed_batch, row),
+                first.dtype.itemsize,
+                "export the model with a symbolic batch dim",
+            )
         outputs = session.get_outputs()
         self.output_names: list[str] = [o.name for o in outputs]
         self._first_output = self.output_names[:1]
@@ -885,7 +891,7 @@ class Predictor:
                 return self._fast(self._first_output, feeds, None)[0]
             except Exception:
                 pass
-        return self._run(self._first_output, dict(feeds))[0]
+        return self._run_public(dict(feeds))
 
     def _run_one(self, X: np.ndarray) -> np.ndarray:
         fixed = self.fixed_batch
@@ -901,7 +907,18 @@ class Predictor:
                 return self._fast(self._first_output, {self.input_name: X}, None)[0]
             except Exception:
                 pass
-        return self._run(self._first_output, {self.input_name: X})[0]
+        return self._run_public({self.input_name: X})
+
+    def _run_public(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """`InferenceSession.run`, its error one line (a model that passed every check can
+        still fail on its input: a Gemm bias that does not broadcast)."""
+        try:
+            return self._run(self._first_output, feeds)[0]
+        except Exception as exc:
+            raise with_detail(
+                InputDataError(f"onnxruntime failed to run the model: {_ort_error_line(exc)}"),
+                exc,
+            ) from None
 
     def _predict_chunked(self, X: np.ndarray) -> np.ndarray:
         out: np.ndarray | None = None
@@ -1028,7 +1045,7 @@ def _json_list(text: str | None) -> list[str] | None:
         return None
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(value, list) and value:
         return [str(v) for v in value]

@@ -161,6 +161,8 @@ def read_renamed(path: str | None) -> dict[str, str] | None:
     p = check_input_file(path, "fold report")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise InputFileError(f"not a JSON fold report: {p} (nested too deeply)") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputFileError(f"not a JSON fold report: {p} ({exc})") from None
     renamed = data.get("renamed") if isinstance(data, dict) else None

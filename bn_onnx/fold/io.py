@@ -18,7 +18,7 @@ from bn_onnx.errors import InputFileError
 from bn_onnx.files import OutputGroup
 from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
-from bn_onnx.fold.validate import first_line
+from bn_onnx.fold.validate import InvalidModelError, first_line
 from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD
 
 # With external data, tensors of more than this many bytes go to the data file.
@@ -49,60 +49,26 @@ def _nodes(model: ir.Model) -> list[ir.Node]:
     return nodes
 
 
-def check_external_data(model: ir.Model, base_dir: Path) -> None:
-    """Refuse external data that is missing, truncated, or points outside `base_dir`."""
-    base = base_dir.resolve()
-    for tensor in _all_tensors(model):
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
-        name = tensor.name
-        location = os.fspath(tensor.location or "")
-        if not location or os.path.isabs(location):
-            raise InputFileError(
-                f"tensor {name!r}: external data location {location!r} must be a relative "
-                "path inside the model's folder"
-            )
-        target = (base / location).resolve()
-        if base != target and base not in target.parents:
-            raise InputFileError(
-                f"tensor {name!r}: external data {location!r} points outside the model's "
-                f"folder {base_dir}"
-            )
-        if not target.is_file():
-            raise InputFileError(f"tensor {name!r}: external data file missing: {target}")
-        stat = target.stat()
-        offset = int(tensor.offset or 0)
-        need = max(int(tensor.length or 0), tensor.nbytes)
-        if offset < 0 or offset + need > stat.st_size:
-            raise InputFileError(
-                f"tensor {name!r}: external data file {target.name} is truncated "
-                f"(needs bytes {offset}..{offset + need}, has {stat.st_size})"
-            )
-        if stat.st_nlink > 1:  # onnx-ir refuses these (a hard link can reach any file)
-            raise InputFileError(
-                f"tensor {name!r}: external data file {target.name} has {stat.st_nlink} hard "
-                "links; copy it to a file of its own"
-            )
-
-
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Load an ONNX file with onnx-ir (external data memory-mapped), with one-line errors.
 
-    Raises:
-        InputFileError: missing, empty, unreadable or non-ONNX file; unsafe, missing or
-            truncated external data.
-    """
-    from bn_onnx.files import check_input_file
+    The file is read and checked by the one loader of every command
+    (`bn_onnx.onnx_io.open_model`: text fields, external data entries and files); the checker
+    and shape inference run in the fold pass (`bn_onnx.fold.validate`).
 
-    p = check_input_file(path, "model file")
+    Raises:
+        InputFileError, UnsupportedModelError: missing, empty, unreadable or non-ONNX file;
+            unsafe, malformed, missing or truncated external data; text that is not UTF-8.
+    """
+    from bn_onnx.onnx_io import open_model
+
+    proto = open_model(path, check=False)
     try:
         with quiet_onnx_ir():
-            model = ir.load(os.path.abspath(p))
-    except Exception as exc:  # DecodeError, OSError, onnx-ir's own errors
-        raise InputFileError(f"not a readable ONNX model: {p} ({type(exc).__name__})") from None
-    if model.ir_version <= 0 or not model.opset_imports:
-        raise InputFileError(f"not an ONNX model (no graph, IR version or opset): {p}")
-    check_external_data(model, p.parent)
+            model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx-ir's own errors
+        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+    ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     return model
 
 

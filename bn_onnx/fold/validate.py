@@ -25,14 +25,9 @@ from collections.abc import Iterable
 import onnx
 import onnx_ir as ir
 
+from bn_onnx import onnx_check
 from bn_onnx.errors import UnsupportedModelError
-
-# Initializers up to this size stay whole in the skeleton (BN vectors, shapes and axes that
-# data propagation reads); bigger ones become typed inputs.
-SKELETON_KEEP_BYTES = 4096
-# Tensors up to this size have their stored data length checked against their dims (reading a
-# protobuf bytes field copies it; bigger ones are checked when the fold reads them).
-CHECK_BYTES = 1 << 24
+from bn_onnx.onnx_check import SKELETON_KEEP_BYTES, first_line
 
 
 class InvalidModelError(UnsupportedModelError, ir.passes.PreconditionError):
@@ -49,17 +44,10 @@ class FoldCheckError(UnsupportedModelError):
     the input passes it: refused (exit 2), nothing is written."""
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's message as one line of at most 300 characters.
-
-    onnx-ir wraps errors in `SerdeError("Error calling _deserialize_graph with: ...")`: the
-    innermost cause says what is wrong.
-    """
-    while exc.__cause__ is not None and type(exc).__name__ == "SerdeError":
-        exc = exc.__cause__
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-    text = text or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+def _invalid(exc: UnsupportedModelError) -> InvalidModelError:
+    error = InvalidModelError(str(exc))
+    error.detail = exc.detail
+    return error
 
 
 Dims = tuple[int | None, ...]
@@ -106,30 +94,10 @@ class ShapeTable:
 _UNKNOWN = ShapeTable({}, {})  # a scope inference knows nothing of
 
 
-def _bits(data_type: int) -> int:
-    """Bits per element of an ONNX data type (UnsupportedModelError when unknown)."""
-    bits = _BITS.get(data_type)
-    if bits is None:
-        try:
-            bits = _BITS[data_type] = ir.DataType(data_type).bitwidth
-        except Exception as exc:
-            raise UnsupportedModelError(f"unknown tensor data type {data_type}: {exc}") from None
-    return bits
-
-
-_BITS: dict[int, int] = {}
-
-
 def _tensor_nbytes(tensor: ir.TensorProtocol, name: str) -> int:
     """Bytes the tensor's data should take, from its dims and dtype (no data read)."""
     try:
-        if isinstance(tensor, ir.serde.TensorProtoTensor):  # dims without building a Shape
-            proto = tensor.raw
-            dims, bits = proto.dims, _bits(proto.data_type)
-        else:
-            dims, bits = tensor.shape.numpy(), tensor.dtype.bitwidth
-    except UnsupportedModelError as exc:
-        raise UnsupportedModelError(f"tensor {name!r}: {exc}") from None
+        dims, bits = tensor.shape.numpy(), tensor.dtype.bitwidth
     except Exception as exc:
         raise UnsupportedModelError(f"tensor {name!r}: {first_line(exc)}") from None
     n = 1
@@ -144,32 +112,23 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
     """Refuse a tensor whose stored data does not match its dims; return its size in bytes.
 
     Only tensors read from a protobuf message are checked here, up to `CHECK_BYTES` (bigger
-    ones fail when the fold reads them); external tensors are checked by `io.check_external_data`.
+    ones fail when the fold reads them); external tensors by
+    `bn_onnx.onnx_check.check_external_data`.
     """
     proto = tensor.raw if isinstance(tensor, ir.serde.TensorProtoTensor) else None
-    data_type = proto.data_type if proto is not None else int(tensor.dtype)
-    if data_type == ir.DataType.UNDEFINED:
-        raise UnsupportedModelError(f"tensor {name!r} has an undefined data type")
-    if data_type == ir.DataType.STRING:
-        return 0
-    expected = _tensor_nbytes(tensor, name)
     if proto is not None:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
             raise UnsupportedModelError(
                 f"tensor {name!r} keeps its data in an external file that was not loaded "
                 "(load the model with onnx_ir.load or bn_onnx.fold.io)"
             )
-        if (
-            expected <= CHECK_BYTES
-            and proto.HasField("raw_data")
-            and _bits(data_type) % 8 == 0
-            and len(proto.raw_data) != expected
-        ):
-            raise UnsupportedModelError(
-                f"tensor {name!r}: {len(proto.raw_data)} bytes of data for shape "
-                f"{list(proto.dims)} ({expected} expected)"
-            )
-    return expected
+        return onnx_check.check_tensor_data(proto, name)
+    data_type = int(tensor.dtype)
+    if data_type == ir.DataType.UNDEFINED:
+        raise UnsupportedModelError(f"tensor {name!r} has an undefined data type")
+    if data_type == ir.DataType.STRING:
+        return 0
+    return _tensor_nbytes(tensor, name)
 
 
 def _typed_input(graph: onnx.GraphProto, name: str, tensor: ir.TensorProtocol) -> None:
@@ -283,16 +242,13 @@ def validate_skeleton(model: ir.Model) -> tuple[onnx.ModelProto, ShapeTable]:
     try:
         skeleton = _skeleton(model)
     except UnsupportedModelError as exc:
-        raise InvalidModelError(str(exc)) from None
+        raise _invalid(exc) from None
     except Exception as exc:  # the IR could not be serialized: not a model onnx can hold
         raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
     try:
-        onnx.checker.check_model(skeleton)
-        inferred = onnx.shape_inference.infer_shapes(
-            skeleton, check_type=True, strict_mode=True, data_prop=True
-        )
-    except Exception as exc:  # ValidationError, InferenceError, and odd protobuf errors
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        inferred = onnx_check.check_skeleton(skeleton)
+    except UnsupportedModelError as exc:
+        raise _invalid(exc) from None
     table = _collect(inferred.graph, model.graph.initializers)
     table.main = model.graph
     _collect_subgraphs(model.graph, inferred.graph, table.scopes)

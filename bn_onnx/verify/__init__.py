@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bn_onnx import crash
 from bn_onnx.compare import TolerancePolicy
 from bn_onnx.errors import BnOnnxError, ProviderError, UnsupportedModelError, UsageError
 from bn_onnx.onnx_meta import get_metadata
@@ -219,6 +220,7 @@ class _Verifier:
     def add_reference(self) -> None:
         order = sorted(range(len(self.m.protos)), key=lambda i: self.m.folded[i] is True)
         i = order[0]
+        crash.note(f"{self.m.paths[i]} (its float64 reference)")
         self.ref = float64.build(self.m.protos[i], F64, self.m.labels[i])
         self.report.reference = self.ref.describe()
         if not self.ref:

@@ -264,7 +264,7 @@ def columns_metadata(model: onnx.ModelProto) -> list[dict[str, Any]]:
         if p.key == COLUMNS_KEY:
             try:
                 value = json.loads(p.value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return []
             return [c for c in value if isinstance(c, dict)] if isinstance(value, list) else []
     return []

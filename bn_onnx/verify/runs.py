@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from bn_onnx.errors import BnOnnxError, InputDataError, UnsupportedModelError
+from bn_onnx.onnx_check import with_detail
 
 Outputs = dict[str, np.ndarray]
 _BF16 = "tensor(bfloat16)"
@@ -183,9 +184,13 @@ class OrtRunner:
             except BnOnnxError:
                 raise
             except Exception as exc:
-                raise InputDataError(
-                    f"onnxruntime failed to run the model: {_first_line(exc)} (inputs "
-                    f"{_shapes(feed)}; pass --shape NAME:DIMS where a symbolic dim needs a size)"
+                raise with_detail(
+                    InputDataError(
+                        f"onnxruntime failed to run the model: {_first_line(exc)} (inputs "
+                        f"{_shapes(feed)}; pass --shape NAME:DIMS where a symbolic dim needs "
+                        "a size)"
+                    ),
+                    exc,
                 ) from None
             per_run.append(dict(zip(names, arrays, strict=True)))
         return merge(per_run)

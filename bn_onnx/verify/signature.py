@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from bn_onnx.errors import UnsupportedModelError, UsageError
+from bn_onnx.onnx_check import check_feed_bytes
 
 FLOAT_TYPES = (
     onnx.TensorProto.FLOAT,
@@ -296,6 +297,13 @@ def plan_shapes(
             shapes[spec.name] = tuple(
                 d if isinstance(d, int) else symbols[d] for d in spec.dims or ()
             )
+    for spec in inputs:  # a fixed dim or a --shape too big to sample (float64 copies too)
+        check_feed_bytes(
+            f"the probe for input {spec.name!r}",
+            shapes[spec.name],
+            8,
+            "give smaller symbolic dims with --shape NAME:DIMS, or data with --input",
+        )
     if batch is not None:
         runs = 1
     else:
