@@ -266,3 +266,44 @@ def test_a_crowd_is_batched_only_when_the_model_is_slow_enough_to_pay(delay_s, b
         assert max(seen) > 1 and b.stats.largest > 1
     else:  # 0.0 s a call: every request ran at once, one call each, on the event loop
         assert seen == [1] * 37 and b.stats.inline == 36
+
+
+@pytest.mark.parametrize("cheaper", ["batched", "at once"])
+def test_a_cheap_model_is_batched_only_while_batching_measures_cheaper(cheaper: str) -> None:
+    """A fake CPU clock: each call costs 1, and a call in the worker thread 0 (batching is
+    cheaper) or 50 more (the hand-off costs more than batches save)."""
+    cpu = [0.0]
+    main = threading.current_thread()
+    handoff = 0.0 if cheaper == "batched" else 50.0
+    seen: list[int] = []
+
+    def predict(X: np.ndarray) -> np.ndarray:
+        seen.append(len(X))
+        cpu[0] += 1.0 + (handoff if threading.current_thread() is not main else 0.0)
+        return X * 2.0
+
+    async def scenario() -> tuple[MicroBatcher, list[bool]]:
+        b = MicroBatcher(predict, max_rows=64, wait_s=0.0, inline_max_s=0.01, batch_min_s=0.01)
+        b._clock = lambda: cpu[0]  # type: ignore[method-assign]
+        b.policy_window, b.explore_every, b.probe_every = 24, 4, 4
+        await b.start()
+        await b.submit(np.zeros((1, 3), np.float32))  # the model's time is known from here on
+        policies = []
+        for wave in range(40):  # 12 requests arriving together, 40 times
+            xs = [np.full((1, 3), 12 * wave + k, np.float32) for k in range(12)]
+            ys = await asyncio.gather(*(b.submit(x) for x in xs))
+            for x, y in zip(xs, ys, strict=True):
+                np.testing.assert_array_equal(y, x * 2.0)
+            policies.append(b.batching)
+        await b.close()
+        return b, policies
+
+    b, policies = asyncio.run(scenario())
+    assert sum(seen) == 1 + 40 * 12
+    # Both policies were measured; the cheaper one ran most of the time, the other was retried.
+    assert b._cost[True] is not None and b._cost[False] is not None
+    share = sum(policies[8:]) / len(policies[8:])
+    if cheaper == "batched":
+        assert b._cost[True] < b._cost[False] and share > 0.6 and b.stats.largest > 1
+    else:
+        assert b._cost[False] < b._cost[True] and share < 0.4

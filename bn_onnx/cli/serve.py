@@ -21,8 +21,8 @@ endpoints:
   GET  /metadata  inputs, outputs, features or columns, classes, folded flag, providers
 
 Concurrent requests are batched (up to --max-batch rows, waiting at most --batch-wait-ms) when
-the model's calls take longer than --batch-min-ms; a request alone, or any request to a cheaper
-model, runs at once.
+the model's calls take longer than --batch-min-ms, or when batching measures cheaper; a request
+alone runs at once.
 Slow and idle clients: a request must arrive whole within --read-timeout of its first byte (else
 408, or the connection is closed while its head is incomplete); a connection with no request
 under way is closed after --keep-alive; with --max-connections open, new requests get 503.
@@ -86,9 +86,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=non_negative_float,
         default=0.25,
         help=(
-            "concurrent requests are batched only while the model's calls take longer than "
-            "this; cheaper calls run at once, as batching them costs more than it saves "
-            "(default 0.25 ms; 0: always batch)"
+            "concurrent requests are batched when the model's calls take longer than this; "
+            "for a cheaper model only while batching measures cheaper in CPU time per request "
+            "than running each at once (default 0.25 ms; 0: always batch)"
         ),
     )
     p.add_argument(
