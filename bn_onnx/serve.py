@@ -140,7 +140,7 @@ class MicroBatcher:
 
     probe_every = 16
     crowd_window = 64
-    policy_window = 256
+    policy_window = 1024
     explore_every = 16
     _clock = staticmethod(time.process_time)
 

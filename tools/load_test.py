@@ -18,8 +18,8 @@ keep-alive, one row per request) POST until --requests requests or --seconds sec
 req/s, p50 and p99 latency per run, and the server process's CPU time per request (all its
 threads, from /proc/PID/task/*/schedstat on Linux: steadier than req/s on a shared machine);
 per configuration the median with min..max over rounds; serve / starlette ratios per round
-(throughput and CPU per request) and their medians; serve's mean batch (from /health); the load
-average before and after.
+(throughput and CPU per request) and their medians; serve's mean batch (from /health); each
+server's resident memory after each run (/proc/PID/status); the load average before and after.
 
 A tabular model (metadata `bn_onnx.columns`) gets rows as objects by column name, made from its
 schema: numbers, categories from the vocabulary, one unseen in ten, one missing cell in ten.
@@ -317,6 +317,18 @@ def stop(proc: Any) -> None:
         proc.wait()
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of process `pid` now, in MB (Linux /proc; else None)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def cpu_ns(pid: int) -> int | None:
     """CPU time of every thread of process `pid` so far, in ns (Linux schedstat; else None)."""
     total = 0
@@ -419,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                             cpu1 = cpu_ns(proc.pid)
                             if cpu0 is not None and cpu1 is not None and result["requests"]:
                                 result["server_cpu_us"] = (cpu1 - cpu0) / 1e3 / result["requests"]
+                            rss = rss_mb(proc.pid)
+                            if rss is not None:
+                                result["server_rss_mb"] = rss
                             if before is not None:
                                 after = _health(base)
                                 done = after["batches"] - before["batches"]
@@ -451,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 rs = runs[m][str(c)][mode]
                 entry[mode] = {
                     key: _median_spread([r[key] for r in rs])
-                    for key in ("rps", "p50_ms", "p99_ms", "server_cpu_us")
+                    for key in ("rps", "p50_ms", "p99_ms", "server_cpu_us", "server_rss_mb")
                     if all(key in r for r in rs)
                 }
                 entry[mode]["errors"] = sum(int(r.get("errors", 0)) for r in rs)
