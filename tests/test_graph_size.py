@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from bn_onnx.cli import main
 from bn_onnx.cli.inspect import describe_model
@@ -114,3 +114,27 @@ def test_a_folded_chain_is_what_the_fold_promises() -> None:
     assert [n.op_type for n in fold_model(chain_model("muladd", 50)).model.graph.node] == ["Gemm"]
     folded = fold_model(chain_model("mlp", 31)).model
     assert {n.op_type for n in folded.graph.node} == {"Gemm", "Relu"}
+
+
+def test_verify_locate_work_grows_linearly_when_the_fold_is_wrong(tmp_path: Path) -> None:
+    # --locate compared every shared tensor, then walked a region per agreeing one, each walk
+    # rebuilding the producer map of the whole graph: 105 s of CPU for 8,000 nodes, now 6 s.
+    def work(n: int) -> Callable[[], object]:
+        src, bad = tmp_path / f"m{n}.onnx", tmp_path / f"m{n}.bad.onnx"
+        model = chain_model("mlp", n)
+        onnx.save(model, src)
+        folded = fold_model(model).model
+        head = [x for x in folded.graph.node if x.op_type == "Gemm"][-1]
+        for t in folded.graph.initializer:
+            if t.name == head.input[1]:  # a changed head weight: verify fails, locate runs
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+        onnx.save(folded, bad)
+
+        def run() -> None:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                assert main(["verify", str(src), str(bad), "--locate"]) == 1
+            assert "earlier value(s) agree" in out.getvalue()  # locate compared them
+
+        return run
+
+    assert _ratio(work) < MAX_RATIO
