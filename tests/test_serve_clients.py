@@ -26,6 +26,8 @@ with warnings.catch_warnings():
 
 from serve_testing import forward, make_mlp
 
+from bn_onnx.cli import main
+from bn_onnx.errors import UsageError
 from bn_onnx.runtime import Predictor
 from bn_onnx.serve import MicroBatcher, bind_socket, create_app, make_server
 
@@ -307,3 +309,29 @@ def test_a_cheap_model_is_batched_only_while_batching_measures_cheaper(cheaper: 
         assert b._cost[True] < b._cost[False] and share > 0.6 and b.stats.largest > 1
     else:
         assert b._cost[False] < b._cost[True] and share < 0.4
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--read-timeout", "0", "expected a number > 0, got 0"),
+        ("--keep-alive", "-1", "expected a finite number >= 0, got -1"),
+        ("--max-connections", "0", "expected a number >= 1, got 0"),
+        ("--backlog", "x", "expected a whole number, got 'x'"),
+        ("--batch-min-ms", "nan", "expected a finite number >= 0, got nan"),
+    ],
+)
+def test_cli_serve_refuses_bad_limits_in_one_line(option, value, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "m.onnx", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_make_server_refuses_bad_limits(digits) -> None:
+    app = create_app(Predictor(digits[0], provider="cpu", threads=1))
+    with pytest.raises(UsageError, match="timeouts must be > 0 s"):
+        make_server(app, read_timeout_s=0)
+    with pytest.raises(UsageError, match="max connections must be >= 1"):
+        make_server(app, max_connections=0)
