@@ -343,7 +343,9 @@ def write_mlp_external(
 CHAINS = ("identity", "muladd", "mlp")
 
 
-def chain_model(kind: str, n: int, width: int = 4) -> onnx.ModelProto:
+def chain_model(
+    kind: str, n: int, width: int = 4, *, initializers_as_inputs: bool = False
+) -> onnx.ModelProto:
     """A graph of about `n` nodes in one chain from `input` to `output` (float32 [batch, width]).
 
     - `"identity"`: `n` Identity nodes (the cleanup removes all but one);
@@ -352,13 +354,26 @@ def chain_model(kind: str, n: int, width: int = 4) -> onnx.ModelProto:
     - `"mlp"`: Gemm -> BatchNormalization -> Relu blocks of width 8 and a head Gemm to `width`
       (`build_mlp`; its output is named `logits`).
 
+    `initializers_as_inputs`: list every initializer as a graph input too, as old exporters do.
+
     Raises:
         UsageError: an unknown `kind` or `n` < 2.
     """
     if kind not in CHAINS or n < 2:
         raise UsageError(f"chain kind must be one of {', '.join(CHAINS)} and n >= 2")
     if kind == "mlp":
-        return build_mlp([8] * ((n - 1) // 3 + 1) + [width])
+        model = build_mlp([8] * ((n - 1) // 3 + 1) + [width])
+    else:
+        model = _chain(kind, n, width)
+    if initializers_as_inputs:
+        for t in model.graph.initializer:
+            model.graph.input.append(
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            )
+    return model
+
+
+def _chain(kind: str, n: int, width: int) -> onnx.ModelProto:
     names = ["input"] + [f"t{i}" for i in range(1, n)] + ["output"]
     if kind == "identity":
         nodes = [

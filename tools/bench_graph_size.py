@@ -6,14 +6,18 @@ weights (`bn_onnx.graphs.chain_model`):
   identity   Identity -> Identity -> ... (the cleanup removes all but one)
   mlp        Gemm -> BatchNormalization -> Relu blocks of width 8 (`bn_onnx.graphs.build_mlp`)
   muladd     Gemm then alternating per-channel Mul/Add by constants (folded into the Gemm)
+  KIND-inputs  the same with every initializer also listed as a graph input (old exporters)
 
 and runs each command in a fresh process, interleaved over `--repeats` rounds (`verify IN OUT`
-compares the model with its fold). Prints, per graph and command, the median wall time with
-min-max and the median CPU time (user + system of the child), and the load average, since
-the machine may be shared. Not a test: nothing here asserts a time.
+compares the model with its fold; `locate` is `verify IN BAD --locate` against the fold with
+its last Gemm's weight scaled by 1.5, so verify fails and locates). Prints, per graph and
+command, the median wall time with min-max and the median CPU time (user + system of the
+child), and the load average, since the machine may be shared. Not a test: nothing here
+asserts a time.
 
     python tools/bench_graph_size.py                       # identity 10k/100k, mlp/muladd 10k
     python tools/bench_graph_size.py --graphs identity:100000 --commands inspect,fold
+    python tools/bench_graph_size.py --graphs muladd-inputs:20000,mlp:8000 --commands inspect,locate
 """
 
 from __future__ import annotations
@@ -30,11 +34,22 @@ import time
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from bn_onnx.graphs import chain_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GRAPHS = "identity:10000,identity:100000,mlp:10000,muladd:10000"
+
+
+def _tamper(src: Path, dst: Path) -> None:
+    """`src` with the weight of its last Gemm scaled by 1.5, written to `dst`."""
+    model = onnx.load(src)
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    for t in model.graph.initializer:
+        if gemms and t.name == gemms[-1].input[1]:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
+    onnx.save(model, dst)
 
 
 def _time(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -63,15 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.graphs.split(","):
         kind, n = spec.split(":")
         src, dst = tmp / f"{kind}{n}.onnx", tmp / f"{kind}{n}.folded.onnx"
-        onnx.save(chain_model(kind, int(n)), src)
+        base = kind.removesuffix("-inputs")
+        model = chain_model(base, int(n), initializers_as_inputs=base != kind)
+        onnx.save(model, src)
+        bad = tmp / f"{kind}{n}.bad.onnx"
         cmds = {
             "inspect": [*bn, "inspect", str(src)],
             "fold": [*bn, "fold", str(src), "-o", str(dst), "-q"],
             "verify": [*bn, "verify", str(src), str(dst)],
+            "locate": [*bn, "verify", str(src), str(bad), "--locate"],
         }
         subprocess.run(cmds["fold"], env=env, check=True, capture_output=True)  # for verify
+        _tamper(dst, bad)
         for c in args.commands.split(","):
-            cases[f"{kind} {int(n) // 1000}k {c}"] = cmds[c]
+            size = f"{int(n) // 1000}k" if int(n) % 1000 == 0 else n
+            cases[f"{kind} {size} {c}"] = cmds[c]
     wall: dict[str, list[float]] = {k: [] for k in cases}
     cpu: dict[str, list[float]] = {k: [] for k in cases}
     load = [os.getloadavg()[0]]
@@ -90,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in cases:
         w, c = wall[k], cpu[k]
         print(
-            f"  {k:22s} wall median {statistics.median(w):6.2f} s "
+            f"  {k:26s} wall median {statistics.median(w):6.2f} s "
             f"({min(w):.2f}-{max(w):.2f}); CPU median {statistics.median(c):6.2f} s "
             f"({min(c):.2f}-{max(c):.2f})"
         )
