@@ -336,3 +336,68 @@ def write_mlp_external(
     with open(p, "wb") as f:
         f.write(model.SerializeToString())
     return [p, p.parent / data_name]
+
+
+# --- long chains: per-node work, not weights (issue 19: linear in the graph's size) ----------
+
+CHAINS = ("identity", "muladd", "mlp")
+
+
+def chain_model(
+    kind: str, n: int, width: int = 4, *, initializers_as_inputs: bool = False
+) -> onnx.ModelProto:
+    """A graph of about `n` nodes in one chain from `input` to `output` (float32 [batch, width]).
+
+    - `"identity"`: `n` Identity nodes (the cleanup removes all but one);
+    - `"muladd"`: a Gemm, then `n - 1` per-channel Mul/Add nodes by seeded constants near 1 and
+      0 (folded into the Gemm as one affine map);
+    - `"mlp"`: Gemm -> BatchNormalization -> Relu blocks of width 8 and a head Gemm to `width`
+      (`build_mlp`; its output is named `logits`).
+
+    `initializers_as_inputs`: list every initializer as a graph input too, as old exporters do.
+
+    Raises:
+        UsageError: an unknown `kind` or `n` < 2.
+    """
+    if kind not in CHAINS or n < 2:
+        raise UsageError(f"chain kind must be one of {', '.join(CHAINS)} and n >= 2")
+    if kind == "mlp":
+        model = build_mlp([8] * ((n - 1) // 3 + 1) + [width])
+    else:
+        model = _chain(kind, n, width)
+    if initializers_as_inputs:
+        for t in model.graph.initializer:
+            model.graph.input.append(
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            )
+    return model
+
+
+def _chain(kind: str, n: int, width: int) -> onnx.ModelProto:
+    names = ["input"] + [f"t{i}" for i in range(1, n)] + ["output"]
+    if kind == "identity":
+        nodes = [
+            helper.make_node("Identity", [names[i]], [names[i + 1]], name=f"n{i}") for i in range(n)
+        ]
+        inits: list[onnx.TensorProto] = []
+    else:
+        rng = np.random.default_rng(0)
+        w = rng.standard_normal((width, width)).astype(np.float32)
+        inits = [numpy_helper.from_array(w, "W")]
+        nodes = [helper.make_node("Gemm", ["input", "W"], [names[1]], name="n0")]
+        for i in range(1, n):
+            mul = i % 2 == 1
+            c = (1.0 if mul else 0.0) + 1e-3 * rng.standard_normal(width)
+            inits.append(numpy_helper.from_array(c.astype(np.float32), f"c{i}"))
+            op = "Mul" if mul else "Add"
+            nodes.append(helper.make_node(op, [names[i], f"c{i}"], [names[i + 1]], name=f"n{i}"))
+    graph = helper.make_graph(
+        nodes,
+        f"{kind}_chain",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)])
+    model.ir_version = IR_VERSION
+    return model

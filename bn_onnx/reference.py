@@ -755,9 +755,8 @@ def evaluator_run(model: onnx.ModelProto | str | os.PathLike[str], x: Array) -> 
 
     model = _load(model)
     ev = ReferenceEvaluator(model)
-    name = [
-        i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}
-    ][0]
+    stored = {t.name for t in model.graph.initializer}
+    name = [i.name for i in model.graph.input if i.name not in stored][0]
     try:
         return np.asarray(ev.run(None, {name: x})[0])
     except Exception as exc:

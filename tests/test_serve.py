@@ -373,7 +373,7 @@ def test_batcher_notices_requests_arriving_together_and_batches_them() -> None:
     calls_per_wave: list[int] = []
 
     async def scenario() -> list[list[np.ndarray]]:
-        b = MicroBatcher(predict, max_rows=64, wait_s=0.0, inline_max_s=1.0)
+        b = MicroBatcher(predict, max_rows=64, wait_s=0.0, inline_max_s=1.0, batch_min_s=0.0)
         b.probe_every = 8
         await b.start()
         await b.submit(waves[0][0])  # the model's time is known from here on

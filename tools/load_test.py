@@ -7,8 +7,10 @@ settings, one onnxruntime intra-op thread:
 - serve: `bn-onnx serve MODEL` (input checks, the micro-batcher, the same answer).
 Optionally (`--modes ...`): `ort`, a bare `session.run` loop in this process, the floor without
 HTTP or JSON; `serve-thread`, serve with `--inline-max-ms 0` (every batch in the worker thread,
-as before requests alone ran on the event loop); `serve-base`, `bn-onnx serve` from another
-checkout (`--base DIR`, e.g. a worktree of main), to compare two versions in one run.
+as before requests alone ran on the event loop); `serve-batch`, serve with `--batch-min-ms 0`
+(every crowd batched, whatever the model's call costs: serve before issue 19); `serve-base`,
+`bn-onnx serve` from another checkout (`--base DIR`, e.g. a worktree of main), to compare two
+versions in one run.
 
 For each round, each concurrency (default 1 and 8 clients) and each model, the modes run one
 after the other, their order alternating between rounds. N client threads (http.client,
@@ -16,8 +18,8 @@ keep-alive, one row per request) POST until --requests requests or --seconds sec
 req/s, p50 and p99 latency per run, and the server process's CPU time per request (all its
 threads, from /proc/PID/task/*/schedstat on Linux: steadier than req/s on a shared machine);
 per configuration the median with min..max over rounds; serve / starlette ratios per round
-(throughput and CPU per request) and their medians; serve's mean batch (from /health); the load
-average before and after.
+(throughput and CPU per request) and their medians; serve's mean batch (from /health); each
+server's resident memory after each run (/proc/PID/status); the load average before and after.
 
 A tabular model (metadata `bn_onnx.columns`) gets rows as objects by column name, made from its
 schema: numbers, categories from the vocabulary, one unseen in ten, one missing cell in ten.
@@ -50,7 +52,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-MODES = ("ort", "starlette", "serve", "serve-thread", "serve-base")
+MODES = ("ort", "starlette", "serve", "serve-thread", "serve-batch", "serve-base")
 COLUMNS_KEY = "bn_onnx.columns"
 
 
@@ -292,11 +294,13 @@ def start_server(cmd: list[str], pythonpath: str | None = None) -> tuple[Any, st
 
 
 def serve_command(
-    model: str, threads: int, max_batch: int, wait_ms: float, inline: bool = True
+    model: str, threads: int, max_batch: int, wait_ms: float, mode: str = "serve"
 ) -> list[str]:
     cmd = [sys.executable, "-m", "bn_onnx", "serve", model, "--host", "127.0.0.1", "--port", "0"]
     cmd += ["--provider", "cpu", "--threads", str(threads), "--max-batch", str(max_batch)]
-    cmd += [] if inline else ["--inline-max-ms", "0"]
+    cmd += {"serve-thread": ["--inline-max-ms", "0"], "serve-batch": ["--batch-min-ms", "0"]}.get(
+        mode, []
+    )
     return cmd + ["--batch-wait-ms", str(wait_ms), "--log-level", "warning"]
 
 
@@ -311,6 +315,18 @@ def stop(proc: Any) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of process `pid` now, in MB (Linux /proc; else None)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def cpu_ns(pid: int) -> int | None:
@@ -387,11 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _loadavg()
     try:
         for m in args.models:
-            for mode in ("serve", "serve-thread"):
+            for mode in ("serve", "serve-thread", "serve-batch"):
                 if mode in modes:
-                    cmd = serve_command(
-                        m, args.threads, args.max_batch, args.batch_wait_ms, mode == "serve"
-                    )
+                    cmd = serve_command(m, args.threads, args.max_batch, args.batch_wait_ms, mode)
                     servers[(m, mode)] = start_server(cmd)
             if "serve-base" in modes:
                 cmd = serve_command(m, args.threads, args.max_batch, args.batch_wait_ms)
@@ -417,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
                             cpu1 = cpu_ns(proc.pid)
                             if cpu0 is not None and cpu1 is not None and result["requests"]:
                                 result["server_cpu_us"] = (cpu1 - cpu0) / 1e3 / result["requests"]
+                            rss = rss_mb(proc.pid)
+                            if rss is not None:
+                                result["server_rss_mb"] = rss
                             if before is not None:
                                 after = _health(base)
                                 done = after["batches"] - before["batches"]
@@ -449,18 +466,21 @@ def main(argv: list[str] | None = None) -> int:
                 rs = runs[m][str(c)][mode]
                 entry[mode] = {
                     key: _median_spread([r[key] for r in rs])
-                    for key in ("rps", "p50_ms", "p99_ms", "server_cpu_us")
+                    for key in ("rps", "p50_ms", "p99_ms", "server_cpu_us", "server_rss_mb")
                     if all(key in r for r in rs)
                 }
                 entry[mode]["errors"] = sum(int(r.get("errors", 0)) for r in rs)
-            if "serve" in modes and "starlette" in modes:
-                pairs = zip(runs[m][str(c)]["serve"], runs[m][str(c)]["starlette"], strict=True)
-                ratios = [s["rps"] / b["rps"] if b["rps"] else 0.0 for s, b in pairs]
-                entry["serve_over_starlette"] = _median_spread(ratios) | {"rounds": ratios}
-                if "server_cpu_us" in entry["serve"] and "server_cpu_us" in entry["starlette"]:
-                    pairs = zip(runs[m][str(c)]["serve"], runs[m][str(c)]["starlette"], strict=True)
-                    cpu = [s["server_cpu_us"] / b["server_cpu_us"] for s, b in pairs]
-                    entry["serve_cpu_over_starlette"] = _median_spread(cpu) | {"rounds": cpu}
+            for mode in serves if "starlette" in modes else []:
+                rs, bs = runs[m][str(c)][mode], runs[m][str(c)]["starlette"]
+                ratios = [
+                    s["rps"] / b["rps"] if b["rps"] else 0.0 for s, b in zip(rs, bs, strict=True)
+                ]
+                entry[f"{mode}_over_starlette"] = _median_spread(ratios) | {"rounds": ratios}
+                if "server_cpu_us" in entry[mode] and "server_cpu_us" in entry["starlette"]:
+                    cpu = [
+                        s["server_cpu_us"] / b["server_cpu_us"] for s, b in zip(rs, bs, strict=True)
+                    ]
+                    entry[f"{mode}_cpu_over_starlette"] = _median_spread(cpu) | {"rounds": cpu}
             for mode in serves:
                 entry[f"{mode}_mean_batch_rows"] = _median_spread(batching[m][str(c)][mode])
             summary[str(c)] = entry

@@ -47,6 +47,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
 def int_list(text: str) -> list[int]:
     """argparse type: comma-separated positive integers, e.g. `128,64`."""
     parts = [p.strip() for p in text.split(",") if p.strip()]

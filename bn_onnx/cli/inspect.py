@@ -43,11 +43,12 @@ def describe_model(model: Any) -> dict[str, Any]:
     # First: the fold pass checks the model (as fold does) before anything reads its fields.
     batch_norm = [b.to_dict() for b in inspect_model(model)]
     g = model.graph
+    stored = {t.name for t in g.initializer}  # once: old exporters list each also as an input
     return {
         "ir_version": model.ir_version,
         "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
-        "inputs": [_value(v) for v in g.input if v.name not in {t.name for t in g.initializer}],
+        "inputs": [_value(v) for v in g.input if v.name not in stored],
         "outputs": [_value(v) for v in g.output],
         "metadata": {p.key: p.value for p in model.metadata_props},
         "ops": dict(sorted(Counter(n.op_type for n in g.node).items())),

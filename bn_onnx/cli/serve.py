@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Any
 
-from bn_onnx.cli._common import non_negative_float, port_number, positive_int
+from bn_onnx.cli._common import non_negative_float, port_number, positive_float, positive_int
 
 EPILOG = """\
 endpoints:
@@ -15,12 +15,17 @@ endpoints:
                   (labels for classifiers); a tabular model (metadata bn_onnx.columns) takes
                   rows by column name: {"inputs": [{"age": 31, "city": "Busan", ...}, ...]};
                   400 with {"error": ...} for bad JSON, shapes, types, missing columns or
-                  non-finite values, 413 for a body over --max-body-bytes
+                  non-finite values, 413 for a body over --max-body-bytes, 415 for a
+                  Content-Type other than application/json (none: read as JSON)
   GET  /health    {"status": "ok", "model": ...}; 503 while shutting down
   GET  /metadata  inputs, outputs, features or columns, classes, folded flag, providers
 
-Concurrent requests are batched (up to --max-batch rows, waiting at most --batch-wait-ms); a
-request alone runs at once.
+Concurrent requests are batched (up to --max-batch rows, waiting at most --batch-wait-ms) when
+the model's calls take longer than --batch-min-ms, or when batching measures cheaper; a request
+alone runs at once.
+Slow and idle clients: a request must arrive whole within --read-timeout of its first byte (else
+408, or the connection is closed while its head is incomplete); a connection with no request
+under way is closed after --keep-alive; with --max-connections open, new requests get 503.
 Ctrl-C or SIGTERM stops taking connections, finishes the requests in flight, then exits.
 
 example:
@@ -77,6 +82,42 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
+        "--batch-min-ms",
+        type=non_negative_float,
+        default=0.25,
+        help=(
+            "concurrent requests are batched when the model's calls take longer than this; "
+            "for a cheaper model only while batching measures cheaper in CPU time per request "
+            "than running each at once (default 0.25 ms; 0: always batch)"
+        ),
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="a request's head and body must arrive within this of its first byte (default 5)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a connection idle this long, a new one too (default 5)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=256,
+        help="requests arriving while this many connections are open get 503 (default 256)",
+    )
+    p.add_argument(
+        "--backlog",
+        type=positive_int,
+        default=128,
+        help="connections the system queues before the server accepts them (default 128)",
+    )
+    p.add_argument(
         "--max-body-bytes",
         type=positive_int,
         default=1 << 20,
@@ -105,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         batch_wait_ms=args.batch_wait_ms,
         inline_max_ms=args.inline_max_ms,
+        batch_min_ms=args.batch_min_ms,
     )
-    sock = serve.bind_socket(args.host, args.port)
+    sock = serve.bind_socket(args.host, args.port, backlog=args.backlog)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     predictor = app.state.predictor
@@ -127,6 +169,9 @@ def run(args: argparse.Namespace) -> int:
         app,
         log_level="error" if args.quiet else args.log_level,
         access_log=args.access_log,
+        read_timeout_s=args.read_timeout,
+        keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections,
     )
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it found; this
     # one makes that a normal exit (code 0) instead of death by signal.

@@ -157,23 +157,40 @@ def reads(node: onnx.NodeProto, initializers: set[str]) -> list[str]:
     return [n for n in dict.fromkeys(names) if n in initializers]
 
 
-def region(model: onnx.ModelProto, tensor: str, agree: set[str]) -> list[onnx.NodeProto]:
+def region(
+    model: onnx.ModelProto,
+    tensor: str,
+    agree: set[str],
+    *,
+    producers: Mapping[str, onnx.NodeProto] | None = None,
+    order: Mapping[int, int] | None = None,
+) -> list[onnx.NodeProto]:
     """The nodes computing `tensor` from values known to agree (or the graph inputs).
 
     Walks back from `tensor` through producers and stops at `agree`, the graph inputs and
-    initializers; the nodes are returned in graph (topological) order.
+    initializers; the nodes are returned in graph (topological) order. A caller asking for
+    many regions of one model passes `producers` (`_dynamic_producers(model)`) and `order`
+    (`node_order(model)`) once, so each region costs its own size, not the graph's.
     """
-    producers = _dynamic_producers(model)
-    seen: set[int] = set()
+    if producers is None:
+        producers = _dynamic_producers(model)
+    seen: dict[int, onnx.NodeProto] = {}
     stack = [tensor]
     while stack:
         t = stack.pop()
         node = producers.get(t)
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         stack.extend(n for n in node.input if n and n not in agree)
-    return [n for n in model.graph.node if id(n) in seen]
+    if order is None:
+        return [n for n in model.graph.node if id(n) in seen]
+    return sorted(seen.values(), key=lambda n: order[id(n)])
+
+
+def node_order(model: onnx.ModelProto) -> dict[int, int]:
+    """id(node) -> its position in the main graph, for `region`."""
+    return {id(n): i for i, n in enumerate(model.graph.node)}
 
 
 def _point(
@@ -235,9 +252,16 @@ def by_names(
     # A shared name may hold another value in each graph (a fold that kept a Gemm's output
     # name for the Gemm+BN value): when a value computed straight from it agrees, it is not
     # a divergence.
+    order, order_e = node_order(ma), node_order(me)
+
+    def region_a(name: str, stop: set[str]) -> list[onnx.NodeProto]:
+        return region(ma, name, stop, producers=producers, order=order)
+
     for p in loc.points:
         if p.passed:
-            for node in region(ma, p.name, shared - {p.name}):
+            # The walk starts at p.name and never comes back to it (a DAG): `shared` stops it
+            # as `shared - {p.name}` would, without a copy of the set per point.
+            for node in region_a(p.name, shared):
                 for name in node.input:
                     if name in shared and name not in agree:
                         renamed_here.add(name)
@@ -253,17 +277,19 @@ def by_names(
         float_init = {t.name for t in ma.graph.initializer if t.data_type in FLOAT_TYPES}
         stop = agree | renamed_here
         first = diverging[0]
-        nodes = region(ma, first.name, stop)
+        nodes = region_a(first.name, stop)
         loc.first = first
         loc.expected_node = _node_label(producers_e.get(first.expected_name))
         agree_e = {p.expected_name for p in loc.points if p.passed}
-        loc.expected_nodes = [str(_node_label(n)) for n in region(me, first.expected_name, agree_e)]
+        nodes_e = region(me, first.expected_name, agree_e, producers=producers_e, order=order_e)
+        loc.expected_nodes = [str(_node_label(n)) for n in nodes_e]
         if not any(reads(n, float_init) for n in nodes):
             # Computed without weights from values that agree: the other graph computes it
             # differently (a BN moved across this node, or dropped). Name the next diverging
             # value that weights compute, too: with a moved BN, that is where it went.
             loc.weight_free = True
-            later = [(p, region(ma, p.name, stop | {first.name})) for p in diverging[1:]]
+            past_first = stop | {first.name}
+            later = ((p, region_a(p.name, past_first)) for p in diverging[1:])  # lazily
             weighted = next(
                 ((p, n) for p, n in later if any(reads(x, float_init) for x in n)), None
             )
