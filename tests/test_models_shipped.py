@@ -44,10 +44,15 @@ FILES = [
     "checkpoint/metrics.json",
     "model.onnx",
     "model.folded.onnx",
+    "model.int8.onnx",
     "sample_input.npy",
     "sample_output.npy",
     "MODEL_CARD.md",
 ]
+# model.int8.onnx against the float model on the test split: `quantize`'s default budget, and
+# top-1 agreement (measured 269 of 270 rows with and without reduce_range).
+INT8_MAX_DROP = 0.005
+INT8_MIN_AGREEMENT = 0.99
 
 
 def _plain_ort(path: Path, x: np.ndarray) -> np.ndarray:
@@ -63,7 +68,12 @@ def _load_npy(path: Path) -> np.ndarray:
 def test_shipped_files_are_all_there_and_small():
     for name in FILES:
         assert (DIGITS / name).is_file(), name
-    for name in ("model.onnx", "model.folded.onnx", "checkpoint/model.safetensors"):
+    for name in (
+        "model.onnx",
+        "model.folded.onnx",
+        "model.int8.onnx",
+        "checkpoint/model.safetensors",
+    ):
         assert (DIGITS / name).stat().st_size < 100_000, name
     total = sum(p.stat().st_size for p in DIGITS.rglob("*") if p.is_file())
     assert total < 400_000
@@ -109,6 +119,48 @@ def test_folded_equals_unfolded_on_the_whole_test_split_and_accuracy_matches_car
     assert f"| `model.folded.onnx`, onnxruntime CPU | {accuracy:.4f} |" in card
 
 
+def _int8_against_float(int8: Path) -> tuple[float, float, float]:
+    """(float accuracy, INT8 accuracy, top-1 agreement) on the digits test split."""
+    from bn_onnx.data import load_split_from_checkpoint_meta
+
+    data = load_split_from_checkpoint_meta(read_checkpoint(DIGITS / "checkpoint").meta)
+    x = np.ascontiguousarray(data.x_test, dtype=np.float32)
+    ref = _plain_ort(DIGITS / "model.folded.onnx", x).argmax(1)
+    got = _plain_ort(int8, x).argmax(1)
+    return (
+        float(np.mean(ref == data.y_test)),
+        float(np.mean(got == data.y_test)),
+        float(np.mean(got == ref)),
+    )
+
+
+@pytest.mark.cpu_sensitive
+def test_shipped_int8_model_is_qdq_and_within_the_accuracy_budget():
+    """Not byte for byte: its scales come from onnxruntime's calibration on this CPU's kernels."""
+    model = onnx.load(DIGITS / "model.int8.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    ops = onnx_meta.op_counts(model)
+    assert ops["Gemm"] == 3 and ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    weights = {i.name: i for i in model.graph.initializer}
+    int8 = {k for k, w in weights.items() if w.data_type == onnx.TensorProto.INT8 and w.dims[1:]}
+    assert len(int8) == 3  # the three Gemm weights, [out, in]
+    # each dequantized per output channel: one scale per row
+    deq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
+    assert len(deq) == 3
+    for n in deq:
+        assert list(weights[n.input[1]].dims) == [weights[n.input[0]].dims[0]], n.name
+    meta = onnx_meta.get_metadata(model)
+    assert json.loads(meta[onnx_meta.CLASS_NAMES]) == [str(i) for i in range(10)]
+    fp32, acc, agree = _int8_against_float(DIGITS / "model.int8.onnx")
+    assert acc >= fp32 - INT8_MAX_DROP, (acc, fp32)
+    assert agree >= INT8_MIN_AGREEMENT, agree
+    # its sample predictions are the float model's
+    x = _load_npy(DIGITS / "sample_input.npy")
+    expected = _load_npy(DIGITS / "sample_output.npy")
+    got = _plain_ort(DIGITS / "model.int8.onnx", x)
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
 def test_shipped_graphs_bn_kept_and_folded_with_metadata():
     unfolded = onnx.load(DIGITS / "model.onnx")
     folded = onnx.load(DIGITS / "model.folded.onnx")
@@ -149,6 +201,9 @@ def test_reexport_from_shipped_checkpoint_reproduces_the_shipped_files(tmp_path)
     make_models.make_digits(tmp_path, retrain=False, log=lambda *_: None)
     new = tmp_path / "digits"
     assert_same_onnx_bytes(DIGITS, new)
+    # model.int8.onnx is regenerated too, within the budget (quantize refuses otherwise)
+    fp32, acc, agree = _int8_against_float(new / "model.int8.onnx")
+    assert acc >= fp32 - INT8_MAX_DROP and agree >= INT8_MIN_AGREEMENT, (fp32, acc, agree)
     assert (new / "sample_input.npy").read_bytes() == (DIGITS / "sample_input.npy").read_bytes()
     # onnxruntime's outputs: its kernels are chosen by CPU, so within tolerance
     np.testing.assert_allclose(

@@ -17,10 +17,12 @@ and build (CPU model and flags, torch build, ATen CPU capability, intra-op threa
 branch), nothing wider: on another CPU, an AMD EPYC against the Intel Xeon that made the shipped
 checkpoints, the same settings give other bits of about the same accuracy (docs/training.md).
 `model.onnx` keeps its 3 BatchNormalization nodes, `model.folded.onnx` has none (export and
-fold regenerate the same bytes from a checkpoint on any CPU). Digits ships `sample_input.npy`,
-the first 16 rows of the test split (raw features, float32 [16, 64]); tabular ships
-`sample_rows.csv`, the same as CSV cells; `sample_output.npy` holds the folded model's logits
-for them (onnxruntime, CPU); `MODEL_CARD.md` describes all of it.
+fold regenerate the same bytes from a checkpoint on any CPU). Digits also ships
+`model.int8.onnx`, `bn-onnx quantize` of model.onnx calibrated on the checkpoint's training
+split; its bytes depend on the CPU (onnxruntime's calibration arithmetic, the kernels chosen).
+Digits ships `sample_input.npy`, the first 16 rows of the test split (raw features, float32
+[16, 64]); tabular ships `sample_rows.csv`, the same as CSV cells; `sample_output.npy` holds
+the folded model's logits for them (onnxruntime, CPU); `MODEL_CARD.md` describes all of it.
 """
 
 from __future__ import annotations
@@ -267,6 +269,33 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"input": x})[0]
 
 
+def quantize_digits(target: Path) -> None:
+    """Write `target/model.int8.onnx`: `bn-onnx quantize model.onnx --checkpoint checkpoint`.
+
+    It quantizes the unfolded model, so the quantization-aware fold keeps the input
+    normalization in float (folding it forward costs 1.1 points of accuracy). Its bytes depend
+    on onnxruntime's calibration arithmetic and on the kernels chosen for this CPU, so tests
+    check it by accuracy and top-1 agreement, never byte for byte. Raises BnOnnxError when the
+    INT8 model is over `quantize`'s default accuracy budget (nothing is written then).
+    """
+    from bn_onnx.cli.quantize import quantize_file
+    from bn_onnx.errors import BnOnnxError
+
+    code = quantize_file(
+        str(target / "model.onnx"),
+        str(target / "model.int8.onnx"),
+        calibrate=None,
+        checkpoint=str(target / "checkpoint"),
+        accurate=False,
+        max_accuracy_drop=0.5,
+        max_row_range_growth=None,
+        calibration_rows=2048,
+        quiet=True,
+    )
+    if code != 0:
+        raise BnOnnxError(f"model.int8.onnx is over the accuracy budget (quantize exit {code})")
+
+
 def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dict[str, Any]:
     """Build `out_dir/digits/` (created if needed); return the figures the model card quotes."""
     from bn_onnx.checkpoint import read_checkpoint
@@ -286,6 +315,9 @@ def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dic
     log("exporting model.onnx and model.folded.onnx ...")
     unfolded = export_checkpoint(ckpt_dir, target / "model.onnx")
     folded = export_checkpoint(ckpt_dir, target / "model.folded.onnx", fold=True)
+
+    log("quantizing model.onnx to model.int8.onnx (calibrated on the training split) ...")
+    quantize_digits(target)
 
     data = load_split_from_checkpoint_meta(ckpt.meta)
     x_test = np.ascontiguousarray(data.x_test, dtype=np.float32)
@@ -367,17 +399,20 @@ def model_card(target: Path, ckpt: Any, fig: dict[str, Any]) -> str:
         "checkpoint/metrics.json",
         "model.onnx",
         "model.folded.onnx",
+        "model.int8.onnx",
         "sample_input.npy",
         "sample_output.npy",
     ]
+
     # metrics.json records wall times, so its size differs from run to run; the card must not.
-    file_rows = "\n".join(
-        f"| `{f}` | "
-        + ("varies (training timings)" if f.endswith("metrics.json") else "")
-        + (f"{(target / f).stat().st_size:,}" if not f.endswith("metrics.json") else "")
-        + " |"
-        for f in files
-    )
+    # and model.int8.onnx's by a byte or so with the CPU that quantized it (its metadata)
+    def size(f: str) -> str:
+        if f.endswith("metrics.json"):
+            return "varies (training timings)"
+        n = (target / f).stat().st_size
+        return f"about {n / 1000:.0f} kB (varies with the CPU)" if "int8" in f else f"{n:,}"
+
+    file_rows = "\n".join(f"| `{f}` | {size(f)} |" for f in files)
     folds = "\n".join(
         f"  - `{e['node']}` -> `{e['target']}` ({e['direction']})" for e in fig["fold_report"]["bn"]
     )
@@ -434,6 +469,13 @@ float64 numpy forward of the checkpoint it is {fig["err_unfolded_f64"]:.2e} (unf
 | file | bytes |
 | --- | --- |
 {file_rows}
+
+`model.int8.onnx` is `bn-onnx quantize model.onnx --checkpoint checkpoint`: QDQ, per-channel
+int8 weights, calibrated on the training split. Its Gemms run in INT8; the input normalization
+stays a float BatchNormalization, because folding it forward would widen the first weight's
+range past what per-channel scales absorb. Its values depend on the CPU that quantized it
+(onnxruntime's calibration and the kernels `quantize` picks); `quantize` wrote it only because
+its test accuracy is within 0.5 points of the float model's.
 
 `sample_input.npy` holds the first {N_SAMPLES} rows of the test split (raw features);
 `sample_output.npy` the folded model's logits for them (onnxruntime, CPU). Both are plain
