@@ -187,8 +187,9 @@ def add_pairs(
     for p in report.probes:
         for prov in providers:
             same = same_provider(prov)
-            unf = [r for r in same if not r.folded]
-            fol = [r for r in same if r.folded]
+            floats = [r for r in same if not r.int8]  # INT8 error is quantization's
+            unf = [r for r in floats if not r.folded]
+            fol = [r for r in floats if r.folded]
             if unf and fol:
                 u, f = errors[(p.kind, unf[0].label)], errors[(p.kind, fol[0].label)]
                 report.folding.append(

@@ -210,7 +210,12 @@ def render(report: VerifyReport) -> str:
     lines = [
         "models: "
         + ", ".join(
-            m["label"] + {True: " (folded)", False: " (unfolded)"}.get(m["folded"], "")
+            m["label"]
+            + (
+                " (INT8)"
+                if m.get("int8")
+                else {True: " (folded)", False: " (unfolded)"}.get(m["folded"], "")
+            )
             for m in report.models
         )
     ]

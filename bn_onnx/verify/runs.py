@@ -39,6 +39,7 @@ class Run:
     model: str | None = None
     provider: str | None = None
     folded: bool | None = None
+    int8: bool = False  # a quantized model: no side of the folding rows
     tf32: bool | None = None
     compute_dtype: str | None = None  # the lowest float precision inside the model
 
@@ -59,6 +60,7 @@ class Run:
             "model": self.model,
             "provider": self.provider,
             "folded": self.folded,
+            "int8": self.int8,
             "tf32": self.tf32,
             "compute_dtype": self.compute_dtype,
             "outputs": {

@@ -1,9 +1,11 @@
 // Drive the built page in headless Chromium: wait for the model, run window.predict on rows,
-// print {"logits", "samples", "rows_logits", "shown_class", "drawn_class", "foreign_requests",
-// "console_errors"} as JSON on stdout (logits: of the page's samples; rows_logits: of --rows).
+// print {"logits", "samples", "rows_logits", "shown_class", "drawn_class", "model", "status",
+// "models", "picked", "foreign_requests", "console_errors"} as JSON on stdout (logits: of the
+// page's samples; rows_logits: of --rows; model: the one the page runs; models: the picker's
+// keys; picked: {model, logits, status} after choosing --pick KEY in the picker).
 //
 // usage: node scripts/check_page.mjs URL [--rows ROWS.json] [--screenshot OUT.png]
-//        [--draw] [--chromium /usr/bin/chromium]
+//        [--draw] [--pick KEY] [--chromium /usr/bin/chromium]
 import { readFileSync } from "node:fs";
 import { chromium } from "playwright-core";
 
@@ -79,11 +81,30 @@ try {
     await page.waitForFunction((n) => window.bnOnnx.shown > n, before);
     drawn = await page.evaluate(() => document.querySelector("#top").dataset.cls);
   }
+  const model = await page.evaluate(() => window.bnOnnx.model);
+  const status = await page.locator("#status").textContent();
+  const models = await page.evaluate(() => [...document.querySelectorAll("#model option")].map((o) => o.value));
+  let picked = null;
+  const pick = opt("--pick", null);
+  if (pick) {
+    // Choose another model as a person would, in the picker; the shown sample is predicted again.
+    const before = await page.evaluate(() => window.bnOnnx.shown);
+    await page.locator("#model").selectOption(pick);
+    await page.waitForFunction((n) => window.bnOnnx.shown > n || window.bnOnnx.error, before);
+    const err = await page.evaluate(() => window.bnOnnx.error);
+    if (err) throw new Error(`page failed to load --pick ${pick}: ${err}`);
+    picked = {
+      model: await page.evaluate(() => window.bnOnnx.model),
+      logits: await page.evaluate((r) => window.predict(r), samples),
+      status: await page.locator("#status").textContent(),
+      kind_shown: await page.locator("#model-kind").textContent(),
+    };
+  }
   const shot = opt("--screenshot", null);
   if (shot) await page.screenshot({ path: shot, fullPage: true });
   process.stdout.write(
     JSON.stringify({ logits, samples, rows_logits: rowsLogits, shown_class: shownClass, drawn_class: drawn,
-      foreign_requests: foreign, console_errors: consoleErrors }),
+      model, status, models, picked, foreign_requests: foreign, console_errors: consoleErrors }),
   );
 } finally {
   await browser.close();

@@ -1,8 +1,16 @@
 // The page: a drawing pad that turns strokes into the 8x8 digits features, sample picker, bars.
 import "./style.css";
-import modelUrl from "@model/model.folded.onnx?url";
+import floatUrl from "@model/model.folded.onnx?url";
 import samplesUrl from "@model/sample_input.npy?url";
 import { loadModel, ortVersion, parseNpy, softmax } from "./model.js";
+
+// The models the page offers: the folded float model, the INT8 one where the model folder has
+// it, and the one `bn-onnx serve-web --model PATH` serves (served-model.json says which).
+const int8Urls = import.meta.glob("@model/model.int8.onnx", { query: "?url", import: "default", eager: true });
+const MODELS = [{ key: "float", file: "model.folded.onnx", kind: "float32", url: floatUrl }];
+for (const url of Object.values(int8Urls)) {
+  MODELS.push({ key: "int8", file: "model.int8.onnx", kind: "INT8 (QDQ)", url });
+}
 
 const SIDE = 8; // the model's grid: 8x8 cells
 const FINE = 32; // digits were 32x32 bitmaps, each cell counts the set pixels of a 4x4 block
@@ -17,6 +25,9 @@ const dctx = draw.getContext("2d");
 const gctx = grid.getContext("2d");
 
 let model = null;
+let current = null; // the entry of MODELS that `model` runs
+const picker = document.getElementById("model");
+const kindBox = document.getElementById("model-kind");
 let features = new Array(SIDE * SIDE).fill(0);
 let drawing = false;
 let dirty = false; // the pad shows a sample, not strokes: the next stroke starts afresh
@@ -148,7 +159,7 @@ async function predictShown() {
   const ms = performance.now() - t0;
   renderBars(softmax(logits));
   window.bnOnnx.shown += 1; // predictions shown so far, for tests waiting on the page
-  status.textContent = `onnxruntime-web ${ortVersion} (WebAssembly) \u00b7 model.folded.onnx \u00b7 last inference ${ms.toFixed(2)} ms`;
+  status.textContent = `onnxruntime-web ${ortVersion} (WebAssembly) \u00b7 ${current.file}, ${current.kind} \u00b7 last inference ${ms.toFixed(2)} ms`;
 }
 
 function pos(ev) {
@@ -237,21 +248,58 @@ async function loadSamples() {
 window.bnOnnx = { ready: false, error: null, shown: 0 };
 window.predict = async (rows) => model.run(rows);
 
+// The model serve-web --model serves, if any: {"file", "kind", "url"}; a static build says null.
+async function servedModel() {
+  const res = await fetch("./served-model.json");
+  if (!res.ok) return null;
+  const info = await res.json();
+  return info ? { key: "served", ...info } : null;
+}
+
+async function useModel(entry) {
+  status.textContent = `Loading ${entry.file}\u2026`;
+  model = await loadModel(entry.url);
+  current = entry;
+  picker.value = entry.key;
+  kindBox.textContent = entry.kind;
+  window.bnOnnx.model = { key: entry.key, file: entry.file, kind: entry.kind };
+}
+
+function fail(err) {
+  window.bnOnnx.error = String(err?.message ?? err);
+  status.textContent = `Could not load the model: ${window.bnOnnx.error}`;
+  status.className = "error";
+}
+
 async function start() {
   clearPad();
   drawGrid();
   try {
-    const [m, rows] = await Promise.all([loadModel(modelUrl), loadSamples()]);
-    model = m;
+    const served = await servedModel();
+    if (served) MODELS.unshift(served);
+    for (const m of MODELS) picker.append(new Option(`${m.file} \u00b7 ${m.kind}`, m.key));
+    // ?model=float|int8|served picks one; otherwise the served model, else the float one.
+    const asked = new URLSearchParams(location.search).get("model");
+    const entry = asked ? MODELS.find((m) => m.key === asked) : MODELS[0];
+    if (!entry) throw new Error(`no model "${asked}" here (have: ${MODELS.map((m) => m.key).join(", ")})`);
+    const [, rows] = await Promise.all([useModel(entry), loadSamples()]);
     window.bnOnnx.samples = rows.map((r) => Array.from(r));
     window.bnOnnx.ready = true;
     if (rows.length) showSample(rows[0]);
     else predictShown();
   } catch (err) {
-    window.bnOnnx.error = String(err?.message ?? err);
-    status.textContent = `Could not load the model: ${window.bnOnnx.error}`;
-    status.className = "error";
+    fail(err);
   }
 }
+
+picker.addEventListener("change", async () => {
+  const entry = MODELS.find((m) => m.key === picker.value);
+  try {
+    await useModel(entry);
+    await predictShown();
+  } catch (err) {
+    fail(err);
+  }
+});
 
 start();
