@@ -86,3 +86,51 @@ def test_cli_serve_web_refuses_build_with_dist(tmp_path: Path, capsys) -> None:
     rc = main(["serve-web", "--build", "--dist", str(tmp_path)])
     assert rc == 2
     assert "do not combine it with --dist" in capsys.readouterr().err
+
+
+DIGITS = Path(__file__).resolve().parent.parent / "models" / "digits"
+
+
+def test_static_server_with_a_model_serves_it_and_says_what_it_is(dist: Path) -> None:
+    import json
+
+    int8 = DIGITS / "model.int8.onnx"
+    server = static_server(dist, 0, model=int8)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        status, ctype, body = _get(base + "/served-model.json?x=1")
+        assert status == 200 and ctype == "application/json"
+        info = {"file": "model.int8.onnx", "kind": "INT8 (QDQ)", "url": "./served-model.onnx"}
+        assert json.loads(body) == info
+        status, ctype, body = _get(base + "/served-model.onnx")
+        assert ctype == "application/octet-stream" and body == int8.read_bytes()
+        assert _get(base + "/assets/model.onnx")[2] == bytes(range(256))  # the page's own files
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    server = static_server(dist, 0, model=DIGITS / "model.folded.onnx")
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("missing.onnx", "model file not found"),
+        ("junk.onnx", "not a readable ONNX model"),
+        ("tabular", "the page feeds one input of 64 features (8x8 digits); this model takes 2"),
+    ],
+)
+def test_cli_serve_web_with_a_bad_model_is_a_one_line_error(
+    dist: Path, tmp_path: Path, capsys, model: str, message: str
+) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    path = tmp_path / model
+    if model == "tabular":
+        path = DIGITS.parent / "tabular" / "model.folded.onnx"
+    rc = main(["serve-web", "--port", "0", "--dist", str(dist), "--model", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err

@@ -16,6 +16,8 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,7 @@ def _npm_ci() -> None:
 
 
 @pytest.fixture(scope="module")
-def page_url(tmp_path_factory: pytest.TempPathFactory):
+def page_dist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _npm_ci()
     out = tmp_path_factory.mktemp("web") / "dist"
     env = dict(os.environ, BN_ONNX_MODEL_DIR=str(MODEL_DIR))
@@ -82,7 +84,12 @@ def page_url(tmp_path_factory: pytest.TempPathFactory):
     )
     assert build.returncode == 0, build.stdout + build.stderr
     assert (out / "index.html").is_file()
-    server = static_server(out, 0)
+    yield out
+
+
+@contextmanager
+def _serving(dist: Path, model: Path | None = None) -> Iterator[str]:
+    server = static_server(dist, 0, model=model)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -91,6 +98,12 @@ def page_url(tmp_path_factory: pytest.TempPathFactory):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def page_url(page_dist: Path) -> Iterator[str]:
+    with _serving(page_dist) as url:
+        yield url
 
 
 def _drive(url: str, *extra: str) -> dict:
@@ -145,6 +158,15 @@ def test_page_predictions_match_onnxruntime_in_python(page_url: str, tmp_path: P
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _logits_step(path: Path) -> float:
+    """The step of the INT8 model's output grid: the scale of the QuantizeLinear on logits."""
+    import onnx
+    import onnx.numpy_helper
+
+    inits = {i.name: i for i in onnx.load(path).graph.initializer}
+    return float(onnx.numpy_helper.to_array(inits["logits_scale"]))
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -161,15 +183,12 @@ def test_page_runs_the_int8_model_like_onnxruntime_in_python(page_url: str, tmp_
     rounding difference in another CPU's int8 kernels moves a logit by one step, which is the
     tolerance. A logit moved by at most d moves each probability p by at most p * (e^2d - 1).
     """
-    import onnx
-    import onnx.numpy_helper
     import onnxruntime as ort
 
     int8 = MODEL_DIR / "model.int8.onnx"
     if not int8.is_file():
         pytest.skip(f"no INT8 model in {MODEL_DIR} (tools/make_models.py writes it)")
-    inits = {i.name: i for i in onnx.load(int8).graph.initializer}
-    step = float(onnx.numpy_helper.to_array(inits["logits_scale"]))
+    step = _logits_step(int8)
     X = np.load(MODEL_DIR / "sample_input.npy", allow_pickle=False)
     rows = np.random.default_rng(1).integers(0, 17, (20, X.shape[1])).astype(np.float32)
     rows_file = tmp_path / "rows.json"
@@ -203,3 +222,25 @@ def test_page_runs_the_int8_model_like_onnxruntime_in_python(page_url: str, tmp_
     )
     assert result["foreign_requests"] == []
     assert result["console_errors"] == []
+
+
+@pytest.mark.cpu_sensitive
+def test_page_runs_the_model_serve_web_serves(page_dist: Path) -> None:
+    """`serve-web --model PATH`: the page lists the served model first, runs it and says it is
+    INT8; its logits are onnxruntime CPU's for the same file (tolerance as above)."""
+    import onnxruntime as ort
+
+    int8 = MODEL_DIR / "model.int8.onnx"
+    if not int8.is_file():
+        pytest.skip(f"no INT8 model in {MODEL_DIR} (tools/make_models.py writes it)")
+    with _serving(page_dist, int8) as url:
+        result = _drive(url)
+    assert result["models"] == ["served", "float", "int8"]
+    assert result["model"] == {"key": "served", "file": "model.int8.onnx", "kind": "INT8 (QDQ)"}
+    X = np.asarray(result["samples"], np.float32)
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"input": X})[0]
+    got = np.asarray(result["logits"], np.float32)
+    np.testing.assert_allclose(got, want, atol=1.01 * _logits_step(int8), rtol=0)
+    np.testing.assert_array_equal(got.argmax(axis=1), want.argmax(axis=1))
+    assert result["console_errors"] == [] and result["foreign_requests"] == []

@@ -16,12 +16,20 @@ from bn_onnx.errors import InputFileError, UsageError
 EPILOG = """\
 The page is built from web/ with npm (once, after a change): `cd web && npm ci && npm run build`.
 When web/dist is missing and npm and web/node_modules are there, this command builds it first;
---build rebuilds it. The page loads the folded digits model and onnxruntime-web's WebAssembly
-from its own files: it needs no network. It listens on 127.0.0.1 only.
+--build rebuilds it. The page loads the folded digits model (or its INT8 version: pick it, or
+open /?model=int8) and onnxruntime-web's WebAssembly from its own files: it needs no network.
+--model PATH serves another model of 64 float features (8x8 digits) as well; the page then runs
+it first and says whether it is float or INT8. It listens on 127.0.0.1 only.
 
 example:
   bn-onnx serve-web --port 8080      # then open http://127.0.0.1:8080/
+  bn-onnx serve-web --model models/digits/model.int8.onnx
 """
+
+# What the page fetches to learn of a --model; the built page holds a placeholder saying null.
+SERVED_INFO = "/served-model.json"
+SERVED_MODEL = "/served-model.onnx"
+PAGE_FEATURES = 64  # the page draws 8x8 digits
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 
@@ -56,6 +64,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="the built page to serve (default web/dist of this checkout)",
     )
+    p.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="also serve this ONNX model (64 float features, e.g. an INT8 one); the page runs it",
+    )
     p.add_argument("--build", action="store_true", help="run `npm run build` in web/ first")
     p.add_argument("--verbose", "-v", action="store_true", help="log every request")
     return p
@@ -73,12 +87,69 @@ def build_page(web_dir: Path = WEB_DIR) -> None:
         raise UsageError(f"`npm run build` failed in {web_dir} (exit {result.returncode})")
 
 
-def static_server(dist: Path, port: int = 0, *, verbose: bool = False) -> Any:
-    """A threading HTTP server for the files in `dist` on 127.0.0.1:`port` (0: any free)."""
+def served_model_info(path: str | Path) -> dict[str, str]:
+    """What the page needs to know of a `--model`: {"file", "kind", "url"}; `kind` is
+    "INT8 (QDQ)" for a quantized model, else "float32".
+
+    Raises:
+        InputFileError: not a readable ONNX model.
+        UsageError: it does not take one float input of 64 features, as the page feeds.
+    """
+    from bn_onnx.files import check_input_file
+    from bn_onnx.runtime import Predictor
+    from bn_onnx.verify import is_quantized
+
+    check_input_file(str(path), "model file")
+    predictor = Predictor(path, provider="cpu")
+    if predictor.n_features != PAGE_FEATURES or len(predictor.input_names) != 1:
+        takes = (
+            f"{predictor.n_features} features"
+            if len(predictor.input_names) == 1
+            else f"{len(predictor.input_names)} inputs"
+        )
+        raise UsageError(
+            f"{path}: the page feeds one input of {PAGE_FEATURES} features (8x8 digits); "
+            f"this model takes {takes}"
+        )
+    from bn_onnx.onnx_io import load_model
+
+    kind = "INT8 (QDQ)" if is_quantized(load_model(str(path))) else "float32"
+    return {"file": Path(path).name, "kind": kind, "url": "." + SERVED_MODEL}
+
+
+def static_server(
+    dist: Path, port: int = 0, *, verbose: bool = False, model: str | Path | None = None
+) -> Any:
+    """A threading HTTP server for the files in `dist` on 127.0.0.1:`port` (0: any free).
+
+    With `model`, it also answers SERVED_MODEL with that file and SERVED_INFO with
+    `served_model_info(model)` (checked here, so bad input raises before anything listens).
+    """
+    import json
+    import urllib.parse
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    extra: dict[str, bytes] = {}
+    if model is not None:
+        extra[SERVED_INFO] = json.dumps(served_model_info(model)).encode()
+        extra[SERVED_MODEL] = Path(model).read_bytes()
 
     class Handler(SimpleHTTPRequestHandler):
         extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
+
+        def send_head(self) -> Any:
+            path = urllib.parse.urlsplit(self.path).path
+            body = extra.get(path)
+            if body is None:
+                return super().send_head()
+            import io
+
+            self.send_response(200)
+            self.send_header("Content-Type", self.guess_type(path))
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            return io.BytesIO(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             if verbose:
@@ -113,10 +184,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputFileError(
             f"no built page in {dist} (index.html missing); run `npm ci && npm run build` in web/"
         )
-    server = static_server(dist, args.port, verbose=args.verbose)
+    server = static_server(dist, args.port, verbose=args.verbose, model=args.model)
     port = server.server_address[1]
+    served = f", with {args.model}" if args.model else ""
     print(
-        f"bn-onnx serve-web: {dist} on http://127.0.0.1:{port}/ (Ctrl-C stops)",
+        f"bn-onnx serve-web: {dist}{served} on http://127.0.0.1:{port}/ (Ctrl-C stops)",
         flush=True,
     )
     previous = signal.signal(signal.SIGTERM, _stop)
