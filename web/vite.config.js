@@ -1,5 +1,6 @@
 // Builds the static page. The model and sample inputs come from models/digits unless
-// BN_ONNX_MODEL_DIR names another folder holding model.folded.onnx and sample_input.npy.
+// BN_ONNX_MODEL_DIR names another folder holding model.folded.onnx and sample_input.npy (and,
+// if it has one, model.int8.onnx, which the page offers too).
 import { fileURLToPath } from "node:url";
 import path from "node:path";
 import { defineConfig } from "vite";

@@ -277,7 +277,10 @@ async function start() {
   try {
     const served = await servedModel();
     if (served) MODELS.unshift(served);
-    for (const m of MODELS) picker.append(new Option(`${m.file} \u00b7 ${m.kind}`, m.key));
+    for (const m of MODELS) {
+      const where = m.key === "served" ? "served: " : "";
+      picker.append(new Option(`${where}${m.file} \u00b7 ${m.kind}`, m.key));
+    }
     // ?model=float|int8|served picks one; otherwise the served model, else the float one.
     const asked = new URLSearchParams(location.search).get("model");
     const entry = asked ? MODELS.find((m) => m.key === asked) : MODELS[0];
