@@ -149,6 +149,7 @@ def test_shipped_int8_model_is_qdq_and_within_the_accuracy_budget():
     assert len(deq) == 3
     for n in deq:
         assert list(weights[n.input[1]].dims) == [weights[n.input[0]].dims[0]], n.name
+        assert [(a.name, a.i) for a in n.attribute] == [("axis", 0)], n.name
     meta = onnx_meta.get_metadata(model)
     assert json.loads(meta[onnx_meta.CLASS_NAMES]) == [str(i) for i in range(10)]
     fp32, acc, agree = _int8_against_float(DIGITS / "model.int8.onnx")
