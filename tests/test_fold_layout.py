@@ -13,8 +13,8 @@ from fold_testing import bn_params, fold_and_compare, model_from_text, op_count,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import fold_model
-from bn_onnx.fold import math as fm
 from bn_onnx.fold.layout import reshape_axis
 
 HEAD = '<ir_version: 8, opset_import: ["" : 18]>'

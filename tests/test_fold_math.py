@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from bn_onnx.fold import math as fold_math
+from bn_onnx.fold import affine_math as fold_math
 
 
 def _bn(rng, n):

@@ -18,10 +18,12 @@ import onnx_ir as ir
 
 from bn_onnx import onnx_meta
 from bn_onnx.errors import BnOnnxError
-from bn_onnx.fold import affine_ops, chains, following, preceding, scopes
+from bn_onnx.fold import affine_ops, bn_merge, following, preceding, scopes
+from bn_onnx.fold.bn_site import BATCH_NORM
 from bn_onnx.fold.context import FoldContext
+from bn_onnx.fold.nodes import label
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
-from bn_onnx.fold.sites import BATCH_NORM, Plan, Refusal, Rule, SiteKind, combine, label
+from bn_onnx.fold.sites import Plan, Refusal, Rule, SiteKind, combine
 from bn_onnx.fold.validate import (
     FoldCheckError,
     FoldOutputError,
@@ -36,7 +38,7 @@ from bn_onnx.fold.validate import (
 DEFAULT_RULES: tuple[Rule, ...] = (
     preceding.RULE,
     following.RULE,
-    chains.MERGE,
+    bn_merge.MERGE,
     affine_ops.MERGE_BACK,
 )
 DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (BATCH_NORM, affine_ops.MUL_ADD_CHAIN)

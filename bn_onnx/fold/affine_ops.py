@@ -38,23 +38,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
-from bn_onnx.fold.chains import set_bn_map
+from bn_onnx.fold import affine_math as fm
+from bn_onnx.fold.bn_merge import set_bn_map
+from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.flush import flush_constant_channels
 from bn_onnx.fold.legacy import aligned_shape
-from bn_onnx.fold.sites import (
-    FLOAT_DTYPES,
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
-    SiteKind,
-    batch_norm_site,
-    fit_uniform,
-    is_standard,
-    label,
-)
+from bn_onnx.fold.nodes import FLOAT_DTYPES, is_standard, label
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind, fit_uniform
 
 KIND = "Mul/Add chain"
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})

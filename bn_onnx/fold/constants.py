@@ -196,4 +196,3 @@ class Constants:
         for value, arr in zip([o for o in node.outputs if o.name], out, strict=False):
             self.cache[value] = arr
         self.nodes.add(node)
-

@@ -16,7 +16,8 @@ import onnx_ir as ir
 from bn_onnx.fold import legacy, scopes
 from bn_onnx.fold.constants import Constants
 from bn_onnx.fold.lazy import ScaledTensor, release_pages
-from bn_onnx.fold.sites import AffineSite, is_standard
+from bn_onnx.fold.nodes import is_standard
+from bn_onnx.fold.sites import AffineSite
 from bn_onnx.fold.validate import ShapeTable
 
 Use = tuple[ir.Node, int]  # onnx-ir's Usage(node, index), a NamedTuple it does not export

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold.nodes import attr_float, is_passthrough, is_standard
 
 if TYPE_CHECKING:

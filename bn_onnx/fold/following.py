@@ -32,22 +32,21 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import casts, layout, lazy, legacy, pools, quant_guard, splits
-from bn_onnx.fold import math as fm
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.nodes import attr_ints, attr_str, is_passthrough
-from bn_onnx.fold.preceding import bias, mismatch, weight
-from bn_onnx.fold.sites import (
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
+from bn_onnx.fold.nodes import (
     attr_float,
     attr_int,
+    attr_ints,
+    attr_str,
+    is_passthrough,
     is_standard,
     label,
 )
+from bn_onnx.fold.preceding import bias, mismatch, weight
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 ForwardStep = Callable[
     [ir.Node, Channels, FoldContext], "list[tuple[ir.Value, Channels]] | Refusal"

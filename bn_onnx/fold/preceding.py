@@ -30,22 +30,19 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import casts, concat, layout, lazy, legacy, pools, splits
-from bn_onnx.fold import math as fm
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.nodes import is_passthrough
-from bn_onnx.fold.sites import (
+from bn_onnx.fold.nodes import (
     FLOAT_DTYPES,
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
     attr_float,
     attr_int,
+    is_passthrough,
     is_standard,
     label,
 )
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 # A Concat's reason names at most this many of the inputs that do not fold.
 MAX_NAMED = 4

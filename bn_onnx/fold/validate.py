@@ -157,7 +157,7 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
             raise UnsupportedModelError(
                 f"tensor {name!r} keeps its data in an external file that was not loaded "
-                "(load the model with onnx_ir.load or bn_onnx.fold.io)"
+                "(load the model with onnx_ir.load or bn_onnx.fold.model_io)"
             )
         if (
             expected <= CHECK_BYTES

@@ -13,18 +13,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
+from bn_onnx.fold import affine_math as fm
+from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.sites import (
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
-    batch_norm_site,
-    fit_uniform,
-    is_standard,
-    label,
-)
+from bn_onnx.fold.nodes import is_standard, label
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, fit_uniform
 
 
 def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
