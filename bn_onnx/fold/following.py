@@ -45,7 +45,7 @@ from bn_onnx.fold.nodes import (
     is_standard,
     label,
 )
-from bn_onnx.fold.preceding import bias, mismatch, weight
+from bn_onnx.fold.operands import bias, mismatch, weight
 from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 ForwardStep = Callable[
