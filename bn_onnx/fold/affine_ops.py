@@ -1,4 +1,4 @@
-"""Per-channel Mul/Add chains as affine sites (issue 12, rule 2g): BN in all but name.
+"""Per-channel Mul/Add chains as affine sites (rule 16): BN in all but name.
 
 A node Mul, Add, Sub or Div with one dynamic input x and one constant k is a per-channel
 affine map of x when k broadcasts along at most one axis of x and the output has x's shape:

@@ -1,4 +1,4 @@
-"""Rule 22: a site after a Concat is split across the Concat's inputs (issue 12, item 2e).
+"""Rule 22: a site after a Concat is split across the Concat's inputs.
 
 `Concat(x_1, ..., x_k)` along the channel axis puts input i's indices at [off_i, off_i + e_i)
 of that axis, so the site's map on those indices is the map of input i: the slice of the

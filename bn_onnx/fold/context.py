@@ -23,7 +23,7 @@ from bn_onnx.fold.validate import ShapeTable
 Use = tuple[ir.Node, int]  # onnx-ir's Usage(node, index), a NamedTuple it does not export
 
 # Readers that see only a value's shape or type (op type -> input positions): folding changes
-# values, never shapes or types, so these never block a fold (issue 12, rule 2a).
+# values, never shapes or types, so these never block a fold (rule 12).
 SHAPE_ONLY_READERS: dict[str, frozenset[int]] = {
     "Shape": frozenset({0}),
     "Size": frozenset({0}),

@@ -1,4 +1,4 @@
-"""float16 flush (issue 12, rule 2i): channels the unfolded model itself makes constant.
+"""float16 flush (rule 18): channels the unfolded model itself makes constant.
 
 A folded value that underflows (|a * w| below half float16's smallest subnormal, 2**-25)
 rounds to zero. Flushing it is not provably harmless in general: the dropped term a*w*x can

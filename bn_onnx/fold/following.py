@@ -1,19 +1,20 @@
-"""Rules 5-6, 18 (and 8, 16-17, 20 after the site): fold a site into the linear nodes that read
-its output.
+"""Rules 5-6 and 21 (through 8, 19-20 and 23-25 on the way): fold a site into the linear
+nodes that read its output.
 
 The walk forward from y looks through Identity and inference Dropout (which stay), follows the
-channels through layout ops (rule 19, `layout`) and pools that commute with the map (rule 23,
-`pools`), and needs every reader at the end to be a linear node reading the value as its data
-input with the channels on the axis it contracts. Each reader x' . W + b with x' = a*x + c
-becomes x . (W scaled by a along its input channels) + (b + W . c). Readers may share a weight:
-each gets its own copy (`FoldContext.write_input`). Shape-only readers (`Shape`, `Size`,
-CastLike's type input) are rewired to x, whose shape and type are y's.
+channels through layout ops (rules 19-20, `layout`), pools that commute with the map (rule 23,
+`pools`), widening Casts (rule 24) and Splits (rule 25), and needs every reader at the end to be
+a linear node reading the value as its data input with the channels on the axis it contracts.
+Each reader x' . W + b with x' = a*x + c becomes x . (W scaled by a along its input channels) +
+(b + W . c). Readers may share a weight: each gets its own copy (`FoldContext.write_input`).
+Shape-only readers (`Shape`, `Size`, CastLike's type input) are rewired to x, whose shape and
+type are y's.
 
 5. Gemm reading the value as A (the channels on axis 1, or 0 with transA=1; alpha, beta,
    transB honoured).
 6. MatMul with a 2-D weight, the channels on the last axis of its input (any rank); the bias
    goes into the MatMul's only reader when it is an Add of a constant, or into a new Add.
-18. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
+21. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
     kernel), any group: weight[o, i] scaled by a of the input channel it reads
     ((o // (C_out/group)) * (C_in/group) + i), bias + sum over in-channels and taps of W * c.
     A padded Conv would see the shift at its border where the original saw zero: refused
@@ -81,7 +82,7 @@ def _forward_step(node: ir.Node) -> ForwardStep | None:
 def fold_into_following(
     site: AffineSite, ctx: FoldContext, *, max_growth: float | None = None
 ) -> Plan | Refusal:
-    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output.
+    """Rules 5-6 and 21: fold the site into every linear node reading its output.
 
     `max_growth`: refuse a fold that widens a weight's per-channel range past this factor
     (`quant_guard`); None: no bound.

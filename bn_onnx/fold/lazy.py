@@ -1,4 +1,4 @@
-"""Rewritten weights computed when the model is written, block by block (issue 12, item 4).
+"""Rewritten weights computed when the model is written, block by block (rule 14).
 
 A fold scales a weight per channel: `weight * factor` in float64, rounded once to the weight's
 dtype (`affine_math.scale_rounded`). Holding every rewritten weight as an array until the

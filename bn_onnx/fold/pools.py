@@ -1,5 +1,5 @@
-"""Rule 23: a site's channels followed through pools that commute with a per-channel affine map
-(issue 12, item 2f).
+"""Rule 23: a site's channels followed through pools that commute with a per-channel
+affine map.
 
 A pool acts on each (batch, channel) plane alone, so `pool(a*x + c) == a*pool(x) + c` per
 channel when:

@@ -1,13 +1,14 @@
-"""Rules 1-4 (and 8, 16-17, 19-20 before the site): fold a site into the linear node that
+"""Rules 1-4 (through 8, 19-20 and 22-25 on the way): fold a site into the linear node that
 computes its input.
 
 The node before the site computes x = W . input + b with the channel on its output axis; the
-site's map a*x + c becomes a new weight (W scaled along its output-channel axis) and bias
-(a*b + c). The walk back from the site (`walk_back`) looks through Identity and inference
-Dropout (rule 8), follows the channels through layout ops (rule 19, `layout`), pools that
-commute with the map (rule 23, `pools`) and splits the map across a Concat's inputs (rule 22,
-`concat`). Each value on the way must be read by nothing else (shape-only readers aside) and be
-no graph output: its values change. The nodes walked through stay; only the site goes.
+site's map a*x + c becomes a new weight (W scaled along its output-channel axis) and bias (a*b +
+c). The walk back from the site (`walk_back`) looks through Identity and inference Dropout (rule
+8), follows the channels through layout ops (rules 19-20, `layout`), pools that commute with the
+map (rule 23, `pools`), Casts (rule 24) and Splits (rule 25), and splits the map across a
+Concat's inputs (rule 22, `concat`). Each value on the way must be read by nothing else
+(shape-only readers aside) and be no graph output: its values change. The nodes walked through
+stay; only the site goes.
 
 1. Gemm: scale the weight's output columns (any transA, transB), fold alpha into the weight and
    beta into the bias; C is created when missing and expanded when broadcast.
@@ -81,7 +82,7 @@ BACK_STEPS: tuple[tuple[Callable[[ir.Node], bool], BackStep], ...] = (
 
 
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 1-4, 16-17, 19-20: find the linear node(s) before the site and fold."""
+    """Rules 1-4: find the linear node(s) before the site and fold."""
     parts = walk_back(site, ctx, site.x, Channels.of(site))
     if isinstance(parts, Refusal):
         return parts
@@ -99,7 +100,7 @@ def walk_back(
 ) -> list[Part] | Refusal:
     """From `value` (carrying the site's channels as `ch`) back to the linear nodes computing it:
     through passthroughs (rule 8), layout ops (rule 19), pools (rule 23), Concat (rule 22),
-    float Casts (`casts`) and Split (`splits`: one output's channels of the input).
+    float Casts (rule 24) and Split (rule 25: one output's channels of the input).
     Every value on the way changes, so each must have one reader and be no graph output."""
     while True:
         name = value.name

@@ -9,7 +9,7 @@ shape into the model (which would then be saved as value_info the input did not 
 two passes together would serialize the model twice. Here one skeleton is serialized, checked,
 and inferred with `strict_mode=True, data_prop=True`; the inferred shapes stay in a side table.
 
-The table has one part per scope (issue 12, rule 2b): onnx's inference writes the value_info of
+The table has one part per scope (rule 15): onnx's inference writes the value_info of
 If/Loop/Scan bodies, read here by walking the skeleton beside the onnx-ir graph. It infers no
 function body, so each model-local function is inferred once per distinct call (its inputs
 typed as that call's arguments, attribute references replaced by the call's attributes) and
