@@ -7,6 +7,20 @@ traceback.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters (its lines joined; the
+    exception's type name when it has no message), for a one-line error that names the cause.
+
+    onnx-ir wraps errors in `SerdeError("Error calling _deserialize_graph with: ...")`: the
+    innermost cause says what is wrong.
+    """
+    while exc.__cause__ is not None and type(exc).__name__ == "SerdeError":
+        exc = exc.__cause__
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class BnOnnxError(Exception):
     """A user error: bad input, bad usage, an unsupported model. Exit code 2."""
 

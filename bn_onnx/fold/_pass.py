@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from bn_onnx import onnx_meta
-from bn_onnx.errors import BnOnnxError
+from bn_onnx.errors import BnOnnxError, one_line
 from bn_onnx.fold import affine_ops, bn_merge, following, preceding, scopes
 from bn_onnx.fold.bn_site import BATCH_NORM
 from bn_onnx.fold.context import FoldContext
@@ -29,7 +29,6 @@ from bn_onnx.fold.validate import (
     FoldOutputError,
     InvalidModelError,
     ShapeTable,
-    first_line,
     validate_model,
     validate_skeleton,
 )
@@ -251,7 +250,7 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
     except BnOnnxError:
         raise
     except Exception as exc:
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        raise InvalidModelError(f"invalid ONNX model: {one_line(exc)}") from None
     _own_constant_tensors(work)
     return work
 
@@ -327,7 +326,7 @@ def fold_in_place(
         except Exception as exc:  # noqa: BLE001 - a library failing is a step to leave out
             if checker is None:
                 raise
-            problem = f"cleanup failed: {type(exc).__name__}: {first_line(exc)}"
+            problem = f"cleanup failed: {type(exc).__name__}: {one_line(exc)}"
         if checker is not None:
             problem = problem or checker.problem(model)
             if problem is not None:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bn_onnx.errors import InputFileError
+from bn_onnx.errors import InputFileError, one_line
 from bn_onnx.files import OutputGroup
 from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
-from bn_onnx.fold.validate import first_line
 from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD
 
 # With external data, tensors of more than this many bytes go to the data file.
@@ -162,7 +161,7 @@ def save_model(
             )
             return [p, p.parent / data_name]
     except ValueError as exc:  # onnx-ir refused to read an external tensor
-        raise InputFileError(f"cannot write {p}: {first_line(exc)}") from None
+        raise InputFileError(f"cannot write {p}: {one_line(exc)}") from None
 
 
 def _save_one_file(

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import onnx
 import onnx_ir as ir
 
-from bn_onnx.errors import UnsupportedModelError
+from bn_onnx.errors import UnsupportedModelError, one_line
 
 # Initializers up to this size stay whole in the skeleton (BN vectors, shapes and axes that
 # data propagation reads); bigger ones become typed inputs.
@@ -47,19 +47,6 @@ class FoldOutputError(RuntimeError, ir.passes.PostconditionError):
 class FoldCheckError(UnsupportedModelError):
     """The fold itself (without the cleanup) made a model that fails the output check while
     the input passes it: refused (exit 2), nothing is written."""
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message as one line of at most 300 characters.
-
-    onnx-ir wraps errors in `SerdeError("Error calling _deserialize_graph with: ...")`: the
-    innermost cause says what is wrong.
-    """
-    while exc.__cause__ is not None and type(exc).__name__ == "SerdeError":
-        exc = exc.__cause__
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-    text = text or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 Dims = tuple[int | None, ...]
@@ -131,7 +118,7 @@ def _tensor_nbytes(tensor: ir.TensorProtocol, name: str) -> int:
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"tensor {name!r}: {exc}") from None
     except Exception as exc:
-        raise UnsupportedModelError(f"tensor {name!r}: {first_line(exc)}") from None
+        raise UnsupportedModelError(f"tensor {name!r}: {one_line(exc)}") from None
     n = 1
     for d in dims:
         if d < 0:
@@ -212,7 +199,7 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
                 array = tensor.numpy().copy()  # no view left on the memory map
             except Exception as exc:
                 raise UnsupportedModelError(
-                    f"cannot read tensor {name!r}: {first_line(exc)}"
+                    f"cannot read tensor {name!r}: {one_line(exc)}"
                 ) from None
             tensor = ir.Tensor(array, dtype=tensor.dtype, name=name)
         if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.raw.name == name:
@@ -285,14 +272,14 @@ def validate_skeleton(model: ir.Model) -> tuple[onnx.ModelProto, ShapeTable]:
     except UnsupportedModelError as exc:
         raise InvalidModelError(str(exc)) from None
     except Exception as exc:  # the IR could not be serialized: not a model onnx can hold
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        raise InvalidModelError(f"invalid ONNX model: {one_line(exc)}") from None
     try:
         onnx.checker.check_model(skeleton)
         inferred = onnx.shape_inference.infer_shapes(
             skeleton, check_type=True, strict_mode=True, data_prop=True
         )
     except Exception as exc:  # ValidationError, InferenceError, and odd protobuf errors
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        raise InvalidModelError(f"invalid ONNX model: {one_line(exc)}") from None
     table = _collect(inferred.graph, model.graph.initializers)
     table.main = model.graph
     _collect_subgraphs(model.graph, inferred.graph, table.scopes)
