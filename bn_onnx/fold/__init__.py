@@ -38,7 +38,7 @@ from bn_onnx.fold._pass import (
     fold_model,
     inspect_model,
 )
-from bn_onnx.fold.model_io import fold_file
+from bn_onnx.fold.model_io import FoldOptions, fold_file
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
 from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
 from bn_onnx.fold.validate import FoldCheckError, FoldOutputError, InvalidModelError
@@ -51,6 +51,7 @@ __all__ = [
     "BnInfo",
     "FoldBatchNormPass",
     "FoldCheckError",
+    "FoldOptions",
     "FoldOutputError",
     "FoldPassResult",
     "FoldReport",

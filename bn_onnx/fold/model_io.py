@@ -8,6 +8,7 @@ Tensors the fold does not rewrite stay mapped until they are written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -234,6 +235,29 @@ def _in_memory(model: ir.Model) -> Iterator[None]:
 
 def _loaded(tensor: ir.ExternalTensor) -> ir.Tensor:
     return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldOptions:
+    """How `fold_file` folds and writes, made once (the CLI: from its arguments) and passed as
+    keywords: `fold_file(src, dst, **options.keywords())`.
+
+    Attributes:
+        report_path: write the fold report there as JSON (None: no report file).
+        in_place: allow the output to be the input (still written atomically).
+        external_data: True: the weights go to OUT.data; False: one file; None: only when the
+            model nears protobuf's 2 GB limit.
+        cleanup: clean the model after the fold (`bn_onnx.fold.cleanup`).
+    """
+
+    report_path: str | os.PathLike[str] | None = None
+    in_place: bool = False
+    external_data: bool | None = None
+    cleanup: bool = True
+
+    def keywords(self) -> dict[str, object]:
+        """The options as `fold_file`'s keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def fold_file(
