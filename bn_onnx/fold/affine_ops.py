@@ -39,13 +39,13 @@ import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold import affine_math as fm
-from bn_onnx.fold.bn_merge import set_bn_map
+from bn_onnx.fold.bn_merge import merge_plan
 from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.flush import flush_constant_channels
 from bn_onnx.fold.legacy import aligned_shape
 from bn_onnx.fold.nodes import FLOAT_DTYPES, is_standard, label
-from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind, fit_uniform
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
 
 KIND = "Mul/Add chain"
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -268,21 +268,7 @@ def merge_into_previous_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal
     first = batch_norm_site(bn, ctx)
     if isinstance(first, Refusal):
         return Refusal(f"BN {label(bn)!r} before it: {first.reason}")
-    site = fit_uniform(site, 1, first.channels)
-    if site.axis != 1:
-        return Refusal(f"{site.short} is per channel of axis {site.axis}, BN {label(bn)!r} of 1")
-    if first.channels != site.channels:
-        return Refusal(f"BN {label(bn)!r} has {first.channels} channels, not {site.channels}")
-    a2, c2 = fm.compose_affine(first.a, first.c, site.a, site.c)
-    write = set_bn_map(bn, a2, c2, ctx)
-    if isinstance(write, Refusal):
-        return write
-
-    def rewrite() -> None:
-        write()
-        ctx.remove_site(site, keep_name=True)  # the BN now computes y
-
-    return Plan("merged", [bn], rewrite)
+    return merge_plan(site, bn, first, ctx, bn_first=True)
 
 
 MERGE_BACK = Rule("merged-back", "", merge_into_previous_bn)

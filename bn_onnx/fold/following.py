@@ -126,6 +126,9 @@ def fold_into_following(
                 )
     rewrites: list[Callable[[], None]] = []
     for node, value, ch in readers:
+        wrong = _reads_as_data(node, value, ch)
+        if wrong is not None:
+            return wrong
         plan = TARGETS_AFTER[node.op_type](site, ctx, node, value, ch, max_growth)
         if isinstance(plan, Refusal):
             return plan
@@ -143,6 +146,7 @@ def fold_into_following(
 
 
 def _reads_as_data(node: ir.Node, value: ir.Value, ch: Channels) -> Refusal | None:
+    """Why a target reading `value` is not folded into: it reads it as a weight or bias."""
     if node.inputs[0] is not value or sum(v is value for v in node.inputs) != 1:
         return Refusal(f"{ch.prefix()}{label(node)!r} reads {value.name!r} as its weight or bias")
     return None
@@ -156,9 +160,6 @@ def _into_linear_after(
     ch: Channels,
     max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
-    wrong = _reads_as_data(node, value, ch)
-    if wrong is not None:
-        return wrong
     w_value = node.inputs[1] if len(node.inputs) > 1 else None
     if node.op_type == "Gemm":
         trans_a = attr_int(node, "transA", 0)
@@ -333,9 +334,6 @@ def _into_conv_after(
     max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
     """Rule 21: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
-    wrong = _reads_as_data(node, value, ch)
-    if wrong is not None:
-        return wrong
     transpose = node.op_type == "ConvTranspose"
     ch = ch.at(1)  # a uniform site is per channel of any axis
     if ch.axis != 1:
