@@ -46,7 +46,7 @@ from bn_onnx.fold.nodes import (
     is_standard,
     label,
 )
-from bn_onnx.fold.operands import bias, mismatch, weight
+from bn_onnx.fold.operands import bias, gemm_rewrite, mismatch, weight
 from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 ForwardStep = Callable[
@@ -195,13 +195,7 @@ def _into_linear_after(
         except ValueError as exc:
             return Refusal(str(exc))
 
-        def rewrite_gemm() -> None:
-            ctx.write_input(node, 1, w_r, None)
-            ctx.write_input(node, 2, b_r, None)
-            ctx.mark_broadcast(node)
-            ctx.drop_attributes(node, ("alpha", "beta"))
-
-        return rewrite_gemm
+        return gemm_rewrite(ctx, node, w_r, b_r)
     # MatMul with a 2-D weight: it contracts the last axis of its first input
     w = weight(ctx, w_value)
     if isinstance(w, Refusal):

@@ -4,6 +4,8 @@ reason given when the site's channels do not fit it. Shared by the folds into th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -65,3 +67,19 @@ def mismatch(site: AffineSite, ch: Channels, n: int, node: ir.Node, what: str) -
         f"{ch.prefix()}the {site.short}'s {ch.period} channels x {ch.inner} positions do not"
         f" tile the {n} {what} of {node.op_type} {label(node)!r}"
     )
+
+
+def gemm_rewrite(
+    ctx: FoldContext, gemm: ir.Node, w: np.ndarray | ir.TensorProtocol, b: np.ndarray
+) -> Callable[[], None]:
+    """The rewrite giving a Gemm its folded weight and bias (`w`: an array or a lazy
+    `ScaledTensor`): alpha and beta are in them now, so the attributes go; before opset 7 the
+    bias gets `broadcast=1`."""
+
+    def rewrite() -> None:
+        ctx.write_input(gemm, 1, w, None)
+        ctx.write_input(gemm, 2, b, None)
+        ctx.mark_broadcast(gemm)
+        ctx.drop_attributes(gemm, ("alpha", "beta"))
+
+    return rewrite

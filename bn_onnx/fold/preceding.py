@@ -42,7 +42,7 @@ from bn_onnx.fold.nodes import (
     is_standard,
     label,
 )
-from bn_onnx.fold.operands import bias, mismatch, operand, weight
+from bn_onnx.fold.operands import bias, gemm_rewrite, mismatch, operand, weight
 from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 # A Concat's reason names at most this many of the inputs that do not fold.
@@ -225,13 +225,7 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node, ch: Channels) 
     except ValueError as exc:
         return Refusal(str(exc))
 
-    def rewrite() -> None:
-        ctx.write_input(gemm, 1, w_r, None)
-        ctx.write_input(gemm, 2, b_r, None)
-        ctx.mark_broadcast(gemm)
-        ctx.drop_attributes(gemm, ("alpha", "beta"))
-
-    return Part([gemm], rewrite)
+    return Part([gemm], gemm_rewrite(ctx, gemm, w_r, b_r))
 
 
 def _into_matmul(
