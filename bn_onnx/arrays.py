@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from bn_onnx.errors import InputDataError, InputFileError
+from bn_onnx.errors import InputDataError, InputFileError, one_line
 from bn_onnx.files import OutputGroup, check_input_file
 
 FORMATS = (".npy", ".csv")
@@ -63,9 +63,7 @@ def read_npy(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         arr = np.load(p, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
-        raise InputFileError(
-            f"not a readable .npy array: {p} ({str(exc).splitlines()[0]})"
-        ) from None
+        raise InputFileError(f"not a readable .npy array: {p} ({one_line(exc)})") from None
     except (OSError, EOFError) as exc:
         raise InputFileError(f"not a readable .npy array: {p} ({type(exc).__name__})") from None
     if not isinstance(arr, np.ndarray):
@@ -280,13 +278,6 @@ def open_output(
             raise RuntimeError(f"wrote {writer.done} of {rows} rows")
 
 
-def write_array(path: str | os.PathLike[str], array: np.ndarray) -> None:
-    """Write a whole array to .npy or .csv atomically."""
-    array = np.asarray(array)
-    with open_output(path, array.shape[0], array.shape[1:], array.dtype) as w:
-        w.write(array)
-
-
 # --- rows by column name: CSV with a header, Parquet ----------------------------------------
 
 
@@ -421,7 +412,7 @@ class ParquetColumns:
             self.rows = int(self._file.metadata.num_rows)
         except self._errors as exc:
             raise InputFileError(
-                f"not a readable Parquet file: {self.path} ({_line(exc)})"
+                f"not a readable Parquet file: {self.path} ({one_line(exc)})"
             ) from None
 
     def chunks(self, rows: int, names: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
@@ -442,15 +433,10 @@ class ParquetColumns:
                 start += batch.num_rows
         except self._errors as exc:
             raise InputFileError(
-                f"cannot read {self.path.name} after row {start}: {_line(exc)}"
+                f"cannot read {self.path.name} after row {start}: {one_line(exc)}"
             ) from None
         finally:
             self._file.close()
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def open_columns(path: str | os.PathLike[str]) -> CsvColumns | ParquetColumns:

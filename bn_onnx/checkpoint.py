@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bn_onnx import __version__
-from bn_onnx.errors import BnOnnxError, CheckpointError, OutputFileError
+from bn_onnx.errors import BnOnnxError, CheckpointError, OutputFileError, one_line
 from bn_onnx.files import DIR_MODE, make_temp_dir
 from bn_onnx.model_config import MLPConfig, expected_tensor_dtype, expected_tensor_shapes
 
@@ -82,7 +82,7 @@ def _read_json(path: Path, what: str) -> Any:
             f"corrupt checkpoint: {what} is nested too deeply to be a checkpoint config: {path}"
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = one_line(exc)
         raise CheckpointError(
             f"corrupt checkpoint: {what} is not valid JSON ({msg}): {path}"
         ) from None
@@ -166,7 +166,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = one_line(exc)
         raise CheckpointError(
             f"corrupt checkpoint: cannot read {WEIGHTS_FILE} ({msg}): {weights}"
         ) from None

@@ -7,6 +7,21 @@ traceback.
 from __future__ import annotations
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as its first non-empty line, of at most `limit` characters (the
+    exception's type name when it has no message), for a one-line error that names the cause;
+    onnx's and onnxruntime's multi-line texts keep the rest for `--debug` (`detail`).
+
+    onnx-ir wraps errors in `SerdeError("Error calling _deserialize_graph with: ...")`: the
+    innermost cause says what is wrong.
+    """
+    while exc.__cause__ is not None and type(exc).__name__ == "SerdeError":
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class BnOnnxError(Exception):
     """A user error: bad input, bad usage, an unsupported model. Exit code 2."""
 

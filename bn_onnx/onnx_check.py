@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 
-from bn_onnx.errors import BnOnnxError, InputFileError, UnsupportedModelError
+from bn_onnx.errors import BnOnnxError, InputFileError, UnsupportedModelError, one_line
 
 # Initializers up to this size stay whole in the skeleton (BN vectors, shapes and axes that
 # data propagation reads); bigger ones become typed inputs.
@@ -41,19 +41,6 @@ _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 _TENSOR_FIELDS = onnx.TensorProto.DESCRIPTOR.fields_by_name
 _NODE_FIELDS = onnx.NodeProto.DESCRIPTOR.fields_by_name
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message as its first non-empty line, of at most 300 characters.
-
-    onnx-ir wraps errors in `SerdeError("Error calling _deserialize_graph with: ...")`: the
-    innermost cause says what is wrong.
-    """
-    while exc.__cause__ is not None and type(exc).__name__ == "SerdeError":
-        exc = exc.__cause__
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def with_detail(error: BnOnnxError, exc: BaseException) -> BnOnnxError:
@@ -391,5 +378,5 @@ def check_skeleton(sk: onnx.ModelProto) -> onnx.ModelProto:
                 UnsupportedModelError(f"unsupported model: no op {m[1]} in opset {m[2]}"), exc
             ) from None
         raise with_detail(
-            UnsupportedModelError(f"invalid ONNX model: {first_line(exc)}"), exc
+            UnsupportedModelError(f"invalid ONNX model: {one_line(exc)}"), exc
         ) from None

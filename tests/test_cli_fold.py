@@ -213,3 +213,34 @@ def test_fold_file_in_place_with_external_data_keeps_a_valid_model(tmp_path):
     want = run_ort(mlp_with_probe(k=300), {"input": x})[0]
     np.testing.assert_allclose(run_ort(folded, {"input": x})[0], want, atol=1e-5, rtol=1e-4)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_fold_verify_takes_verify_options(model_path, tmp_path, capsys, monkeypatch):
+    """`fold --verify` reads verify's own options (one function adds them to both parsers) and
+    passes them to `verify`; without --verify they are a usage error; a bad value is exit 2."""
+    import bn_onnx.verify
+
+    x = np.random.default_rng(0).standard_normal((5, 5)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    seen = {}
+    real = bn_onnx.verify.verify
+
+    def spy(models, **kwargs):
+        seen.update(kwargs)
+        return real(models, **kwargs)
+
+    monkeypatch.setattr(bn_onnx.verify, "verify", spy)
+    out = tmp_path / "f.onnx"
+    extra = ["--provider", "reference", "--atol", "1e-3", "--rtol", "logits=1e-2", "--rows", "8"]
+    args = ["fold", str(model_path), "-o", str(out), "--verify", "--input", str(tmp_path / "x.npy")]
+    assert main([*args, *extra, "--seed", "3", "--no-locate"]) == 0
+    assert "verified: PASS" in capsys.readouterr().out and out.exists()
+    assert seen["provider"] == "reference" and seen["atol"] == {"*": 1e-3}
+    assert seen["rtol"] == {"logits": 1e-2} and (seen["rows"], seen["seed"]) == (8, 3)
+    assert seen["locate"] is False and np.array_equal(seen["inputs"], x)
+    out.unlink()
+    assert main(["fold", str(model_path), "-o", str(out), "--provider", "cpu"]) == 2
+    assert "need --verify" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--atol", "x"])
+    assert exc.value.code == 2 and not out.exists()

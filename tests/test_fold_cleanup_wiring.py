@@ -187,7 +187,7 @@ def test_fold_cli_prints_the_cleanup_line_and_no_cleanup_turns_it_off(tmp_path, 
 
 
 def test_cleanup_line_names_added_ops_and_merged_initializers():
-    from bn_onnx.cli.fold import cleanup_line
+    from bn_onnx.fold.report import cleanup_line
 
     counts = {
         "modified": True,

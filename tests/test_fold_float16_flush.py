@@ -13,8 +13,8 @@ import pytest
 from fold_testing import ATOL_F16, RTOL_F16, fold_and_compare, model_from_text, reasons, run_ort
 from onnx import numpy_helper
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import fold_model
-from bn_onnx.fold import math as fm
 
 HEAD = '<ir_version: 8, opset_import: ["" : 18]>'
 F16 = np.float16

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import affine_folds
 import numpy as np
 import onnx
 import pytest
@@ -13,8 +14,8 @@ from fold_testing import bn_params, fold_and_compare, model_from_text, op_count,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import fold_model
-from bn_onnx.fold import math as fm
 from bn_onnx.fold.layout import reshape_axis
 
 HEAD = '<ir_version: 8, opset_import: ["" : 18]>'
@@ -656,7 +657,7 @@ def test_a_following_conv_transpose_whose_outputs_see_fewer_taps_is_left(kernel,
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_fold_conv_following_matches_torch_in_float64(group, transpose, chunk, monkeypatch):
-    """math.fold_conv_following: Conv(a*x + c) == Conv'(x) for an unpadded Conv (strided,
+    """affine_folds.fold_conv_following: Conv(a*x + c) == Conv'(x) for an unpadded Conv (strided,
     dilated) and a ConvTranspose of stride 1 whose pads crop to full taps, to 1e-12; also with
     blocks of a few rows (the path of a big weight)."""
     monkeypatch.setattr(fm, "CHUNK", chunk)
@@ -676,7 +677,7 @@ def test_fold_conv_following_matches_torch_in_float64(group, transpose, chunk, m
         return torch.nn.functional.conv2d(inp, weight, b, groups=group, stride=(2, 1), dilation=2)
 
     want = conv(x * torch.tensor(a)[:, None, None] + torch.tensor(c)[:, None, None], w, bias)
-    w2, b2 = fm.fold_conv_following(w, bias, a, c, group=group, transpose=transpose)
+    w2, b2 = affine_folds.fold_conv_following(w, bias, a, c, group=group, transpose=transpose)
     np.testing.assert_allclose(conv(x, w2, b2).numpy(), want.numpy(), rtol=1e-12, atol=1e-12)
 
 
@@ -699,7 +700,7 @@ def test_the_refused_conv_transpose_folds_would_change_the_output(stride, paddin
         )
 
     want = convt(x * torch.tensor(a)[:, None, None] + torch.tensor(c)[:, None, None], w, None)
-    w2, b2 = fm.fold_conv_following(w.numpy(), None, a, c, transpose=True)
+    w2, b2 = affine_folds.fold_conv_following(w.numpy(), None, a, c, transpose=True)
     got = convt(x, torch.tensor(w2), torch.tensor(b2))
     assert float((got - want).abs().max()) > 0.1
 

@@ -11,9 +11,9 @@ import pytest
 from fold_testing import fold_and_compare, random_mlp, run_ort
 from onnx import numpy_helper
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import fold_file, fold_model, lazy
-from bn_onnx.fold import math as fm
-from bn_onnx.fold.io import load_model
+from bn_onnx.fold.model_io import load_model
 from bn_onnx.graphs import build_mlp
 
 

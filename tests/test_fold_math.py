@@ -5,10 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import affine_folds
 import numpy as np
 import pytest
 
-from bn_onnx.fold import math as fold_math
+from bn_onnx.fold import affine_math as fold_math
 
 
 def _bn(rng, n):
@@ -29,7 +30,7 @@ def test_fold_preceding_agrees_with_torch_fuse_linear_bn_weights():
     gamma, beta, mean, var = _bn(rng, 6)
     eps = 1e-5
     a, c = fold_math.bn_affine(gamma, beta, mean, var, eps)
-    new_w, new_b = fold_math.fold_preceding(w, b, a, c, out_axis=0)
+    new_w, new_b = affine_folds.fold_preceding(w, b, a, c, out_axis=0)
     t = [torch.tensor(v, dtype=torch.float64) for v in (w, b, mean, var, gamma, beta)]
     tw, tb = fuse_linear_bn_weights(t[0], t[1], t[2], t[3], eps, t[4], t[5])
     np.testing.assert_allclose(new_w, tw.detach().numpy(), rtol=1e-12, atol=1e-12)
@@ -51,7 +52,7 @@ def test_fold_following_matches_affine_then_linear():
     x = rng.normal(size=(7, 5))
     a, c = fold_math.bn_affine(*_bn(rng, 5), 1e-5)
     w, b = rng.normal(size=(3, 5)), rng.normal(size=3)
-    new_w, new_b = fold_math.fold_following(
+    new_w, new_b = affine_folds.fold_following(
         w, b, a, c, transposed=True, weight_scale=0.5, bias_scale=2.0
     )
     want = 0.5 * ((a * x + c) @ w.T) + 2.0 * b
@@ -64,7 +65,7 @@ def test_fold_conv_transpose_matches_per_output_channel_scaling(group):
     c_in, c_out = 8, 4
     w = rng.normal(size=(c_in, c_out // group, 3))
     a, c = fold_math.bn_affine(*_bn(rng, c_out), 1e-5)
-    new_w, _ = fold_math.fold_conv(w, None, a, c, group=group, transpose=True)
+    new_w, _ = affine_folds.fold_conv(w, None, a, c, group=group, transpose=True)
     per_in = c_in // group
     for o in range(c_out):
         grp, j = divmod(o, c_out // group)

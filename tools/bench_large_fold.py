@@ -94,7 +94,7 @@ src, dst = sys.argv[1:3]
 import numpy, onnx_ir
 from bn_onnx.fold import FoldBatchNormPass
 from bn_onnx.fold.cleanup import cleanup
-from bn_onnx.fold.io import load_model, save_model
+from bn_onnx.fold.model_io import load_model, save_model
 steps = []
 base = status("VmRSS")
 can_reset = reset_peak()
@@ -106,7 +106,7 @@ def mark(name, t0):
 
 t0 = time.perf_counter()
 model = load_model(src)
-mark("fold.io.load_model (onnx_ir.load: external data memory-mapped)", t0)
+mark("fold.model_io.load_model (onnx_ir.load: external data memory-mapped)", t0)
 # The same steps as bn_onnx.fold.fold_file: fold in place, clean, save tensor by tensor.
 t0 = time.perf_counter()
 FoldBatchNormPass()(model)
@@ -116,7 +116,7 @@ cleanup(model)
 mark("cleanup(model)", t0)
 t0 = time.perf_counter()
 save_model(model, dst, external_data=True)
-mark("fold.io.save_model (onnx_ir.save, external data)", t0)
+mark("fold.model_io.save_model (onnx_ir.save, external data)", t0)
 print(json.dumps({"base_rss": base, "peak_reset_works": can_reset, "steps": steps}))
 """
 

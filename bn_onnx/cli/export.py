@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         )
         cleanup = (result.fold_report or {}).get("cleanup")
         if cleanup is not None:
-            from bn_onnx.cli.fold import cleanup_line
+            from bn_onnx.fold.report import cleanup_line
 
             print(cleanup_line(cleanup))
     else:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Folded BNs are listed one a line up to this many; beyond, only counted (one screen).
-MAX_FOLDED_LINES = 12
-# The cleanup line names this many op types, most removed first.
-MAX_CLEANUP_OPS = 6
+from bn_onnx.cli.verify import VerifyOptions, add_verify_options
+
+if TYPE_CHECKING:
+    from bn_onnx.fold.model_io import FoldOptions
+    from bn_onnx.fold.report import FoldReport
+
 # Without a TTY, the stages (loading, folding, writing) are printed for files this big.
 BIG_FILE_BYTES = 64 << 20
 
@@ -50,77 +52,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="prove the folded model computes what IN.onnx does (bn-onnx verify with its "
-        "defaults) before writing it: exit 1 and no output file when the proof fails",
+        help="prove the folded model computes what IN.onnx does (bn-onnx verify, with the "
+        "options below) before writing it: exit 1 and no output file when the proof fails",
     )
+    add_verify_options(p.add_argument_group("--verify options (as bn-onnx verify's)"), locate=True)
     return p
 
 
-def summary_lines(report: Any, src: str, dst: str) -> list[str]:
-    """The one-screen summary of a FoldReport."""
-    from bn_onnx.cli.inspect import located
+def fold_options(args: argparse.Namespace) -> FoldOptions:
+    """The fold's options, from the arguments."""
+    from bn_onnx.fold.model_io import FoldOptions
 
-    others = "".join(f", {f} of {n} {k}s" for k, (n, f) in report.other_kinds().items())
-    lines = [
-        f"folded {report.n_folded} of {report.n_bn} BatchNormalization nodes{others}: "
-        f"{src} -> {dst}"
-    ]
-    folded = [e for e in report.entries if e.status == "folded"]
-    for e in folded[:MAX_FOLDED_LINES]:
-        lines.append(
-            f"  folded  {e.node}{located(e.where)}  {e.direction} -> {e.target} ({e.target_op})"
-        )
-    if len(folded) > MAX_FOLDED_LINES:
-        lines.append(f"  ... and {len(folded) - MAX_FOLDED_LINES} more folded")
-    for e in report.left:
-        lines.append(f"  left    {e.node}{located(e.where)}: {e.reason}")
-    lines.append(
-        f"nodes {report.nodes_before} -> {report.nodes_after}, "
-        f"initializers {report.initializers_before} -> {report.initializers_after}"
+    return FoldOptions(
+        report_path=args.report,
+        in_place=args.in_place,
+        external_data=args.external_data,
+        cleanup=args.cleanup,
     )
-    if report.cleanup is not None:
-        lines.append(cleanup_line(report.cleanup))
-    lines.extend(check_lines(report.checks))
-    return lines
-
-
-def check_lines(checks: dict[str, Any] | None) -> list[str]:
-    """What the output check left out, one line each (none when it left out nothing), e.g.
-    "cleanup: left out rewrite_rules (onnxruntime: ... Unrecognized attribute: allowzero ...)"."""
-    if not checks:
-        return []
-    lines = []
-    steps = checks.get("dropped_steps") or {}
-    if steps:
-        reason = next(iter(steps.values()))
-        lines.append(f"cleanup: left out {', '.join(steps)} ({reason})")
-    if checks.get("cleanup_dropped"):
-        lines.append(f"cleanup: left out entirely ({checks['cleanup_dropped']})")
-    return lines
-
-
-def cleanup_line(counts: dict[str, Any]) -> str:
-    """One line from the cleanup's counts, e.g. "cleanup: 247 -> 100 nodes (removed CastLike
-    40, Shape 12, ...; added Cast 2), 3 initializers merged", or "cleanup: nothing to clean
-    (5 nodes)"."""
-    before, after = counts["nodes_before"], counts["nodes_after"]
-    if not counts.get("modified"):
-        return f"cleanup: nothing to clean ({before} nodes)"
-    ops = counts.get("removed_ops", {})
-    removed = sorted(((n, op) for op, n in ops.items() if n > 0), key=lambda t: (-t[0], t[1]))
-    added = sorted(((-n, op) for op, n in ops.items() if n < 0), key=lambda t: (-t[0], t[1]))
-    parts = []
-    if removed:
-        shown = ", ".join(f"{op} {n}" for n, op in removed[:MAX_CLEANUP_OPS])
-        more = ", ..." if len(removed) > MAX_CLEANUP_OPS else ""
-        parts.append(f"removed {shown}{more}")
-    if added:
-        parts.append("added " + ", ".join(f"{op} {n}" for n, op in added[:MAX_CLEANUP_OPS]))
-    line = f"cleanup: {before} -> {after} nodes" + (f" ({'; '.join(parts)})" if parts else "")
-    merged = counts.get("deduplicated", 0)
-    if merged:
-        line += f", {merged} initializer{'s' if merged != 1 else ''} merged"
-    return line
 
 
 def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -147,47 +95,43 @@ def _progress(args: argparse.Namespace) -> tuple[Any, Any]:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _fold(args: argparse.Namespace, options: FoldOptions, group: Any = None) -> FoldReport:
+    """Fold IN into OUT (into `group`, when given), with the progress line."""
     from bn_onnx.fold import fold_file
 
-    if args.verify:
-        return _fold_verified(args)
     callback, context = _progress(args)
     with context:
-        report = fold_file(
-            args.model,
-            args.output,
-            report_path=args.report,
-            in_place=args.in_place,
-            external_data=args.external_data,
-            progress=callback,
-            cleanup=args.cleanup,
+        return fold_file(
+            args.model, args.output, **options.keywords(), progress=callback, group=group
         )
+
+
+def run(args: argparse.Namespace) -> int:
+    from bn_onnx.errors import UsageError
+    from bn_onnx.fold.report import summary_lines
+
+    options = fold_options(args)
+    check = VerifyOptions.from_args(args)
+    if args.verify:
+        return _fold_verified(args, options, check)
+    if check != VerifyOptions(locate=True):
+        raise UsageError("the verify options (--input, --provider, --atol, ...) need --verify")
+    report = _fold(args, options)
     if not args.quiet:
         print("\n".join(summary_lines(report, args.model, args.output)))
     return 0
 
 
-def _fold_verified(args: argparse.Namespace) -> int:
+def _fold_verified(args: argparse.Namespace, options: FoldOptions, check: VerifyOptions) -> int:
     """Fold into the output group (temporary files beside OUT), verify against IN, and only
     then rename."""
     from bn_onnx.files import OutputGroup
-    from bn_onnx.fold import fold_file
+    from bn_onnx.fold.report import summary_lines
     from bn_onnx.verify import render, verify
 
+    keywords = check.keywords()  # reads --input: a bad file fails before the fold
     with OutputGroup() as group:
-        callback, context = _progress(args)
-        with context:
-            report = fold_file(
-                args.model,
-                args.output,
-                report_path=args.report,
-                in_place=args.in_place,
-                external_data=args.external_data,
-                progress=callback,
-                cleanup=args.cleanup,
-                group=group,
-            )
+        report = _fold(args, options, group)
         folded = group.staged(args.output)
         names = [Path(args.model).name, Path(args.output).name]
         if names[0] == names[1]:
@@ -195,8 +139,8 @@ def _fold_verified(args: argparse.Namespace) -> int:
         proof = verify(
             [args.model, folded],
             labels=names,
-            locate=True,
             renamed=report.to_dict().get("renamed"),
+            **keywords,
         )
         if not proof:
             group.discard()

@@ -67,14 +67,9 @@ def describe_model(model: Any) -> dict[str, Any]:
     }
 
 
-def located(where: str | None) -> str:
-    """How a text line says where a BN sits: nothing for the main graph, else `  in WHERE`
-    (`in main/If 'cond'/then_branch`, `in function pkg::Block`)."""
-    return "" if where in (None, "main") else f"  in {where}"
-
-
 def text_lines(info: dict[str, Any], path: str) -> list[str]:
     """The human-readable form of `describe_model`."""
+    from bn_onnx.fold.report import located
 
     def shape(v: dict[str, Any]) -> str:
         return "?" if v["shape"] is None else "[" + ", ".join(map(str, v["shape"])) + "]"

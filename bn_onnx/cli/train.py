@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from bn_onnx.cli._common import int_list, non_negative_float, non_negative_int, positive_int
@@ -12,11 +13,22 @@ from bn_onnx.cli._common import int_list, non_negative_float, non_negative_int, 
 DATASETS = "digits, wine, breast-cancer, iris, synthetic, or a .csv/.parquet/.npz file"
 
 
-def _fraction(text: str) -> float:
-    value = non_negative_float(text)
-    if not 0 < value < 0.5:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 0.5, got {text}")
-    return value
+def _bounded(ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    """argparse type: a finite float >= 0 for which `ok` holds ("expected EXPECTED" if not)."""
+
+    def parse(text: str) -> float:
+        value = non_negative_float(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse
+
+
+_fraction = _bounded(lambda v: 0 < v < 0.5, "a fraction between 0 and 0.5")
+_dropout = _bounded(lambda v: v < 1, "a probability in [0, 1)")
+_unit_interval = _bounded(lambda v: v <= 1, "a number in [0, 1]")
+_positive_float = _bounded(lambda v: v > 0, "a number > 0")
 
 
 def _test_fraction(text: str) -> float:
@@ -36,27 +48,6 @@ def _names(text: str) -> list[str]:
 def _na_values(text: str) -> list[str]:
     """`--na-values`: comma-separated spellings; an empty cell is always missing."""
     return ["", *(v.strip() for v in text.split(",") if v.strip())]
-
-
-def _dropout(text: str) -> float:
-    value = non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = non_negative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from bn_onnx.cli._common import positive_int
@@ -36,8 +37,15 @@ def shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_verify_options(p: argparse.ArgumentParser) -> None:
-    """The probe, provider and tolerance options, shared with `bn-onnx fold --verify`."""
+def add_verify_options(p: argparse.ArgumentParser, *, locate: bool = False) -> None:
+    """The data, probe, provider, tolerance and --locate options, shared with `bn-onnx fold
+    --verify` (read back by `VerifyOptions.from_args`); `locate`: the --locate default."""
+    p.add_argument(
+        "--input",
+        metavar="X",
+        help="data to run: .npz (one array per input name), .npy or .csv (one input); "
+        "default: the checkpoint's test split; a random probe always runs too",
+    )
     p.add_argument(
         "--shape",
         type=shape_arg,
@@ -79,6 +87,59 @@ def add_verify_options(p: argparse.ArgumentParser) -> None:
         help="rows of the random probe (default 256; fewer for big inputs)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random probe (default 0)")
+    p.add_argument(
+        "--locate",
+        action=argparse.BooleanOptionalAction,
+        default=locate,
+        help="for models that disagree, name the first node whose values diverge "
+        f"(default: {'on' if locate else 'off'})",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """The options `add_verify_options` adds, read once from the arguments and passed to
+    `bn_onnx.verify.verify` as keywords (`verify(models, **options.keywords())`)."""
+
+    input: str | None = None
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    provider: str = "auto"
+    atol: dict[str, float] | None = None
+    rtol: dict[str, float] | None = None
+    rows: int = 256
+    seed: int = 0
+    locate: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> VerifyOptions:
+        return cls(
+            input=args.input,
+            shapes=dict(args.shape),
+            provider=args.provider,
+            atol=tolerances(args.atol),
+            rtol=tolerances(args.rtol),
+            rows=args.rows,
+            seed=args.seed,
+            locate=args.locate,
+        )
+
+    def files(self) -> list[tuple[str, str]]:
+        """The files the options read, as `check_outputs` takes them."""
+        return [("the input file", self.input)] if self.input else []
+
+    def keywords(self) -> dict[str, Any]:
+        """`verify`'s keyword arguments; the --input file is read here (one-line errors)."""
+        return {
+            "inputs": read_inputs(self.input) if self.input else None,
+            "input_source": f"from {self.input}" if self.input else None,
+            "shapes": self.shapes,
+            "provider": self.provider,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "rows": self.rows,
+            "seed": self.seed,
+            "locate": self.locate,
+        }
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -95,19 +156,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("models", nargs="+", metavar="MODEL", help="ONNX files (unfolded, folded...)")
     p.add_argument("--checkpoint", metavar="DIR", help="the checkpoint the models came from")
-    p.add_argument(
-        "--input",
-        metavar="X",
-        help="data to run: .npz (one array per input name), .npy or .csv (one input); "
-        "default: the checkpoint's test split; a random probe always runs too",
-    )
     add_verify_options(p)
     p.add_argument("--report", metavar="R.json", help="also write the report as JSON")
-    p.add_argument(
-        "--locate",
-        action="store_true",
-        help="for models that disagree, name the first node whose values diverge",
-    )
     p.add_argument(
         "--fold-report",
         metavar="R.json",
@@ -129,7 +179,7 @@ def read_inputs(path: str) -> Any:
 
     import numpy as np
 
-    from bn_onnx.errors import InputFileError
+    from bn_onnx.errors import InputFileError, one_line
 
     if Path(path).suffix.lower() == ".npz":
         from bn_onnx.files import check_input_file
@@ -139,8 +189,7 @@ def read_inputs(path: str) -> Any:
             with np.load(p, allow_pickle=False) as data:
                 return {k: np.asarray(data[k]) for k in data.files}
         except (ValueError, OSError, EOFError) as exc:
-            line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputFileError(f"not a readable .npz of arrays: {p} ({line})") from None
+            raise InputFileError(f"not a readable .npz of arrays: {p} ({one_line(exc)})") from None
     from bn_onnx.arrays import array_format, read_array
 
     if Path(path).suffix.lower() not in INPUT_FORMATS:
@@ -192,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from bn_onnx.verify import render, verify, write_report
 
+    options = VerifyOptions.from_args(args)
     for m in args.models:
         check_input_file(m, "model file")
     if args.report:
@@ -200,26 +250,17 @@ def run(args: argparse.Namespace) -> int:
             [("--report", args.report)],
             lambda: [
                 *(f for m in args.models for f in model_files(m)),
-                *([("the input file", args.input)] if args.input else []),
+                *options.files(),
                 *([("the fold report", args.fold_report)] if args.fold_report else []),
                 *checkpoint_files(args.checkpoint, CHECKPOINT_FILES),
             ],
         )
-    inputs = read_inputs(args.input) if args.input else None
     report = verify(
         args.models,
         checkpoint=args.checkpoint,
-        inputs=inputs,
-        input_source=f"from {args.input}" if args.input else None,
-        shapes=dict(args.shape),
-        provider=args.provider,
-        atol=tolerances(args.atol),
-        rtol=tolerances(args.rtol),
-        locate=args.locate,
         torch_runner=torch_runner_or_none() if args.checkpoint else None,
-        rows=args.rows,
-        seed=args.seed,
         renamed=read_renamed(args.fold_report),
+        **options.keywords(),
     )
     text = render(report)
     print(text.splitlines()[-1] if args.quiet else text)

@@ -3,23 +3,25 @@ constants) into neighbouring linear nodes, on onnx-ir.
 
 Only onnx, onnx-ir and numpy: an app that folds models installs no torch. The package:
 
-- `sites`: what an affine site is, the rule interface (`Rule`, `Plan`, `Refusal`), the
-  BatchNormalization site;
+- `sites`: what an affine site is, the rule interface (`Rule`, `Plan`, `Refusal`, `SiteKind`);
+- `bn_site`, `affine_ops`: the site kinds (BatchNormalization; Mul/Add/Sub/Div chains by
+  constants, and their merge into the BN before them);
 - `context`: readers, constants, shapes and safe rewrites, shared by every rule;
-- `preceding`, `following`, `chains`: the rule families;
-- `affine_ops`: Mul/Add/Sub/Div chains by constants as sites; `legacy`: broadcasting before
-  opset 7; `flush`: float16 channels the unfolded model makes constant;
+- `preceding`, `following`, `bn_merge`: the rule families (into the node before, the nodes
+  after, BN -> BN merged); `legacy`: broadcasting before opset 7; `flush`: float16
+  channels the unfolded model makes constant;
 - `layout`, `pools`, `concat`, `casts`, `splits`: the steps of their walks (layout ops,
   commuting pools, Concat, float Casts, Split);
-- `nodes`: the ground floor (node attributes, labels, float dtypes, passthroughs);
+- `nodes`: the ground floor (node attributes, labels, float dtypes, passthroughs), which the
+  cleanup uses too;
 - `evaluate`: one standard node evaluated on constant inputs (for `constants`);
 - `scopes`: subgraphs and model-local functions;
 - `_pass`: the driver (`FoldBatchNormPass`, an onnx-ir pass), `fold_in_place` (the pass and
   the cleanup), `fold_model`, `inspect_model`;
-- `io`: `fold_file` (load with onnx-ir, fold, clean, save tensor by tensor, atomically);
+- `model_io`: `fold_file` (load with onnx-ir, fold, clean, save tensor by tensor, atomically);
 - `cleanup`: the cleanup after the fold (the exporter's constants, dead code, duplicates);
 - `lazy`: rewritten weights of external data computed when written;
-- `math`: the float64 arithmetic, pure numpy;
+- `affine_math`: the float64 arithmetic, pure numpy;
 - `validate`: the checker and strict shape inference on the model without its weights;
 - `guard`: the output check (checker, onnxruntime session) and the cleanup steps it drops;
 - `report`: the report objects.
@@ -36,7 +38,7 @@ from bn_onnx.fold._pass import (
     fold_model,
     inspect_model,
 )
-from bn_onnx.fold.io import fold_file
+from bn_onnx.fold.model_io import FoldOptions, fold_file
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
 from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
 from bn_onnx.fold.validate import FoldCheckError, FoldOutputError, InvalidModelError
@@ -49,6 +51,7 @@ __all__ = [
     "BnInfo",
     "FoldBatchNormPass",
     "FoldCheckError",
+    "FoldOptions",
     "FoldOutputError",
     "FoldPassResult",
     "FoldReport",

@@ -17,17 +17,18 @@ import onnx
 import onnx_ir as ir
 
 from bn_onnx import onnx_meta
-from bn_onnx.errors import BnOnnxError
-from bn_onnx.fold import affine_ops, chains, following, preceding, scopes
+from bn_onnx.errors import BnOnnxError, one_line
+from bn_onnx.fold import affine_ops, bn_merge, following, preceding, scopes
+from bn_onnx.fold.bn_site import BATCH_NORM
 from bn_onnx.fold.context import FoldContext
+from bn_onnx.fold.nodes import label
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
-from bn_onnx.fold.sites import BATCH_NORM, Plan, Refusal, Rule, SiteKind, combine, label
+from bn_onnx.fold.sites import Plan, Refusal, Rule, SiteKind, combine
 from bn_onnx.fold.validate import (
     FoldCheckError,
     FoldOutputError,
     InvalidModelError,
     ShapeTable,
-    first_line,
     validate_model,
     validate_skeleton,
 )
@@ -36,7 +37,7 @@ from bn_onnx.fold.validate import (
 DEFAULT_RULES: tuple[Rule, ...] = (
     preceding.RULE,
     following.RULE,
-    chains.MERGE,
+    bn_merge.MERGE,
     affine_ops.MERGE_BACK,
 )
 DEFAULT_SITE_KINDS: tuple[SiteKind, ...] = (BATCH_NORM, affine_ops.MUL_ADD_CHAIN)
@@ -56,41 +57,22 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
     (a = scale/sqrt(var+eps), c = B - a*mean, computed in float64 and rounded once to the
     model's dtype), the pass rewrites:
 
-    1. Gemm -> BN: scale the weight's output columns (any transA/transB), fold alpha into the
-       weight and beta into the bias; C is created when missing and expanded when broadcast.
-    2. MatMul -> BN and MatMul -> Add -> BN (bias as either Add input): scale the weight's
-       columns, bias a*b + c (an Add is inserted when there was none). The BN channels must be
-       the output's last axis (rank 2, or any rank after a layout op).
-    3. Conv -> BN, with or without bias, any group (grouped, depthwise).
-    4. ConvTranspose -> BN, with or without bias, group-aware ((C_in, C_out/group, k...)).
-    5. BN -> Gemm: when every reader of the BN output is a Gemm reading it as A (transA=0),
-       scale the weight's input rows and add c @ W to the bias (alpha, beta, transB honoured).
-    6. BN -> MatMul(+Add): as 5 for rank-2 MatMul; the bias goes into the following Add or a
-       new one. Readers of 5 and 6 may be mixed; each gets its own copy of a shared weight.
-    7. BN -> BN: two BNs in a row become one (then 1-6 may apply to it).
-    8. Identity and inference-mode Dropout between the linear node and the BN are looked
-       through (before the BN) and kept (after it).
-    9. Parameters and weights may be initializers, Constant nodes or constant subgraphs
-       (Identity, Cast, CastLike, Shape of a static shape, Expand, ConstantOfShape, ...).
-    10. A weight or bias read by any other node is cloned, never changed under that node.
-    11. float32, float16, bfloat16 and float64 models keep their dtype; IR < 4 models (whose
-        initializers are all listed as inputs, and constant) keep that convention.
-    12. Readers that see only a value's shape or type (Shape, Size, CastLike's second input)
-        never block a fold.
-    13. Every scope is folded alike: If/Loop/Scan bodies at any depth and model-local function
-        bodies (`bn_onnx.fold.scopes`); a fold stays in its BN's graph, a function input is a
-        constant only when every call passes the same one, and a node with a function
-        attribute reference is never folded. docs/fold.md, rule 15.
-    14. Chains of Mul/Add/Sub/Div by per-channel constants are sites too, folded by 1-7 or
-        merged into the BN before them (`affine_ops`); legacy opsets (spatial=0, is_test,
-        broadcast=1 before opset 7: `legacy`); float16 channels the unfolded model makes
-        constant are folded as constants (`flush`). docs/fold.md, rules 16-18.
-    15. The walks to the linear node follow the channels through Transpose, Reshape,
-        Flatten, Squeeze, Unsqueeze (a 4-D BN -> Flatten -> Gemm repeats each channel over its
-        positions) and commuting pools (MaxPool with scales >= 0, average pools whose weights
-        sum to 1), split a BN after a Concat across its inputs, and fold into a following
-        Conv that pads nothing or a ConvTranspose whose outputs all see every tap.
-        docs/fold.md, rules 19-23.
+    The rules are docs/fold.md's, numbered as there ("The fold rules and the tests that cover
+    them"):
+
+    - 1-4: into the node before: Gemm, MatMul (and MatMul -> Add), Conv, ConvTranspose
+      (`preceding`);
+    - 5-6, 21: into every node after: Gemm, MatMul(+Add), a Conv that pads nothing or a
+      ConvTranspose whose outputs all see every tap (`following`);
+    - 7: BN -> BN merged into one (`bn_merge`); 8: Identity and inference Dropout looked
+      through;
+    - 9-15: constant parameters (any constant subgraph: `constants`, `evaluate`), shared
+      weights cloned, dtypes kept, shape-only readers never block, IR < 4, external data,
+      every scope (`scopes`);
+    - 16-18: Mul/Add chains by per-channel constants as sites (`affine_ops`), legacy opsets
+      (`legacy`), float16 flush (`flush`);
+    - 19-20, 22-25: the walk steps: layout ops, Concat, commuting pools, Cast, Split
+      (`preceding.BACK_STEPS`, `following.FORWARD_STEPS`).
 
     A BN is left, with the reason, when its parameters are not constant (graph inputs
     included), training_mode=1 or it has extra outputs, the linear node's output is also a
@@ -268,7 +250,7 @@ def to_ir(model: onnx.ModelProto) -> ir.Model:
     except BnOnnxError:
         raise
     except Exception as exc:
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        raise InvalidModelError(f"invalid ONNX model: {one_line(exc)}") from None
     _own_constant_tensors(work)
     return work
 
@@ -344,7 +326,7 @@ def fold_in_place(
         except Exception as exc:  # noqa: BLE001 - a library failing is a step to leave out
             if checker is None:
                 raise
-            problem = f"cleanup failed: {type(exc).__name__}: {first_line(exc)}"
+            problem = f"cleanup failed: {type(exc).__name__}: {one_line(exc)}"
         if checker is not None:
             problem = problem or checker.problem(model)
             if problem is not None:

@@ -1,4 +1,4 @@
-"""Per-channel Mul/Add chains as affine sites (issue 12, rule 2g): BN in all but name.
+"""Per-channel Mul/Add chains as affine sites (rule 16): BN in all but name.
 
 A node Mul, Add, Sub or Div with one dynamic input x and one constant k is a per-channel
 affine map of x when k broadcasts along at most one axis of x and the output has x's shape:
@@ -38,23 +38,14 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
-from bn_onnx.fold.chains import set_bn_map
+from bn_onnx.fold import affine_math as fm
+from bn_onnx.fold.bn_merge import merge_plan
+from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.flush import flush_constant_channels
 from bn_onnx.fold.legacy import aligned_shape
-from bn_onnx.fold.sites import (
-    FLOAT_DTYPES,
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
-    SiteKind,
-    batch_norm_site,
-    fit_uniform,
-    is_standard,
-    label,
-)
+from bn_onnx.fold.nodes import FLOAT_DTYPES, is_standard, label
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
 
 KIND = "Mul/Add chain"
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
@@ -277,21 +268,7 @@ def merge_into_previous_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal
     first = batch_norm_site(bn, ctx)
     if isinstance(first, Refusal):
         return Refusal(f"BN {label(bn)!r} before it: {first.reason}")
-    site = fit_uniform(site, 1, first.channels)
-    if site.axis != 1:
-        return Refusal(f"{site.short} is per channel of axis {site.axis}, BN {label(bn)!r} of 1")
-    if first.channels != site.channels:
-        return Refusal(f"BN {label(bn)!r} has {first.channels} channels, not {site.channels}")
-    a2, c2 = fm.compose_affine(first.a, first.c, site.a, site.c)
-    write = set_bn_map(bn, a2, c2, ctx)
-    if isinstance(write, Refusal):
-        return write
-
-    def rewrite() -> None:
-        write()
-        ctx.remove_site(site, keep_name=True)  # the BN now computes y
-
-    return Plan("merged", [bn], rewrite)
+    return merge_plan(site, bn, first, ctx, bn_first=True)
 
 
 MERGE_BACK = Rule("merged-back", "", merge_into_previous_bn)

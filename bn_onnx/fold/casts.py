@@ -24,7 +24,8 @@ import onnx_ir as ir
 
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.sites import AffineSite, Refusal, attr_int, is_standard, label
+from bn_onnx.fold.nodes import attr_int, is_standard, label
+from bn_onnx.fold.sites import AffineSite, Refusal
 
 _F16, _BF16, _F32, _F64 = (
     ir.DataType.FLOAT16,

@@ -55,6 +55,8 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from bn_onnx.fold.nodes import STANDARD_DOMAINS, attr_int, is_standard
+
 __all__ = [
     "CLEANUP_STEPS",
     "DEFAULT_MAX_HEAVY_INPUT_ELEMENTS",
@@ -77,7 +79,6 @@ _FINGERPRINT_BYTES = 4096
 # Small constant inputs are handed to shape inference as data (shape, repeats, pads, starts).
 _SHAPE_DATA_ELEMENTS = 64
 
-STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 # Each call may give a different result: never folded.
 NON_DETERMINISTIC_OPS = frozenset(
     {
@@ -196,10 +197,6 @@ def _count_initializers(model: ir.Model) -> int:
     return sum(len(g.initializers) for g in model.graphs())
 
 
-def _is_standard(node: ir.Node) -> bool:
-    return node.domain in STANDARD_DOMAINS
-
-
 def _is_constant(value: ir.Value | None) -> bool:
     """A value known before the run: an initializer (not overridable) or a Constant's output."""
     if value is None:  # an omitted optional input
@@ -207,20 +204,13 @@ def _is_constant(value: ir.Value | None) -> bool:
     if value.const_value is not None and not value.is_graph_input():
         return True
     producer = value.producer()
-    return producer is not None and producer.op_type == "Constant" and _is_standard(producer)
+    return producer is not None and producer.op_type == "Constant" and is_standard(producer)
 
 
 def _static_dims(value: ir.Value | None) -> tuple[int, ...] | None:
     if value is None or value.shape is None or not value.shape.is_static():
         return None
     return tuple(value.shape.numpy())
-
-
-def _int_attr(node: ir.Node, name: str, default: int | None) -> int | None:
-    attr = node.attributes.get(name)
-    if attr is None or attr.is_ref() or attr.type != ir.AttributeType.INT:
-        return default
-    return attr.as_int()
 
 
 def _const_ints(value: ir.Value | None) -> list[int] | None:
@@ -269,7 +259,7 @@ def _has_graph_attr(node: ir.Node) -> bool:
 
 def _folder_would_change(node: ir.Node) -> bool:
     """Whether onnxscript's folder has something to do with `node` (over-approximated)."""
-    if not _is_standard(node) or node.op_type == "Constant":
+    if not is_standard(node) or node.op_type == "Constant":
         return False
     op = node.op_type
     if op in KEPT_OPS or (op in NON_DETERMINISTIC_OPS and op != "Dropout"):
@@ -292,7 +282,7 @@ def _folder_would_change(node: ir.Node) -> bool:
         return (
             first is not None
             and first.dtype is not None
-            and first.dtype == _int_attr(node, "to", None)
+            and first.dtype == attr_int(node, "to", None)
         )
     # Shape and Size: static dims, or no shape yet (the folder's shape inference may find one)
     if op == "Size":
@@ -301,7 +291,7 @@ def _folder_would_change(node: ir.Node) -> bool:
         if first is None or first.shape is None:
             return first is not None
         # one static dim is enough: a Gather or Slice of it is a constant
-        start, end = _int_attr(node, "start", 0), _int_attr(node, "end", None)
+        start, end = attr_int(node, "start", 0), attr_int(node, "end", None)
         return any(isinstance(d, int) for d in first.shape.dims[slice(start, end)])
     if op == "Reshape" and len(inputs) > 1 and not _is_constant(inputs[1]):
         # a shape computed at run time where the output has at most one unknown dim: the
@@ -417,7 +407,7 @@ class _SafeCommonSubexpressionEliminationPass(common_passes.CommonSubexpressionE
         kept = [
             node
             for node in model.graph
-            if not _is_standard(node)
+            if not is_standard(node)
             or node.op_type in KEPT_OPS
             or node.op_type in NON_DETERMINISTIC_OPS
             or node.op_type == "Constant"
@@ -489,7 +479,7 @@ def _fold_initializer_transposes(model: ir.Model) -> int:
     count = 0
     for graph in model.graphs():
         for node in list(graph):
-            if node.op_type != "Transpose" or not _is_standard(node) or len(node.inputs) != 1:
+            if node.op_type != "Transpose" or not is_standard(node) or len(node.inputs) != 1:
                 continue
             src, out = node.inputs[0], node.outputs[0]
             perm_attr = node.attributes.get("perm")
@@ -761,7 +751,7 @@ class CleanupPass(ir.passes.InPlacePass):
 
         Raises nothing; any doubt is a refusal.
         """
-        if not _is_standard(node) or node.op_type in KEPT_OPS:
+        if not is_standard(node) or node.op_type in KEPT_OPS:
             return False
         if node.op_type in NON_DETERMINISTIC_OPS or _has_graph_attr(node):
             return False

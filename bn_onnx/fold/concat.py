@@ -1,4 +1,4 @@
-"""Rule 22: a site after a Concat is split across the Concat's inputs (issue 12, item 2e).
+"""Rule 22: a site after a Concat is split across the Concat's inputs.
 
 `Concat(x_1, ..., x_k)` along the channel axis puts input i's indices at [off_i, off_i + e_i)
 of that axis, so the site's map on those indices is the map of input i: the slice of the
@@ -16,7 +16,8 @@ import onnx_ir as ir
 
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.sites import Refusal, attr_int, is_standard, label
+from bn_onnx.fold.nodes import attr_int, is_standard, label
+from bn_onnx.fold.sites import Refusal
 
 
 def is_concat(node: ir.Node) -> bool:

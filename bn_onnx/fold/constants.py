@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.errors import UnsupportedModelError
+from bn_onnx.errors import UnsupportedModelError, one_line
 from bn_onnx.fold import evaluate
 from bn_onnx.fold.nodes import attr_int, is_standard
-from bn_onnx.fold.validate import check_tensor_data, first_line
+from bn_onnx.fold.validate import check_tensor_data
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext
@@ -64,7 +64,7 @@ def read_tensor(tensor: ir.TensorProtocol, name: str) -> np.ndarray:
             array = array.copy()
         return array
     except Exception as exc:
-        raise UnsupportedModelError(f"cannot read tensor {name!r}: {first_line(exc)}") from None
+        raise UnsupportedModelError(f"cannot read tensor {name!r}: {one_line(exc)}") from None
 
 
 def _constant_node_value(node: ir.Node) -> np.ndarray | None:

@@ -16,13 +16,14 @@ import onnx_ir as ir
 from bn_onnx.fold import legacy, scopes
 from bn_onnx.fold.constants import Constants
 from bn_onnx.fold.lazy import ScaledTensor, release_pages
-from bn_onnx.fold.sites import AffineSite, is_standard
+from bn_onnx.fold.nodes import is_standard
+from bn_onnx.fold.sites import AffineSite
 from bn_onnx.fold.validate import ShapeTable
 
 Use = tuple[ir.Node, int]  # onnx-ir's Usage(node, index), a NamedTuple it does not export
 
 # Readers that see only a value's shape or type (op type -> input positions): folding changes
-# values, never shapes or types, so these never block a fold (issue 12, rule 2a).
+# values, never shapes or types, so these never block a fold (rule 12).
 SHAPE_ONLY_READERS: dict[str, frozenset[int]] = {
     "Shape": frozenset({0}),
     "Size": frozenset({0}),

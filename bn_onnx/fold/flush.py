@@ -1,4 +1,4 @@
-"""float16 flush (issue 12, rule 2i): channels the unfolded model itself makes constant.
+"""float16 flush (rule 18): channels the unfolded model itself makes constant.
 
 A folded value that underflows (|a * w| below half float16's smallest subnormal, 2**-25)
 rounds to zero. Flushing it is not provably harmless in general: the dropped term a*w*x can
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold.nodes import attr_float, is_passthrough, is_standard
 
 if TYPE_CHECKING:

@@ -1,19 +1,20 @@
-"""Rules 5-6, 18 (and 8, 16-17, 20 after the site): fold a site into the linear nodes that read
-its output.
+"""Rules 5-6 and 21 (through 8, 19-20 and 23-25 on the way): fold a site into the linear
+nodes that read its output.
 
 The walk forward from y looks through Identity and inference Dropout (which stay), follows the
-channels through layout ops (rule 19, `layout`) and pools that commute with the map (rule 23,
-`pools`), and needs every reader at the end to be a linear node reading the value as its data
-input with the channels on the axis it contracts. Each reader x' . W + b with x' = a*x + c
-becomes x . (W scaled by a along its input channels) + (b + W . c). Readers may share a weight:
-each gets its own copy (`FoldContext.write_input`). Shape-only readers (`Shape`, `Size`,
-CastLike's type input) are rewired to x, whose shape and type are y's.
+channels through layout ops (rules 19-20, `layout`), pools that commute with the map (rule 23,
+`pools`), widening Casts (rule 24) and Splits (rule 25), and needs every reader at the end to be
+a linear node reading the value as its data input with the channels on the axis it contracts.
+Each reader x' . W + b with x' = a*x + c becomes x . (W scaled by a along its input channels) +
+(b + W . c). Readers may share a weight: each gets its own copy (`FoldContext.write_input`).
+Shape-only readers (`Shape`, `Size`, CastLike's type input) are rewired to x, whose shape and
+type are y's.
 
 5. Gemm reading the value as A (the channels on axis 1, or 0 with transA=1; alpha, beta,
    transB honoured).
 6. MatMul with a 2-D weight, the channels on the last axis of its input (any rank); the bias
    goes into the MatMul's only reader when it is an Add of a constant, or into a new Add.
-18. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
+21. Conv that pads nothing (pads all 0 and auto_pad NOTSET or VALID, or SAME with a 1x1
     kernel), any group: weight[o, i] scaled by a of the input channel it reads
     ((o // (C_out/group)) * (C_in/group) + i), bias + sum over in-channels and taps of W * c.
     A padded Conv would see the shift at its border where the original saw zero: refused
@@ -32,22 +33,21 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import casts, layout, lazy, legacy, pools, quant_guard, splits
-from bn_onnx.fold import math as fm
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.nodes import attr_ints, attr_str, is_passthrough
-from bn_onnx.fold.preceding import bias, mismatch, weight
-from bn_onnx.fold.sites import (
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
+from bn_onnx.fold.nodes import (
     attr_float,
     attr_int,
+    attr_ints,
+    attr_str,
+    is_passthrough,
     is_standard,
     label,
 )
+from bn_onnx.fold.operands import bias, gemm_rewrite, mismatch, weight
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 ForwardStep = Callable[
     [ir.Node, Channels, FoldContext], "list[tuple[ir.Value, Channels]] | Refusal"
@@ -82,7 +82,7 @@ def _forward_step(node: ir.Node) -> ForwardStep | None:
 def fold_into_following(
     site: AffineSite, ctx: FoldContext, *, max_growth: float | None = None
 ) -> Plan | Refusal:
-    """Rules 5-6, 16-18, 20: fold the site into every linear node reading its output.
+    """Rules 5-6 and 21: fold the site into every linear node reading its output.
 
     `max_growth`: refuse a fold that widens a weight's per-channel range past this factor
     (`quant_guard`); None: no bound.
@@ -126,6 +126,9 @@ def fold_into_following(
                 )
     rewrites: list[Callable[[], None]] = []
     for node, value, ch in readers:
+        wrong = _reads_as_data(node, value, ch)
+        if wrong is not None:
+            return wrong
         plan = TARGETS_AFTER[node.op_type](site, ctx, node, value, ch, max_growth)
         if isinstance(plan, Refusal):
             return plan
@@ -143,6 +146,7 @@ def fold_into_following(
 
 
 def _reads_as_data(node: ir.Node, value: ir.Value, ch: Channels) -> Refusal | None:
+    """Why a target reading `value` is not folded into: it reads it as a weight or bias."""
     if node.inputs[0] is not value or sum(v is value for v in node.inputs) != 1:
         return Refusal(f"{ch.prefix()}{label(node)!r} reads {value.name!r} as its weight or bias")
     return None
@@ -156,9 +160,6 @@ def _into_linear_after(
     ch: Channels,
     max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
-    wrong = _reads_as_data(node, value, ch)
-    if wrong is not None:
-        return wrong
     w_value = node.inputs[1] if len(node.inputs) > 1 else None
     if node.op_type == "Gemm":
         trans_a = attr_int(node, "transA", 0)
@@ -194,13 +195,7 @@ def _into_linear_after(
         except ValueError as exc:
             return Refusal(str(exc))
 
-        def rewrite_gemm() -> None:
-            ctx.write_input(node, 1, w_r, None)
-            ctx.write_input(node, 2, b_r, None)
-            ctx.mark_broadcast(node)
-            ctx.drop_attributes(node, ("alpha", "beta"))
-
-        return rewrite_gemm
+        return gemm_rewrite(ctx, node, w_r, b_r)
     # MatMul with a 2-D weight: it contracts the last axis of its first input
     w = weight(ctx, w_value)
     if isinstance(w, Refusal):
@@ -333,9 +328,6 @@ def _into_conv_after(
     max_growth: float | None = None,
 ) -> Callable[[], None] | Refusal:
     """Rule 21: a site on the input of a Conv (or ConvTranspose) that pads nothing."""
-    wrong = _reads_as_data(node, value, ch)
-    if wrong is not None:
-        return wrong
     transpose = node.op_type == "ConvTranspose"
     ch = ch.at(1)  # a uniform site is per channel of any axis
     if ch.axis != 1:

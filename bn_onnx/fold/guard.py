@@ -24,8 +24,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from bn_onnx.errors import one_line
 from bn_onnx.fold.cleanup import CLEANUP_STEPS
-from bn_onnx.fold.validate import InvalidModelError, first_line, validate_skeleton
+from bn_onnx.fold.validate import InvalidModelError, validate_skeleton
 
 # The order steps are left out in: the constant folder and the rewrite rules are the ones
 # known to break models (docs/cleanup.md); onnx-ir's passes come after.
@@ -117,5 +118,5 @@ def _ort_error(skeleton: onnx.ModelProto) -> str | None:
             skeleton.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # InvalidGraph, Fail, NotImplemented ...
-        return first_line(exc)
+        return one_line(exc)
     return None

@@ -1,5 +1,5 @@
 """Rules 19-20: a site's channels followed through Transpose, Reshape, Flatten, Squeeze and
-Unsqueeze, so that a fold reaches the linear node on the other side (issue 12, item 2c).
+Unsqueeze, so that a fold reaches the linear node on the other side.
 
 A layout op moves elements without changing them, so a per-channel map `a*x + c` on one side is
 the same map on the other, with the channel on another axis. `Channels` records where: index

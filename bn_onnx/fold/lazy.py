@@ -1,7 +1,7 @@
-"""Rewritten weights computed when the model is written, block by block (issue 12, item 4).
+"""Rewritten weights computed when the model is written, block by block (rule 14).
 
 A fold scales a weight per channel: `weight * factor` in float64, rounded once to the weight's
-dtype (`bn_onnx.fold.math.scale_rounded`). Holding every rewritten weight as an array until the
+dtype (`affine_math.scale_rounded`). Holding every rewritten weight as an array until the
 model is saved costs one copy of them all (2.6 GB of a 2.7 GB model). For a weight read from
 external data (memory-mapped), `scaled` instead checks the product block by block now (a fold
 must be refused before the graph is touched when a value would not be finite, would overflow
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
+from bn_onnx.fold import affine_math as fm
 
 # Weights of more elements than this are rewritten lazily; smaller ones are computed now
 # (1M elements: 4 MB of float32; computing twice would cost more than holding them).
@@ -90,7 +90,7 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray | ScaledTensor:
 
     Args:
         weight: the weight, any float dtype (a view of a memory map is fine: it is only read).
-        factor: float64, broadcastable to `weight` (the per-channel factor of `bn_onnx.fold.math`).
+        factor: float64, broadcastable to `weight` (a per-channel factor of `affine_math`).
 
     Returns:
         A `ScaledTensor` that recomputes the product block by block when written, for a

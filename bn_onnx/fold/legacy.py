@@ -1,4 +1,4 @@
-"""Legacy broadcasting (issue 12, rule 2h): Add, Sub, Mul, Div and Gemm before opset 7.
+"""Legacy broadcasting (rule 17): Add, Sub, Mul, Div and Gemm before opset 7.
 
 Opset 7 brought numpy-style broadcasting. Before it (Add-1/-6, Mul-1/-6, Sub-1/-6, Div-1/-6,
 Gemm-1/-6), the second input B broadcasts to the first input A's shape only with

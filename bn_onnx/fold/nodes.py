@@ -3,7 +3,7 @@ labels, float dtypes, the passthrough ops). Imports no other fold module at run 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import onnx_ir as ir
 
@@ -15,6 +15,8 @@ FLOAT_DTYPES = frozenset(
     for t in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 )
 PASSTHROUGH = ("Identity", "Dropout")
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+_D = TypeVar("_D")
 
 
 def label(node: ir.Node) -> str:
@@ -26,11 +28,12 @@ def label(node: ir.Node) -> str:
 
 
 def is_standard(node: ir.Node) -> bool:
-    """Whether the node is of the default ONNX domain (onnx-ir spells "ai.onnx" as "")."""
-    return node.domain == ""
+    """Whether the node is of the default ONNX domain ("" or "ai.onnx")."""
+    return node.domain in STANDARD_DOMAINS
 
 
-def attr_int(node: ir.Node, name: str, default: int) -> int:
+def attr_int(node: ir.Node, name: str, default: _D) -> int | _D:
+    """An int attribute, or `default` when absent, a reference or not a number."""
     a = node.attributes.get(name)
     if a is None or a.is_ref():
         return default

@@ -1,5 +1,5 @@
-"""Rule 23: a site's channels followed through pools that commute with a per-channel affine map
-(issue 12, item 2f).
+"""Rule 23: a site's channels followed through pools that commute with a per-channel
+affine map.
 
 A pool acts on each (batch, channel) plane alone, so `pool(a*x + c) == a*pool(x) + c` per
 channel when:
@@ -31,8 +31,8 @@ import onnx_ir as ir
 
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels, axes_of
-from bn_onnx.fold.nodes import attr_ints, attr_str
-from bn_onnx.fold.sites import Refusal, attr_int, is_standard, label
+from bn_onnx.fold.nodes import attr_int, attr_ints, attr_str, is_standard, label
+from bn_onnx.fold.sites import Refusal
 
 POOLS = frozenset(
     {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"}

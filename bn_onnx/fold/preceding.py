@@ -1,13 +1,14 @@
-"""Rules 1-4 (and 8, 16-17, 19-20 before the site): fold a site into the linear node that
+"""Rules 1-4 (through 8, 19-20 and 22-25 on the way): fold a site into the linear node that
 computes its input.
 
 The node before the site computes x = W . input + b with the channel on its output axis; the
-site's map a*x + c becomes a new weight (W scaled along its output-channel axis) and bias
-(a*b + c). The walk back from the site (`walk_back`) looks through Identity and inference
-Dropout (rule 8), follows the channels through layout ops (rule 19, `layout`), pools that
-commute with the map (rule 23, `pools`) and splits the map across a Concat's inputs (rule 22,
-`concat`). Each value on the way must be read by nothing else (shape-only readers aside) and be
-no graph output: its values change. The nodes walked through stay; only the site goes.
+site's map a*x + c becomes a new weight (W scaled along its output-channel axis) and bias (a*b +
+c). The walk back from the site (`walk_back`) looks through Identity and inference Dropout (rule
+8), follows the channels through layout ops (rules 19-20, `layout`), pools that commute with the
+map (rule 23, `pools`), Casts (rule 24) and Splits (rule 25), and splits the map across a
+Concat's inputs (rule 22, `concat`). Each value on the way must be read by nothing else
+(shape-only readers aside) and be no graph output: its values change. The nodes walked through
+stay; only the site goes.
 
 1. Gemm: scale the weight's output columns (any transA, transB), fold alpha into the weight and
    beta into the bias; C is created when missing and expanded when broadcast.
@@ -30,66 +31,22 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold import casts, concat, layout, lazy, legacy, pools, splits
-from bn_onnx.fold import math as fm
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.nodes import is_passthrough
-from bn_onnx.fold.sites import (
-    FLOAT_DTYPES,
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
+from bn_onnx.fold.nodes import (
     attr_float,
     attr_int,
+    is_passthrough,
     is_standard,
     label,
 )
+from bn_onnx.fold.operands import bias, gemm_rewrite, mismatch, operand, weight
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
 
 # A Concat's reason names at most this many of the inputs that do not fold.
 MAX_NAMED = 4
-
-
-def weight(ctx: FoldContext, value: ir.Value | None, ndim: int | None = 2) -> np.ndarray | Refusal:
-    """A linear node's constant float weight of rank `ndim` (any rank when None)."""
-    name = value.name if value is not None else ""
-    if value is not None and ctx.is_graph_input(value):
-        return Refusal(f"weight {name!r} is {ctx.describe_input(value)}, not a constant")
-    producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "DequantizeLinear" and is_standard(producer):
-        # a QDQ (QAT) model: a fold would store the weight unquantized, losing its scales
-        return Refusal(
-            f"weight {name!r} is quantized (DequantizeLinear {label(producer)!r}): folding would"
-            " change its INT8 values and scales; fold the float model before quantizing"
-        )
-    w = ctx.const(value)
-    if w is None:
-        return Refusal(f"weight {name!r} is not a constant")
-    if ndim is not None and w.ndim != ndim:
-        return Refusal(f"weight {name!r} has rank {w.ndim}, not {ndim}")
-    if w.dtype not in FLOAT_DTYPES:
-        return Refusal(f"weight {name!r} has dtype {w.dtype}")
-    return w
-
-
-def bias(ctx: FoldContext, value: ir.Value | None, n: int) -> np.ndarray | None | Refusal:
-    """A constant bias that broadcasts to n output channels; None when there is none."""
-    if value is None:
-        return None
-    name = value.name
-    if ctx.is_graph_input(value):
-        return Refusal(f"bias {name!r} is {ctx.describe_input(value)}, not a constant")
-    b = ctx.const(value)
-    if b is None:
-        return Refusal(f"bias {name!r} is not a constant")
-    if b.ndim > 2 or (b.ndim >= 1 and b.shape[-1] not in (1, n)):
-        return Refusal(f"bias {name!r} of shape {list(b.shape)} does not broadcast to {n}")
-    return b
-
-
-def _input(node: ir.Node, pos: int) -> ir.Value | None:
-    return node.inputs[pos] if pos < len(node.inputs) else None
 
 
 @dataclasses.dataclass
@@ -125,7 +82,7 @@ BACK_STEPS: tuple[tuple[Callable[[ir.Node], bool], BackStep], ...] = (
 
 
 def fold_into_preceding(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
-    """Rules 1-4, 16-17, 19-20: find the linear node(s) before the site and fold."""
+    """Rules 1-4: find the linear node(s) before the site and fold."""
     parts = walk_back(site, ctx, site.x, Channels.of(site))
     if isinstance(parts, Refusal):
         return parts
@@ -143,7 +100,7 @@ def walk_back(
 ) -> list[Part] | Refusal:
     """From `value` (carrying the site's channels as `ch`) back to the linear nodes computing it:
     through passthroughs (rule 8), layout ops (rule 19), pools (rule 23), Concat (rule 22),
-    float Casts (`casts`) and Split (`splits`: one output's channels of the input).
+    float Casts (rule 24) and Split (rule 25: one output's channels of the input).
     Every value on the way changes, so each must have one reader and be no graph output."""
     while True:
         name = value.name
@@ -191,7 +148,7 @@ def _into_add(
 ) -> Part | Refusal:
     """MatMul -> Add (the bias as either input) is one linear node."""
     for pos in (0, 1):
-        mm_out = _input(producer, pos)
+        mm_out = operand(producer, pos)
         mm = mm_out.producer() if mm_out is not None else None
         if mm is not None and mm.op_type == "MatMul" and is_standard(mm):
             if mm_out.is_graph_output() or ctx.uses(mm_out) != 1:  # type: ignore[union-attr]
@@ -246,20 +203,8 @@ def _channels_at(
     return expanded
 
 
-def mismatch(site: AffineSite, ch: Channels, n: int, node: ir.Node, what: str) -> str:
-    """The reason for a channel count that does not fit the linear node's."""
-    if ch.inner == 1 and not ch.via:
-        return (
-            f"{site.short} has {ch.period} channels, {node.op_type} {label(node)!r} has {n} {what}"
-        )
-    return (
-        f"{ch.prefix()}the {site.short}'s {ch.period} channels x {ch.inner} positions do not"
-        f" tile the {n} {what} of {node.op_type} {label(node)!r}"
-    )
-
-
 def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node, ch: Channels) -> Part | Refusal:
-    w = weight(ctx, _input(gemm, 1))
+    w = weight(ctx, operand(gemm, 1))
     if isinstance(w, Refusal):
         return w
     trans_b = bool(attr_int(gemm, "transB", 0))
@@ -268,7 +213,7 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node, ch: Channels) 
     if isinstance(ac, Refusal):
         return ac
     a, c = ac
-    c_value = _input(gemm, 2)
+    c_value = operand(gemm, 2)
     b = bias(ctx, c_value, n)
     if isinstance(b, Refusal):
         return b
@@ -280,13 +225,7 @@ def _into_gemm(site: AffineSite, ctx: FoldContext, gemm: ir.Node, ch: Channels) 
     except ValueError as exc:
         return Refusal(str(exc))
 
-    def rewrite() -> None:
-        ctx.write_input(gemm, 1, w_r, None)
-        ctx.write_input(gemm, 2, b_r, None)
-        ctx.mark_broadcast(gemm)
-        ctx.drop_attributes(gemm, ("alpha", "beta"))
-
-    return Part([gemm], rewrite)
+    return Part([gemm], gemm_rewrite(ctx, gemm, w_r, b_r))
 
 
 def _into_matmul(
@@ -299,7 +238,7 @@ def _into_matmul(
 ) -> Part | Refusal:
     """`value` is the output of the MatMul, or of the Add after it (a value renamed by an
     earlier fold's inserted Add may have lost its inferred shape; this one has it)."""
-    w = weight(ctx, _input(mm, 1))
+    w = weight(ctx, operand(mm, 1))
     if isinstance(w, Refusal):
         return w
     rank = ctx.rank(value)
@@ -319,7 +258,7 @@ def _into_matmul(
     b = None
     if add is not None:
         add_node, bias_pos = add
-        b = bias(ctx, _input(add_node, bias_pos), n)
+        b = bias(ctx, operand(add_node, bias_pos), n)
         if isinstance(b, Refusal):
             return b
         if (why := legacy.bias_refusal(ctx, add_node, bias_pos, rank)) is not None:
@@ -339,7 +278,7 @@ def _into_matmul(
 
 def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node, ch: Channels) -> Part | Refusal:
     transpose = conv.op_type == "ConvTranspose"
-    w = weight(ctx, _input(conv, 1), ndim=None)
+    w = weight(ctx, operand(conv, 1), ndim=None)
     if isinstance(w, Refusal):
         return w
     group = attr_int(conv, "group", 1)
@@ -350,7 +289,7 @@ def _into_conv(site: AffineSite, ctx: FoldContext, conv: ir.Node, ch: Channels) 
     if isinstance(ac, Refusal):
         return ac
     a, c = ac
-    b_value = _input(conv, 2)
+    b_value = operand(conv, 2)
     b = None
     if b_value is not None:
         b = ctx.const(b_value) if not ctx.is_graph_input(b_value) else None

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold.sites import AffineSite, Refusal, label
+from bn_onnx.fold.nodes import label
+from bn_onnx.fold.sites import AffineSite, Refusal
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext

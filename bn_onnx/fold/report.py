@@ -1,5 +1,6 @@
 """The fold's report objects: one entry per affine site, graph sizes before and after, what the
-cleanup removed, and the values that ended up under another name."""
+cleanup removed, and the values that ended up under another name; and their text, as
+`bn-onnx fold` and `bn-onnx export --fold` print it (`summary_lines`, `cleanup_line`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import json
 from typing import Any
 
 BN_KIND = "BatchNormalization"
+# Folded BNs are listed one a line up to this many; beyond, only counted (one screen).
+MAX_FOLDED_LINES = 12
+# The cleanup line names this many op types, most removed first.
+MAX_CLEANUP_OPS = 6
 
 
 @dataclasses.dataclass
@@ -145,3 +150,80 @@ class BnInfo:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# The report as text
+
+
+def located(where: str | None) -> str:
+    """How a text line says where a BN sits: nothing for the main graph, else `  in WHERE`
+    (`in main/If 'cond'/then_branch`, `in function pkg::Block`)."""
+    return "" if where in (None, "main") else f"  in {where}"
+
+
+def summary_lines(report: FoldReport, src: str, dst: str) -> list[str]:
+    """The one-screen summary of a FoldReport, as `bn-onnx fold` prints it: the counts, each
+    folded site (up to `MAX_FOLDED_LINES`), each site left with its reason, the graph sizes, the
+    cleanup line and what the output check left out."""
+    others = "".join(f", {f} of {n} {k}s" for k, (n, f) in report.other_kinds().items())
+    lines = [
+        f"folded {report.n_folded} of {report.n_bn} BatchNormalization nodes{others}: "
+        f"{src} -> {dst}"
+    ]
+    folded = [e for e in report.entries if e.status == "folded"]
+    for e in folded[:MAX_FOLDED_LINES]:
+        lines.append(
+            f"  folded  {e.node}{located(e.where)}  {e.direction} -> {e.target} ({e.target_op})"
+        )
+    if len(folded) > MAX_FOLDED_LINES:
+        lines.append(f"  ... and {len(folded) - MAX_FOLDED_LINES} more folded")
+    for e in report.left:
+        lines.append(f"  left    {e.node}{located(e.where)}: {e.reason}")
+    lines.append(
+        f"nodes {report.nodes_before} -> {report.nodes_after}, "
+        f"initializers {report.initializers_before} -> {report.initializers_after}"
+    )
+    if report.cleanup is not None:
+        lines.append(cleanup_line(report.cleanup))
+    lines.extend(check_lines(report.checks))
+    return lines
+
+
+def check_lines(checks: dict[str, Any] | None) -> list[str]:
+    """What the output check left out, one line each (none when it left out nothing), e.g.
+    "cleanup: left out rewrite_rules (onnxruntime: ... Unrecognized attribute: allowzero ...)"."""
+    if not checks:
+        return []
+    lines = []
+    steps = checks.get("dropped_steps") or {}
+    if steps:
+        reason = next(iter(steps.values()))
+        lines.append(f"cleanup: left out {', '.join(steps)} ({reason})")
+    if checks.get("cleanup_dropped"):
+        lines.append(f"cleanup: left out entirely ({checks['cleanup_dropped']})")
+    return lines
+
+
+def cleanup_line(counts: dict[str, Any]) -> str:
+    """One line from the cleanup's counts, e.g. "cleanup: 247 -> 100 nodes (removed CastLike
+    40, Shape 12, ...; added Cast 2), 3 initializers merged", or "cleanup: nothing to clean
+    (5 nodes)"."""
+    before, after = counts["nodes_before"], counts["nodes_after"]
+    if not counts.get("modified"):
+        return f"cleanup: nothing to clean ({before} nodes)"
+    ops = counts.get("removed_ops", {})
+    removed = sorted(((n, op) for op, n in ops.items() if n > 0), key=lambda t: (-t[0], t[1]))
+    added = sorted(((-n, op) for op, n in ops.items() if n < 0), key=lambda t: (-t[0], t[1]))
+    parts = []
+    if removed:
+        shown = ", ".join(f"{op} {n}" for n, op in removed[:MAX_CLEANUP_OPS])
+        more = ", ..." if len(removed) > MAX_CLEANUP_OPS else ""
+        parts.append(f"removed {shown}{more}")
+    if added:
+        parts.append("added " + ", ".join(f"{op} {n}" for n, op in added[:MAX_CLEANUP_OPS]))
+    line = f"cleanup: {before} -> {after} nodes" + (f" ({'; '.join(parts)})" if parts else "")
+    merged = counts.get("deduplicated", 0)
+    if merged:
+        line += f", {merged} initializer{'s' if merged != 1 else ''} merged"
+    return line

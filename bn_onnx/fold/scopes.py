@@ -1,6 +1,6 @@
 """Scopes: the subgraphs of If, Loop and Scan nodes (at any depth) and model-local functions.
 
-The fold treats every scope as it treats the main graph (issue 12, rule 2b). What differs from
+The fold treats every scope as it treats the main graph (rule 15). What differs from
 one scope to the next is decided here:
 
 - *Where a site sits* (`ScopeIndex.where`): `main`, `main/If 'cond'/then_branch`,
@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold.sites import MAIN_GRAPH, AffineSite, Plan, Refusal, label
+from bn_onnx.fold.nodes import label
+from bn_onnx.fold.sites import MAIN_GRAPH, AffineSite, Plan, Refusal
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext

@@ -21,7 +21,8 @@ import onnx_ir as ir
 
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
-from bn_onnx.fold.sites import Refusal, attr_int, is_standard, label
+from bn_onnx.fold.nodes import attr_int, is_standard, label
+from bn_onnx.fold.sites import Refusal
 
 
 def is_split(node: ir.Node) -> bool:

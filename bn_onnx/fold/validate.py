@@ -9,7 +9,7 @@ shape into the model (which would then be saved as value_info the input did not 
 two passes together would serialize the model twice. Here one skeleton is serialized, checked,
 and inferred with `strict_mode=True, data_prop=True`; the inferred shapes stay in a side table.
 
-The table has one part per scope (issue 12, rule 2b): onnx's inference writes the value_info of
+The table has one part per scope (rule 15): onnx's inference writes the value_info of
 If/Loop/Scan bodies, read here by walking the skeleton beside the onnx-ir graph. It infers no
 function body, so each model-local function is inferred once per distinct call (its inputs
 typed as that call's arguments, attribute references replaced by the call's attributes) and
@@ -26,8 +26,8 @@ import onnx
 import onnx_ir as ir
 
 from bn_onnx import onnx_check
-from bn_onnx.errors import UnsupportedModelError
-from bn_onnx.onnx_check import SKELETON_KEEP_BYTES, first_line
+from bn_onnx.errors import UnsupportedModelError, one_line
+from bn_onnx.onnx_check import SKELETON_KEEP_BYTES
 
 
 class InvalidModelError(UnsupportedModelError, ir.passes.PreconditionError):
@@ -99,7 +99,7 @@ def _tensor_nbytes(tensor: ir.TensorProtocol, name: str) -> int:
     try:
         dims, bits = tensor.shape.numpy(), tensor.dtype.bitwidth
     except Exception as exc:
-        raise UnsupportedModelError(f"tensor {name!r}: {first_line(exc)}") from None
+        raise UnsupportedModelError(f"tensor {name!r}: {one_line(exc)}") from None
     n = 1
     for d in dims:
         if d < 0:
@@ -120,7 +120,7 @@ def check_tensor_data(tensor: ir.TensorProtocol, name: str) -> int:
         if proto.data_location == onnx.TensorProto.EXTERNAL:
             raise UnsupportedModelError(
                 f"tensor {name!r} keeps its data in an external file that was not loaded "
-                "(load the model with onnx_ir.load or bn_onnx.fold.io)"
+                "(load the model with onnx_ir.load or bn_onnx.fold.model_io)"
             )
         return onnx_check.check_tensor_data(proto, name)
     data_type = int(tensor.dtype)
@@ -171,7 +171,7 @@ def _skeleton(model: ir.Model) -> onnx.ModelProto:
                 array = tensor.numpy().copy()  # no view left on the memory map
             except Exception as exc:
                 raise UnsupportedModelError(
-                    f"cannot read tensor {name!r}: {first_line(exc)}"
+                    f"cannot read tensor {name!r}: {one_line(exc)}"
                 ) from None
             tensor = ir.Tensor(array, dtype=tensor.dtype, name=name)
         if isinstance(tensor, ir.serde.TensorProtoTensor) and tensor.raw.name == name:
@@ -244,7 +244,7 @@ def validate_skeleton(model: ir.Model) -> tuple[onnx.ModelProto, ShapeTable]:
     except UnsupportedModelError as exc:
         raise _invalid(exc) from None
     except Exception as exc:  # the IR could not be serialized: not a model onnx can hold
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        raise InvalidModelError(f"invalid ONNX model: {one_line(exc)}") from None
     try:
         inferred = onnx_check.check_skeleton(skeleton)
     except UnsupportedModelError as exc:

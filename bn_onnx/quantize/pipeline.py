@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bn_onnx.errors import UnsupportedModelError
+from bn_onnx.errors import UnsupportedModelError, one_line
 from bn_onnx.fold import FoldReport, fold_model
 from bn_onnx.quantize.kernels import Kernels
 
@@ -104,7 +104,7 @@ def preprocess(model: onnx.ModelProto, path: Path) -> None:
     try:
         ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        line = one_line(exc)
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {line}") from None
 
 
@@ -182,7 +182,7 @@ def quantize_model(
                 calibrate_method=CalibrationMethod.MinMax,
             )
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many types
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            line = one_line(exc)
             raise UnsupportedModelError(f"onnxruntime's quantizer failed: {line}") from None
         finally:
             logger.setLevel(level)
@@ -191,7 +191,7 @@ def quantize_model(
     try:
         onnx.checker.check_model(q, full_check=True)
     except onnx.checker.ValidationError as exc:
-        line = str(exc).strip().splitlines()[0]
+        line = one_line(exc)
         raise UnsupportedModelError(f"the quantized model fails the checker: {line}") from None
     return QuantizeResult(model=q, fold_report=folded.report, kernels=kernels, excluded=excluded)
 

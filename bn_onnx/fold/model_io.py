@@ -8,17 +8,18 @@ Tensors the fold does not rewrite stay mapped until they are written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
 
-from bn_onnx.errors import InputFileError
+from bn_onnx.errors import InputFileError, one_line
 from bn_onnx.files import OutputGroup
 from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
-from bn_onnx.fold.validate import InvalidModelError, first_line
+from bn_onnx.fold.validate import InvalidModelError
 from bn_onnx.onnx_io import EXTERNAL_DATA_THRESHOLD
 
 # With external data, tensors of more than this many bytes go to the data file.
@@ -67,7 +68,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         with quiet_onnx_ir():
             model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx-ir's own errors
-        raise InvalidModelError(f"invalid ONNX model: {first_line(exc)}") from None
+        raise InvalidModelError(f"invalid ONNX model: {one_line(exc)}") from None
     ir.external_data.set_base_dir(model.graph, os.path.dirname(os.path.abspath(path)))
     return model
 
@@ -128,7 +129,7 @@ def save_model(
             )
             return [p, p.parent / data_name]
     except ValueError as exc:  # onnx-ir refused to read an external tensor
-        raise InputFileError(f"cannot write {p}: {first_line(exc)}") from None
+        raise InputFileError(f"cannot write {p}: {one_line(exc)}") from None
 
 
 def _save_one_file(
@@ -201,6 +202,29 @@ def _in_memory(model: ir.Model) -> Iterator[None]:
 
 def _loaded(tensor: ir.ExternalTensor) -> ir.Tensor:
     return ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=tensor.name)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldOptions:
+    """How `fold_file` folds and writes, made once (the CLI: from its arguments) and passed as
+    keywords: `fold_file(src, dst, **options.keywords())`.
+
+    Attributes:
+        report_path: write the fold report there as JSON (None: no report file).
+        in_place: allow the output to be the input (still written atomically).
+        external_data: True: the weights go to OUT.data; False: one file; None: only when the
+            model nears protobuf's 2 GB limit.
+        cleanup: clean the model after the fold (`bn_onnx.fold.cleanup`).
+    """
+
+    report_path: str | os.PathLike[str] | None = None
+    in_place: bool = False
+    external_data: bool | None = None
+    cleanup: bool = True
+
+    def keywords(self) -> dict[str, object]:
+        """The options as `fold_file`'s keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def fold_file(

@@ -13,18 +13,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bn_onnx.fold import math as fm
+from bn_onnx.fold import affine_math as fm
+from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.sites import (
-    AffineSite,
-    Plan,
-    Refusal,
-    Rule,
-    batch_norm_site,
-    fit_uniform,
-    is_standard,
-    label,
-)
+from bn_onnx.fold.nodes import is_standard, label
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, fit_uniform
 
 
 def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
@@ -41,19 +34,31 @@ def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
     second = batch_norm_site(nxt, ctx)
     if isinstance(second, Refusal):
         return Refusal(f"next BN {label(nxt)!r}: {second.reason}")
-    site = fit_uniform(site, 1, second.channels)
+    return merge_plan(site, nxt, second, ctx, bn_first=False)
+
+
+def merge_plan(
+    site: AffineSite, bn: ir.Node, bn_map: AffineSite, ctx: FoldContext, *, bn_first: bool
+) -> Plan | Refusal:
+    """The plan merging `site` with BN node `bn` (whose map is `bn_map`) into that BN: the BN
+    before the site (`bn_first`: the BN then computes y, under y's name) or after it (the BN
+    keeps its name). The composed map is exact (float64), rounded once (`set_bn_map`)."""
+    site = fit_uniform(site, 1, bn_map.channels)
     if site.axis != 1:
-        return Refusal(f"{site.short} is per channel of axis {site.axis}, the next BN of axis 1")
-    a2, c2 = fm.compose_affine(site.a, site.c, second.a, second.c)
-    write = set_bn_map(nxt, a2, c2, ctx)
+        return Refusal(f"{site.short} is per channel of axis {site.axis}, BN {label(bn)!r} of 1")
+    if bn_map.channels != site.channels:
+        return Refusal(f"BN {label(bn)!r} has {bn_map.channels} channels, not {site.channels}")
+    first, second = (bn_map, site) if bn_first else (site, bn_map)
+    a2, c2 = fm.compose_affine(first.a, first.c, second.a, second.c)
+    write = set_bn_map(bn, a2, c2, ctx)
     if isinstance(write, Refusal):
         return write
 
     def rewrite() -> None:
         write()
-        ctx.remove_site(site, keep_name=False)
+        ctx.remove_site(site, keep_name=bn_first)
 
-    return Plan("merged", [nxt], rewrite)
+    return Plan("merged", [bn], rewrite)
 
 
 def set_bn_map(
