@@ -69,6 +69,7 @@ def summary_lines(report: Any, src: str, dst: str) -> list[str]:
     for e in folded[:MAX_FOLDED_LINES]:
         lines.append(
             f"  folded  {e.node}{located(e.where)}  {e.direction} -> {e.target} ({e.target_op})"
+            + (f" ({e.note})" if e.note else "")
         )
     if len(folded) > MAX_FOLDED_LINES:
         lines.append(f"  ... and {len(folded) - MAX_FOLDED_LINES} more folded")

@@ -23,6 +23,8 @@ class BnEntry:
         reason: why it was left.
         kind: what the site is ("BatchNormalization").
         where: the graph it sits in ("main" for the main graph).
+        note: how it was folded, when not plainly ("scale only; centred by Sub: mean/std up
+            to 2.51e+03", `bn_onnx.fold.centring`).
     """
 
     node: str
@@ -33,6 +35,7 @@ class BnEntry:
     reason: str | None = None
     kind: str = "BatchNormalization"
     where: str = "main"
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
