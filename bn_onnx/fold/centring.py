@@ -1,4 +1,4 @@
-"""Rule 5-6 and 18, precision: keep an exact centring in front when folding forward cancels.
+"""Rules 5, 6 and 21, precision: keep an exact centring in front when folding forward cancels.
 
 Folding y = a*x + c forward into x' . W + b gives x . (diag(a) W) + (b + c W). When the input
 sits far from zero relative to its spread (|mean| >> std: a year, 2008 +- 0.8), the run-time
