@@ -209,6 +209,7 @@ class FoldBatchNormPass(ir.passes.InPlacePass):
                 entry.status = "folded"
                 entry.reason = None
                 entry.direction = plan.direction
+                entry.note = plan.note
         return [entries[node] for node, _ in anchors if node not in hidden]
 
 

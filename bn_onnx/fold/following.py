@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold import affine_math as fm
-from bn_onnx.fold import casts, layout, lazy, legacy, pools, quant_guard, splits
+from bn_onnx.fold import casts, centring, layout, lazy, legacy, pools, quant_guard, splits
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.layout import Channels
 from bn_onnx.fold.nodes import (
@@ -90,6 +90,12 @@ def fold_into_following(
     y = site.y
     if y.is_graph_output():
         return Refusal(f"its output {y.name!r} is a graph output")
+    kept = centring.kept_centring(site)
+    if kept is not None:
+        return kept
+    centre = centring.plan(site, ctx)  # far from zero: fold the scale, keep Sub(x, mean)
+    if centre is not None:
+        site = centre.site
     frontier = [(y, Channels.of(site))]
     readers: list[tuple[ir.Node, ir.Value, Channels]] = []  # (linear node, value it reads, ...)
     while frontier:
@@ -140,9 +146,10 @@ def fold_into_following(
     def rewrite() -> None:
         for fn in rewrites:
             fn()
-        ctx.remove_site(site, keep_name=False)
+        ctx.remove_site(site if centre is None else centring.emit(centre, ctx), keep_name=False)
 
-    return Plan("following", [node for node, _, _ in readers], rewrite)
+    targets = [node for node, _, _ in readers]
+    return Plan("following", targets, rewrite, None if centre is None else centre.note())
 
 
 def _reads_as_data(node: ir.Node, value: ir.Value, ch: Channels) -> Refusal | None:

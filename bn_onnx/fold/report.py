@@ -28,6 +28,8 @@ class BnEntry:
         reason: why it was left.
         kind: what the site is ("BatchNormalization").
         where: the graph it sits in ("main" for the main graph).
+        note: how it was folded, when not plainly ("scale only; centred by Sub: mean/std up
+            to 2.51e+03", `bn_onnx.fold.centring`).
     """
 
     node: str
@@ -38,6 +40,7 @@ class BnEntry:
     reason: str | None = None
     kind: str = "BatchNormalization"
     where: str = "main"
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,6 +178,7 @@ def summary_lines(report: FoldReport, src: str, dst: str) -> list[str]:
     for e in folded[:MAX_FOLDED_LINES]:
         lines.append(
             f"  folded  {e.node}{located(e.where)}  {e.direction} -> {e.target} ({e.target_op})"
+            + (f" ({e.note})" if e.note else "")
         )
     if len(folded) > MAX_FOLDED_LINES:
         lines.append(f"  ... and {len(folded) - MAX_FOLDED_LINES} more folded")

@@ -99,12 +99,14 @@ class Plan:
     """A checked fold, ready to apply: `rewrite()` changes the graph.
 
     `direction` goes into the report ("preceding", "following", "merged"); `targets` are the
-    nodes the site goes into (their labels and op types are reported before the rewrite).
+    nodes the site goes into (their labels and op types are reported before the rewrite);
+    `note`, when given, says how it was folded ("scale only; centred by Sub: ...").
     """
 
     direction: str
     targets: Sequence[ir.Node]
     rewrite: Callable[[], None]
+    note: str | None = None
 
 
 RuleFn = Callable[[AffineSite, "FoldContext"], "Plan | Refusal"]
