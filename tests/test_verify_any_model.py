@@ -437,7 +437,7 @@ def test_bfloat16_model_runs_in_onnx_reference_where_onnxruntime_has_no_kernel(t
 
 
 def test_bfloat16_values_pass_through_onnxruntime_bit_for_bit():
-    from bn_onnx.verify.runs import OrtRunner
+    from bn_onnx.verify.runs import OrtSession
 
     model = model_from_text(
         f"""{HEAD}
@@ -447,7 +447,7 @@ def test_bfloat16_values_pass_through_onnxruntime_bit_for_bit():
         }}"""
     )
     x = np.random.default_rng(0).normal(size=(4, 3)).astype(ml_dtypes.bfloat16)
-    out = OrtRunner(model, "cpu").run([{"x": x}])
+    out = OrtSession(model, "cpu").run([{"x": x}])
     assert out["y"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(out["y"].view(np.uint16), x.view(np.uint16))
     np.testing.assert_array_equal(out["f"], x.astype(np.float32))

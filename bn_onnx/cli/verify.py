@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from bn_onnx.cli._common import positive_int
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bn_onnx.verify import TorchRunner, VerifyOptions
 
 INPUT_FORMATS = (".npz", ".npy", ".csv")
 
@@ -123,7 +128,7 @@ def tolerances(pairs: list[tuple[str, float]]) -> dict[str, float] | None:
     return dict(pairs) if pairs else None
 
 
-def read_inputs(path: str) -> Any:
+def read_inputs(path: str) -> np.ndarray | dict[str, np.ndarray]:
     """`--input`: an .npz as name -> array, an .npy or .csv as one array (no pickles)."""
     from pathlib import Path
 
@@ -171,13 +176,37 @@ def read_renamed(path: str | None) -> dict[str, str] | None:
     return None
 
 
-def torch_runner_or_none() -> Any:
+def torch_runner_or_none() -> TorchRunner | None:
     """torch eval of a checkpoint, or None on a torch-free install."""
     try:
         from bn_onnx.torch_eval import run_checkpoint_taps
     except ImportError:
         return None
     return run_checkpoint_taps
+
+
+def verify_options(args: argparse.Namespace) -> VerifyOptions:
+    """The `VerifyOptions` of `verify`'s arguments (`add_verify_options`' and the rest that
+    `args` has: --checkpoint, --input, --locate, --fold-report), made once."""
+    from bn_onnx.verify import VerifyOptions
+
+    checkpoint = getattr(args, "checkpoint", None)
+    source = getattr(args, "input", None)
+    fold_report = getattr(args, "fold_report", None)
+    return VerifyOptions(
+        checkpoint=checkpoint,
+        inputs=read_inputs(source) if source else None,
+        input_source=f"from {source}" if source else None,
+        shapes=dict(args.shape),
+        provider=args.provider,
+        atol=tolerances(args.atol),
+        rtol=tolerances(args.rtol),
+        locate=bool(getattr(args, "locate", False)),
+        torch_runner=torch_runner_or_none() if checkpoint else None,
+        rows=args.rows,
+        seed=args.seed,
+        renamed=read_renamed(fold_report),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_files,
         model_files,
     )
-    from bn_onnx.verify import render, verify, write_report
+    from bn_onnx.verify import render, verify_models, write_report
 
     for m in args.models:
         check_input_file(m, "model file")
@@ -205,22 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 *checkpoint_files(args.checkpoint, CHECKPOINT_FILES),
             ],
         )
-    inputs = read_inputs(args.input) if args.input else None
-    report = verify(
-        args.models,
-        checkpoint=args.checkpoint,
-        inputs=inputs,
-        input_source=f"from {args.input}" if args.input else None,
-        shapes=dict(args.shape),
-        provider=args.provider,
-        atol=tolerances(args.atol),
-        rtol=tolerances(args.rtol),
-        locate=args.locate,
-        torch_runner=torch_runner_or_none() if args.checkpoint else None,
-        rows=args.rows,
-        seed=args.seed,
-        renamed=read_renamed(args.fold_report),
-    )
+    report = verify_models(args.models, verify_options(args))
     text = render(report)
     print(text.splitlines()[-1] if args.quiet else text)
     if args.report:

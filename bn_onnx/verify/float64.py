@@ -26,7 +26,8 @@ from onnx import TensorProto, numpy_helper
 
 from bn_onnx.compare import is_float_dtype
 from bn_onnx.errors import BnOnnxError, UnsupportedModelError
-from bn_onnx.verify.runs import OrtRunner, Outputs, ReferenceRunner, mark_outputs
+from bn_onnx.onnx_check import first_line
+from bn_onnx.verify.runs import EvaluatorSession, OrtSession, Outputs, mark_outputs
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 # Ops whose values are defined by a float32 (or integer) quantization grid: no float64 meaning.
@@ -319,11 +320,6 @@ def to_double(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 @dataclass
 class Float64Reference:
     """The float64 reference of one model, and how it runs.
@@ -339,7 +335,7 @@ class Float64Reference:
     engine: str | None = None
     notes: list[str] = field(default_factory=list)
     blocker: str | None = None
-    _runner: OrtRunner | ReferenceRunner | None = None
+    _runner: OrtSession | EvaluatorSession | None = None
 
     def __bool__(self) -> bool:
         return self.model is not None and self.blocker is None
@@ -361,7 +357,7 @@ class Float64Reference:
     def _fallback(self, reason: str) -> None:
         self.notes.append(reason)
         self.engine = "onnx.reference"
-        self._runner = ReferenceRunner(self.model, new_ops=reference_ops())
+        self._runner = EvaluatorSession(self.model, new_ops=reference_ops())
 
     def run(
         self, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str] | None = None
@@ -392,12 +388,12 @@ class Float64Reference:
             return self.run(feeds, names)
 
 
-def _runner_with(ref: Float64Reference, names: Sequence[str]) -> OrtRunner | ReferenceRunner:
+def _runner_with(ref: Float64Reference, names: Sequence[str]) -> OrtSession | EvaluatorSession:
     assert ref.model is not None
     if ref.engine == "onnx.reference":
-        assert isinstance(ref._runner, ReferenceRunner)
+        assert isinstance(ref._runner, EvaluatorSession)
         return ref._runner  # it returns intermediate values by name as they are
-    return OrtRunner(mark_outputs(ref.model, names), "cpu", optimization="disable")
+    return OrtSession(mark_outputs(ref.model, names), "cpu", optimization="disable")
 
 
 def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
@@ -409,7 +405,7 @@ def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
         ref.blocker = str(exc)
         return ref
     try:
-        ref._runner = OrtRunner(ref.model, "cpu", optimization="disable")
+        ref._runner = OrtSession(ref.model, "cpu", optimization="disable")
         ref.engine = "onnxruntime"
         return ref
     except BnOnnxError as exc:
@@ -417,7 +413,7 @@ def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
         reason = (
             f"onnxruntime has no float64 kernel for {m.group(1)} (opset {m.group(2)})"
             if m
-            else f"onnxruntime cannot load it in float64 ({_first_line(exc)})"
+            else f"onnxruntime cannot load it in float64 ({first_line(exc)})"
         )
     try:
         ref._fallback(reason)

@@ -10,16 +10,21 @@ torch runner then accept. No torch here: the torch runner is passed in by the ca
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from bn_onnx import reference
 from bn_onnx.columns import CONTINUOUS
 from bn_onnx.errors import UsageError
 from bn_onnx.onnx_meta import INPUT_NAME
-from bn_onnx.verify.runs import Outputs, merge
+from bn_onnx.verify.runs import Outputs, Run, merge
 from bn_onnx.verify.signature import Signature
+from bn_onnx.verify.taps import checkpoint_tap_nodes
+
+if TYPE_CHECKING:
+    from bn_onnx.checkpoint import Checkpoint
 
 # f(checkpoint_dir, inputs) -> outputs, or (outputs, [(label, values), ...]) at the MLP's
 # matching points; `inputs` is what `checkpoint_input` returns.
@@ -140,8 +145,64 @@ def _tabular_spec(checkpoint: Any) -> Any:
     return spec if isinstance(spec, TabularSpec) else TabularSpec.from_dict(spec)
 
 
-def read(path: Any) -> Any:
+def read(path: str) -> Checkpoint:
     """Read a checkpoint directory (numpy only)."""
     from bn_onnx.checkpoint import read_checkpoint
 
     return read_checkpoint(path)
+
+
+CHECKPOINT_LABEL = "float64 checkpoint"
+TORCH_LABEL = "torch eval"
+
+
+class CheckpointRunner:
+    """The checkpoint's numpy float64 forward (`bn_onnx.reference.checkpoint_forward`), the
+    baseline: a `bn_onnx.verify.runners.Runner` without a graph, whose intermediates are the
+    MLP's matching points."""
+
+    kind = "checkpoint"
+    provider: str | None = None
+    folded: bool | None = None
+    graph: onnx.ModelProto | None = None
+
+    def __init__(self, checkpoint: Checkpoint, path: str, output: str) -> None:
+        self.label = CHECKPOINT_LABEL
+        self.detail = f"numpy float64 forward of {path}"
+        self.checkpoint, self.path, self.output = checkpoint, path, output
+        self.tap_nodes = checkpoint_tap_nodes(checkpoint.config)
+
+    def run(self, feeds: Sequence[dict[str, np.ndarray]]) -> Outputs:
+        """See `Runner.run`."""
+        return float64_outputs(self.checkpoint, feeds, self.output)[0]
+
+    def intermediates(self, feed: dict[str, np.ndarray], names: Sequence[str] | None) -> Outputs:
+        """The matching points for one feed (`names`: their labels; None: all)."""
+        taps = float64_outputs(self.checkpoint, [feed], self.output)[1]
+        return {k: v for k, v in taps.items() if names is None or k in names}
+
+    def result(self) -> Run:
+        """See `Runner.result`."""
+        return Run(self.label, self.kind, self.detail)
+
+
+class TorchEvalRunner(CheckpointRunner):
+    """torch eval of the checkpoint through `fn` (`TorchRunner`, e.g.
+    `bn_onnx.torch_eval.run_checkpoint_taps`): this module never imports torch."""
+
+    kind = "torch"
+
+    def __init__(self, checkpoint: Checkpoint, path: str, output: str, fn: TorchRunner) -> None:
+        super().__init__(checkpoint, path, output)
+        self.label = TORCH_LABEL
+        self.detail = "torch float32, CPU, eval mode"
+        self.fn = fn
+
+    def run(self, feeds: Sequence[dict[str, np.ndarray]]) -> Outputs:
+        """See `Runner.run`."""
+        return torch_outputs(self.fn, self.path, feeds, self.output)[0]
+
+    def intermediates(self, feed: dict[str, np.ndarray], names: Sequence[str] | None) -> Outputs:
+        """The matching points for one feed, empty when `fn` gives none."""
+        taps = torch_outputs(self.fn, self.path, [feed], self.output)[1] or {}
+        return {k: v for k, v in taps.items() if names is None or k in names}

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from bn_onnx.errors import BnOnnxError, InputDataError, UnsupportedModelError
-from bn_onnx.onnx_check import with_detail
+from bn_onnx.onnx_check import first_line, with_detail
 
 Outputs = dict[str, np.ndarray]
 _BF16 = "tensor(bfloat16)"
@@ -114,11 +114,6 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 def _to_ort(value: np.ndarray) -> Any:
     import onnxruntime as ort
 
@@ -142,7 +137,7 @@ def _from_ort(value: Any) -> np.ndarray:
     return np.frombuffer(words, np.uint16, count=n).copy().reshape(shape).view(ml_dtypes.bfloat16)
 
 
-class OrtRunner:
+class OrtSession:
     """A model in one onnxruntime session; `run(feeds)` returns every output (or `names`).
 
     CUDA sessions are created with TF32 off (verification must see float32 arithmetic).
@@ -186,7 +181,7 @@ class OrtRunner:
             except Exception as exc:
                 raise with_detail(
                     InputDataError(
-                        f"onnxruntime failed to run the model: {_first_line(exc)} (inputs "
+                        f"onnxruntime failed to run the model: {first_line(exc)} (inputs "
                         f"{_shapes(feed)}; pass --shape NAME:DIMS where a symbolic dim needs "
                         "a size)"
                     ),
@@ -214,7 +209,7 @@ def one_blas_thread() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-class ReferenceRunner:
+class EvaluatorSession:
     """A model in onnx.reference's `ReferenceEvaluator` (numpy; any op of the standard).
 
     It runs with one BLAS thread (`one_blas_thread`).
@@ -227,7 +222,7 @@ class ReferenceRunner:
             self.evaluator = ReferenceEvaluator(model, new_ops=list(new_ops) or None)
         except Exception as exc:
             raise UnsupportedModelError(
-                f"onnx.reference cannot load the model: {_first_line(exc)}"
+                f"onnx.reference cannot load the model: {first_line(exc)}"
             ) from None
         self.names = [o.name for o in model.graph.output]
 
@@ -244,6 +239,6 @@ class ReferenceRunner:
             arrays = self.evaluator.run(names, feed)
         except Exception as exc:
             raise UnsupportedModelError(
-                f"onnx.reference failed to run the model: {type(exc).__name__}: {_first_line(exc)}"
+                f"onnx.reference failed to run the model: {type(exc).__name__}: {first_line(exc)}"
             ) from None
         return {n: np.asarray(a) for n, a in zip(names, arrays, strict=True)}
