@@ -25,21 +25,23 @@ from bn_onnx.verify.taps import checkpoint_tap_nodes
 
 if TYPE_CHECKING:
     from bn_onnx.checkpoint import Checkpoint
+    from bn_onnx.tabular import TabularSpec
 
 # f(checkpoint_dir, inputs) -> outputs, or (outputs, [(label, values), ...]) at the MLP's
 # matching points; `inputs` is what `checkpoint_input` returns.
-TorchRunner = Callable[[str, Any], Any]
+CheckpointInput = np.ndarray | dict[str, np.ndarray]
+TorchRunner = Callable[[str, CheckpointInput], Any]
 Taps = dict[str, np.ndarray]
 
 
-def checkpoint_input(feeds: Mapping[str, np.ndarray]) -> Any:
+def checkpoint_input(feeds: Mapping[str, np.ndarray]) -> CheckpointInput:
     """What the checkpoint oracles take for one run's feeds (see the module docstring)."""
     if set(feeds) == {INPUT_NAME}:
         return feeds[INPUT_NAME]
     return dict(feeds)
 
 
-def check_inputs(checkpoint: Any, sig: Signature) -> None:
+def check_inputs(checkpoint: Checkpoint, sig: Signature) -> None:
     """Raise `UsageError` when an MLP checkpoint's width differs from the models' input."""
     names = [s.name for s in sig.inputs]
     if names != [INPUT_NAME]:
@@ -57,7 +59,7 @@ def _merge_taps(per_run: Sequence[Sequence[tuple[str, np.ndarray]]]) -> Taps:
 
 
 def float64_outputs(
-    checkpoint: Any, feeds: Sequence[dict[str, np.ndarray]], output: str
+    checkpoint: Checkpoint, feeds: Sequence[dict[str, np.ndarray]], output: str
 ) -> tuple[Outputs, Taps]:
     """The checkpoint's numpy float64 forward over each run: outputs by name, and taps."""
     runs = [reference.checkpoint_forward(checkpoint, checkpoint_input(f)) for f in feeds]
@@ -78,7 +80,7 @@ def torch_outputs(
     return merge(outs), (_merge_taps(taps) if taps else None)
 
 
-def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
+def test_split(checkpoint: Checkpoint) -> tuple[dict[str, np.ndarray], str]:
     """The checkpoint's test split as feeds, rebuilt from the recipe in its config.json.
 
     Raises:
@@ -99,7 +101,7 @@ def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
     return {INPUT_NAME: x}, f"the checkpoint's {words} ({name}, {len(x)} rows)"
 
 
-def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def input_stats(checkpoint: Checkpoint) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-feature (mean, var + eps) of each input from the checkpoint's input normalization.
 
     var + eps is what the model divides by: a feature with no variance in training is probed
@@ -135,7 +137,7 @@ def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {}
 
 
-def _tabular_spec(checkpoint: Any) -> Any:
+def _tabular_spec(checkpoint: Checkpoint) -> TabularSpec | None:
     """The checkpoint's `TabularSpec`, or None for a plain MLP."""
     spec = getattr(checkpoint.config, "tabular", None)
     if spec is None:

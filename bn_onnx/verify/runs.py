@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +196,7 @@ def _shapes(feed: dict[str, np.ndarray]) -> str:
     return ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
 
 
-def one_blas_thread() -> Any:
+def one_blas_thread() -> AbstractContextManager[object]:
     """A context in which numpy's BLAS uses one thread (threadpoolctl).
 
     onnx.reference runs a graph node by node, each a small matrix product for one probe run
