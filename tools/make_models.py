@@ -270,10 +270,10 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dict[str, Any]:
     """Build `out_dir/digits/` (created if needed); return the figures the model card quotes."""
     from bn_onnx.checkpoint import read_checkpoint
+    from bn_onnx.checkpoint_forward import checkpoint_forward
     from bn_onnx.data import load_split_from_checkpoint_meta
     from bn_onnx.export import export_checkpoint
     from bn_onnx.files import atomic_output
-    from bn_onnx.reference import checkpoint_forward
 
     target = out_dir / "digits"
     target.mkdir(parents=True, exist_ok=True)
@@ -566,12 +566,12 @@ def make_tabular(out_dir: Path, *, retrain: bool = True, log: Any = print) -> di
     import json
 
     from bn_onnx.checkpoint import read_checkpoint
+    from bn_onnx.checkpoint_forward import checkpoint_forward
     from bn_onnx.columns import feeds_from_columns, read_columns
     from bn_onnx.data import load_dataset
     from bn_onnx.export import export_checkpoint
     from bn_onnx.files import atomic_output
     from bn_onnx.onnx_meta import get_metadata
-    from bn_onnx.reference import checkpoint_forward
 
     target = out_dir / "tabular"
     target.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 `checkpoint_input(feeds)` is the one place that turns verify's feeds (input name -> array) into
 what a checkpoint's oracles take: for an MLP checkpoint, whose model has the one input
 `input` [batch, features], that array; for a checkpoint whose model takes several named inputs
-(tabular columns), the feeds dict itself, which `bn_onnx.reference.checkpoint_forward` and the
+(tabular columns), the feeds dict itself, which `bn_onnx.checkpoint_forward` and the
 torch runner then accept. No torch here: the torch runner is passed in by the caller.
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from bn_onnx import reference
+from bn_onnx.checkpoint_forward import checkpoint_forward
 from bn_onnx.columns import CONTINUOUS
 from bn_onnx.errors import UsageError
 from bn_onnx.onnx_meta import INPUT_NAME
@@ -62,7 +62,7 @@ def float64_outputs(
     checkpoint: Checkpoint, feeds: Sequence[dict[str, np.ndarray]], output: str
 ) -> tuple[Outputs, Taps]:
     """The checkpoint's numpy float64 forward over each run: outputs by name, and taps."""
-    runs = [reference.checkpoint_forward(checkpoint, checkpoint_input(f)) for f in feeds]
+    runs = [checkpoint_forward(checkpoint, checkpoint_input(f)) for f in feeds]
     return merge([{output: r.output} for r in runs]), _merge_taps([r.taps for r in runs])
 
 
@@ -159,7 +159,7 @@ TORCH_LABEL = "torch eval"
 
 
 class CheckpointRunner:
-    """The checkpoint's numpy float64 forward (`bn_onnx.reference.checkpoint_forward`), the
+    """The checkpoint's numpy float64 forward (`bn_onnx.checkpoint_forward`), the
     baseline: a `bn_onnx.verify.runners.Runner` without a graph, whose intermediates are the
     MLP's matching points."""
 

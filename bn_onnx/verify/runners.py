@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from bn_onnx.verify import float64
+from bn_onnx.verify import evaluator_ops, float64
 from bn_onnx.verify.runs import EvaluatorSession, OrtSession, Outputs, Run, mark_outputs
 from bn_onnx.verify.signature import compute_dtype
 
@@ -141,7 +141,7 @@ class OnnxReferenceRunner(_GraphRunner):
     def __init__(self, label: str, path: str, graph: onnx.ModelProto, folded: bool | None) -> None:
         super().__init__(label, path, graph, folded, ONNX_REFERENCE_DETAIL)
         self.provider = ONNX_REFERENCE
-        self.session = EvaluatorSession(graph, new_ops=float64.reference_ops())
+        self.session = EvaluatorSession(graph, new_ops=evaluator_ops.corrected_ops())
 
     def run(self, feeds: Sequence[Feed]) -> Outputs:
         """See `Runner.run`."""
