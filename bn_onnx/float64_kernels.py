@@ -146,6 +146,20 @@ def _taps(
     )
 
 
+def _per_axis(values: Sequence[int] | None, nd: int) -> list[int]:
+    """Strides or dilations per spatial axis (absent: 1 each)."""
+    return [int(v) for v in values] if values else [1] * nd
+
+
+def _conv_operands(
+    x: Array, w: Array, strides: Sequence[int] | None, dilations: Sequence[int] | None
+) -> tuple[Array, Array, int, list[int], list[int]]:
+    """x and w in float64, the number of spatial dims, and the strides and dilations."""
+    x, w = np.asarray(x, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    nd = x.ndim - 2
+    return x, w, nd, _per_axis(strides, nd), _per_axis(dilations, nd)
+
+
 def conv(
     x: Array,
     w: Array,
@@ -166,12 +180,8 @@ def conv(
     where each group has one input channel (depthwise), the shifted slices are multiplied by
     their weights and summed instead. It shares no code with onnxruntime's kernels.
     """
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    nd = x.ndim - 2
+    x, w, nd, strides, dilations = _conv_operands(x, w, strides, dilations)
     k = list(w.shape[2:])
-    strides = [int(s) for s in strides] if strides else [1] * nd
-    dilations = [int(d) for d in dilations] if dilations else [1] * nd
     extent = [(k[i] - 1) * dilations[i] + 1 for i in range(nd)]
     p = _conv_pads(x.shape[2:], extent, strides, pads, auto_pad)
     if any(p):
@@ -227,8 +237,7 @@ def pool(
     x = np.asarray(x, dtype=np.float64)
     nd = x.ndim - 2
     k = [int(v) for v in kernel_shape]
-    s = [int(v) for v in strides] if strides else [1] * nd
-    d = [int(v) for v in dilations] if dilations else [1] * nd
+    s, d = _per_axis(strides, nd), _per_axis(dilations, nd)
     extent = [(k[i] - 1) * d[i] + 1 for i in range(nd)]
     ins = list(x.shape[2:])
     p = _conv_pads(tuple(ins), extent, s, pads, auto_pad)
@@ -288,16 +297,12 @@ def conv_transpose(
     by `pads`, or by the padding `output_shape` implies (ONNX spec: SAME_UPPER puts the larger
     half of an odd total at the end, otherwise at the start).
     """
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(w, dtype=np.float64)
-    nd = x.ndim - 2
+    x, w, nd, strides, dilations = _conv_operands(x, w, strides, dilations)
     n, c = x.shape[:2]
     ins = list(x.shape[2:])
     k = list(w.shape[2:])
     g = int(group)
     m = w.shape[1] * g
-    strides = [int(s) for s in strides] if strides else [1] * nd
-    dilations = [int(d) for d in dilations] if dilations else [1] * nd
     extra = [int(v) for v in output_padding] if output_padding else [0] * nd
     full = [strides[i] * (ins[i] - 1) + extra[i] + (k[i] - 1) * dilations[i] + 1 for i in range(nd)]
     if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):

@@ -7,6 +7,8 @@ Each class is named for the op it replaces; the arithmetic is `bn_onnx.float64_k
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 
 
@@ -26,148 +28,94 @@ def corrected_ops() -> list[type]:
 
     from bn_onnx.float64_kernels import batch_norm_node, conv, conv_transpose, erf, pool
 
-    class Erf(OpRun):  # the class name is the op it replaces
-        op_domain = ""
+    def replacing(name: str, kernel: Callable[..., np.ndarray], base: type = OpRun) -> type:
+        # onnx.reference passes every attribute (the node's, else the schema's default) by name.
+        def _run(self, x, *inputs, **attrs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            return (kernel(x, *inputs, **attrs).astype(x.dtype),)
 
-        def _run(self, x: np.ndarray) -> tuple[np.ndarray]:
-            return (erf(x).astype(x.dtype),)
+        return type(name, (base,), {"op_domain": "", "_run": _run})
 
-    class Conv(OpRun):
-        op_domain = ""
+    def max_pool(self, x, **attrs):  # noqa: ANN001, ANN003, ANN202
+        if len([o for o in self.onnx_node.output if o]) > 1:
+            return OnnxMaxPool._run(self, x, **attrs)
+        return (pool(x, "max", **_pool_attrs(**attrs)).astype(x.dtype),)
 
-        def _run(
-            self,
-            x,
-            w,
-            b=None,
-            auto_pad=None,
-            dilations=None,
-            group=None,  # noqa: ANN001
-            kernel_shape=None,
-            pads=None,
-            strides=None,
-        ):
-            y = conv(
-                x,
-                w,
-                b,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                group=group or 1,
-                auto_pad=auto_pad or "NOTSET",
-            )
-            return (y.astype(x.dtype),)
+    return [
+        replacing("Erf", lambda x: erf(x)),
+        replacing("Conv", lambda x, w, b=None, **at: conv(x, w, b, **_conv_attrs(**at))),
+        replacing("ConvTranspose", _conv_transpose(conv_transpose)),
+        replacing("BatchNormalization", _batch_norm(batch_norm_node)),
+        type("MaxPool", (OnnxMaxPool,), {"op_domain": "", "_run": max_pool}),
+        replacing("AveragePool", lambda x, **at: pool(x, "avg", **_pool_attrs(**at))),
+        *_legacy_binary(),
+    ]
 
-    class ConvTranspose(OpRun):
-        op_domain = ""
 
-        def _run(
-            self,
-            x,
-            w,
-            b=None,
-            auto_pad=None,
-            dilations=None,
-            group=None,  # noqa: ANN001
-            kernel_shape=None,
-            output_padding=None,
-            output_shape=None,
-            pads=None,
-            strides=None,
-        ):
-            y = conv_transpose(
-                x,
-                w,
-                b,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                group=group or 1,
-                auto_pad=auto_pad or "NOTSET",
-                output_padding=output_padding,
-                output_shape=output_shape,
-            )
-            return (y.astype(x.dtype),)
+def _conv_attrs(
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+    group: int | None = None,
+    auto_pad: str | None = None,
+    **_: object,
+) -> dict[str, object]:
+    """Conv and ConvTranspose attributes as `float64_kernels.conv` takes them."""
+    return {
+        "strides": strides,
+        "pads": pads,
+        "dilations": dilations,
+        "group": group or 1,
+        "auto_pad": auto_pad or "NOTSET",
+    }
 
-    class BatchNormalization(OpRun):
-        op_domain = ""
 
-        def _run(
-            self,
-            x,
-            scale,
-            bias,
-            mean,
-            var,
-            epsilon=None,
-            momentum=None,  # noqa: ANN001
-            training_mode=None,
-            is_test=None,
-            spatial=None,
-            consumed_inputs=None,
-        ):
-            y = batch_norm_node(x, scale, bias, mean, var, epsilon, training_mode, spatial)
-            return (y.astype(x.dtype),)
+def _pool_attrs(
+    kernel_shape: Sequence[int],
+    ceil_mode: int | None = None,
+    count_include_pad: int | None = None,
+    **attrs: object,
+) -> dict[str, object]:
+    """MaxPool and AveragePool attributes as `float64_kernels.pool` takes them."""
+    conv_attrs = _conv_attrs(**attrs)
+    del conv_attrs["group"]
+    return {
+        "kernel_shape": kernel_shape,
+        "ceil_mode": ceil_mode or 0,
+        "count_include_pad": count_include_pad or 0,
+        **conv_attrs,
+    }
 
-    class MaxPool(OnnxMaxPool):
-        op_domain = ""
 
-        def _run(
-            self,
-            x,
-            auto_pad=None,
-            ceil_mode=None,
-            dilations=None,  # noqa: ANN001
-            kernel_shape=None,
-            pads=None,
-            storage_order=None,
-            strides=None,
-        ):
-            if len([o for o in self.onnx_node.output if o]) > 1:
-                return super()._run(
-                    x, auto_pad, ceil_mode, dilations, kernel_shape, pads, storage_order, strides
-                )
-            y = pool(
-                x,
-                "max",
-                kernel_shape,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                ceil_mode=ceil_mode or 0,
-                auto_pad=auto_pad or "NOTSET",
-            )
-            return (y.astype(x.dtype),)
+def _conv_transpose(kernel: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def run(
+        x: np.ndarray,
+        w: np.ndarray,
+        b: np.ndarray | None = None,
+        output_padding: Sequence[int] | None = None,
+        output_shape: Sequence[int] | None = None,
+        **attrs: object,
+    ) -> np.ndarray:
+        extra = {"output_padding": output_padding, "output_shape": output_shape}
+        return kernel(x, w, b, **_conv_attrs(**attrs), **extra)
 
-    class AveragePool(OpRun):
-        op_domain = ""
+    return run
 
-        def _run(
-            self,
-            x,
-            auto_pad=None,
-            ceil_mode=None,
-            count_include_pad=None,  # noqa: ANN001
-            dilations=None,
-            kernel_shape=None,
-            pads=None,
-            strides=None,
-        ):
-            y = pool(
-                x,
-                "avg",
-                kernel_shape,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                ceil_mode=ceil_mode or 0,
-                count_include_pad=count_include_pad or 0,
-                auto_pad=auto_pad or "NOTSET",
-            )
-            return (y.astype(x.dtype),)
 
-    return [Erf, Conv, ConvTranspose, BatchNormalization, MaxPool, AveragePool, *_legacy_binary()]
+def _batch_norm(kernel: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """BatchNormalization of any opset: is_test, momentum and consumed_inputs do not matter in
+    inference."""
+
+    def run(
+        x: np.ndarray,
+        *params: np.ndarray,
+        epsilon: float | None = None,
+        training_mode: int | None = None,
+        spatial: int | None = None,
+        **_: object,
+    ) -> np.ndarray:
+        return kernel(x, *params, epsilon, training_mode, spatial)
+
+    return run
 
 
 def _legacy_binary() -> list[type]:

@@ -82,16 +82,9 @@ class _GraphRunner:
 
     def result(self) -> Run:
         """See `Runner.result`."""
-        return Run(
-            self.label,
-            self.kind,
-            self.detail,
-            model=self.path,
-            provider=self.provider,
-            folded=self.folded,
-            tf32=self.tf32,
-            compute_dtype=self.compute_dtype,
-        )
+        run = Run(self.label, self.kind, self.detail, model=self.path, tf32=self.tf32)
+        run.provider, run.folded, run.compute_dtype = self.provider, self.folded, self.compute_dtype
+        return run
 
 
 class OrtRunner(_GraphRunner):

@@ -54,14 +54,7 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (no arrays)."""
         return {
-            "label": self.label,
-            "kind": self.kind,
-            "detail": self.detail,
-            "model": self.model,
-            "provider": self.provider,
-            "folded": self.folded,
-            "tf32": self.tf32,
-            "compute_dtype": self.compute_dtype,
+            **{k: v for k, v in self.__dict__.items() if k != "outputs"},
             "outputs": {
                 probe: {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in v.items()}
                 for probe, v in self.outputs.items()
