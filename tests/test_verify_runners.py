@@ -101,3 +101,27 @@ def test_onnx_reference_runner_gives_intermediates_from_the_same_evaluator():
     np.testing.assert_allclose(h, x.astype(np.float64) @ np.arange(6.0).reshape(3, 2), rtol=1e-6)
     np.testing.assert_array_equal(runner.run([{"x": x}])["y"], np.maximum(h, 0))
     assert runner.session.evaluator is evaluator and runner.provider == "reference"
+
+
+def test_ort_and_float64_runners_give_the_same_intermediates_by_name():
+    from bn_onnx.verify import float64
+    from bn_onnx.verify.runners import Float64Runner, OrtRunner
+    from bn_onnx.verify.runs import OrtSession
+
+    model = _model()
+    ort = OrtRunner("m [cpu]", "m.onnx", model, None, OrtSession(model, "cpu"))
+    f64 = Float64Runner("f64", float64.build(model, "f64", "m"), model)
+    x = np.array([[1.0, -2.0, 3.0], [0.5, 0.25, -1.0]], np.float32)
+    want = x.astype(np.float64) @ np.arange(6.0).reshape(3, 2)
+    for _ in range(2):  # the second call reuses the sessions with `h` marked
+        got = ort.intermediates({"x": x}, ["h"])["h"]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        exact = f64.intermediates({"x": x}, ["h"])["h"]
+        assert exact.dtype == np.float64
+        np.testing.assert_allclose(exact, want, rtol=1e-15)
+    assert (ort.kind, ort.provider, f64.kind, f64.result().kind) == (
+        "onnx",
+        "cpu",
+        "float64",
+        "float64",
+    )

@@ -154,6 +154,7 @@ class Float64Reference:
     notes: list[str] = field(default_factory=list)
     blocker: str | None = None
     _runner: OrtSession | EvaluatorSession | None = None
+    _marked: dict[tuple[str, ...], OrtSession] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.model is not None and self.blocker is None
@@ -207,11 +208,16 @@ class Float64Reference:
 
 
 def _runner_with(ref: Float64Reference, names: Sequence[str]) -> OrtSession | EvaluatorSession:
+    """A session returning `names` too: onnx.reference's own, else one onnxruntime session
+    per set of names, kept for the next feed (`--locate` asks once per pair)."""
     assert ref.model is not None
     if ref.engine == "onnx.reference":
         assert isinstance(ref._runner, EvaluatorSession)
         return ref._runner  # it returns intermediate values by name as they are
-    return OrtSession(mark_outputs(ref.model, names), "cpu", optimization="disable")
+    key = tuple(names)
+    if key not in ref._marked:
+        ref._marked[key] = OrtSession(mark_outputs(ref.model, key), "cpu", optimization="disable")
+    return ref._marked[key]
 
 
 def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
