@@ -14,12 +14,12 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from bn_onnx import crash
-from bn_onnx.checkpoint import Checkpoint
 from bn_onnx.compare import TolerancePolicy
 from bn_onnx.errors import BnOnnxError, ProviderError, UnsupportedModelError, UsageError
 from bn_onnx.onnx_meta import get_metadata
@@ -38,6 +38,9 @@ from bn_onnx.verify.runners import (
 )
 from bn_onnx.verify.runs import OrtSession, Run
 from bn_onnx.verify.taps import find_taps
+
+if TYPE_CHECKING:
+    from bn_onnx.checkpoint import Checkpoint
 
 DEFAULT_ROWS = 256
 F64 = "float64 reference"
