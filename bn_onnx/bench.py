@@ -949,17 +949,15 @@ def format_table(result: BenchResult) -> list[str]:
 
 def format_subjects(result: BenchResult) -> list[str]:
     """Session creation and first-run times, one line per subject."""
+    from bn_onnx.runtime import short_name
+
     out = []
     for s in result.subjects:
         create = f"{s['create_s'] * 1e3:.1f} ms" if s.get("create_s") is not None else "n/a"
         first = f"{s['first_run_s'] * 1e3:.2f} ms" if s.get("first_run_s") is not None else "n/a"
-        prov = ",".join(_short(p) for p in s.get("providers") or []) or s.get("device", "")
+        prov = ",".join(short_name(p) for p in s.get("providers") or []) or s.get("device", "")
         out.append(f"{s['name']}: {s['kind']} {prov}, created in {create}, first run {first}")
     return out
-
-
-def _short(provider: str) -> str:
-    return provider.replace("ExecutionProvider", "").lower()
 
 
 __all__ = [

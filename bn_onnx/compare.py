@@ -89,6 +89,18 @@ class Tolerance:
         return f"atol {self.atol:.3g}, rtol {self.rtol:.3g} [{self.origin}]"
 
 
+def _given(
+    name: str, per_output: Mapping[str, float], every: float | None, flag: str, default: float
+) -> tuple[float, str | None]:
+    """A user's tolerance for output `name` (`flag NAME=`, else `flag` for all) and where it
+    came from, else `default` and None."""
+    if name in per_output:
+        return per_output[name], f"{flag} {name}="
+    if every is not None:
+        return every, flag
+    return default, None
+
+
 @dataclass
 class TolerancePolicy:
     """Which tolerance each output gets: per-dtype defaults, overridden for all or by name.
@@ -152,19 +164,9 @@ class TolerancePolicy:
                 f", capped at {FLOOR_CAP:g}x the default" if capped else ""
             )
             default += f" x{scale:g} ({what})" if scale != 1.0 else ""
-        origins = []
-        if name in self.output_atol:
-            atol = self.output_atol[name]
-            origins.append(f"--atol {name}=")
-        elif self.atol is not None:
-            atol = self.atol
-            origins.append("--atol")
-        if name in self.output_rtol:
-            rtol = self.output_rtol[name]
-            origins.append(f"--rtol {name}=")
-        elif self.rtol is not None:
-            rtol = self.rtol
-            origins.append("--rtol")
+        atol, by_atol = _given(name, self.output_atol, self.atol, "--atol", atol)
+        rtol, by_rtol = _given(name, self.output_rtol, self.rtol, "--rtol", rtol)
+        origins = [o for o in (by_atol, by_rtol) if o]
         if len(origins) < 2:
             origins.append(default)
         return Tolerance(float(atol), float(rtol), ", ".join(origins))

@@ -217,19 +217,22 @@ def test_fold_file_in_place_with_external_data_keeps_a_valid_model(tmp_path):
 
 def test_fold_verify_takes_verify_options(model_path, tmp_path, capsys, monkeypatch):
     """`fold --verify` reads verify's own options (one function adds them to both parsers) and
-    passes them to `verify`; without --verify they are a usage error; a bad value is exit 2."""
+    passes them to the verify engine; without --verify they are a usage error; a bad value is
+    exit 2."""
+    import dataclasses
+
     import bn_onnx.verify
 
     x = np.random.default_rng(0).standard_normal((5, 5)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     seen = {}
-    real = bn_onnx.verify.verify
+    real = bn_onnx.verify.verify_models
 
-    def spy(models, **kwargs):
-        seen.update(kwargs)
-        return real(models, **kwargs)
+    def spy(models, options):
+        seen.update({f.name: getattr(options, f.name) for f in dataclasses.fields(options)})
+        return real(models, options)
 
-    monkeypatch.setattr(bn_onnx.verify, "verify", spy)
+    monkeypatch.setattr(bn_onnx.verify, "verify_models", spy)
     out = tmp_path / "f.onnx"
     extra = ["--provider", "reference", "--atol", "1e-3", "--rtol", "logits=1e-2", "--rows", "8"]
     args = ["fold", str(model_path), "-o", str(out), "--verify", "--input", str(tmp_path / "x.npy")]

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from bn_onnx import onnx_meta  # noqa: E402
 from bn_onnx.checkpoint import load_model  # noqa: E402
+from bn_onnx.checkpoint_forward import checkpoint_forward  # noqa: E402
 from bn_onnx.cli import main  # noqa: E402
 from bn_onnx.errors import UnsupportedModelError  # noqa: E402
 from bn_onnx.export import (  # noqa: E402
@@ -27,7 +28,6 @@ from bn_onnx.export import (  # noqa: E402
     to_onnx,
 )
 from bn_onnx.onnx_io import save_model  # noqa: E402
-from bn_onnx.reference import checkpoint_forward  # noqa: E402
 
 # Every BN placement with and without input normalization; activation, task and dropout vary
 # along so that the same few exports also cover gelu/silu/tanh/sigmoid, regression outputs

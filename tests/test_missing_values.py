@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 
 from bn_onnx.checkpoint import read_checkpoint
+from bn_onnx.checkpoint_forward import checkpoint_forward
 from bn_onnx.data import load_dataset
-from bn_onnx.reference import checkpoint_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 TABULAR = ROOT / "models" / "tabular"

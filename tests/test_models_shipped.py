@@ -30,7 +30,7 @@ from models_testing import (
 
 from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import read_checkpoint
-from bn_onnx.reference import checkpoint_forward
+from bn_onnx.checkpoint_forward import checkpoint_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "models" / "digits"

@@ -28,8 +28,8 @@ from models_testing import (
 
 from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import read_checkpoint
+from bn_onnx.checkpoint_forward import checkpoint_forward
 from bn_onnx.columns import feeds_from_columns, read_columns
-from bn_onnx.reference import checkpoint_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 TABULAR = ROOT / "models" / "tabular"

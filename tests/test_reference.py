@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_forward_oracle as oracle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from test_verify_models import build_onnx, dataset_checkpoint, make_tensors
 
-from bn_onnx import graphs, reference
+from bn_onnx import float64_kernels as kernels
+from bn_onnx import graphs
+from bn_onnx.checkpoint_forward import checkpoint_forward, forward_tensors
 from bn_onnx.errors import InputDataError, UnsupportedModelError
 from bn_onnx.model_config import MLPConfig
 
@@ -43,7 +45,7 @@ def test_checkpoint_forward_equals_torch_in_float64(bn, activation, input_norm):
     )
     x = (np.random.default_rng(1).standard_normal((30, 7)) * 3 + 1).astype(np.float32)
     tensors = make_tensors(config, x, seed=2)
-    fwd = reference.forward_tensors(config, tensors, x)
+    fwd = forward_tensors(config, tensors, x)
     np.testing.assert_allclose(fwd.output, _torch64(config, tensors, x), rtol=1e-12, atol=1e-12)
     labels = [label for label, _ in fwd.taps]
     assert labels == [
@@ -57,8 +59,8 @@ def test_checkpoint_forward_equals_torch_in_float64(bn, activation, input_norm):
 
 def test_checkpoint_forward_reads_a_checkpoint_directory(tmp_path):
     path, config, tensors, x, _ = dataset_checkpoint(tmp_path, "wine", bn="post")
-    from_dir = reference.checkpoint_forward(path, x).output
-    np.testing.assert_array_equal(from_dir, reference.forward_tensors(config, tensors, x).output)
+    from_dir = checkpoint_forward(path, x).output
+    np.testing.assert_array_equal(from_dir, forward_tensors(config, tensors, x).output)
     np.testing.assert_allclose(from_dir, _torch64(config, tensors, x), rtol=1e-12, atol=1e-10)
 
 
@@ -68,7 +70,7 @@ def test_checkpoint_forward_refuses_wrong_width():
         config, np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)
     )
     with pytest.raises(InputDataError, match="3"):
-        reference.forward_tensors(config, tensors, np.zeros((2, 4)))
+        forward_tensors(config, tensors, np.zeros((2, 4)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -82,7 +84,7 @@ def test_bn_with_gamma_sqrt_var_and_beta_mean_is_the_identity(c, eps, seed):
     x = rng.standard_normal((5, c)) * 4
     mean = rng.standard_normal(c)
     var = rng.uniform(0.01, 9, c)
-    y = reference.batch_norm(x, np.sqrt(var + eps), mean, mean, var, eps)
+    y = kernels.batch_norm(x, np.sqrt(var + eps), mean, mean, var, eps)
     np.testing.assert_allclose(y, x, rtol=1e-12, atol=1e-12)
 
 
@@ -93,7 +95,7 @@ def test_onnx_forward_matches_the_graph_builders_float64_oracle(variant, bn):
     x = np.random.default_rng(0).standard_normal((13, 11)).astype(np.float32)
     model = graphs.build_mlp(widths, variant, seed=5, bn=bn)
     np.testing.assert_allclose(
-        reference.onnx_output(model, x),
+        oracle.onnx_output(model, x),
         graphs.mlp_reference(widths, x, variant, seed=5, bn=bn),
         rtol=1e-11,
         atol=1e-11,
@@ -106,13 +108,13 @@ def test_onnx_forward_of_hand_built_graphs_equals_checkpoint_forward(bn, activat
     config = MLPConfig(in_features=6, out_features=3, hidden=(8, 5), bn=bn, activation=activation)
     x = np.random.default_rng(3).standard_normal((20, 6)).astype(np.float32)
     tensors = make_tensors(config, x)
-    expected = reference.forward_tensors(config, tensors, x).output
-    unfolded = reference.onnx_output(build_onnx(config, tensors, folded=False), x)
+    expected = forward_tensors(config, tensors, x).output
+    unfolded = oracle.onnx_output(build_onnx(config, tensors, folded=False), x)
     # the unfolded graph holds the same float32 parameters: equal up to float64 rounding (GELU's
     # graph constant sqrt(2) is a float32, off by 1e-8 relative)
     tol = 1e-6 if activation == "gelu" else 1e-10
     np.testing.assert_allclose(unfolded, expected, rtol=tol, atol=tol)
-    folded = reference.onnx_output(build_onnx(config, tensors, folded=True), x)
+    folded = oracle.onnx_output(build_onnx(config, tensors, folded=True), x)
     # the folded one rounded its folded parameters to float32 once
     np.testing.assert_allclose(folded, expected, rtol=1e-5, atol=1e-5)
 
@@ -162,7 +164,7 @@ def test_gemm_attributes_match_the_onnx_reference_evaluator(
         transB=int(trans_b),
     )
     model = _double_model([node], [("a", list(a.shape))], [m, n], inits)
-    got = reference.onnx_forward(model, a)["y"]
+    got = oracle.onnx_forward(model, a)["y"]
     np.testing.assert_allclose(
         got, ReferenceEvaluator(model).run(None, {"a": a})[0], rtol=1e-12, atol=1e-12
     )
@@ -263,7 +265,7 @@ def test_each_supported_op_matches_the_onnx_reference_evaluator(nodes, inits, ou
     opset = 20 if any(n.op_type == "Gelu" for n in nodes) else 18
     model = _double_model(nodes, [("x", [2, 4])], out_shape, inits, opset=opset)
     x = np.random.default_rng(0).standard_normal((2, 4)) * 2
-    got = reference.onnx_forward(model, x)["y"]
+    got = oracle.onnx_forward(model, x)["y"]
     # the evaluator's Erf/Gelu are good to ~1e-8; ours use math.erf (see the test below)
     tol = 1e-7 if any(n.op_type in ("Gelu", "Erf") for n in nodes) else 1e-12
     np.testing.assert_allclose(
@@ -273,66 +275,12 @@ def test_each_supported_op_matches_the_onnx_reference_evaluator(nodes, inits, ou
 
 def test_gelu_and_erf_are_exact_at_known_points():
     # GELU(1) = Phi(1) and erf(1), to 16 digits
-    np.testing.assert_allclose(reference.gelu(np.array([1.0])), [0.8413447460685429], rtol=1e-15)
-    np.testing.assert_allclose(reference.erf(np.array([1.0])), [0.8427007929497149], rtol=1e-15)
-    np.testing.assert_allclose(reference.sigmoid(np.array([-800.0, 0.0, 800.0])), [0, 0.5, 1])
-
-
-def test_unsupported_op_is_named():
-    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="rnn0", hidden_size=2)
-    model = _double_model([node], [("x", [1, 1, 4])], [1, 1, 1, 2])
-    with pytest.raises(UnsupportedModelError, match="LSTM.*rnn0"):
-        reference.onnx_forward(model, np.zeros((1, 1, 4)))
-
-
-def test_custom_domain_op_is_named():
-    node = helper.make_node("FusedGemm", ["x", "x"], ["y"], domain="com.microsoft", name="fg")
-    model = _double_model([node], [("x", [2, 2])], [2, 2])
-    with pytest.raises(UnsupportedModelError, match="com.microsoft::FusedGemm"):
-        reference.onnx_forward(model, np.zeros((2, 2)))
-
-
-def test_training_mode_batchnorm_is_refused():
-    node = helper.make_node("BatchNormalization", ["x", "g", "g", "g", "g"], ["y"], training_mode=1)
-    model = _double_model([node], [("x", [2, 2])], [2, 2], [_const("g", np.ones(2))])
-    with pytest.raises(UnsupportedModelError, match="training_mode"):
-        reference.onnx_forward(model, np.zeros((2, 2)))
-
-
-def test_intermediate_values_can_be_requested():
-    model = graphs.build_mlp([5, 4, 3], "unfolded", seed=1)
-    x = np.ones((2, 5), np.float32)
-    vals = reference.onnx_forward(model, x, ["block0.bn", "block0.relu"])
-    np.testing.assert_array_equal(vals["block0.relu"], np.maximum(vals["block0.bn"], 0))
-    assert set(vals) == {"block0.bn", "block0.relu"}
-
-
-def test_evaluator_run_is_a_third_runner():
-    widths = [6, 5, 3]
-    model = graphs.build_mlp(widths, "unfolded", seed=2)
-    x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
-    np.testing.assert_allclose(
-        reference.evaluator_run(model, x),
-        graphs.mlp_reference(widths, x, seed=2),
-        rtol=1e-5,
-        atol=1e-6,
-    )
-
-
-def test_onnx_forward_of_checkpoint_graph_names_missing_inputs():
-    config = MLPConfig(in_features=3, out_features=2, hidden=(4,))
-    tensors = make_tensors(
-        config, np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
-    )
-    model = build_onnx(config, tensors, folded=False)
-    with pytest.raises(InputDataError, match="input"):
-        reference.onnx_forward(model, {"wrong": np.zeros((1, 3))})
-    assert onnx.checker.check_model(model) is None
+    np.testing.assert_allclose(kernels.gelu(np.array([1.0])), [0.8413447460685429], rtol=1e-15)
+    np.testing.assert_allclose(kernels.erf(np.array([1.0])), [0.8427007929497149], rtol=1e-15)
+    np.testing.assert_allclose(kernels.sigmoid(np.array([-800.0, 0.0, 800.0])), [0, 0.5, 1])
 
 
 # ---- the float64 kernels the float64 reference of any graph uses ------------------------------
-
-
 def _t(a):
     return torch.from_numpy(np.asarray(a, dtype=np.float64))
 
@@ -359,7 +307,7 @@ def test_conv_and_conv_transpose_equal_torch_in_float64(
     x = rng.normal(size=(n, c, size, size + 1))
     w = rng.normal(size=(m, per_group, k, k))
     b = rng.normal(size=m) if bias else None
-    got = reference.conv(
+    got = kernels.conv(
         x, w, b, strides=[stride] * 2, pads=[pad] * 4, dilations=[dilation] * 2, group=groups
     )
     want = torch.nn.functional.conv2d(
@@ -369,7 +317,7 @@ def test_conv_and_conv_transpose_equal_torch_in_float64(
     # ConvTranspose: weight [C, M / group, k, k]; output_padding below the stride
     wt = rng.normal(size=(c, out_per_group, k, k))
     extra = stride - 1 if stride > 1 and dilation == 1 else 0
-    got = reference.conv_transpose(
+    got = kernels.conv_transpose(
         x,
         wt,
         b,
@@ -405,12 +353,12 @@ def test_conv_and_conv_transpose_equal_torch_in_1d_and_3d(
     w = rng.normal(size=(m, per_group, *([k] * nd)))
     b = rng.normal(size=m)
     kw = {"strides": [stride] * nd, "pads": [pad] * (2 * nd), "dilations": [dilation] * nd}
-    got = reference.conv(x, w, b, group=groups, **kw)
+    got = kernels.conv(x, w, b, group=groups, **kw)
     conv = f.conv1d if nd == 1 else f.conv3d
     want = conv(_t(x), _t(w), _t(b), stride, pad, dilation, groups).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     wt = rng.normal(size=(c, out_per_group, *([k] * nd)))
-    got = reference.conv_transpose(x, wt, b, group=groups, **kw)
+    got = kernels.conv_transpose(x, wt, b, group=groups, **kw)
     conv_t = f.conv_transpose1d if nd == 1 else f.conv_transpose3d
     want = conv_t(_t(x), _t(wt), _t(b), stride, pad, 0, groups, dilation).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -421,7 +369,7 @@ def test_conv_and_conv_transpose_equal_torch_in_1d_and_3d(
 @pytest.mark.parametrize("count_include_pad", [0, 1])
 def test_pools_equal_torch_in_float64(kind, ceil_mode, count_include_pad):
     x = np.random.default_rng(4).normal(size=(2, 3, 9, 8))
-    got = reference.pool(
+    got = kernels.pool(
         x,
         kind,
         [3, 3],
@@ -473,11 +421,11 @@ def test_onnx_padding_modes_equal_onnxruntime(op, attrs):
     )[0]
     kw = {k: v for k, v in attrs.items() if k != "kernel_shape"}
     if op == "Conv":
-        got = reference.conv(x, w, **kw)
+        got = kernels.conv(x, w, **kw)
     elif op == "ConvTranspose":
-        got = reference.conv_transpose(x, w, **kw)
+        got = kernels.conv_transpose(x, w, **kw)
     else:
-        got = reference.pool(x, "max" if op == "MaxPool" else "avg", attrs["kernel_shape"], **kw)
+        got = kernels.pool(x, "max" if op == "MaxPool" else "avg", attrs["kernel_shape"], **kw)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -489,14 +437,14 @@ def test_batch_norm_node_is_inference_in_every_opset_and_spatial0_is_per_element
     want = torch.nn.functional.batch_norm(
         _t(x), _t(m), _t(v), _t(s), _t(b), training=False, eps=1e-3
     ).numpy()
-    np.testing.assert_allclose(reference.batch_norm_node(x, s, b, m, v, 1e-3), want, rtol=1e-12)
+    np.testing.assert_allclose(kernels.batch_norm_node(x, s, b, m, v, 1e-3), want, rtol=1e-12)
     # spatial=0 (opset < 9): one value per element of a sample
     s2, b2, m2 = (rng.normal(size=(3, 2, 2)) for _ in range(3))
     v2 = rng.uniform(0.5, 2, (3, 2, 2))
-    got = reference.batch_norm_node(x, s2, b2, m2, v2, 1e-5, spatial=0)
+    got = kernels.batch_norm_node(x, s2, b2, m2, v2, 1e-5, spatial=0)
     np.testing.assert_allclose(got, (x - m2) / np.sqrt(v2 + 1e-5) * s2 + b2, rtol=1e-12)
     with pytest.raises(UnsupportedModelError, match="training_mode"):
-        reference.batch_norm_node(x, s, b, m, v, training_mode=1)
+        kernels.batch_norm_node(x, s, b, m, v, training_mode=1)
 
 
 def test_checkpoint_forward_takes_feeds_by_input_name():
@@ -510,8 +458,8 @@ def test_checkpoint_forward_takes_feeds_by_input_name():
     ckpt = Ckpt()
     ckpt.config, ckpt.tensors = config, tensors
     np.testing.assert_array_equal(
-        reference.checkpoint_forward(ckpt, {"input": x}).output,
-        reference.forward_tensors(config, tensors, x).output,
+        checkpoint_forward(ckpt, {"input": x}).output,
+        forward_tensors(config, tensors, x).output,
     )
     with pytest.raises(InputDataError, match="one input 'input'"):
-        reference.checkpoint_forward(ckpt, {"continuous": x, "categorical": x})
+        checkpoint_forward(ckpt, {"continuous": x, "categorical": x})

@@ -14,11 +14,11 @@ import torch
 
 from bn_onnx import onnx_meta
 from bn_onnx.checkpoint import load_model, read_checkpoint
+from bn_onnx.checkpoint_forward import checkpoint_forward
 from bn_onnx.cli import main
 from bn_onnx.columns import COLUMNS_KEY, feeds_from_columns, read_columns
 from bn_onnx.errors import InputDataError
 from bn_onnx.export import export_checkpoint
-from bn_onnx.reference import checkpoint_forward
 from bn_onnx.torch_eval import run_checkpoint, run_checkpoint_taps
 from bn_onnx.train import TrainSettings, train
 

@@ -157,17 +157,18 @@ def test_taps_line_up_between_folded_and_unfolded(bn, activation):
 
 
 def test_taps_values_match_the_checkpoint_forward():
+    from onnx_forward_oracle import onnx_forward
     from test_verify_models import make_tensors
 
-    from bn_onnx import reference
+    from bn_onnx.checkpoint_forward import forward_tensors
 
     config = MLPConfig(in_features=4, out_features=3, hidden=(5, 6), bn="post", activation="gelu")
     x = np.random.default_rng(1).standard_normal((20, 4)).astype(np.float32)
     t = make_tensors(config, x)
     model = build_onnx(config, t, folded=True)
     taps = verify.find_taps(model)
-    vals = reference.onnx_forward(model, x, [tap.tensor for tap in taps])
-    fwd = dict(reference.forward_tensors(config, t, x).taps)
+    vals = onnx_forward(model, x, [tap.tensor for tap in taps])
+    fwd = dict(forward_tensors(config, t, x).taps)
     for tap in taps:
         np.testing.assert_allclose(vals[tap.tensor], fwd[tap.label], rtol=1e-5, atol=1e-5)
 
@@ -246,10 +247,11 @@ def test_torch_free_modules_do_not_import_torch():
     code = (
         "import sys\n"
         "import bn_onnx.runtime, bn_onnx.verify, bn_onnx.reference, bn_onnx.compare, "
-        "bn_onnx.arrays\n"
+        "bn_onnx.arrays, bn_onnx.float64_kernels, bn_onnx.checkpoint_forward\n"
         "import bn_onnx.verify.float64, bn_onnx.verify.locate, bn_onnx.verify.oracles, "
         "bn_onnx.verify.probes, bn_onnx.verify.report, bn_onnx.verify.runs, "
-        "bn_onnx.verify.signature, bn_onnx.verify.taps\n"
+        "bn_onnx.verify.signature, bn_onnx.verify.taps, bn_onnx.verify.engine, "
+        "bn_onnx.verify.runners, bn_onnx.verify.evaluator_ops\n"
         "import bn_onnx.cli.run, bn_onnx.cli.verify, bn_onnx.cli.fold\n"
         "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
         "print(bad)\n"
@@ -316,12 +318,12 @@ def test_auto_skips_a_cuda_provider_that_does_not_start_and_says_so(tmp_path, mo
 @pytest.mark.parametrize("bn", ["pre", "post", "none"])
 def test_torch_matching_points_agree_with_the_float64_ones(tmp_path, bn):
     pytest.importorskip("torch")
-    from bn_onnx import reference
+    from bn_onnx.checkpoint_forward import forward_tensors
     from bn_onnx.torch_eval import run_checkpoint_taps
 
     ckpt, config, tensors, x, _ = dataset_checkpoint(tmp_path, "wine", bn=bn, activation="silu")
     out, taps = run_checkpoint_taps(ckpt, x)
-    fwd = reference.forward_tensors(config, tensors, x)
+    fwd = forward_tensors(config, tensors, x)
     assert [label for label, _ in taps] == [label for label, _ in fwd.taps]
     for (label, got), (_, expected) in zip(taps, fwd.taps, strict=True):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=label)

@@ -37,9 +37,7 @@ def test_one_model_is_judged_by_what_float32_costs_torch_eval():
     policy = pairs.calibrate(
         _report(torch_error=8e-5, model_error=9e-5),
         TolerancePolicy(),
-        baseline=("float64 checkpoint",),
         original="m.onnx",
-        independent="torch eval",
     )
     atol, origin = _atol(policy)
     # torch eval needs max(|a - b| - rtol |b|): 8e-5 less 1e-4 times the smallest |b| (3/11),
@@ -55,9 +53,7 @@ def test_one_model_without_an_independent_float32_run_keeps_the_default():
     policy = pairs.calibrate(
         _report(torch_error=None, model_error=9e-5),
         TolerancePolicy(),
-        baseline=("float64 checkpoint",),
         original="m.onnx",
-        independent="torch eval",
     )
     assert _atol(policy) == (pytest.approx(1e-5), "float32 default")
 
@@ -73,10 +69,7 @@ def test_one_model_is_also_judged_by_its_own_float32_arithmetic_not_by_its_const
     policy = pairs.calibrate(
         report,
         TolerancePolicy(),
-        baseline=("float64 checkpoint", "float64 reference"),
         original="m.onnx",
-        independent="torch eval",
-        own_graph="float64 reference",
     )
     atol, origin = _atol(policy)
     assert atol == pytest.approx(1e-5)  # float32 arithmetic here is exact to 1e-8: no raise

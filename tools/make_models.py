@@ -299,10 +299,10 @@ def quantize_digits(target: Path) -> None:
 def make_digits(out_dir: Path, *, retrain: bool = True, log: Any = print) -> dict[str, Any]:
     """Build `out_dir/digits/` (created if needed); return the figures the model card quotes."""
     from bn_onnx.checkpoint import read_checkpoint
+    from bn_onnx.checkpoint_forward import checkpoint_forward
     from bn_onnx.data import load_split_from_checkpoint_meta
     from bn_onnx.export import export_checkpoint
     from bn_onnx.files import atomic_output
-    from bn_onnx.reference import checkpoint_forward
 
     target = out_dir / "digits"
     target.mkdir(parents=True, exist_ok=True)
@@ -608,12 +608,12 @@ def make_tabular(out_dir: Path, *, retrain: bool = True, log: Any = print) -> di
     import json
 
     from bn_onnx.checkpoint import read_checkpoint
+    from bn_onnx.checkpoint_forward import checkpoint_forward
     from bn_onnx.columns import feeds_from_columns, read_columns
     from bn_onnx.data import load_dataset
     from bn_onnx.export import export_checkpoint
     from bn_onnx.files import atomic_output
     from bn_onnx.onnx_meta import get_metadata
-    from bn_onnx.reference import checkpoint_forward
 
     target = out_dir / "tabular"
     target.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bn_onnx.cli.verify import VerifyOptions, add_verify_options
+from bn_onnx.cli.verify import add_verify_options, verify_options, verify_options_given
 
 if TYPE_CHECKING:
     from bn_onnx.fold.model_io import FoldOptions
@@ -111,36 +111,36 @@ def run(args: argparse.Namespace) -> int:
     from bn_onnx.fold.report import summary_lines
 
     options = fold_options(args)
-    check = VerifyOptions.from_args(args)
     if args.verify:
-        return _fold_verified(args, options, check)
-    if check != VerifyOptions(locate=True):
-        raise UsageError("the verify options (--input, --provider, --atol, ...) need --verify")
+        return _fold_verified(args, options)
+    given = verify_options_given(args) + ([] if args.locate else ["--no-locate"])
+    if given:
+        raise UsageError(f"the verify options ({', '.join(given)}) need --verify")
     report = _fold(args, options)
     if not args.quiet:
         print("\n".join(summary_lines(report, args.model, args.output)))
     return 0
 
 
-def _fold_verified(args: argparse.Namespace, options: FoldOptions, check: VerifyOptions) -> int:
+def _fold_verified(args: argparse.Namespace, options: FoldOptions) -> int:
     """Fold into the output group (temporary files beside OUT), verify against IN, and only
     then rename."""
+    import dataclasses
+
     from bn_onnx.files import OutputGroup
     from bn_onnx.fold.report import summary_lines
-    from bn_onnx.verify import render, verify
+    from bn_onnx.verify import render, verify_models
 
-    keywords = check.keywords()  # reads --input: a bad file fails before the fold
+    check = verify_options(args)  # reads --input: a bad file fails before the fold
     with OutputGroup() as group:
         report = _fold(args, options, group)
         folded = group.staged(args.output)
         names = [Path(args.model).name, Path(args.output).name]
         if names[0] == names[1]:
             names = [f"{names[0]} (original)", f"{names[1]} (folded)"]
-        proof = verify(
+        proof = verify_models(
             [args.model, folded],
-            labels=names,
-            renamed=report.to_dict().get("renamed"),
-            **keywords,
+            dataclasses.replace(check, labels=names, renamed=report.to_dict().get("renamed")),
         )
         if not proof:
             group.discard()

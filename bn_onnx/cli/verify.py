@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bn_onnx.cli._common import positive_int
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bn_onnx.verify import TorchRunner, VerifyOptions
 
 INPUT_FORMATS = (".npz", ".npy", ".csv")
 
@@ -39,7 +43,7 @@ def shape_arg(text: str) -> tuple[str, tuple[int, ...]]:
 
 def add_verify_options(p: argparse.ArgumentParser, *, locate: bool = False) -> None:
     """The data, probe, provider, tolerance and --locate options, shared with `bn-onnx fold
-    --verify` (read back by `VerifyOptions.from_args`); `locate`: the --locate default."""
+    --verify` (read back once by `verify_options`); `locate`: the --locate default."""
     p.add_argument(
         "--input",
         metavar="X",
@@ -96,50 +100,21 @@ def add_verify_options(p: argparse.ArgumentParser, *, locate: bool = False) -> N
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class VerifyOptions:
-    """The options `add_verify_options` adds, read once from the arguments and passed to
-    `bn_onnx.verify.verify` as keywords (`verify(models, **options.keywords())`)."""
+# The values `add_verify_options` leaves when none of its options is given (--locate aside).
+VERIFY_DEFAULTS: dict[str, Any] = {
+    "input": None,
+    "shape": [],
+    "provider": "auto",
+    "atol": [],
+    "rtol": [],
+    "rows": 256,
+    "seed": 0,
+}
 
-    input: str | None = None
-    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-    provider: str = "auto"
-    atol: dict[str, float] | None = None
-    rtol: dict[str, float] | None = None
-    rows: int = 256
-    seed: int = 0
-    locate: bool = False
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> VerifyOptions:
-        return cls(
-            input=args.input,
-            shapes=dict(args.shape),
-            provider=args.provider,
-            atol=tolerances(args.atol),
-            rtol=tolerances(args.rtol),
-            rows=args.rows,
-            seed=args.seed,
-            locate=args.locate,
-        )
-
-    def files(self) -> list[tuple[str, str]]:
-        """The files the options read, as `check_outputs` takes them."""
-        return [("the input file", self.input)] if self.input else []
-
-    def keywords(self) -> dict[str, Any]:
-        """`verify`'s keyword arguments; the --input file is read here (one-line errors)."""
-        return {
-            "inputs": read_inputs(self.input) if self.input else None,
-            "input_source": f"from {self.input}" if self.input else None,
-            "shapes": self.shapes,
-            "provider": self.provider,
-            "atol": self.atol,
-            "rtol": self.rtol,
-            "rows": self.rows,
-            "seed": self.seed,
-            "locate": self.locate,
-        }
+def verify_options_given(args: argparse.Namespace) -> list[str]:
+    """The options of `add_verify_options` that `args` sets to other than their defaults."""
+    return [f"--{k}" for k, v in VERIFY_DEFAULTS.items() if getattr(args, k, v) != v]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -173,7 +148,7 @@ def tolerances(pairs: list[tuple[str, float]]) -> dict[str, float] | None:
     return dict(pairs) if pairs else None
 
 
-def read_inputs(path: str) -> Any:
+def read_inputs(path: str) -> np.ndarray | dict[str, np.ndarray]:
     """`--input`: an .npz as name -> array, an .npy or .csv as one array (no pickles)."""
     from pathlib import Path
 
@@ -220,13 +195,37 @@ def read_renamed(path: str | None) -> dict[str, str] | None:
     return None
 
 
-def torch_runner_or_none() -> Any:
+def torch_runner_or_none() -> TorchRunner | None:
     """torch eval of a checkpoint, or None on a torch-free install."""
     try:
         from bn_onnx.torch_eval import run_checkpoint_taps
     except ImportError:
         return None
     return run_checkpoint_taps
+
+
+def verify_options(args: argparse.Namespace) -> VerifyOptions:
+    """The `VerifyOptions` of `verify`'s arguments (`add_verify_options`' and the rest that
+    `args` has: --checkpoint, --input, --locate, --fold-report), made once."""
+    from bn_onnx.verify import VerifyOptions
+
+    checkpoint = getattr(args, "checkpoint", None)
+    source = getattr(args, "input", None)
+    fold_report = getattr(args, "fold_report", None)
+    return VerifyOptions(
+        checkpoint=checkpoint,
+        inputs=read_inputs(source) if source else None,
+        input_source=f"from {source}" if source else None,
+        shapes=dict(args.shape),
+        provider=args.provider,
+        atol=tolerances(args.atol),
+        rtol=tolerances(args.rtol),
+        locate=bool(getattr(args, "locate", False)),
+        torch_runner=torch_runner_or_none() if checkpoint else None,
+        rows=args.rows,
+        seed=args.seed,
+        renamed=read_renamed(fold_report),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,9 +238,8 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_files,
         model_files,
     )
-    from bn_onnx.verify import render, verify, write_report
+    from bn_onnx.verify import render, verify_models, write_report
 
-    options = VerifyOptions.from_args(args)
     for m in args.models:
         check_input_file(m, "model file")
     if args.report:
@@ -250,18 +248,12 @@ def run(args: argparse.Namespace) -> int:
             [("--report", args.report)],
             lambda: [
                 *(f for m in args.models for f in model_files(m)),
-                *options.files(),
+                *([("the input file", args.input)] if args.input else []),
                 *([("the fold report", args.fold_report)] if args.fold_report else []),
                 *checkpoint_files(args.checkpoint, CHECKPOINT_FILES),
             ],
         )
-    report = verify(
-        args.models,
-        checkpoint=args.checkpoint,
-        torch_runner=torch_runner_or_none() if args.checkpoint else None,
-        renamed=read_renamed(args.fold_report),
-        **options.keywords(),
-    )
+    report = verify_models(args.models, verify_options(args))
     text = render(report)
     print(text.splitlines()[-1] if args.quiet else text)
     if args.report:

@@ -4,10 +4,10 @@
 Constant and ConstantOfShape values, Cast/EyeLike/Random* targets, and graph input, output and
 subgraph types of float32, float16 and bfloat16 become double (model-local functions are
 inlined first, so their bodies are cast too). The result runs in onnxruntime where it has a
-double kernel for every op (with graph optimizations off), else in onnx.reference, whose Erf,
-Conv, ConvTranspose, MaxPool, AveragePool and BatchNormalization are replaced by
-`bn_onnx.reference`'s, and whose Add, Sub, Mul and Div learn opsets 1-6's broadcast axis (see
-`reference_ops` for why).
+double kernel for every op (with graph optimizations off), else in onnx.reference with the
+corrected kernels of `bn_onnx.verify.evaluator_ops` (`bn_onnx.float64_kernels`' Erf, Conv,
+ConvTranspose, pools and BatchNormalization, and opsets 1-6's broadcast axis for Add, Sub,
+Mul and Div).
 
 A model with quantization ops (QuantizeLinear, QLinearConv, ...) has values whose meaning is
 tied to float32 and cannot be cast; `Float64Reference` then holds the reason (`bool()` False)
@@ -25,8 +25,9 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from bn_onnx.compare import is_float_dtype
-from bn_onnx.errors import BnOnnxError, UnsupportedModelError
-from bn_onnx.verify.runs import OrtRunner, Outputs, ReferenceRunner, mark_outputs
+from bn_onnx.errors import BnOnnxError, UnsupportedModelError, one_line
+from bn_onnx.verify import evaluator_ops
+from bn_onnx.verify.runs import EvaluatorSession, OrtSession, Outputs, mark_outputs
 
 FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 # Ops whose values are defined by a float32 (or integer) quantization grid: no float64 meaning.
@@ -60,189 +61,6 @@ _DTYPE_ATTRS = {
 _NO_KERNEL = re.compile(
     r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'"
 )
-
-
-def reference_ops() -> list[type]:
-    """onnx.reference kernels replaced by `bn_onnx.reference`'s float64 ones.
-
-    Erf: onnx's rounds through float32. Conv and ConvTranspose: onnx's mix up the groups of a
-    grouped (depthwise) convolution when the batch has more than one row.
-    BatchNormalization: onnx's versions 6-13 use the batch's own statistics (is_test=0 and a
-    momentum are their defaults); an inference graph means the running statistics, as
-    onnxruntime computes them. MaxPool and AveragePool: onnx's loop over every window in
-    Python (30 s for one ResNet-18 pool on 6 images); a MaxPool asked for its Indices output
-    keeps onnx's. Add, Sub, Mul, Div: opsets 1-6's broadcast axis (`_legacy_binary`).
-    """
-    from onnx.reference.op_run import OpRun
-    from onnx.reference.ops.op_max_pool import MaxPool as OnnxMaxPool
-
-    from bn_onnx.reference import batch_norm_node, conv, conv_transpose, erf, pool
-
-    class Erf(OpRun):  # the class name is the op it replaces
-        op_domain = ""
-
-        def _run(self, x: np.ndarray) -> tuple[np.ndarray]:
-            return (erf(x).astype(x.dtype),)
-
-    class Conv(OpRun):
-        op_domain = ""
-
-        def _run(
-            self,
-            x,
-            w,
-            b=None,
-            auto_pad=None,
-            dilations=None,
-            group=None,  # noqa: ANN001
-            kernel_shape=None,
-            pads=None,
-            strides=None,
-        ):
-            y = conv(
-                x,
-                w,
-                b,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                group=group or 1,
-                auto_pad=auto_pad or "NOTSET",
-            )
-            return (y.astype(x.dtype),)
-
-    class ConvTranspose(OpRun):
-        op_domain = ""
-
-        def _run(
-            self,
-            x,
-            w,
-            b=None,
-            auto_pad=None,
-            dilations=None,
-            group=None,  # noqa: ANN001
-            kernel_shape=None,
-            output_padding=None,
-            output_shape=None,
-            pads=None,
-            strides=None,
-        ):
-            y = conv_transpose(
-                x,
-                w,
-                b,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                group=group or 1,
-                auto_pad=auto_pad or "NOTSET",
-                output_padding=output_padding,
-                output_shape=output_shape,
-            )
-            return (y.astype(x.dtype),)
-
-    class BatchNormalization(OpRun):
-        op_domain = ""
-
-        def _run(
-            self,
-            x,
-            scale,
-            bias,
-            mean,
-            var,
-            epsilon=None,
-            momentum=None,  # noqa: ANN001
-            training_mode=None,
-            is_test=None,
-            spatial=None,
-            consumed_inputs=None,
-        ):
-            y = batch_norm_node(x, scale, bias, mean, var, epsilon, training_mode, spatial)
-            return (y.astype(x.dtype),)
-
-    class MaxPool(OnnxMaxPool):
-        op_domain = ""
-
-        def _run(
-            self,
-            x,
-            auto_pad=None,
-            ceil_mode=None,
-            dilations=None,  # noqa: ANN001
-            kernel_shape=None,
-            pads=None,
-            storage_order=None,
-            strides=None,
-        ):
-            if len([o for o in self.onnx_node.output if o]) > 1:
-                return super()._run(
-                    x, auto_pad, ceil_mode, dilations, kernel_shape, pads, storage_order, strides
-                )
-            y = pool(
-                x,
-                "max",
-                kernel_shape,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                ceil_mode=ceil_mode or 0,
-                auto_pad=auto_pad or "NOTSET",
-            )
-            return (y.astype(x.dtype),)
-
-    class AveragePool(OpRun):
-        op_domain = ""
-
-        def _run(
-            self,
-            x,
-            auto_pad=None,
-            ceil_mode=None,
-            count_include_pad=None,  # noqa: ANN001
-            dilations=None,
-            kernel_shape=None,
-            pads=None,
-            strides=None,
-        ):
-            y = pool(
-                x,
-                "avg",
-                kernel_shape,
-                strides=strides,
-                pads=pads,
-                dilations=dilations,
-                ceil_mode=ceil_mode or 0,
-                count_include_pad=count_include_pad or 0,
-                auto_pad=auto_pad or "NOTSET",
-            )
-            return (y.astype(x.dtype),)
-
-    return [Erf, Conv, ConvTranspose, BatchNormalization, MaxPool, AveragePool, *_legacy_binary()]
-
-
-def _legacy_binary() -> list[type]:
-    """Add, Sub, Mul and Div that honour opsets 1-6's `broadcast=1, axis=k`: B's dims line up
-    with A's from axis k (Caffe2's per-channel Scale layer is `Mul <broadcast=1, axis=1>`).
-    onnx.reference ignores both attributes and broadcasts numpy's way, from the last axis, so
-    a (C,) scale on (N, C, H, W) with W == C ran along W. From opset 7 on there are no such
-    attributes and these are onnx.reference's own kernels."""
-    from onnx.reference.ops.op_add import Add
-    from onnx.reference.ops.op_div import Div
-    from onnx.reference.ops.op_mul import Mul
-    from onnx.reference.ops.op_sub import Sub
-
-    def legacy(base: type) -> type:
-        def _run(self, a, b):  # noqa: ANN001, ANN202
-            axis = getattr(self, "axis", None)
-            if getattr(self, "broadcast", None) and axis is not None and 0 < b.ndim < a.ndim:
-                b = b.reshape(b.shape + (1,) * (a.ndim - int(axis) - b.ndim))
-            return base._run(self, a, b)
-
-        return type(base.__name__, (base,), {"_run": _run})
-
-    return [legacy(op) for op in (Add, Sub, Mul, Div)]
 
 
 def _double_tensor(t: TensorProto) -> None:
@@ -319,11 +137,6 @@ def to_double(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 @dataclass
 class Float64Reference:
     """The float64 reference of one model, and how it runs.
@@ -339,7 +152,8 @@ class Float64Reference:
     engine: str | None = None
     notes: list[str] = field(default_factory=list)
     blocker: str | None = None
-    _runner: OrtRunner | ReferenceRunner | None = None
+    _runner: OrtSession | EvaluatorSession | None = None
+    _marked: dict[tuple[str, ...], OrtSession] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.model is not None and self.blocker is None
@@ -353,7 +167,7 @@ class Float64Reference:
             "onnxruntime (CPU, graph optimizations off)"
             if self.engine == "onnxruntime"
             else "onnx.reference (numpy; Conv, ConvTranspose, pools, BatchNormalization and Erf "
-            "from bn_onnx.reference)"
+            "from bn_onnx.float64_kernels)"
         )
         why = f": {'; '.join(self.notes)}" if self.notes else ""
         return f"{self.source} cast to float64, run in {where}{why}"
@@ -361,7 +175,7 @@ class Float64Reference:
     def _fallback(self, reason: str) -> None:
         self.notes.append(reason)
         self.engine = "onnx.reference"
-        self._runner = ReferenceRunner(self.model, new_ops=reference_ops())
+        self._runner = EvaluatorSession(self.model, new_ops=evaluator_ops.corrected_ops())
 
     def run(
         self, feeds: Sequence[dict[str, np.ndarray]], names: Sequence[str] | None = None
@@ -392,12 +206,17 @@ class Float64Reference:
             return self.run(feeds, names)
 
 
-def _runner_with(ref: Float64Reference, names: Sequence[str]) -> OrtRunner | ReferenceRunner:
+def _runner_with(ref: Float64Reference, names: Sequence[str]) -> OrtSession | EvaluatorSession:
+    """A session returning `names` too: onnx.reference's own, else one onnxruntime session
+    per set of names, kept for the next feed (`--locate` asks once per pair)."""
     assert ref.model is not None
     if ref.engine == "onnx.reference":
-        assert isinstance(ref._runner, ReferenceRunner)
+        assert isinstance(ref._runner, EvaluatorSession)
         return ref._runner  # it returns intermediate values by name as they are
-    return OrtRunner(mark_outputs(ref.model, names), "cpu", optimization="disable")
+    key = tuple(names)
+    if key not in ref._marked:
+        ref._marked[key] = OrtSession(mark_outputs(ref.model, key), "cpu", optimization="disable")
+    return ref._marked[key]
 
 
 def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
@@ -409,7 +228,7 @@ def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
         ref.blocker = str(exc)
         return ref
     try:
-        ref._runner = OrtRunner(ref.model, "cpu", optimization="disable")
+        ref._runner = OrtSession(ref.model, "cpu", optimization="disable")
         ref.engine = "onnxruntime"
         return ref
     except BnOnnxError as exc:
@@ -417,7 +236,7 @@ def build(model: onnx.ModelProto, label: str, source: str) -> Float64Reference:
         reason = (
             f"onnxruntime has no float64 kernel for {m.group(1)} (opset {m.group(2)})"
             if m
-            else f"onnxruntime cannot load it in float64 ({_first_line(exc)})"
+            else f"onnxruntime cannot load it in float64 ({one_line(exc)})"
         )
     try:
         ref._fallback(reason)

@@ -25,6 +25,11 @@ from bn_onnx.compare import TolerancePolicy, compare_arrays
 from bn_onnx.verify.runs import Outputs, value_types
 from bn_onnx.verify.signature import FLOAT_TYPES
 
+# (label, graph whose tensor names are used, f(names) -> values): a run seen by tensor name.
+NamedSource = tuple[str, onnx.ModelProto, Callable[[Sequence[str]], Outputs]]
+# (label, tap label -> values, tap label -> the nodes or modules computing it).
+TapSource = tuple[str, Mapping[str, np.ndarray], Mapping[str, list[str]]]
+
 
 @dataclass
 class Point:
@@ -217,8 +222,8 @@ def _point(
 
 
 def by_names(
-    actual: tuple[str, onnx.ModelProto, Callable[[Sequence[str]], Outputs]],
-    expected: tuple[str, onnx.ModelProto, Callable[[Sequence[str]], Outputs]],
+    actual: NamedSource,
+    expected: NamedSource,
     *,
     probe: str,
     policy: TolerancePolicy,
@@ -311,8 +316,8 @@ def by_names(
 
 
 def by_taps(
-    actual: tuple[str, Mapping[str, np.ndarray], Mapping[str, list[str]]],
-    expected: tuple[str, Mapping[str, np.ndarray], Mapping[str, list[str]]],
+    actual: TapSource,
+    expected: TapSource,
     *,
     probe: str,
     policy: TolerancePolicy,

@@ -3,38 +3,45 @@
 `checkpoint_input(feeds)` is the one place that turns verify's feeds (input name -> array) into
 what a checkpoint's oracles take: for an MLP checkpoint, whose model has the one input
 `input` [batch, features], that array; for a checkpoint whose model takes several named inputs
-(tabular columns), the feeds dict itself, which `bn_onnx.reference.checkpoint_forward` and the
+(tabular columns), the feeds dict itself, which `bn_onnx.checkpoint_forward` and the
 torch runner then accept. No torch here: the torch runner is passed in by the caller.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
-from bn_onnx import reference
+from bn_onnx.checkpoint_forward import checkpoint_forward
 from bn_onnx.columns import CONTINUOUS
 from bn_onnx.errors import UsageError
 from bn_onnx.onnx_meta import INPUT_NAME
-from bn_onnx.verify.runs import Outputs, merge
+from bn_onnx.verify.runs import Outputs, Run, merge
 from bn_onnx.verify.signature import Signature
+from bn_onnx.verify.taps import checkpoint_tap_nodes
+
+if TYPE_CHECKING:
+    from bn_onnx.checkpoint import Checkpoint
+    from bn_onnx.tabular import TabularSpec
 
 # f(checkpoint_dir, inputs) -> outputs, or (outputs, [(label, values), ...]) at the MLP's
 # matching points; `inputs` is what `checkpoint_input` returns.
-TorchRunner = Callable[[str, Any], Any]
+CheckpointInput = np.ndarray | dict[str, np.ndarray]
+TorchRunner = Callable[[str, CheckpointInput], Any]
 Taps = dict[str, np.ndarray]
 
 
-def checkpoint_input(feeds: Mapping[str, np.ndarray]) -> Any:
+def checkpoint_input(feeds: Mapping[str, np.ndarray]) -> CheckpointInput:
     """What the checkpoint oracles take for one run's feeds (see the module docstring)."""
     if set(feeds) == {INPUT_NAME}:
         return feeds[INPUT_NAME]
     return dict(feeds)
 
 
-def check_inputs(checkpoint: Any, sig: Signature) -> None:
+def check_inputs(checkpoint: Checkpoint, sig: Signature) -> None:
     """Raise `UsageError` when an MLP checkpoint's width differs from the models' input."""
     names = [s.name for s in sig.inputs]
     if names != [INPUT_NAME]:
@@ -52,10 +59,10 @@ def _merge_taps(per_run: Sequence[Sequence[tuple[str, np.ndarray]]]) -> Taps:
 
 
 def float64_outputs(
-    checkpoint: Any, feeds: Sequence[dict[str, np.ndarray]], output: str
+    checkpoint: Checkpoint, feeds: Sequence[dict[str, np.ndarray]], output: str
 ) -> tuple[Outputs, Taps]:
     """The checkpoint's numpy float64 forward over each run: outputs by name, and taps."""
-    runs = [reference.checkpoint_forward(checkpoint, checkpoint_input(f)) for f in feeds]
+    runs = [checkpoint_forward(checkpoint, checkpoint_input(f)) for f in feeds]
     return merge([{output: r.output} for r in runs]), _merge_taps([r.taps for r in runs])
 
 
@@ -73,7 +80,7 @@ def torch_outputs(
     return merge(outs), (_merge_taps(taps) if taps else None)
 
 
-def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
+def test_split(checkpoint: Checkpoint) -> tuple[dict[str, np.ndarray], str]:
     """The checkpoint's test split as feeds, rebuilt from the recipe in its config.json.
 
     Raises:
@@ -94,7 +101,7 @@ def test_split(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
     return {INPUT_NAME: x}, f"the checkpoint's {words} ({name}, {len(x)} rows)"
 
 
-def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def input_stats(checkpoint: Checkpoint) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-feature (mean, var + eps) of each input from the checkpoint's input normalization.
 
     var + eps is what the model divides by: a feature with no variance in training is probed
@@ -130,7 +137,7 @@ def input_stats(checkpoint: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {}
 
 
-def _tabular_spec(checkpoint: Any) -> Any:
+def _tabular_spec(checkpoint: Checkpoint) -> TabularSpec | None:
     """The checkpoint's `TabularSpec`, or None for a plain MLP."""
     spec = getattr(checkpoint.config, "tabular", None)
     if spec is None:
@@ -140,8 +147,64 @@ def _tabular_spec(checkpoint: Any) -> Any:
     return spec if isinstance(spec, TabularSpec) else TabularSpec.from_dict(spec)
 
 
-def read(path: Any) -> Any:
+def read(path: str) -> Checkpoint:
     """Read a checkpoint directory (numpy only)."""
     from bn_onnx.checkpoint import read_checkpoint
 
     return read_checkpoint(path)
+
+
+CHECKPOINT_LABEL = "float64 checkpoint"
+TORCH_LABEL = "torch eval"
+
+
+class CheckpointRunner:
+    """The checkpoint's numpy float64 forward (`bn_onnx.checkpoint_forward`), the
+    baseline: a `bn_onnx.verify.runners.Runner` without a graph, whose intermediates are the
+    MLP's matching points."""
+
+    kind = "checkpoint"
+    provider: str | None = None
+    folded: bool | None = None
+    graph: onnx.ModelProto | None = None
+
+    def __init__(self, checkpoint: Checkpoint, path: str, output: str) -> None:
+        self.label = CHECKPOINT_LABEL
+        self.detail = f"numpy float64 forward of {path}"
+        self.checkpoint, self.path, self.output = checkpoint, path, output
+        self.tap_nodes = checkpoint_tap_nodes(checkpoint.config)
+
+    def run(self, feeds: Sequence[dict[str, np.ndarray]]) -> Outputs:
+        """See `Runner.run`."""
+        return float64_outputs(self.checkpoint, feeds, self.output)[0]
+
+    def intermediates(self, feed: dict[str, np.ndarray], names: Sequence[str] | None) -> Outputs:
+        """The matching points for one feed (`names`: their labels; None: all)."""
+        taps = float64_outputs(self.checkpoint, [feed], self.output)[1]
+        return {k: v for k, v in taps.items() if names is None or k in names}
+
+    def result(self) -> Run:
+        """See `Runner.result`."""
+        return Run(self.label, self.kind, self.detail)
+
+
+class TorchEvalRunner(CheckpointRunner):
+    """torch eval of the checkpoint through `fn` (`TorchRunner`, e.g.
+    `bn_onnx.torch_eval.run_checkpoint_taps`): this module never imports torch."""
+
+    kind = "torch"
+
+    def __init__(self, checkpoint: Checkpoint, path: str, output: str, fn: TorchRunner) -> None:
+        super().__init__(checkpoint, path, output)
+        self.label = TORCH_LABEL
+        self.detail = "torch float32, CPU, eval mode"
+        self.fn = fn
+
+    def run(self, feeds: Sequence[dict[str, np.ndarray]]) -> Outputs:
+        """See `Runner.run`."""
+        return torch_outputs(self.fn, self.path, feeds, self.output)[0]
+
+    def intermediates(self, feed: dict[str, np.ndarray], names: Sequence[str] | None) -> Outputs:
+        """The matching points for one feed, empty when `fn` gives none."""
+        taps = torch_outputs(self.fn, self.path, [feed], self.output)[1] or {}
+        return {k: v for k, v in taps.items() if names is None or k in names}

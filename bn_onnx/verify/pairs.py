@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
 from bn_onnx.compare import (
+    OutputComparison,
     TolerancePolicy,
     compare_outputs,
     is_float_dtype,
@@ -68,15 +68,17 @@ def compare(
 CALIBRATION = 2.0  # folding may add about the original model's own float error, not more
 
 
-def calibrate(
-    report: VerifyReport,
-    policy: TolerancePolicy,
-    *,
-    baseline: Sequence[str],
-    original: str,
-    independent: str | None = None,
-    own_graph: str | None = None,
-) -> TolerancePolicy:
+def baseline(runs: Sequence[Run]) -> Run | None:
+    """The run every other is judged against: the checkpoint's float64 forward, else the
+    float64 graph (None: neither ran)."""
+    for kind in ("checkpoint", "float64"):
+        found = next((r for r in runs if r.kind == kind), None)
+        if found is not None:
+            return found
+    return None
+
+
+def calibrate(report: VerifyReport, policy: TolerancePolicy, *, original: str) -> TolerancePolicy:
     """Raise a float output's default atol to twice what the original model itself needs.
 
     A deep float32 network (a timm DLA-34 with random weights: 2.3e-5 max abs on outputs near
@@ -89,25 +91,25 @@ def calibrate(
     capped at `FLOOR_CAP` times the default, above which the original itself fails). A user's
     --atol is used as given. With one model only, a model cannot calibrate its own proof;
     what float32 costs is then taken from the runs that leave the model's constants out of it:
-    the float32 run of the same checkpoint that is not the model (run label `independent`:
-    torch eval) against the baseline, and the model against its own graph in float64 (run
-    label `own_graph`: the same constants, exact arithmetic), which measures the runtime's
+    the float32 run of the same checkpoint that is not the model (the `torch` run: torch
+    eval) against the baseline, and the model against its own graph in float64 (the
+    `float64` run: the same constants, exact arithmetic), which measures the runtime's
     float32 arithmetic only. The model's constants are still checked against the checkpoint
     at that tolerance (the float64 graph's own comparison). Without a float64 baseline, or with
     one model and neither run, the defaults stay.
     """
-    runs = {r.label: r for r in report.runs}
-    base = next((runs[b] for b in baseline if b in runs), None)
+    base = baseline(report.runs)
     models = [r for r in report.runs if r.kind == "onnx"]
     own = [r for r in models if r.model == original]
     against = {r.label: base for r in own}
     if base is not None and len(own) == len(models):
-        own = [runs[independent]] if independent in runs else []
+        own = [r for r in report.runs if r.kind == "torch"]
         against = {r.label: base for r in own}
-        if own_graph in runs and runs[own_graph] is not base:
+        graph = next((r for r in report.runs if r.kind == "float64"), None)
+        if graph is not None and graph is not base:
             for r in models:
                 own.append(r)
-                against[r.label] = runs[own_graph]
+                against[r.label] = graph
         if not own:
             return policy
     elif base is None:
@@ -149,24 +151,21 @@ def nonfinite_warnings(base: Run) -> list[str]:
     return out
 
 
-def add_pairs(
-    report: VerifyReport,
-    providers: Sequence[str],
-    policy: TolerancePolicy,
-    classifier: set[str],
-    *,
-    baseline: Sequence[str],
-) -> None:
-    """Fill `report.pairs` and `report.folding`; `baseline` lists run labels by preference."""
-    runs = {r.label: r for r in report.runs}
-    base = next((runs[b] for b in baseline if b in runs), None)
+def by_provider(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """The model runs (kind `onnx`) per provider, in run order."""
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.kind == "onnx":
+            out.setdefault(str(r.provider), []).append(r)
+    return out
+
+
+def add_pairs(report: VerifyReport, policy: TolerancePolicy, classifier: set[str]) -> None:
+    """Fill `report.pairs` and `report.folding` from the runs' kinds and providers."""
+    base = baseline(report.runs)
     if base is not None:
         report.warnings.extend(nonfinite_warnings(base))
-    model_runs = [r for r in report.runs if r.kind == "onnx"]
-
-    def same_provider(prov: str) -> list[Run]:
-        return [r for r in model_runs if r.label.endswith(f"[{prov}]")]
-
+    groups = by_provider(report.runs)
     for p in report.probes:
         if base is not None:
             for r in report.runs:
@@ -174,8 +173,7 @@ def add_pairs(
                     report.pairs.append(
                         compare(p.kind, r, base, policy, classifier, counted=True, kind="float64")
                     )
-        for prov in providers:
-            same = same_provider(prov)
+        for same in groups.values():
             for r in same[1:]:
                 kind = "float32 pair" if base is None else "info"
                 report.pairs.append(
@@ -185,8 +183,7 @@ def add_pairs(
         return
     errors = {(pr.probe, pr.actual): pr for pr in report.pairs if pr.expected == base.label}
     for p in report.probes:
-        for prov in providers:
-            same = same_provider(prov)
+        for prov, same in groups.items():
             floats = [r for r in same if not r.int8]  # INT8 error is quantization's
             unf = [r for r in floats if not r.folded]
             fol = [r for r in floats if r.folded]
@@ -245,7 +242,9 @@ def forgive_float_noise(report: VerifyReport, *, original: str) -> None:
             _forgive(oc, got, ref, theirs, orig.label)
 
 
-def _forgive(oc: Any, got: np.ndarray, ref: np.ndarray, theirs: np.ndarray, label: str) -> None:
+def _forgive(
+    oc: OutputComparison, got: np.ndarray, ref: np.ndarray, theirs: np.ndarray, label: str
+) -> None:
     b = ref.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         err = np.abs(got.astype(np.float64) - b)

@@ -50,12 +50,9 @@ class Pair:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
+        d = {k: v for k, v in self.__dict__.items() if k != "comparison"}
         return {
-            "probe": self.probe,
-            "actual": self.actual,
-            "expected": self.expected,
-            "counted": self.counted,
-            "kind": self.kind,
+            **d,
             "passed": self.passed,
             "outputs": [o.to_dict() for o in self.comparison.outputs],
         }

@@ -11,13 +11,14 @@ from __future__ import annotations
 import ctypes
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 
-from bn_onnx.errors import BnOnnxError, InputDataError, UnsupportedModelError
+from bn_onnx.errors import BnOnnxError, InputDataError, UnsupportedModelError, one_line
 from bn_onnx.onnx_check import with_detail
 
 Outputs = dict[str, np.ndarray]
@@ -54,15 +55,7 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able summary (no arrays)."""
         return {
-            "label": self.label,
-            "kind": self.kind,
-            "detail": self.detail,
-            "model": self.model,
-            "provider": self.provider,
-            "folded": self.folded,
-            "int8": self.int8,
-            "tf32": self.tf32,
-            "compute_dtype": self.compute_dtype,
+            **{k: v for k, v in self.__dict__.items() if k != "outputs"},
             "outputs": {
                 probe: {n: {"shape": list(a.shape), "dtype": str(a.dtype)} for n, a in v.items()}
                 for probe, v in self.outputs.items()
@@ -116,11 +109,6 @@ def value_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
 def _to_ort(value: np.ndarray) -> Any:
     import onnxruntime as ort
 
@@ -144,7 +132,7 @@ def _from_ort(value: Any) -> np.ndarray:
     return np.frombuffer(words, np.uint16, count=n).copy().reshape(shape).view(ml_dtypes.bfloat16)
 
 
-class OrtRunner:
+class OrtSession:
     """A model in one onnxruntime session; `run(feeds)` returns every output (or `names`).
 
     CUDA sessions are created with TF32 off (verification must see float32 arithmetic).
@@ -188,7 +176,7 @@ class OrtRunner:
             except Exception as exc:
                 raise with_detail(
                     InputDataError(
-                        f"onnxruntime failed to run the model: {_first_line(exc)} (inputs "
+                        f"onnxruntime failed to run the model: {one_line(exc)} (inputs "
                         f"{_shapes(feed)}; pass --shape NAME:DIMS where a symbolic dim needs "
                         "a size)"
                     ),
@@ -202,7 +190,7 @@ def _shapes(feed: dict[str, np.ndarray]) -> str:
     return ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
 
 
-def one_blas_thread() -> Any:
+def one_blas_thread() -> AbstractContextManager[object]:
     """A context in which numpy's BLAS uses one thread (threadpoolctl).
 
     onnx.reference runs a graph node by node, each a small matrix product for one probe run
@@ -216,7 +204,7 @@ def one_blas_thread() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-class ReferenceRunner:
+class EvaluatorSession:
     """A model in onnx.reference's `ReferenceEvaluator` (numpy; any op of the standard).
 
     It runs with one BLAS thread (`one_blas_thread`).
@@ -229,7 +217,7 @@ class ReferenceRunner:
             self.evaluator = ReferenceEvaluator(model, new_ops=list(new_ops) or None)
         except Exception as exc:
             raise UnsupportedModelError(
-                f"onnx.reference cannot load the model: {_first_line(exc)}"
+                f"onnx.reference cannot load the model: {one_line(exc)}"
             ) from None
         self.names = [o.name for o in model.graph.output]
 
@@ -246,6 +234,6 @@ class ReferenceRunner:
             arrays = self.evaluator.run(names, feed)
         except Exception as exc:
             raise UnsupportedModelError(
-                f"onnx.reference failed to run the model: {type(exc).__name__}: {_first_line(exc)}"
+                f"onnx.reference failed to run the model: {type(exc).__name__}: {one_line(exc)}"
             ) from None
         return {n: np.asarray(a) for n, a in zip(names, arrays, strict=True)}

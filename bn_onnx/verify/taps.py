@@ -11,9 +11,12 @@ graphs are compared with each other by tensor name (`bn_onnx.verify.locate`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import onnx
+
+if TYPE_CHECKING:
+    from bn_onnx.model_config import MLPConfig
 
 # Nodes that start or continue an affine stage (linear layer, its bias, a batch norm).
 _LINEAR_START = {"Gemm", "MatMul", "BatchNormalization"}
@@ -71,7 +74,7 @@ def find_taps(model: onnx.ModelProto) -> list[Tap]:
     return taps
 
 
-def checkpoint_tap_nodes(config: Any) -> dict[str, list[str]]:
+def checkpoint_tap_nodes(config: MLPConfig) -> dict[str, list[str]]:
     """The checkpoint modules behind each matching point (`blocks.1.linear`, ...)."""
     n = len(config.hidden)
     nodes: dict[str, list[str]] = {}
