@@ -19,6 +19,15 @@ the float model on held-out inputs, accuracy where labels exist.
 
     python tools/bench_quantize.py                    # a few minutes on 2 shared cores
     python tools/bench_quantize.py --nets digits --rounds 11 --json q.json
+    python tools/bench_quantize.py --corpus tests/data/corpus --rounds 15 --json c.json
+
+`--corpus DIR` runs the same pipelines and columns (no bound sweep) on every file that DIR's
+manifest.json lists with status ok (the architecture corpus, `tools/make_arch_corpus.py`).
+Calibration (64 rows) and held-out probes (64 rows) are seeded N(0, 1) draws in each input's
+manifest shape, batch axis first. The corpus files have a fixed batch of 1: the batch axis of
+the inputs and outputs is made symbolic when onnxruntime then gives, at batch 8, the rows of
+eight batch-1 runs (within 1e-4); otherwise the file stays batch 1 and has no batch-8 figure.
+A file A or B cannot quantize gets a row saying which and why.
 """
 
 from __future__ import annotations
@@ -259,6 +268,14 @@ def _session(model: onnx.ModelProto, level: str = "all", save: Path | None = Non
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+def predict(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """The first output on x, run in chunks of the input's fixed batch size where it has one."""
+    s = _session(model)
+    rows = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or len(x)
+    out = [s.run(None, {"input": x[i : i + rows]})[0] for i in range(0, len(x), rows)]
+    return np.concatenate(out)
+
+
 def structure(model: onnx.ModelProto, tmp: Path, tag: str) -> dict[str, Any]:
     """Node counts of the file and float linear ops after onnxruntime's own optimization."""
     ops = [n.op_type for n in model.graph.node]
@@ -268,21 +285,24 @@ def structure(model: onnx.ModelProto, tmp: Path, tag: str) -> dict[str, Any]:
     return {
         "nodes": len(ops),
         "bn_left": ops.count("BatchNormalization"),
+        "bn_after_ort": after.count("BatchNormalization"),
         "qdq": ops.count("QuantizeLinear") + ops.count("DequantizeLinear"),
         "float_linear_after_ort": sum(op in FLOAT_LINEAR for op in after),
         "bytes": len(model.SerializeToString()),
     }
 
 
-def latencies(models: dict[str, onnx.ModelProto], x: np.ndarray, rounds: int) -> dict:
-    """Per model and batch (1, 8): median and quartiles in ms, interleaved, 1 thread."""
+def latencies(
+    models: dict[str, onnx.ModelProto], x: np.ndarray, rounds: int, sizes: tuple = (1, 8)
+) -> dict:
+    """Per model and batch size: median and quartiles in ms, interleaved, 1 thread."""
     out: dict[str, dict[str, Any]] = {k: {} for k in models}
     blobs: dict[bytes, str] = {}
     same = {}  # a model identical to one before it is timed once
     for k, m in models.items():
         same[k] = blobs.setdefault(m.SerializeToString(), k)
     sessions = {k: _session(m) for k, m in models.items() if same[k] == k}
-    for batch in (1, 8):
+    for batch in sizes:
         feed = {"input": np.ascontiguousarray(x[:batch])}
         inner = 10 if batch == 1 else 2
         calls = []
@@ -321,36 +341,62 @@ def cnn_case(proto: onnx.ModelProto, seed: int) -> tuple:
     return proto, batches({"input": calib}, 16), probe, None
 
 
-def measure(name: str, case: tuple, kernels: Any, rounds: int) -> dict[str, Any]:
+class Skip(Exception):
+    """A pipeline could not quantize the model; the message names which and why."""
+
+
+def _failed(which: str, exc: Exception) -> Skip:
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return Skip(f"{which} failed: {type(exc).__name__}: {first}")
+
+
+def measure(
+    name: str,
+    case: tuple,
+    kernels: Any,
+    rounds: int,
+    sweep: bool = True,
+    sizes: tuple = (1, 8),
+) -> dict[str, Any]:
     model, calib, probe, labels = case
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         t = time.perf_counter()
-        a, note = pipeline_a(model, calib, kernels, tmp)
+        a_failed = None
+        try:
+            a, note = pipeline_a(model, calib, kernels, tmp)
+        except Exception as exc:  # noqa: BLE001 - reported in the table; B is still tried
+            a_failed = _failed("A", exc)
         a_s = time.perf_counter() - t
         t = time.perf_counter()
-        with _silent():
-            b = quantize_model(model, calib, kernels).model
-            b_full = quantize_model(model, calib, kernels, max_row_range_growth=None).model
+        try:
+            with _silent():
+                b = quantize_model(model, calib, kernels).model
+                b_full = quantize_model(model, calib, kernels, max_row_range_growth=None).model
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            both = f"{a_failed}; " if a_failed else ""
+            raise Skip(both + str(_failed("B", exc))) from exc
+        if a_failed:
+            raise Skip(f"{a_failed}; B quantizes it (not timed without A)")
         b_s = time.perf_counter() - t
         models = {"fp32": model, "A": a, "B": b, "B full fold": b_full}
-        ref = _session(model).run(None, {"input": probe})[0]
+        ref = predict(model, probe)
         row: dict[str, Any] = {"model": name, "a_note": note, "quantize_s": [a_s, b_s]}
         row["bound_sweep"] = {}
-        for bound in SWEEP:
+        for bound in SWEEP if sweep else ():
             with _silent():
                 qb = quantize_model(model, calib, kernels, max_row_range_growth=bound).model
-            y = _session(qb).run(None, {"input": probe})[0]
+            y = predict(qb, probe)
             ops = [n.op_type for n in qb.graph.node]
             row["bound_sweep"][str(bound)] = [sqnr_db(ref, y), ops.count("BatchNormalization")]
         for k, m in models.items():
             r = structure(m, tmp, k)
-            y = _session(m).run(None, {"input": probe})[0]
+            y = predict(m, probe)
             r["sqnr_db"] = sqnr_db(ref, y) if k != "fp32" else None
             if labels is not None:
                 r["accuracy"] = float((y.argmax(1) == labels).mean())
             row[k] = r
-        lat = latencies(models, probe, rounds)
+        lat = latencies(models, probe, rounds, sizes)
         for k in models:
             row[k]["latency_ms"] = lat[k]
     return row
@@ -364,36 +410,110 @@ def table(rows: list[dict]) -> list[str]:
     )
     lines = [head, "|" + "---|" * 13]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | skipped: {r['skipped']} |" + " |" * 11)
+            continue
         for k in PIPELINES:
             m = r[k]
             lat = m["latency_ms"]
-            b1, b8 = (f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})" for v in (lat["b1"], lat["b8"]))
+            b1, b8 = (
+                f"{v[0]:.3f} ({v[1]:.3f}-{v[2]:.3f})" if v else "- (fixed batch 1)"
+                for v in (lat["b1"], lat.get("b8"))
+            )
             sq = f"{m['sqnr_db']:.1f}" if m["sqnr_db"] is not None else "-"
             acc = f"{m['accuracy']:.4f}" if "accuracy" in m else "-"
             label = k + (" *" if k == "A" and r["a_note"] else "")
             lines.append(
                 f"| {r['model']} | {label} | {m['nodes']} | {m['bn_left']} |"
                 f" {m['float_linear_after_ort']} | {m['qdq']} | {m['bytes']:,} | {b1} |"
-                f" {lat['b1_cpu']:.3f} | {b8} | {lat['b8_cpu']:.3f} |"
+                f" {lat['b1_cpu']:.3f} | {b8} | {_ms(lat.get('b8_cpu'))} |"
                 f" {sq} | {acc} |"
             )
     return lines
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _ratio(x: Any, y: Any) -> str:
+    if x is None or y is None:
+        return "-"
+    x, y = (v[0] if isinstance(v, list) else v for v in (x, y))
+    return f"{x / y:.2f}x"
+
+
 def ratios(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
+        if "skipped" in r:
+            out.append(f"{r['model']}: skipped: {r['skipped']}")
+            continue
         a, b, f = (r[k]["latency_ms"] for k in ("A", "B", "fp32"))
         gain = r["B"]["sqnr_db"] - r["A"]["sqnr_db"]
         note = f"; A: {r['a_note']}" if r["a_note"] else ""
         out.append(
-            f"{r['model']}: B/A latency b1 {b['b1'][0] / a['b1'][0]:.2f}x,"
-            f" b8 {b['b8'][0] / a['b8'][0]:.2f}x; B/FP32 b1 {b['b1'][0] / f['b1'][0]:.2f}x,"
-            f" b8 {b['b8'][0] / f['b8'][0]:.2f}x; on CPU time B/A b1"
-            f" {b['b1_cpu'] / a['b1_cpu']:.2f}x, b8 {b['b8_cpu'] / a['b8_cpu']:.2f}x;"
+            f"{r['model']}: B/A latency b1 {_ratio(b['b1'], a['b1'])},"
+            f" b8 {_ratio(b.get('b8'), a.get('b8'))}; B/FP32 b1 {_ratio(b['b1'], f['b1'])},"
+            f" b8 {_ratio(b.get('b8'), f.get('b8'))}; on CPU time B/A b1"
+            f" {_ratio(b['b1_cpu'], a['b1_cpu'])}, b8 {_ratio(b.get('b8_cpu'), a.get('b8_cpu'))};"
             f" SQNR B-A {gain:+.1f} dB{note}"
         )
     return out
+
+
+# --- the architecture corpus ------------------------------------------------------------------
+
+
+def _relax_batch(model: onnx.ModelProto, x: np.ndarray) -> onnx.ModelProto | None:
+    """The model with a symbolic batch axis, if it then runs batch 8 as eight batch-1 rows."""
+    relaxed = onnx.ModelProto()
+    relaxed.CopyFrom(model)
+    del relaxed.graph.value_info[:]
+    for v in (*relaxed.graph.input, *relaxed.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_param = "batch"
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # the failed run below is expected, not news
+    try:
+        got = _session(relaxed).run(None, {"input": x[:8]})[0]
+    except Exception:  # noqa: BLE001 - a batch baked into the graph: keep batch 1
+        return None
+    s = _session(model)
+    want = np.concatenate([s.run(None, {"input": x[i : i + 1]})[0] for i in range(8)])
+    ok = got.shape == want.shape and np.allclose(got, want, rtol=1e-4, atol=1e-4)
+    return relaxed if ok else None
+
+
+def corpus_rows(folder: Path, kernels: Any, rounds: int, only: list[str]) -> list[dict]:
+    """One row per ok file in folder/manifest.json (single-input files), A and B side by side."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = []
+    for i, entry in enumerate(manifest["files"]):
+        if entry.get("status") != "ok" or (only and entry["name"] not in only):
+            continue
+        name = f"{entry['name']} ({entry['exporter']})"
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        if len(entry["inputs"]) != 1 or entry["inputs"][0]["name"] != "input":
+            rows.append({"model": name, "skipped": "not one input named 'input'"})
+            continue
+        shape = entry["inputs"][0]["shape"][1:]
+        rng = np.random.default_rng(entry.get("seed", i))
+        calib = rng.standard_normal((64, *shape)).astype(np.float32)
+        probe = rng.standard_normal((64, *shape)).astype(np.float32)
+        model = onnx.load(folder / entry["file"])
+        relaxed = _relax_batch(model, probe)
+        rows_per = 16 if relaxed is not None else 1
+        case = (relaxed or model, batches({"input": calib}, rows_per), probe, None)
+        sizes = (1, 8) if relaxed is not None else (1,)
+        try:
+            row = measure(name, case, kernels, rounds, sweep=False, sizes=sizes)
+        except Skip as exc:
+            row = {"model": name, "skipped": str(exc)}
+        row["file"] = entry["file"]
+        row["batch_relaxed"] = relaxed is not None
+        rows.append(row)
+    return rows
 
 
 def sweep_table(rows: list[dict]) -> list[str]:
@@ -430,9 +550,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exporters", default="dynamo,torchscript")
     p.add_argument("--rounds", type=int, default=41, help="interleaved rounds per batch size")
     p.add_argument("--json", help="write the rows as JSON")
+    p.add_argument("--corpus", type=Path, help="run on DIR/manifest.json's files instead")
+    p.add_argument("--only", default="", help="with --corpus: these net names only")
     args = p.parse_args(argv)
     kernels = choose_kernels()
     print(f"kernels: {kernels.describe()}", file=sys.stderr)
+    if args.corpus is not None:
+        only = [n.strip() for n in args.only.split(",") if n.strip()]
+        rows = corpus_rows(args.corpus, kernels, args.rounds, only)
+        print(f"kernels: {kernels.describe()}; {os.cpu_count()} CPUs, 1 thread per session")
+        print("\n".join(table(rows)))
+        print()
+        print("\n".join(ratios(rows)))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     rows = []
     wanted = [n.strip() for n in args.nets.split(",") if n.strip()]
     if "digits" in wanted:
