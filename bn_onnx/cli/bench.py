@@ -60,8 +60,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--order",
         choices=["round_robin", "shuffle", "alternate"],
         default="round_robin",
-        help="order within each round: round_robin (A B C A B C, default), shuffle (a fresh "
-        "seeded order each round, never one model twice in a row: best for 3+ models)",
+        help="order within each round: round_robin (A B C A B C, default), alternate (A B C "
+        "C B A A B C ...: no position favoured), shuffle (a fresh seeded order each round, "
+        "never one model twice in a row: best for 3+ models)",
     )
     p.add_argument(
         "--cpu-time",
