@@ -53,6 +53,12 @@ def _bn_127(folder: Path) -> Path:
     return _save(folder, m)
 
 
+def _undefined_dtype(folder: Path) -> Path:
+    m = _digits()
+    _init(m, "head.bias").data_type = TensorProto.UNDEFINED  # a fuzz mutant's: fold crashed
+    return _save(folder, m)
+
+
 def _recursion(folder: Path) -> Path:
     m = _digits()
     call = helper.make_node("Rec", ["x"], ["y"], domain="local")
@@ -117,6 +123,7 @@ def _not_utf8(field: str) -> Callable[[Path], Path]:
 
 CASES = {
     "initializer dims disagree with data": (_init_dims, "32768 bytes of data for shape [127, 64]"),
+    "initializer of undefined data type": (_undefined_dtype, "has an undefined data type"),
     "function calls itself": (_recursion, "Cycle detected in model-local function"),
     "input dim 2**40": (_input_dim(2**40), "256 TiB: no run can feed it"),
     "negative input dim": (_input_dim(-3), "input 'input' has a negative dim -3"),
