@@ -520,6 +520,40 @@ def feed_maker(
     return make, "; ".join(s.describe() for s in sig.inputs)
 
 
+def _model_info(
+    model: str | os.PathLike[str] | bytes,
+    providers: Sequence[str],
+    threads: int | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A model subject's JSON facts: its path (None for bytes), providers, threads, `extra`."""
+    path = None if isinstance(model, (bytes, bytearray)) else str(model)
+    return {"path": path, "providers": providers, "threads": threads, **extra}
+
+
+def _feeds_subject(
+    model: str | os.PathLike[str] | bytes,
+    name: str,
+    bind: Callable[[Any], Call],
+    *,
+    kind: str,
+    create_s: float,
+    info: dict[str, Any],
+) -> Subject:
+    """A subject fed input name -> array by random feeds of `model`'s own inputs."""
+    make, words = feed_maker(model, name)
+    return Subject(
+        name=name,
+        bind=bind,
+        n_features=0,
+        kind=kind,
+        create_s=create_s,
+        info=info,
+        make_feeds=make,
+        inputs=words,
+    )
+
+
 def ort_subject(
     model: str | os.PathLike[str] | bytes,
     name: str,
@@ -545,23 +579,20 @@ def ort_subject(
     sess = info.session
     spec = _input_spec(sess, name)
     if spec is None:  # several inputs, strings, NaN: random feeds of the model's own inputs
-        make, words = feed_maker(model, name)
         outs = [sess.get_outputs()[0].name]
-        return Subject(
-            name=name,
-            bind=lambda feeds: lambda: sess.run(outs, feeds),
-            n_features=0,
+        return _feeds_subject(
+            model,
+            name,
+            lambda feeds: lambda: sess.run(outs, feeds),
             kind="onnxruntime",
             create_s=create_s,
-            info={
-                "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-                "providers": info.providers,
-                "threads": threads,
-                "graph_optimization_level": graph_optimization_level,
-                "iobinding": False,
-            },
-            make_feeds=make,
-            inputs=words,
+            info=_model_info(
+                model,
+                info.providers,
+                threads,
+                graph_optimization_level=graph_optimization_level,
+                iobinding=False,
+            ),
         )
     in_name, n_features, dtype, out_name, batch_dim = spec
     on_cuda = CUDA in info.providers
@@ -598,13 +629,13 @@ def ort_subject(
         kind="onnxruntime",
         dtype=dtype,
         create_s=create_s,
-        info={
-            "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-            "providers": info.providers,
-            "threads": threads,
-            "graph_optimization_level": graph_optimization_level,
-            "iobinding": use_binding,
-        },
+        info=_model_info(
+            model,
+            info.providers,
+            threads,
+            graph_optimization_level=graph_optimization_level,
+            iobinding=use_binding,
+        ),
     )
 
 
@@ -623,20 +654,13 @@ def predictor_subject(
     pred = Predictor(model, provider, threads=threads, batch_size=batch_size or DEFAULT_BATCH_SIZE)
     create_s = time.perf_counter() - t0
     if not pred.array_input:  # input name -> array, checked as an app's would be
-        make, words = feed_maker(model, name)
-        return Subject(
-            name=name,
-            bind=lambda feeds: lambda: pred.predict(feeds),
-            n_features=0,
+        return _feeds_subject(
+            model,
+            name,
+            lambda feeds: lambda: pred.predict(feeds),
             kind="predictor",
             create_s=create_s,
-            info={
-                "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-                "providers": pred.providers,
-                "threads": threads,
-            },
-            make_feeds=make,
-            inputs=words,
+            info=_model_info(model, pred.providers, threads),
         )
     if pred.n_features is None:
         raise UnsupportedModelError(f"{name}: bench needs a model with a fixed input width")
@@ -647,11 +671,7 @@ def predictor_subject(
         kind="predictor",
         dtype=pred.input_dtype,
         create_s=create_s,
-        info={
-            "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-            "providers": pred.providers,
-            "threads": threads,
-        },
+        info=_model_info(model, pred.providers, threads),
     )
 
 
