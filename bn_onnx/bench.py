@@ -41,6 +41,10 @@ _DTYPES = {
 }
 
 
+#: A model to time: a path or the serialized bytes.
+ModelSource = str | os.PathLike[str] | bytes
+
+
 @dataclass
 class Subject:
     """One thing to time.
@@ -484,7 +488,7 @@ def _input_spec(session: Any, name: str) -> tuple[str, int, Any, str, int | None
 
 
 def feed_maker(
-    model: str | os.PathLike[str] | bytes, name: str
+    model: ModelSource, name: str
 ) -> tuple[Callable[[int, np.random.Generator], dict[str, np.ndarray]], str]:
     """Random batches for any model's inputs, as verify's random probe draws them.
 
@@ -521,7 +525,7 @@ def feed_maker(
 
 
 def _model_info(
-    model: str | os.PathLike[str] | bytes,
+    model: ModelSource,
     providers: Sequence[str],
     threads: int | None,
     **extra: Any,
@@ -532,7 +536,7 @@ def _model_info(
 
 
 def _feeds_subject(
-    model: str | os.PathLike[str] | bytes,
+    model: ModelSource,
     name: str,
     bind: Callable[[Any], Call],
     *,
@@ -555,7 +559,7 @@ def _feeds_subject(
 
 
 def ort_subject(
-    model: str | os.PathLike[str] | bytes,
+    model: ModelSource,
     name: str,
     *,
     provider: str = "cpu",
@@ -640,7 +644,7 @@ def ort_subject(
 
 
 def predictor_subject(
-    model: str | os.PathLike[str] | bytes,
+    model: ModelSource,
     name: str,
     *,
     provider: str = "cpu",
