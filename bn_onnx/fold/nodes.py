@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, TypeVar
 import onnx_ir as ir
 
 if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
+    from bn_onnx.fold.views import ValueView
 
 FLOAT_DTYPES = frozenset(
     t.numpy()
@@ -68,7 +68,7 @@ def attr_str(node: ir.Node, name: str, default: str) -> str:
     return str(a.value)
 
 
-def is_passthrough(node: ir.Node, ctx: FoldContext) -> bool:
+def is_passthrough(node: ir.Node, ctx: ValueView) -> bool:
     """Whether `node` copies its first input to its first output (Identity, inference
     Dropout: no training_mode input or a constant false one; before opset 7, is_test=1)."""
     if not is_standard(node) or node.op_type not in PASSTHROUGH or not node.inputs:
