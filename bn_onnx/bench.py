@@ -41,6 +41,10 @@ _DTYPES = {
 }
 
 
+#: A model to time: a path or the serialized bytes.
+ModelSource = str | os.PathLike[str] | bytes
+
+
 @dataclass
 class Subject:
     """One thing to time.
@@ -484,7 +488,7 @@ def _input_spec(session: Any, name: str) -> tuple[str, int, Any, str, int | None
 
 
 def feed_maker(
-    model: str | os.PathLike[str] | bytes, name: str
+    model: ModelSource, name: str
 ) -> tuple[Callable[[int, np.random.Generator], dict[str, np.ndarray]], str]:
     """Random batches for any model's inputs, as verify's random probe draws them.
 
@@ -520,8 +524,42 @@ def feed_maker(
     return make, "; ".join(s.describe() for s in sig.inputs)
 
 
+def _model_info(
+    model: ModelSource,
+    providers: Sequence[str],
+    threads: int | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A model subject's JSON facts: its path (None for bytes), providers, threads, `extra`."""
+    path = None if isinstance(model, (bytes, bytearray)) else str(model)
+    return {"path": path, "providers": providers, "threads": threads, **extra}
+
+
+def _feeds_subject(
+    model: ModelSource,
+    name: str,
+    bind: Callable[[Any], Call],
+    *,
+    kind: str,
+    create_s: float,
+    info: dict[str, Any],
+) -> Subject:
+    """A subject fed input name -> array by random feeds of `model`'s own inputs."""
+    make, words = feed_maker(model, name)
+    return Subject(
+        name=name,
+        bind=bind,
+        n_features=0,
+        kind=kind,
+        create_s=create_s,
+        info=info,
+        make_feeds=make,
+        inputs=words,
+    )
+
+
 def ort_subject(
-    model: str | os.PathLike[str] | bytes,
+    model: ModelSource,
     name: str,
     *,
     provider: str = "cpu",
@@ -545,23 +583,20 @@ def ort_subject(
     sess = info.session
     spec = _input_spec(sess, name)
     if spec is None:  # several inputs, strings, NaN: random feeds of the model's own inputs
-        make, words = feed_maker(model, name)
         outs = [sess.get_outputs()[0].name]
-        return Subject(
-            name=name,
-            bind=lambda feeds: lambda: sess.run(outs, feeds),
-            n_features=0,
+        return _feeds_subject(
+            model,
+            name,
+            lambda feeds: lambda: sess.run(outs, feeds),
             kind="onnxruntime",
             create_s=create_s,
-            info={
-                "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-                "providers": info.providers,
-                "threads": threads,
-                "graph_optimization_level": graph_optimization_level,
-                "iobinding": False,
-            },
-            make_feeds=make,
-            inputs=words,
+            info=_model_info(
+                model,
+                info.providers,
+                threads,
+                graph_optimization_level=graph_optimization_level,
+                iobinding=False,
+            ),
         )
     in_name, n_features, dtype, out_name, batch_dim = spec
     on_cuda = CUDA in info.providers
@@ -598,18 +633,18 @@ def ort_subject(
         kind="onnxruntime",
         dtype=dtype,
         create_s=create_s,
-        info={
-            "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-            "providers": info.providers,
-            "threads": threads,
-            "graph_optimization_level": graph_optimization_level,
-            "iobinding": use_binding,
-        },
+        info=_model_info(
+            model,
+            info.providers,
+            threads,
+            graph_optimization_level=graph_optimization_level,
+            iobinding=use_binding,
+        ),
     )
 
 
 def predictor_subject(
-    model: str | os.PathLike[str] | bytes,
+    model: ModelSource,
     name: str,
     *,
     provider: str = "cpu",
@@ -623,20 +658,13 @@ def predictor_subject(
     pred = Predictor(model, provider, threads=threads, batch_size=batch_size or DEFAULT_BATCH_SIZE)
     create_s = time.perf_counter() - t0
     if not pred.array_input:  # input name -> array, checked as an app's would be
-        make, words = feed_maker(model, name)
-        return Subject(
-            name=name,
-            bind=lambda feeds: lambda: pred.predict(feeds),
-            n_features=0,
+        return _feeds_subject(
+            model,
+            name,
+            lambda feeds: lambda: pred.predict(feeds),
             kind="predictor",
             create_s=create_s,
-            info={
-                "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-                "providers": pred.providers,
-                "threads": threads,
-            },
-            make_feeds=make,
-            inputs=words,
+            info=_model_info(model, pred.providers, threads),
         )
     if pred.n_features is None:
         raise UnsupportedModelError(f"{name}: bench needs a model with a fixed input width")
@@ -647,11 +675,7 @@ def predictor_subject(
         kind="predictor",
         dtype=pred.input_dtype,
         create_s=create_s,
-        info={
-            "path": None if isinstance(model, (bytes, bytearray)) else str(model),
-            "providers": pred.providers,
-            "threads": threads,
-        },
+        info=_model_info(model, pred.providers, threads),
     )
 
 

@@ -338,7 +338,7 @@ def write_mlp_external(
     return [p, p.parent / data_name]
 
 
-# --- long chains: per-node work, not weights (issue 19: linear in the graph's size) ----------
+# --- long chains: per-node work, not weights (it must stay linear in the graph's size) -------
 
 CHAINS = ("identity", "muladd", "mlp")
 

@@ -45,10 +45,10 @@ DEFAULT_BATCH_WAIT_MS = 1.0
 # A request alone runs on the event loop while the model's calls take at most this long.
 DEFAULT_INLINE_MAX_MS = 1.0
 # Concurrent requests are batched only when the model's calls take longer than this: below,
-# the hand-off to the worker thread costs more than a batch saves (issue 19: 0.7x a plain
+# the hand-off to the worker thread costs more than a batch saves (measured: 0.7x a plain
 # endpoint at 8 clients on a 2-core EPYC with the digits MLP, ~30 us a call).
 DEFAULT_BATCH_MIN_MS = 0.25
-# Slow and idle clients (issue 19): seconds a request's head and body may take from its first
+# Slow and idle clients: seconds a request's head and body may take from its first
 # byte, seconds an idle connection stays open, most connections served at once (then 503).
 DEFAULT_READ_TIMEOUT_S = 5.0
 DEFAULT_KEEP_ALIVE_S = 5.0
@@ -130,7 +130,7 @@ class MicroBatcher:
 
     Batching pays only when a batch saves more than the hand-off to the thread costs. A model
     whose calls take more than `batch_min_s` (a moving average) is batched as above. For a
-    cheaper one it depends on the machine and the crowd (issue 19: 0.69-0.79x a plain endpoint
+    cheaper one it depends on the machine and the crowd (measured: 0.69-0.79x a plain endpoint
     at 8 clients on one 2-core EPYC, 1.0-1.4x at 8-16 on another), so the batcher measures: the
     process's CPU time per request (`time.process_time`, all threads) over windows of
     `policy_window` requests, for each policy, and uses the cheaper; one window in

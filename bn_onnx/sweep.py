@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 # progress(done, total, what): called after each unit of work.
 Reporter = Callable[[int, int, str], None]
@@ -559,6 +560,14 @@ def _pyplot():
 COLORS = {"pre": "tab:blue", "none": "tab:red", "post": "tab:green"}
 
 
+def _save(plt: Any, fig: Any, title: str, path: str) -> None:
+    """Title `fig`, write it to `path` as a PNG and close it."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
 def plot_sweep(result: dict, path: str) -> None:
     """Draw final validation accuracy against learning rate, one panel per optimizer.
 
@@ -601,15 +610,12 @@ def plot_sweep(result: dict, path: str) -> None:
         ax.legend(loc="center left", fontsize=8)
     st = result["settings"]
     axes[0].set_ylabel("final validation accuracy")
-    fig.suptitle(
+    title = (
         f"{st['dataset']}: MLP {tuple(st['hidden'])} {st['activation']}, {st['epochs']} epochs, "
         f"batch {st['batch_size']}, {len(st['seeds'])} seeds (median, band = min..max); "
-        f"dashed = {s['fraction']:.0%} of best",
-        fontsize=9,
+        f"dashed = {s['fraction']:.0%} of best"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    _save(plt, fig, title, path)
 
 
 def plot_curves(result: dict, path: str) -> None:
@@ -653,11 +659,8 @@ def plot_curves(result: dict, path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=8)
     st = result["settings"]
-    fig.suptitle(
+    title = (
         f"Ioffe & Szegedy (2015) MNIST setup on {st['dataset']}: hidden {tuple(st['hidden'])} "
-        f"sigmoid, {st['optimizer']} lr {st['lr']}, {len(st['seeds'])} seeds",
-        fontsize=9,
+        f"sigmoid, {st['optimizer']} lr {st['lr']}, {len(st['seeds'])} seeds"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    _save(plt, fig, title, path)

@@ -340,16 +340,10 @@ def evaluate(
     return loss_sum / n, objective.finish(metric_sum, n)
 
 
-def build_model(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, Any]]:
-    """The untrained MLP for `data` (input stats set) and the preprocessing record.
-
-    A tabular dataset gets a `TabularMLP` whose config holds the dataset's columns, fills and
-    vocabularies (`data.tabular`).
-    """
-    if data.tabular is not None:
-        return _build_tabular(settings, data)
-    config = MLPConfig(
-        in_features=data.n_features,
+def _config(settings: TrainSettings, data: Dataset, in_features: int, **extra: Any) -> MLPConfig:
+    """The network config `settings` ask for on `data`, `in_features` wide; `extra` as given."""
+    return MLPConfig(
+        in_features=in_features,
         out_features=data.n_outputs,
         hidden=settings.hidden,
         activation=settings.activation,
@@ -359,8 +353,19 @@ def build_model(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, 
         input_norm=settings.input_norm,
         dropout=settings.dropout,
         task=data.task,
+        **extra,
     )
-    model = MLP(config)
+
+
+def build_model(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, Any]]:
+    """The untrained MLP for `data` (input stats set) and the preprocessing record.
+
+    A tabular dataset gets a `TabularMLP` whose config holds the dataset's columns, fills and
+    vocabularies (`data.tabular`).
+    """
+    if data.tabular is not None:
+        return _build_tabular(settings, data)
+    model = MLP(_config(settings, data, data.n_features))
     preprocessing: dict[str, Any] = {
         "input": f"raw features, float32 [batch, {data.n_features}]",
         "feature_names": data.feature_names,
@@ -382,19 +387,7 @@ def build_model(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, 
 def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[str, Any]]:
     assert data.tabular is not None
     spec = data.tabular.with_embedding_dropout(settings.embedding_dropout)
-    config = MLPConfig(
-        in_features=spec.in_features,
-        out_features=data.n_outputs,
-        hidden=settings.hidden,
-        activation=settings.activation,
-        bn=settings.bn,
-        bn_eps=settings.bn_eps,
-        bn_momentum=settings.bn_momentum,
-        input_norm=settings.input_norm,
-        dropout=settings.dropout,
-        task=data.task,
-        tabular=spec,
-    )
+    config = _config(settings, data, spec.in_features, tabular=spec)
     model = build_network(config)
     inputs = ", ".join(
         f"{c} {'float32' if c == 'continuous' else 'string'} [batch, {n}]"

@@ -12,7 +12,8 @@ from fold_testing import bn_params, model_from_text, run_ort
 from bn_onnx.fold import DEFAULT_RULES, FoldBatchNormPass, Plan, Refusal, Rule, fold_model
 from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
-from bn_onnx.fold.sites import AffineSite, combine
+from bn_onnx.fold.rules import combine
+from bn_onnx.fold.sites import AffineSite
 from bn_onnx.fold.validate import validate_model
 
 HEAD = '<ir_version: 8, opset_import: ["" : 18]>'

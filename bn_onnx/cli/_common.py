@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def _whole_number(text: str, what: str = "a whole number") -> int:
@@ -61,3 +62,21 @@ def int_list(text: str) -> list[int]:
     if not parts:
         raise argparse.ArgumentTypeError("expected comma-separated whole numbers, e.g. 128,64")
     return [positive_int(p) for p in parts]
+
+
+def add_command(
+    subparsers: Any, name: str, help: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """Register the command `name` with its help line and description.
+
+    An `epilog` (the examples) keeps its line breaks and indents, as the description does then.
+    """
+    if epilog is None:
+        return subparsers.add_parser(name, help=help, description=description)
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

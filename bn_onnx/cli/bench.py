@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from bn_onnx.cli._common import int_list, positive_int
+from bn_onnx.cli._common import add_command, int_list, positive_int
 
 EPILOG = """\
 Each batch size gets one random input, untimed warm-up rounds, then timed rounds that run the
@@ -20,15 +20,14 @@ example:
 """
 
 
+HELP = "time ONNX models side by side (median, p90, ratios)"
+DESCRIPTION = """\
+Time one or more ONNX models side by side with interleaved repeats."""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `bench`."""
-    p = subparsers.add_parser(
-        "bench",
-        help="time ONNX models side by side (median, p90, ratios)",
-        description="Time one or more ONNX models side by side with interleaved repeats.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "bench", HELP, DESCRIPTION, EPILOG)
     p.add_argument("model", metavar="MODEL", help="ONNX model; the baseline of the ratio column")
     p.add_argument("others", metavar="OTHER", nargs="*", help="more ONNX models to compare")
     p.add_argument(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from bn_onnx.cli._common import positive_int
+from bn_onnx.cli._common import add_command, positive_int
 
 EPILOG = """\
 The unfolded file holds one BatchNormalization node per batch-norm layer (the input
@@ -25,18 +25,15 @@ example:
 """
 
 
+HELP = "export a checkpoint to ONNX (BatchNormalization kept, or folded with --fold)"
+DESCRIPTION = """\
+Export a checkpoint directory to ONNX with torch's dynamo exporter (optimize=False, so
+every BatchNormalization node is kept unless --fold)."""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `export`."""
-    p = subparsers.add_parser(
-        "export",
-        help="export a checkpoint to ONNX (BatchNormalization kept, or folded with --fold)",
-        description=(
-            "Export a checkpoint directory to ONNX with torch's dynamo exporter "
-            "(optimize=False, so every BatchNormalization node is kept unless --fold)."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "export", HELP, DESCRIPTION, EPILOG)
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="checkpoint written by train")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="ONNX file to write")
     p.add_argument(

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bn_onnx.cli._common import add_command
 from bn_onnx.cli.verify import add_verify_options, verify_options, verify_options_given
 
 if TYPE_CHECKING:
@@ -16,19 +17,18 @@ if TYPE_CHECKING:
 BIG_FILE_BYTES = 64 << 20
 
 
+HELP = "fold BatchNormalization into neighbouring Gemm/MatMul/Conv nodes"
+DESCRIPTION = """\
+Fold every inference-mode BatchNormalization that can provably be folded into the Gemm,
+MatMul(+Add), Conv or ConvTranspose before it, or the Gemm/MatMul after it. Every BN that
+stays is listed with the reason. Then the constants the exporter left (CastLike, Shape of
+static dims, Expand, Identity ...) are folded and dead code is removed (--no-cleanup: every
+other node stays as it was). The input file is never changed (unless --in-place) and the
+output is written atomically."""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "fold",
-        help="fold BatchNormalization into neighbouring Gemm/MatMul/Conv nodes",
-        description=(
-            "Fold every inference-mode BatchNormalization that can provably be folded into the "
-            "Gemm, MatMul(+Add), Conv or ConvTranspose before it, or the Gemm/MatMul after it. "
-            "Every BN that stays is listed with the reason. Then the constants the exporter left "
-            "(CastLike, Shape of static dims, Expand, Identity ...) are folded and dead code is "
-            "removed (--no-cleanup: every other node stays as it was). The input file is never "
-            "changed (unless --in-place) and the output is written atomically."
-        ),
-    )
+    p = add_command(subparsers, "fold", HELP, DESCRIPTION)
     p.add_argument("model", metavar="IN.onnx", help="the model to fold")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="folded model")
     p.add_argument("--report", metavar="REPORT.json", help="write the fold report as JSON")

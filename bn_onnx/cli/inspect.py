@@ -7,17 +7,17 @@ import json
 from collections import Counter
 from typing import Any
 
+from bn_onnx.cli._common import add_command
+
+HELP = "show a model's inputs, outputs, metadata, ops and which BN nodes fold"
+DESCRIPTION = """\
+List the inputs and outputs (names, shapes, dtypes), metadata, opset, op counts and every
+BatchNormalization node (in subgraphs and model-local functions too, with where it sits)
+with whether `bn-onnx fold` folds it, and why not."""
+
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "inspect",
-        help="show a model's inputs, outputs, metadata, ops and which BN nodes fold",
-        description=(
-            "List the inputs and outputs (names, shapes, dtypes), metadata, opset, op counts "
-            "and every BatchNormalization node (in subgraphs and model-local functions too, with "
-            "where it sits) with whether `bn-onnx fold` folds it, and why not."
-        ),
-    )
+    p = add_command(subparsers, "inspect", HELP, DESCRIPTION)
     p.add_argument("model", metavar="MODEL.onnx", help="the model to inspect")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p

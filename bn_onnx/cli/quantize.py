@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from bn_onnx.cli._common import non_negative_float, positive_int
+from bn_onnx.cli._common import add_command, non_negative_float, positive_int
 
 DEFAULT_CALIBRATION_ROWS = 2048
 
@@ -27,19 +27,16 @@ example:
 """
 
 
+HELP = "quantize a model to INT8 (QDQ) with onnxruntime, after the fold, with a proof"
+DESCRIPTION = """\
+Fold the batch norm (quantization-aware), pre-process and quantize IN.onnx to INT8 with
+onnxruntime's quantize_static, then prove the cost: top-1 agreement, accuracy, SQNR and
+max error against IN.onnx, and every op left in float."""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `quantize`."""
-    p = subparsers.add_parser(
-        "quantize",
-        help="quantize a model to INT8 (QDQ) with onnxruntime, after the fold, with a proof",
-        description=(
-            "Fold the batch norm (quantization-aware), pre-process and quantize IN.onnx to "
-            "INT8 with onnxruntime's quantize_static, then prove the cost: top-1 agreement, "
-            "accuracy, SQNR and max error against IN.onnx, and every op left in float."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "quantize", HELP, DESCRIPTION, EPILOG)
     p.add_argument("model", metavar="IN.onnx", help="the float model")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the INT8 model")
     p.add_argument(

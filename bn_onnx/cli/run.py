@@ -17,25 +17,24 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from bn_onnx.cli._common import positive_int
+from bn_onnx.cli._common import add_command, positive_int
 
 # Show progress only when there is something to wait for.
 PROGRESS_MIN_ROWS = 100_000
 
 
+HELP = "run a model over an input file (.npy, .csv or .parquet) and write its outputs"
+DESCRIPTION = """\
+Run MODEL with onnxruntime over every row of the input and write the first output (logits or
+predictions). A tabular model (one with a column schema) reads its columns by name from a
+.csv with a header or a .parquet file; other models read rows of numbers (.npy, .csv, or a
+.parquet of numeric columns). Inputs stream in chunks, so inputs larger than memory work;
+the output appears only when complete."""
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `run`."""
-    p = subparsers.add_parser(
-        "run",
-        help="run a model over an input file (.npy, .csv or .parquet) and write its outputs",
-        description=(
-            "Run MODEL with onnxruntime over every row of the input and write the first output "
-            "(logits or predictions). A tabular model (one with a column schema) reads its "
-            "columns by name from a .csv with a header or a .parquet file; other models read "
-            "rows of numbers (.npy, .csv, or a .parquet of numeric columns). Inputs stream in "
-            "chunks, so inputs larger than memory work; the output appears only when complete."
-        ),
-    )
+    p = add_command(subparsers, "run", HELP, DESCRIPTION)
     p.add_argument("model", metavar="MODEL", help="ONNX model file")
     p.add_argument(
         "--input",

@@ -7,7 +7,13 @@ import signal
 import sys
 from typing import Any
 
-from bn_onnx.cli._common import non_negative_float, port_number, positive_float, positive_int
+from bn_onnx.cli._common import (
+    add_command,
+    non_negative_float,
+    port_number,
+    positive_float,
+    positive_int,
+)
 
 EPILOG = """\
 endpoints:
@@ -35,15 +41,14 @@ example:
 """
 
 
+HELP = "serve a model over HTTP: POST /predict, GET /health, GET /metadata"
+DESCRIPTION = """\
+Serve an ONNX model as an HTTP JSON API with batching of concurrent requests."""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `serve`."""
-    p = subparsers.add_parser(
-        "serve",
-        help="serve a model over HTTP: POST /predict, GET /health, GET /metadata",
-        description="Serve an ONNX model as an HTTP JSON API with batching of concurrent requests.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "serve", HELP, DESCRIPTION, EPILOG)
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model to serve")
     p.add_argument(
         "--host",

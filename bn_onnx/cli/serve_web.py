@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bn_onnx.cli._common import port_number
+from bn_onnx.cli._common import add_command, port_number
 from bn_onnx.errors import InputFileError, UsageError
 
 EPILOG = """\
@@ -43,18 +43,15 @@ MIME_TYPES = {
 }
 
 
+HELP = "serve the browser page (digits with onnxruntime-web) on localhost"
+DESCRIPTION = """\
+Serve the built browser page, where the folded digits model predicts in the browser with
+onnxruntime-web (WASM). Build it first with `npm run build` in web/."""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `serve-web`."""
-    p = subparsers.add_parser(
-        "serve-web",
-        help="serve the browser page (digits with onnxruntime-web) on localhost",
-        description=(
-            "Serve the built browser page, where the folded digits model predicts in the "
-            "browser with onnxruntime-web (WASM). Build it first with `npm run build` in web/."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "serve-web", HELP, DESCRIPTION, EPILOG)
     p.add_argument(
         "--port", type=port_number, default=8080, help="TCP port (default 8080; 0 picks one)"
     )

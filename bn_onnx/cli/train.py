@@ -8,7 +8,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bn_onnx.cli._common import int_list, non_negative_float, non_negative_int, positive_int
+from bn_onnx.cli._common import (
+    add_command,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 DATASETS = "digits, wine, breast-cancer, iris, synthetic, or a .csv/.parquet/.npz file"
 
@@ -50,34 +56,27 @@ def _na_values(text: str) -> list[str]:
     return ["", *(v.strip() for v in text.split(",") if v.strip())]
 
 
+HELP = "train an MLP with batch norm and write a checkpoint directory"
+DESCRIPTION = """\
+Train a multilayer perceptron with batch normalization on a bundled, synthetic
+or user dataset (seeded, stratified train/validation/test split), keep the epoch
+with the best validation loss, and write a checkpoint directory: config.json,
+model.safetensors, metrics.json. The same --seed on CPU gives a bit-identical
+model.safetensors on the same machine and build (CPU, torch build, CPU kernels
+and --threads) (recorded in config.json["reproducibility"]; see docs/training.md)."""
+EPILOG = """\
+examples:
+  bn-onnx train --dataset digits --out runs/digits
+  bn-onnx train --dataset iris --hidden 32,16 --bn post --activation tanh --out runs/iris
+  bn-onnx train --dataset data.csv --target label --out runs/csv
+  bn-onnx train --dataset people.parquet --target label --categorical zip --out runs/people
+  bn-onnx train --dataset synthetic --task regression --samples 5000 --out runs/reg
+  bn-onnx train --nproc 2 --dataset digits --out runs/ddp   (DistributedDataParallel)"""
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `train` and its options."""
-    p = subparsers.add_parser(
-        "train",
-        help="train an MLP with batch norm and write a checkpoint directory",
-        description=(
-            "Train a multilayer perceptron with batch normalization on a bundled, synthetic\n"
-            "or user dataset (seeded, stratified train/validation/test split), keep the epoch\n"
-            "with the best validation loss, and write a checkpoint directory: config.json,\n"
-            "model.safetensors, metrics.json. The same --seed on CPU gives a bit-identical\n"
-            "model.safetensors on the same machine and build (CPU, torch build, CPU kernels\n"
-            "and --threads)"
-            ' (recorded in config.json["reproducibility"]; see docs/training.md).'
-        ),
-        epilog=(
-            "examples:\n"
-            "  bn-onnx train --dataset digits --out runs/digits\n"
-            "  bn-onnx train --dataset iris --hidden 32,16 --bn post --activation tanh "
-            "--out runs/iris\n"
-            "  bn-onnx train --dataset data.csv --target label --out runs/csv\n"
-            "  bn-onnx train --dataset people.parquet --target label --categorical zip "
-            "--out runs/people\n"
-            "  bn-onnx train --dataset synthetic --task regression --samples 5000 --out runs/reg\n"
-            "  bn-onnx train --nproc 2 --dataset digits --out runs/ddp   "
-            "(DistributedDataParallel)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(subparsers, "train", HELP, DESCRIPTION, EPILOG)
     data = p.add_argument_group("data")
     data.add_argument(
         "--dataset",

@@ -40,7 +40,8 @@ from bn_onnx.fold._pass import (
 )
 from bn_onnx.fold.model_io import FoldOptions, fold_file
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
-from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
+from bn_onnx.fold.rules import Rule, SiteKind
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal
 from bn_onnx.fold.validate import FoldCheckError, FoldOutputError, InvalidModelError
 
 __all__ = [

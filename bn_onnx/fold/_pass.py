@@ -23,7 +23,8 @@ from bn_onnx.fold.bn_site import BATCH_NORM
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.nodes import label
 from bn_onnx.fold.report import BnEntry, BnInfo, FoldReport, FoldResult
-from bn_onnx.fold.sites import Plan, Refusal, Rule, SiteKind, combine
+from bn_onnx.fold.rules import Rule, SiteKind, combine
+from bn_onnx.fold.sites import Plan, Refusal
 from bn_onnx.fold.validate import (
     FoldCheckError,
     FoldOutputError,

@@ -45,7 +45,8 @@ from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.flush import flush_constant_channels
 from bn_onnx.fold.legacy import aligned_shape
 from bn_onnx.fold.nodes import FLOAT_DTYPES, is_standard, label
-from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, SiteKind
+from bn_onnx.fold.rules import Rule, SiteKind
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal
 
 KIND = "Mul/Add chain"
 AFFINE_OPS = frozenset({"Mul", "Add", "Sub", "Div"})

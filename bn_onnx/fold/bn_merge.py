@@ -17,7 +17,8 @@ from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold.bn_site import batch_norm_site
 from bn_onnx.fold.context import FoldContext
 from bn_onnx.fold.nodes import is_standard, label
-from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule, fit_uniform
+from bn_onnx.fold.rules import Rule
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal, fit_uniform
 
 
 def merge_into_next_bn(site: AffineSite, ctx: FoldContext) -> Plan | Refusal:

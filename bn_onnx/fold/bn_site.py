@@ -10,7 +10,8 @@ import onnx_ir as ir
 from bn_onnx.fold import affine_math as fm
 from bn_onnx.fold.flush import flush_constant_channels
 from bn_onnx.fold.nodes import FLOAT_DTYPES, attr_float, attr_int, is_standard, label
-from bn_onnx.fold.sites import AffineSite, Refusal, SiteKind
+from bn_onnx.fold.rules import SiteKind
+from bn_onnx.fold.sites import AffineSite, Refusal
 
 if TYPE_CHECKING:
     from bn_onnx.fold.context import FoldContext

@@ -13,7 +13,7 @@ an attribute that refers to a function attribute is never evaluated.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -22,9 +22,21 @@ from bn_onnx.errors import UnsupportedModelError, one_line
 from bn_onnx.fold import evaluate
 from bn_onnx.fold.nodes import attr_int, is_standard
 from bn_onnx.fold.validate import check_tensor_data
+from bn_onnx.fold.views import ValueView
 
-if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
+
+class _Arguments(Protocol):
+    def argument(self, ctx: ValueView, value: ir.Value) -> np.ndarray | None:
+        """A function input's constant: what every call passes (`scopes.ScopeIndex`)."""
+        ...
+
+
+class ConstantsContext(ValueView, Protocol):
+    """What `Constants` reads from the fold's context: values, and function arguments."""
+
+    @property
+    def scopes(self) -> _Arguments: ...
+
 
 # Values above this many elements are not kept in memory between uses (weights are read again).
 CACHE_ELEMENTS = 1 << 16
@@ -90,7 +102,7 @@ def _constant_node_value(node: ir.Node) -> np.ndarray | None:
 class Constants:
     """Evaluates and caches constant values of one graph; see the module docstring."""
 
-    def __init__(self, ctx: FoldContext) -> None:
+    def __init__(self, ctx: ConstantsContext) -> None:
         self.ctx = ctx
         self.cache: dict[ir.Value, np.ndarray | None] = {}
         self.nodes: set[ir.Node] = set()  # nodes evaluated as constants

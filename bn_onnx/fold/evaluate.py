@@ -31,7 +31,7 @@ import onnx_ir as ir
 from bn_onnx.fold.nodes import FLOAT_DTYPES
 
 if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
+    from bn_onnx.fold.views import ValueView
 
 # Inputs of one node evaluated as a constant: at most this many bytes in all.
 MAX_INPUT_BYTES = 1 << 28
@@ -53,7 +53,7 @@ NOT_CONSTANT = frozenset(
 )
 
 Values = Sequence["np.ndarray | None"]
-Evaluator = Callable[[ir.Node, Values, "FoldContext"], "list[np.ndarray] | None"]
+Evaluator = Callable[[ir.Node, Values, "ValueView"], "list[np.ndarray] | None"]
 EVALUATORS: dict[str, Evaluator] = {}
 
 
@@ -82,7 +82,7 @@ def evaluable(node: ir.Node) -> bool:
     )
 
 
-def evaluate(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray] | None:
+def evaluate(node: ir.Node, values: Values, ctx: ValueView) -> list[np.ndarray] | None:
     """The node's outputs computed from its constant input `values` (None where an optional
     input is absent), or None when it is not evaluated (see the module docstring)."""
     if not evaluable(node):
@@ -109,7 +109,7 @@ def evaluate(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray
     return arrays
 
 
-def _outputs_fit(node: ir.Node, values: Values, ctx: FoldContext) -> bool:
+def _outputs_fit(node: ir.Node, values: Values, ctx: ValueView) -> bool:
     """Whether every output's shape is known before evaluation and within the budget."""
     shapes = [ctx.shape(o) for o in node.outputs]
     if any(s is None or None in s for s in shapes):
@@ -165,7 +165,7 @@ def _infer_node(node: ir.Node, values: Values, opset: int) -> list[tuple[int, ..
 
 
 def _reference(
-    node: ir.Node, values: Values, ctx: FoldContext, opset: int | None = None
+    node: ir.Node, values: Values, ctx: ValueView, opset: int | None = None
 ) -> list[np.ndarray]:
     from onnx.reference import ReferenceEvaluator
 
@@ -177,19 +177,19 @@ def _reference(
 
 @register("DequantizeLinear")
 @register("QuantizeLinear")
-def _quantize_linear(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray]:
+def _quantize_linear(node: ir.Node, values: Values, ctx: ValueView) -> list[np.ndarray]:
     """onnx.reference has only versions 19 and later, which compute the same as 10 and 13 on
     the types those take (19 adds float8 and float16 scales)."""
     return _reference(node, values, ctx, max(ctx.opset, 19))
 
 
 @register("Identity")
-def _identity(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray] | None:
+def _identity(node: ir.Node, values: Values, ctx: ValueView) -> list[np.ndarray] | None:
     return [values[0]] if values and values[0] is not None else None
 
 
 @register("CastLike")
-def _cast_like(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray] | None:
+def _cast_like(node: ir.Node, values: Values, ctx: ValueView) -> list[np.ndarray] | None:
     to = ctx.elem_type(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
     if to is None or values[0] is None:
         return None
@@ -199,7 +199,7 @@ def _cast_like(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarr
     return [values[0].astype(dtype)]
 
 
-def _axes(node: ir.Node, values: Values, ctx: FoldContext) -> list[int] | None:
+def _axes(node: ir.Node, values: Values, ctx: ValueView) -> list[int] | None:
     if ctx.opset >= 13:
         axes = values[1] if len(values) > 1 else None
         return None if axes is None else [int(a) for a in axes.reshape(-1)]
@@ -215,7 +215,7 @@ def _normal_axes(axes: list[int], rank: int) -> tuple[int, ...]:
 
 
 @register("Unsqueeze")
-def _unsqueeze(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray] | None:
+def _unsqueeze(node: ir.Node, values: Values, ctx: ValueView) -> list[np.ndarray] | None:
     axes = _axes(node, values, ctx)
     x = values[0]
     if axes is None or x is None:
@@ -224,7 +224,7 @@ def _unsqueeze(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarr
 
 
 @register("Squeeze")
-def _squeeze(node: ir.Node, values: Values, ctx: FoldContext) -> list[np.ndarray] | None:
+def _squeeze(node: ir.Node, values: Values, ctx: ValueView) -> list[np.ndarray] | None:
     axes = _axes(node, values, ctx)
     x = values[0]
     if x is None:

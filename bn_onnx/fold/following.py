@@ -47,7 +47,8 @@ from bn_onnx.fold.nodes import (
     label,
 )
 from bn_onnx.fold.operands import bias, gemm_rewrite, mismatch, weight
-from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
+from bn_onnx.fold.rules import Rule
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal
 
 ForwardStep = Callable[
     [ir.Node, Channels, FoldContext], "list[tuple[ir.Value, Channels]] | Refusal"

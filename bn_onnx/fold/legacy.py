@@ -23,7 +23,7 @@ import onnx_ir as ir
 from bn_onnx.fold.nodes import attr_int, label
 
 if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
+    from bn_onnx.fold.views import ValueView
 
 LEGACY_OPSET = 7  # opsets below this use the broadcast/axis attributes
 Dims = Sequence["int | None"]
@@ -80,7 +80,7 @@ def _legacy_axis(node: ir.Node, rank: int, k_rank: int) -> int | None:
     return axis
 
 
-def bias_refusal(ctx: FoldContext, add: ir.Node, bias_pos: int, rank: int) -> str | None:
+def bias_refusal(ctx: ValueView, add: ir.Node, bias_pos: int, rank: int) -> str | None:
     """Why an existing legacy Add's constant bias cannot be read as a bias on the last axis
     (None when it can, and always from opset 7 on)."""
     if ctx.opset >= LEGACY_OPSET:
@@ -111,7 +111,7 @@ def bias_refusal(ctx: FoldContext, add: ir.Node, bias_pos: int, rank: int) -> st
     return None
 
 
-def mark_broadcast(ctx: FoldContext, node: ir.Node) -> None:
+def mark_broadcast(ctx: ValueView, node: ir.Node) -> None:
     """Before opset 7: `broadcast=1` on an Add or Gemm whose bias the fold wrote (a no-op
     when the shapes are equal), and no `axis` (the bias lines up with the last axis)."""
     if ctx.opset >= LEGACY_OPSET or node.op_type not in ("Add", "Gemm"):

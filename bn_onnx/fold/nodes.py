@@ -3,12 +3,13 @@ labels, float dtypes, the passthrough ops). Imports no other fold module at run 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import onnx_ir as ir
 
 if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
+    from bn_onnx.fold.views import ValueView
 
 FLOAT_DTYPES = frozenset(
     t.numpy()
@@ -17,6 +18,7 @@ FLOAT_DTYPES = frozenset(
 PASSTHROUGH = ("Identity", "Dropout")
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 _D = TypeVar("_D")
+_N = TypeVar("_N", int, float)
 
 
 def label(node: ir.Node) -> str:
@@ -32,25 +34,24 @@ def is_standard(node: ir.Node) -> bool:
     return node.domain in STANDARD_DOMAINS
 
 
-def attr_int(node: ir.Node, name: str, default: _D) -> int | _D:
-    """An int attribute, or `default` when absent, a reference or not a number."""
+def _attr_number(node: ir.Node, name: str, default: _D, convert: Callable[[Any], _N]) -> _N | _D:
     a = node.attributes.get(name)
     if a is None or a.is_ref():
         return default
     try:
-        return int(a.value)
+        return convert(a.value)
     except (TypeError, ValueError):
         return default
+
+
+def attr_int(node: ir.Node, name: str, default: _D) -> int | _D:
+    """An int attribute, or `default` when absent, a reference or not a number."""
+    return _attr_number(node, name, default, int)
 
 
 def attr_float(node: ir.Node, name: str, default: float) -> float:
-    a = node.attributes.get(name)
-    if a is None or a.is_ref():
-        return default
-    try:
-        return float(a.value)
-    except (TypeError, ValueError):
-        return default
+    """A float attribute, or `default` when absent, a reference or not a number."""
+    return _attr_number(node, name, default, float)
 
 
 def attr_ints(node: ir.Node, name: str) -> list[int] | None:
@@ -68,7 +69,7 @@ def attr_str(node: ir.Node, name: str, default: str) -> str:
     return str(a.value)
 
 
-def is_passthrough(node: ir.Node, ctx: FoldContext) -> bool:
+def is_passthrough(node: ir.Node, ctx: ValueView) -> bool:
     """Whether `node` copies its first input to its first output (Identity, inference
     Dropout: no training_mode input or a constant false one; before opset 7, is_test=1)."""
     if not is_standard(node) or node.op_type not in PASSTHROUGH or not node.inputs:

@@ -43,7 +43,8 @@ from bn_onnx.fold.nodes import (
     label,
 )
 from bn_onnx.fold.operands import bias, gemm_rewrite, mismatch, operand, weight
-from bn_onnx.fold.sites import AffineSite, Plan, Refusal, Rule
+from bn_onnx.fold.rules import Rule
+from bn_onnx.fold.sites import AffineSite, Plan, Refusal
 
 # A Concat's reason names at most this many of the inputs that do not fold.
 MAX_NAMED = 4

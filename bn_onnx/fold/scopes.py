@@ -30,18 +30,44 @@ one scope to the next is decided here:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
 from bn_onnx.fold.nodes import label
 from bn_onnx.fold.sites import MAIN_GRAPH, AffineSite, Plan, Refusal
-
-if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
+from bn_onnx.fold.views import ValueView
 
 Identifier = tuple[str, str, str]  # (domain, name, overload) of a function
+
+
+class _ConstantStore(Protocol):
+    nodes: set[ir.Node]
+
+    def remember(self, value: ir.Value, array: np.ndarray | None) -> None: ...
+
+
+class RewriteContext(ValueView, Protocol):
+    """What `check_plan`, `constant_node` and `write_through` use of the fold's context
+    (`bn_onnx.fold.context.FoldContext`): values, where a new constant goes, and the store
+    of constants."""
+
+    scope: ir.Graph
+    candidates: list[ir.Value]
+
+    @property
+    def legacy_inputs(self) -> bool: ...
+
+    @property
+    def scopes(self) -> ScopeIndex: ...
+
+    @property
+    def constants(self) -> _ConstantStore: ...
+
+    def where(self, graph: ir.Graph | ir.Function | None) -> str: ...
+
+    def add_initializer(self, array: np.ndarray, base: str) -> ir.Value: ...
 
 
 def reference_attributes(node: ir.Node) -> list[tuple[str, str]]:
@@ -160,7 +186,7 @@ class ScopeIndex:
                 return function, i
         return None
 
-    def not_constant(self, ctx: FoldContext, value: ir.Value) -> str | None:
+    def not_constant(self, ctx: ValueView, value: ir.Value) -> str | None:
         """For a function input: None when every call passes the same constant, else why not
         (a phrase after "is"). Cached: folds never make a call's argument constant or not,
         and `write_through` writes the same array for every call."""
@@ -174,7 +200,7 @@ class ScopeIndex:
         self._not_constant[value] = reason
         return reason
 
-    def _check_calls(self, ctx: FoldContext, function: ir.Function, pos: int) -> str | None:
+    def _check_calls(self, ctx: ValueView, function: ir.Function, pos: int) -> str | None:
         calls = self.calls.get(function.identifier(), [])
         if not calls:
             return "a function input of a function the model never calls"
@@ -196,7 +222,7 @@ class ScopeIndex:
                 return "a function input whose calls pass different values"
         return None
 
-    def argument(self, ctx: FoldContext, value: ir.Value) -> np.ndarray | None:
+    def argument(self, ctx: ValueView, value: ir.Value) -> np.ndarray | None:
         """The constant every call passes for function input `value`, or None."""
         found = self.function_input(value)
         if found is None or self.not_constant(ctx, value) is not None:
@@ -205,7 +231,7 @@ class ScopeIndex:
         call = self.calls[function.identifier()][0]
         return ctx.const(call.inputs[pos])
 
-    def describe_input(self, ctx: FoldContext, value: ir.Value) -> str:
+    def describe_input(self, ctx: ValueView, value: ir.Value) -> str:
         """What feeds a graph input, as a phrase after "is": `a graph input` (the main
         graph's), `a function input` (with why it is not a constant), `an input of
         main/Loop 'l'/body`."""
@@ -222,7 +248,7 @@ def count(index: ScopeIndex) -> tuple[int, int]:
     return sum(len(g) for g in index.graphs), sum(len(g.initializers) for g in index.graphs)
 
 
-def check_plan(plan: Plan, site: AffineSite, ctx: FoldContext) -> Plan | Refusal:
+def check_plan(plan: Plan, site: AffineSite, ctx: RewriteContext) -> Plan | Refusal:
     """The plan, or why it may not be applied from the site's scope (see the module
     docstring)."""
     for target in plan.targets:
@@ -237,7 +263,7 @@ def check_plan(plan: Plan, site: AffineSite, ctx: FoldContext) -> Plan | Refusal
     return plan
 
 
-def constant_node(ctx: FoldContext, array: np.ndarray, name: str, graph: ir.Graph) -> ir.Value:
+def constant_node(ctx: RewriteContext, array: np.ndarray, name: str, graph: ir.Graph) -> ir.Value:
     """A Constant node named `name` holding `array`, at the top of `graph` (a function body or
     a subgraph inside one, where no initializers may go); swept like an evaluated constant
     once nothing reads it."""
@@ -262,7 +288,7 @@ def constant_node(ctx: FoldContext, array: np.ndarray, name: str, graph: ir.Grap
 
 
 def write_through(
-    ctx: FoldContext, node: ir.Node, pos: int, old: ir.Value, array: np.ndarray, base: str | None
+    ctx: RewriteContext, node: ir.Node, pos: int, old: ir.Value, array: np.ndarray, base: str | None
 ) -> bool:
     """Give the function input `old` (read only by input `pos` of `node`) the value `array`
     by rewriting the initializers every call passes for it; False (nothing done) when `old` is

@@ -1,25 +1,22 @@
-"""Affine sites and the rule interface.
+"""Affine sites and what a rule answers: a `Plan` or a `Refusal`.
 
 An *affine site* is a place in a graph where a value is an affine map of another, per channel:
 `y = a * x + c` along one axis of x, computed by a few nodes (a BatchNormalization node, or a
 chain of Mul/Add by constants: `bn_onnx.fold.affine_ops`). Rules fold a site into its
 neighbours. A rule is a function `(site, ctx) -> Plan | Refusal`: a `Plan` rewrites the graph
-when called, a `Refusal` says why the rule does not apply, as data. Rule families and site
-kinds register in `bn_onnx.fold._pass` (`DEFAULT_RULES`, `DEFAULT_SITE_KINDS`); the site
-kinds themselves are `bn_onnx.fold.bn_site` and `bn_onnx.fold.affine_ops`.
+when called, a `Refusal` says why the rule does not apply, as data. The rule and site-kind
+interfaces are in `bn_onnx.fold.rules`; rule families and site kinds register in
+`bn_onnx.fold._pass` (`DEFAULT_RULES`, `DEFAULT_SITE_KINDS`); the site kinds themselves are
+`bn_onnx.fold.bn_site` and `bn_onnx.fold.affine_ops`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
-
-if TYPE_CHECKING:
-    from bn_onnx.fold.context import FoldContext
 
 MAIN_GRAPH = "main"
 
@@ -107,39 +104,3 @@ class Plan:
     targets: Sequence[ir.Node]
     rewrite: Callable[[], None]
     note: str | None = None
-
-
-RuleFn = Callable[[AffineSite, "FoldContext"], "Plan | Refusal"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """A rule family: `apply(site, ctx) -> Plan | Refusal`.
-
-    `label` prefixes its refusal in the combined reason ("before: ...; after: ..."); an empty
-    label adds the refusal as it is.
-    """
-
-    name: str
-    label: str
-    apply: RuleFn
-
-
-@dataclasses.dataclass(frozen=True)
-class SiteKind:
-    """A kind of affine site: `claims(node)` says whether a node anchors one (each anchor
-    gets a report entry), `build(node, ctx)` reads the site or says why it is not foldable."""
-
-    kind: str
-    claims: Callable[[ir.Node], bool]
-    build: Callable[[ir.Node, FoldContext], AffineSite | Refusal]
-
-
-def combine(outcomes: Sequence[tuple[Rule, Refusal]]) -> Refusal:
-    """One refusal from every rule's: "before: ...; after: ..." in rule order."""
-    parts = [
-        f"{rule.label}: {ref.reason}" if rule.label else ref.reason
-        for rule, ref in outcomes
-        if not ref.silent and ref.reason
-    ]
-    return Refusal("; ".join(parts))
