@@ -38,19 +38,11 @@ COLUMNS_KEY = "bn_onnx.columns"
 # records them in its metadata under NA_KEY (a JSON list); without the key, these apply.
 NA_VALUES = ("", "NA", "N/A", "NaN", "null")
 NA_KEY = "bn_onnx.na_values"
+# The names of the column kinds; what each does is its entry in `bn_onnx.column_kinds`.
 CONTINUOUS = "continuous"
 CATEGORICAL = "categorical"
-KINDS = (CONTINUOUS, CATEGORICAL)  # the column kinds of a tabular model
 # A plain model's feature, named (`feature_columns`): a number the model fills nothing for.
 NUMBER = "number"
-COLUMN_KINDS = (*KINDS, NUMBER)
-# The input of each column family and its element type.
-INPUT_DTYPES = {
-    CONTINUOUS: np.dtype(np.float32),
-    CATEGORICAL: np.dtype(object),
-    NUMBER: np.dtype(np.float32),
-}
-NUMERIC_KINDS = (CONTINUOUS, NUMBER)
 MISSING_TEXT = ""
 
 
@@ -107,6 +99,8 @@ def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
     Raises:
         UnsupportedModelError: the metadata entry is not a valid schema.
     """
+    from bn_onnx.column_kinds import COLUMN_KINDS
+
     text = metadata.get(COLUMNS_KEY)
     if text is None:
         return None
@@ -367,6 +361,8 @@ def feeds_from_columns(
         InputDataError: a column is missing, has the wrong number of rows, or a continuous cell
             is not a number (the message names the column).
     """
+    from bn_onnx.column_kinds import COLUMN_KINDS
+
     missing = [c.name for c in columns if c.name not in data]
     if missing:
         raise missing_columns_error(columns, missing)
@@ -376,18 +372,14 @@ def feeds_from_columns(
     feeds: dict[str, np.ndarray] = {}
     na = _DEFAULT_NA if na_values is None else na_set(na_values)
     for c in columns:
-        values = data[c.name]
-        if c.kind in NUMERIC_KINDS:
-            col = continuous_values(values, c.name, row_offset, na)
-        else:
-            col = categorical_values(values, na, c)
+        kind = COLUMN_KINDS[c.kind]
+        col = kind.read(data[c.name], c, row_offset, na)
         if n_rows is None:
             n_rows = len(col)
         if len(col) != n_rows:
             raise InputDataError(f"column {c.name!r} has {len(col)} rows, expected {n_rows}")
         if c.input not in feeds:
-            empty = MISSING_TEXT if c.kind == CATEGORICAL else np.nan
-            feeds[c.input] = np.full((n_rows, widths[c.input]), empty, INPUT_DTYPES[c.kind])
+            feeds[c.input] = np.full((n_rows, widths[c.input]), kind.missing, kind.dtype)
         feeds[c.input][:, c.index] = col
     return feeds
 
@@ -422,6 +414,8 @@ class RecordReader:
     """
 
     def __init__(self, columns: Sequence[Column], na_values: Sequence[str] | None = None) -> None:
+        from bn_onnx.column_kinds import COLUMN_KINDS
+
         self.columns = list(columns)
         self.na_values = NA_VALUES if na_values is None else tuple(na_values)
         self._na = na_set(self.na_values)
@@ -433,11 +427,13 @@ class RecordReader:
         self._layout: list[tuple[str, bool, list[str | None]]] = []
         self._names = {c.name for c in self.columns}
         self._readings = {
-            c.name: _column_reading(self._na, c) for c in self.columns if c.kind == CATEGORICAL
+            c.name: _column_reading(self._na, c)
+            for c in self.columns
+            if not COLUMN_KINDS[c.kind].numeric
         }
         for name, at in places.items():
             slots = [at[j].name if j in at else None for j in range(max(at) + 1)]
-            continuous = next(iter(at.values())).kind in NUMERIC_KINDS
+            continuous = COLUMN_KINDS[next(iter(at.values())).kind].numeric
             self._layout.append((name, continuous, slots))
 
     def feeds(
