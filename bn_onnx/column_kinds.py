@@ -291,5 +291,6 @@ COLUMN_KINDS: dict[str, ColumnKind] = {
 }
 TABULAR_KINDS = tuple(k for k in COLUMN_KINDS.values() if k.tabular)
 NUMERIC_KINDS = frozenset(n for n, k in COLUMN_KINDS.items() if k.numeric)
-NAN_FILLED_KINDS = frozenset(n for n, k in COLUMN_KINDS.items() if k.fills_nan)
+# The kinds whose NaN cells are missing values the model fills (verify draws some NaN).
+NAN_KINDS = frozenset(n for n, k in COLUMN_KINDS.items() if k.fills_nan)
 VOCABULARY_KINDS = frozenset(n for n, k in COLUMN_KINDS.items() if k.has_vocabulary)

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from bn_onnx import crash
+from bn_onnx.column_kinds import NAN_KINDS
 from bn_onnx.compare import TolerancePolicy
 from bn_onnx.errors import BnOnnxError, ProviderError, UnsupportedModelError, UsageError
 from bn_onnx.onnx_meta import get_metadata
@@ -162,9 +163,7 @@ def _build_probes(
     warnings: list[str],
 ) -> list[probes.Probe]:
     nan_ok = [
-        c.get("input")
-        for c in probes.columns_metadata(m.protos[0])
-        if c.get("kind") == "continuous"
+        c.get("input") for c in probes.columns_metadata(m.protos[0]) if c.get("kind") in NAN_KINDS
     ]
     out: list[probes.Probe] = []
     if inputs is not None:
