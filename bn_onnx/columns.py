@@ -15,7 +15,9 @@ the training file's order (the target excluded), e.g.
 `{"name": "age", "kind": "continuous", "input": "continuous", "index": 0, "fill": 41.0}` and
 `{"name": "city", "kind": "categorical", "input": "categorical", "index": 0,
 "vocabulary": ["Busan", "Seoul"]}`. Apps (`bn-onnx run`, `serve`, `Predictor`) and `verify`
-read it to build the input arrays from CSV, Parquet or JSON rows. numpy only.
+read it to build the input arrays from CSV, Parquet or JSON rows. What each kind does (its
+input's dtype, its reader, fit and preprocessing) is its entry in `bn_onnx.column_kinds`.
+numpy only.
 """
 
 from __future__ import annotations
