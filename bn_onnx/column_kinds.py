@@ -5,7 +5,7 @@ Each kind says, in one entry, everything the code does differently for it:
 - the model input that holds its columns and that input's element type (`dtype`, `onnx_type`),
   and the value a missing cell has there (`missing`: NaN or "");
 - how a column of cells from CSV text, Parquet or JSON values is read (`read`: the readers of
-  `bn_onnx.columns`, with the missing-cell spellings);
+  `bn_onnx.cells`, with the missing-cell spellings);
 - for the kinds of a tabular model (`tabular`): what is learned from the training split
   (`fit`: the fill and indicator, or the vocabulary and embedding width), the check of a
   fitted column (`check`), the numpy preprocessing of its input into the torch part's input
@@ -14,7 +14,7 @@ Each kind says, in one entry, everything the code does differently for it:
 - what verify's random probe draws (`fills_nan`: NaN cells are missing values the model fills;
   `has_vocabulary`: values are drawn from the vocabulary, "" and an unseen value).
 
-Adding a kind is one entry here (plus its name in `bn_onnx.columns`).
+Adding a kind is one entry here. Import order: `cells` <- `column_kinds` <- `columns`.
 """
 
 from __future__ import annotations
@@ -26,16 +26,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bn_onnx.columns import (
-    CATEGORICAL,
-    CONTINUOUS,
-    MISSING_TEXT,
-    NUMBER,
-    Column,
-    categorical_values,
-    continuous_values,
-)
+from bn_onnx.cells import MISSING_TEXT, categorical_values, continuous_values
 from bn_onnx.errors import UsageError
+
+# The names of the column kinds (`Column.kind`; re-exported by `bn_onnx.columns`).
+CONTINUOUS = "continuous"
+CATEGORICAL = "categorical"
+# A plain model's feature, named (`feature_columns`): a number the model fills nothing for.
+NUMBER = "number"
 
 MISSING_CODE = 0
 UNKNOWN_CODE = 1
@@ -66,7 +64,7 @@ def embedding_size(n_codes: int) -> int:
 class Fitted(NamedTuple):
     """What `ColumnKind.fit` learns of one column from the training split."""
 
-    column: Column
+    fields: dict[str, Any]  # the `Column` fields learned: fill or vocabulary
     indicator: bool = False  # a was-missing indicator follows the continuous columns
     embedding_dim: int | None = None  # the width of its embedding (categorical)
 
@@ -88,8 +86,8 @@ class ColumnKind:
         has_vocabulary: Values come from the column's vocabulary (verify draws from it).
         tabular: A column kind of a tabular model (the fields below are set).
         model_input: The torch part's input it feeds (`numeric` or `codes`).
-        fit: `fit(name, index, cells, max_categories, min_frequency) -> Fitted`.
-        check: `check(column)`: a one-line problem of a fitted column, or None.
+        fit: `fit(cells, max_categories, min_frequency) -> Fitted`.
+        check: `check(column)`: a one-line problem of a fitted `Column`, or None.
         preprocess: `preprocess(spec, x, dtype)`: the torch part's input from this kind's raw
             input `x` [n, k] (`TabularSpec.preprocess`).
         graph: `graph(tape, ir, value, spec)`: the same as ONNX nodes on an onnx-ir tape.
@@ -107,31 +105,31 @@ class ColumnKind:
     tabular: bool = False
     model_input: str | None = None
     fit: Callable[..., Fitted] | None = None
-    check: Callable[[Column], str | None] | None = None
+    check: Callable[[Any], str | None] | None = None
     preprocess: Callable[..., np.ndarray] | None = None
     graph: Callable[..., Any] | None = None
     opsets: tuple[tuple[str, int], ...] = ()
 
 
 # --- reading
-def _read_number(values: Any, column: Column, row_offset: int, na: frozenset[str]) -> np.ndarray:
+def _read_number(values: Any, column: Any, row_offset: int, na: frozenset[str]) -> np.ndarray:
     return continuous_values(values, column.name, row_offset, na)
 
 
-def _read_category(values: Any, column: Column, row_offset: int, na: frozenset[str]) -> np.ndarray:
+def _read_category(values: Any, column: Any, row_offset: int, na: frozenset[str]) -> np.ndarray:
     return categorical_values(values, na, column)
 
 
 # --- continuous: median fill, was-missing indicator
-def _fit_continuous(name: str, index: int, cells: Any, *_: Any) -> Fitted:
+def _fit_continuous(cells: Any, *_: Any) -> Fitted:
     x = np.asarray(cells, dtype=np.float64)
     missing = np.isnan(x)
     present = x[~missing]
     fill = float(np.float32(np.median(present))) if present.size else 0.0
-    return Fitted(Column(name, CONTINUOUS, CONTINUOUS, index, fill=fill), bool(missing.any()))
+    return Fitted({"fill": fill}, bool(missing.any()))
 
 
-def _check_continuous(c: Column) -> str | None:
+def _check_continuous(c: Any) -> str | None:
     if c.fill is None or not math.isfinite(c.fill) or c.vocabulary is not None:
         return f"tabular spec: column {c.name!r} needs a finite fill"
     return None
@@ -188,15 +186,14 @@ def _vocabulary(cells: Any, max_categories: int | None, min_frequency: int) -> t
     return tuple(kept)
 
 
-def _fit_categorical(
-    name: str, index: int, cells: Any, max_categories: int | None, min_frequency: int
-) -> Fitted:
+def _fit_categorical(cells: Any, max_categories: int | None, min_frequency: int) -> Fitted:
     vocab = _vocabulary(cells, max_categories, min_frequency)
-    column = Column(name, CATEGORICAL, CATEGORICAL, index, vocabulary=vocab)
-    return Fitted(column, embedding_dim=embedding_size(FIRST_CATEGORY_CODE + len(vocab)))
+    return Fitted(
+        {"vocabulary": vocab}, embedding_dim=embedding_size(FIRST_CATEGORY_CODE + len(vocab))
+    )
 
 
-def _check_categorical(c: Column) -> str | None:
+def _check_categorical(c: Any) -> str | None:
     vocab = c.vocabulary
     if vocab is None or c.fill is not None:
         return f"tabular spec: column {c.name!r} needs a vocabulary"

@@ -346,8 +346,8 @@ def fit_spec(
         kind = kinds[name]
         index = counts[kind]
         counts[kind] += 1
-        fitted = COLUMN_KINDS[kind].fit(name, index, values[name], max_categories, min_frequency)
-        columns.append(fitted.column)
+        fitted = COLUMN_KINDS[kind].fit(values[name], max_categories, min_frequency)
+        columns.append(Column(name, kind, kind, index, **fitted.fields))
         if fitted.indicator:
             indicators.append(name)
         if fitted.embedding_dim is not None:
