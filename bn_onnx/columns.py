@@ -15,43 +15,44 @@ the training file's order (the target excluded), e.g.
 `{"name": "age", "kind": "continuous", "input": "continuous", "index": 0, "fill": 41.0}` and
 `{"name": "city", "kind": "categorical", "input": "categorical", "index": 0,
 "vocabulary": ["Busan", "Seoul"]}`. Apps (`bn-onnx run`, `serve`, `Predictor`) and `verify`
-read it to build the input arrays from CSV, Parquet or JSON rows. numpy only.
+read it to build the input arrays from CSV, Parquet or JSON rows. What each kind does (its
+input's dtype, its reader, fit and preprocessing) is its entry in `bn_onnx.column_kinds`.
+numpy only.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from bn_onnx.errors import CellError, InputDataError, UnsupportedModelError
+from bn_onnx.cells import (  # noqa: F401 (the cell readers, re-exported)
+    _DEFAULT_NA,
+    _F32_INF,
+    MISSING_TEXT,
+    NA_VALUES,
+    _column_reading,
+    _float32_cell,
+    _read_category,
+    categorical_values,
+    category_text,
+    continuous_values,
+    na_set,
+    text_category,
+)
+from bn_onnx.column_kinds import (  # noqa: F401 (the kind names, re-exported)
+    CATEGORICAL,
+    COLUMN_KINDS,
+    CONTINUOUS,
+    NUMBER,
+)
+from bn_onnx.errors import InputDataError, UnsupportedModelError
 
 COLUMNS_KEY = "bn_onnx.columns"
-# The spellings of a missing cell (besides None and NaN), compared case-insensitively after
-# stripping spaces: `bn-onnx train --na-values`' default. A model trained with other ones
-# records them in its metadata under NA_KEY (a JSON list); without the key, these apply.
-NA_VALUES = ("", "NA", "N/A", "NaN", "null")
 NA_KEY = "bn_onnx.na_values"
-CONTINUOUS = "continuous"
-CATEGORICAL = "categorical"
-KINDS = (CONTINUOUS, CATEGORICAL)  # the column kinds of a tabular model
-# A plain model's feature, named (`feature_columns`): a number the model fills nothing for.
-NUMBER = "number"
-COLUMN_KINDS = (*KINDS, NUMBER)
-# The input of each column family and its element type.
-INPUT_DTYPES = {
-    CONTINUOUS: np.dtype(np.float32),
-    CATEGORICAL: np.dtype(object),
-    NUMBER: np.dtype(np.float32),
-}
-NUMERIC_KINDS = (CONTINUOUS, NUMBER)
-MISSING_TEXT = ""
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,6 @@ def read_columns(metadata: Mapping[str, str]) -> list[Column] | None:
     return columns
 
 
-def na_set(values: Sequence[str] | None = None) -> frozenset[str]:
-    """The missing-cell spellings to compare a stripped, lower-cased cell with."""
-    return frozenset(str(v).strip().lower() for v in (NA_VALUES if values is None else values))
-
-
 def read_na_values(metadata: Mapping[str, str]) -> tuple[str, ...]:
     """The missing-cell spellings a model was trained with (`NA_VALUES` when not recorded).
 
@@ -166,168 +162,6 @@ def read_na_values(metadata: Mapping[str, str]) -> tuple[str, ...]:
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise UnsupportedModelError(f"model metadata {NA_KEY} is not a JSON list of strings")
     return tuple(values)
-
-
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-_INTEGER = re.compile(r"[+-]?\d+")
-
-
-def text_category(text: str) -> str:
-    """A text cell as a category: stripped; numbers and booleans written one way.
-
-    A number is written as `category_text` writes the value (`1`, `1.0`, `1.00`, `+1` -> "1";
-    `2.50` -> "2.5"), so that a CSV cell and the same value from Parquet or JSON are one
-    category; `true`, `TRUE` -> "True" and `false` -> "False" in any case. Other text is kept.
-    """
-    t = text.strip()
-    head = t[:1]
-    if head and head in "0123456789+-.":
-        if _INTEGER.fullmatch(t):
-            return str(int(t))
-        if _NUMBER.fullmatch(t):
-            v = float(t)
-            if math.isfinite(v):
-                return str(int(v)) if v.is_integer() else repr(v)
-    elif len(t) in (4, 5):
-        low = t.lower()
-        if low == "true":
-            return "True"
-        if low == "false":
-            return "False"
-    return t
-
-
-def category_text(value: Any) -> str:
-    """The text a categorical value is looked up by; "" for a missing value.
-
-    One rule for every source, so that training (CSV, Parquet, NPZ) and apps (CSV, Parquet,
-    JSON) agree: None and NaN are missing; text goes through `text_category` (stripped;
-    numeric text and booleans in any case written as below); integers and integral floats are
-    written as integers ("3": Parquet and pandas turn an integer column with nulls into
-    floats); other floats with `repr`; booleans as "True"/"False" (as pandas writes them).
-    Missing-value spellings (`NA_VALUES`) are the caller's to apply (`categorical_values`).
-    """
-    if value is None:
-        return MISSING_TEXT
-    if isinstance(value, (str, np.str_)):
-        return text_category(str(value))
-    if isinstance(value, (bytes, np.bytes_)):
-        return text_category(bytes(value).decode("utf-8", errors="replace"))
-    if isinstance(value, (bool, np.bool_)):
-        return "True" if value else "False"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return MISSING_TEXT
-        if v.is_integer():
-            return str(int(v))
-        return repr(v)
-    return str(value).strip()
-
-
-def _number(value: Any, column: str, row: int, na: frozenset[str] = frozenset()) -> float:
-    """A continuous cell as a float; NaN for a missing one (None, NaN, empty or `na` text)."""
-    if value is None:
-        return math.nan
-    if isinstance(value, (bool, np.bool_)):
-        raise CellError(column, row, f"not a number: {value!r}")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        try:
-            return float(value)
-        except OverflowError:  # an int beyond float's range
-            raise CellError(column, row, "number too large") from None
-    if isinstance(value, (str, np.str_, bytes, np.bytes_)):
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-        text = text.strip()
-        if not text or text.lower() in na:
-            return math.nan
-        try:
-            return float(text)
-        except ValueError:
-            raise CellError(column, row, f"not a number: {text!r}") from None
-    raise CellError(column, row, f"not a number: {value!r}")
-
-
-def continuous_values(
-    values: Any, column: str, row_offset: int = 0, na: frozenset[str] | None = None
-) -> np.ndarray:
-    """One continuous column as float32 [n]; NaN where missing.
-
-    `row_offset` is added to row numbers in messages (for a chunk of a larger input); `na`:
-    the missing-cell spellings (`na_set`; default `NA_VALUES`).
-
-    Raises:
-        InputDataError: a cell that is neither a number nor missing, naming the column and row.
-    """
-    if isinstance(values, np.ndarray) and values.ndim == 1:
-        arr = values
-    else:
-        # Cell by cell: np.asarray would read [1, True] as [1, 1] and nested lists as 2-D.
-        cells = list(values)
-        arr = np.empty(len(cells), dtype=object)
-        for i, v in enumerate(cells):
-            arr[i] = v
-    if arr.dtype.kind in "fiu":  # numeric already: NaN stays NaN
-        with np.errstate(over="ignore"):  # beyond float32: inf, for the model's user to refuse
-            return arr.astype(np.float32)
-    if arr.dtype.kind == "b":
-        raise InputDataError(f"column {column!r}: booleans, not numbers")
-    na = _DEFAULT_NA if na is None else na
-    out = np.empty(len(arr), dtype=np.float32)
-    for i, v in enumerate(arr):
-        out[i] = _float32_cell(v, column, i + row_offset, na)
-    return out
-
-
-def categorical_values(
-    values: Any, na: frozenset[str] | None = None, column: Column | None = None
-) -> np.ndarray:
-    """One categorical column as an object array of str [n] (`category_text` of each cell).
-
-    A cell whose stripped text is a missing-value spelling (`na`, from `na_set`; default
-    `NA_VALUES`) is "", unless `column`'s vocabulary holds it (a model trained when only an
-    empty cell was missing); a cell that `column`'s vocabulary spells another way (`1.0` in a
-    model trained before numbers were written one way) is given the vocabulary's spelling.
-    """
-    arr = values if isinstance(values, np.ndarray) else np.asarray(list(values), dtype=object)
-    cells = arr.tolist()
-    kinds = set(map(type, cells))
-    # the usual integer columns at C speed
-    out = list(map(str, cells)) if kinds <= _INT else [category_text(v) for v in cells]
-    na, spelling = _column_reading(_DEFAULT_NA if na is None else na, column)
-    if na:
-        out = [MISSING_TEXT if t.lower() in na else t for t in out]
-    if spelling:
-        out = [spelling.get(t, t) for t in out]
-    result = np.empty(len(out), dtype=object)
-    result[:] = out
-    return result
-
-
-_DEFAULT_NA = na_set()
-
-
-@functools.lru_cache(maxsize=256)
-def _vocabulary_reading(
-    na: frozenset[str], vocabulary: tuple[str, ...] | None
-) -> tuple[frozenset[str], dict[str, str]]:
-    if not vocabulary:
-        return na - {MISSING_TEXT}, {}
-    held = {v.lower() for v in vocabulary}
-    spelling = {text_category(v): v for v in vocabulary if text_category(v) != v}
-    return na - held - {MISSING_TEXT}, spelling
-
-
-def _column_reading(
-    na: frozenset[str], column: Column | None
-) -> tuple[frozenset[str], dict[str, str]]:
-    """The spellings read as missing in a column, and the vocabulary's own spellings."""
-    return _vocabulary_reading(na, None if column is None else column.vocabulary)
-
-
-_INT = {int}
 
 
 def missing_columns_error(columns: Sequence[Column], missing: Sequence[str]) -> InputDataError:
@@ -376,18 +210,14 @@ def feeds_from_columns(
     feeds: dict[str, np.ndarray] = {}
     na = _DEFAULT_NA if na_values is None else na_set(na_values)
     for c in columns:
-        values = data[c.name]
-        if c.kind in NUMERIC_KINDS:
-            col = continuous_values(values, c.name, row_offset, na)
-        else:
-            col = categorical_values(values, na, c)
+        kind = COLUMN_KINDS[c.kind]
+        col = kind.read(data[c.name], c, row_offset, na)
         if n_rows is None:
             n_rows = len(col)
         if len(col) != n_rows:
             raise InputDataError(f"column {c.name!r} has {len(col)} rows, expected {n_rows}")
         if c.input not in feeds:
-            empty = MISSING_TEXT if c.kind == CATEGORICAL else np.nan
-            feeds[c.input] = np.full((n_rows, widths[c.input]), empty, INPUT_DTYPES[c.kind])
+            feeds[c.input] = np.full((n_rows, widths[c.input]), kind.missing, kind.dtype)
         feeds[c.input][:, c.index] = col
     return feeds
 
@@ -433,11 +263,13 @@ class RecordReader:
         self._layout: list[tuple[str, bool, list[str | None]]] = []
         self._names = {c.name for c in self.columns}
         self._readings = {
-            c.name: _column_reading(self._na, c) for c in self.columns if c.kind == CATEGORICAL
+            c.name: _column_reading(self._na, c)
+            for c in self.columns
+            if not COLUMN_KINDS[c.kind].numeric
         }
         for name, at in places.items():
             slots = [at[j].name if j in at else None for j in range(max(at) + 1)]
-            continuous = next(iter(at.values())).kind in NUMERIC_KINDS
+            continuous = COLUMN_KINDS[next(iter(at.values())).kind].numeric
             self._layout.append((name, continuous, slots))
 
     def feeds(
@@ -493,27 +325,3 @@ class RecordReader:
 
 
 _DICT = {dict}
-# The smallest magnitude that rounds to infinity in float32 (round to nearest even).
-_F32_INF = float.fromhex("0x1.ffffffp+127")
-
-
-def _read_category(value: Any, na: frozenset[str], spelling: dict[str, str]) -> str:
-    """One categorical cell as `categorical_values` reads it."""
-    t = category_text(value)
-    if t.lower() in na:
-        return MISSING_TEXT
-    return spelling.get(t, t) if spelling else t
-
-
-def _float32_cell(
-    value: Any, column: str | None, row: int, na: frozenset[str] = frozenset()
-) -> float:
-    """A continuous cell as a float that converts to float32 without an overflow warning."""
-    if column is None:  # a place of the input that no column fills
-        return math.nan
-    v = _number(value, column, row, na)
-    if v >= _F32_INF:
-        return math.inf
-    if v <= -_F32_INF:
-        return -math.inf
-    return v

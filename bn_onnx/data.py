@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bn_onnx.column_kinds import COLUMN_KINDS, TABULAR_KINDS
 from bn_onnx.columns import (
     CATEGORICAL,
     CONTINUOUS,
@@ -524,13 +525,13 @@ def _raw_feeds(
     """The raw model inputs of all rows: `continuous` float32 [n, k], `categorical` str [n, m]."""
     n = len(values[names[0]])
     feeds: dict[str, np.ndarray] = {}
-    for kind, dtype in ((CONTINUOUS, np.float32), (CATEGORICAL, object)):
-        of_kind = [name for name in names if kinds[name] == kind]
+    for kind in TABULAR_KINDS:
+        of_kind = [name for name in names if kinds[name] == kind.name]
         if of_kind:
-            arr = np.empty((n, len(of_kind)), dtype=dtype)
+            arr = np.empty((n, len(of_kind)), dtype=kind.dtype)
             for j, name in enumerate(of_kind):
                 arr[:, j] = values[name]
-            feeds[kind] = arr
+            feeds[kind.name] = arr
     return feeds
 
 
@@ -773,14 +774,16 @@ def load_dataset(
         feature_names = [c.name for c in columns]
         kinds = _column_kinds(columns, categorical, continuous, path, target)
         values = {
-            c.name: c.continuous(path.name) if kinds[c.name] == CONTINUOUS else c.categorical()
+            c.name: c.continuous(path.name)
+            if COLUMN_KINDS[kinds[c.name]].numeric
+            else c.categorical()
             for c in columns
         }
         if (
             categorical
             or continuous
-            or CATEGORICAL in kinds.values()
-            or any(np.isnan(v).any() for n, v in values.items() if kinds[n] == CONTINUOUS)
+            or not all(COLUMN_KINDS[k].numeric for k in kinds.values())
+            or any(np.isnan(v).any() for n, v in values.items() if COLUMN_KINDS[kinds[n]].numeric)
         ):
             table = (feature_names, kinds, values)
             x = np.zeros((len(y_raw), 0))

@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from bn_onnx import crash
+from bn_onnx.column_kinds import NAN_KINDS
 from bn_onnx.columns import (
-    CONTINUOUS,
     NUMBER,
     Column,
     RecordReader,
@@ -660,7 +660,7 @@ class Predictor:
                 )
             widths[c.input] = max(widths.get(c.input, 0), c.index + 1)
             self._column_at[(c.input, c.index)] = c.name
-            if c.kind == CONTINUOUS:  # the model fills it
+            if c.kind in NAN_KINDS:  # the model fills it
                 self._nan_inputs.add(c.input)
         for spec in self.inputs:
             width = spec.shape[1] if len(spec.shape) == 2 else None

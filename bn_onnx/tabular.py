@@ -21,41 +21,25 @@ of the graph's preprocessing: training, torch eval and the float64 reference all
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from bn_onnx.columns import (
-    CATEGORICAL,
-    CONTINUOUS,
-    KINDS,
-    MISSING_TEXT,
-    Column,
-    columns_to_json,
+from bn_onnx.column_kinds import (  # noqa: F401 (the codes and inputs, re-exported)
+    CODES_INPUT,
+    COLUMN_KINDS,
+    FIRST_CATEGORY_CODE,
+    MAX_EMBEDDING_SIZE,
+    MISSING_CODE,
+    NUMERIC_INPUT,
+    TABULAR_KINDS,
+    UNKNOWN_CODE,
+    embedding_size,
 )
+from bn_onnx.columns import CATEGORICAL, CONTINUOUS, MISSING_TEXT, Column, columns_to_json
 from bn_onnx.errors import InputDataError, UsageError
-
-MISSING_CODE = 0
-UNKNOWN_CODE = 1
-FIRST_CATEGORY_CODE = 2
-# Names of the inputs of the torch part of a tabular model (the exported graph computes them
-# from `continuous` and `categorical`): filled continuous columns then indicators, and codes.
-NUMERIC_INPUT = "numeric"
-CODES_INPUT = "codes"
-MAX_EMBEDDING_SIZE = 600
-
-
-def embedding_size(n_codes: int) -> int:
-    """Embedding width for a categorical column with `n_codes` codes (missing, unknown, values).
-
-    fastai's `emb_sz_rule` (fastai/tabular/model.py): `min(600, round(1.6 * n ** 0.56))`.
-    """
-    if n_codes < 1:
-        raise UsageError(f"a categorical column needs at least one code, got {n_codes}")
-    return min(MAX_EMBEDDING_SIZE, round(1.6 * n_codes**0.56))
 
 
 @dataclass(frozen=True)
@@ -94,23 +78,31 @@ class TabularSpec:
         object.__setattr__(self, "_lookups", lookups)
 
     # --- structure
+    def of_kind(self, kind: str) -> list[Column]:
+        """The columns of `kind` (a name in `COLUMN_KINDS`) in input order."""
+        return sorted((c for c in self.columns if c.kind == kind), key=lambda c: c.index)
+
+    def width(self, kind: str) -> int:
+        """The number of columns of `kind`: the width of its raw input."""
+        return sum(c.kind == kind for c in self.columns)
+
     @property
     def continuous(self) -> list[Column]:
         """The continuous columns in input order."""
-        return sorted((c for c in self.columns if c.kind == CONTINUOUS), key=lambda c: c.index)
+        return self.of_kind(CONTINUOUS)
 
     @property
     def categorical(self) -> list[Column]:
         """The categorical columns in input order."""
-        return sorted((c for c in self.columns if c.kind == CATEGORICAL), key=lambda c: c.index)
+        return self.of_kind(CATEGORICAL)
 
     @property
     def n_continuous(self) -> int:
-        return sum(c.kind == CONTINUOUS for c in self.columns)
+        return self.width(CONTINUOUS)
 
     @property
     def n_categorical(self) -> int:
-        return sum(c.kind == CATEGORICAL for c in self.columns)
+        return self.width(CATEGORICAL)
 
     @property
     def n_numeric(self) -> int:
@@ -168,24 +160,17 @@ class TabularSpec:
         names = [c.name for c in self.columns]
         if len(set(names)) != len(names):
             raise UsageError("tabular spec: two columns have the same name")
-        for kind in KINDS:
-            got = sorted(c.index for c in self.columns if c.kind == kind)
+        for kind in TABULAR_KINDS:
+            got = sorted(c.index for c in self.columns if c.kind == kind.name)
             if got != list(range(len(got))):
-                raise UsageError(f"tabular spec: {kind} indices are not 0..{len(got) - 1}")
+                raise UsageError(f"tabular spec: {kind.name} indices are not 0..{len(got) - 1}")
         for c in self.columns:
-            if c.kind not in KINDS or c.input != c.kind:
+            kind = COLUMN_KINDS.get(c.kind)
+            if kind is None or not kind.tabular or c.input != c.kind:
                 raise UsageError(f"tabular spec: column {c.name!r} has kind {c.kind!r}")
-            if c.kind == CONTINUOUS:
-                if c.fill is None or not math.isfinite(c.fill) or c.vocabulary is not None:
-                    raise UsageError(f"tabular spec: column {c.name!r} needs a finite fill")
-            else:
-                vocab = c.vocabulary
-                if vocab is None or c.fill is not None:
-                    raise UsageError(f"tabular spec: column {c.name!r} needs a vocabulary")
-                if MISSING_TEXT in vocab or len(set(vocab)) != len(vocab):
-                    raise UsageError(
-                        f"tabular spec: column {c.name!r} vocabulary has repeats or an empty value"
-                    )
+            problem = kind.check(c)
+            if problem:
+                raise UsageError(problem)
         continuous = {c.name for c in self.columns if c.kind == CONTINUOUS}
         if any(n not in continuous for n in self.indicators) or len(set(self.indicators)) != len(
             self.indicators
@@ -257,17 +242,17 @@ class TabularSpec:
                 their number of rows.
         """
         out: dict[str, np.ndarray] = {}
-        widths = {CONTINUOUS: self.n_continuous, CATEGORICAL: self.n_categorical}
-        for name, width in widths.items():
+        for kind in TABULAR_KINDS:
+            name, width = kind.name, self.width(kind.name)
             if not width:
                 continue
             if name not in feeds:
                 raise InputDataError(f"no value given for model input {name!r}")
             arr = np.asarray(feeds[name])
-            if name == CONTINUOUS:
+            if kind.numeric:
                 if arr.dtype.kind not in "fiu":
                     raise InputDataError(f"input {name!r} must be numbers, got dtype {arr.dtype}")
-                arr = arr.astype(np.float32, copy=False)
+                arr = arr.astype(kind.dtype, copy=False)
             elif arr.dtype.kind not in "OUS":
                 raise InputDataError(f"input {name!r} must be strings, got dtype {arr.dtype}")
             if arr.ndim != 2 or arr.shape[1] != width:
@@ -310,16 +295,13 @@ class TabularSpec:
         """
         arrays = self.check_feeds(feeds)
         n = next(iter(arrays.values())).shape[0]
-        numeric = np.zeros((n, self.n_numeric), dtype=dtype)
-        if self.n_continuous:
-            x = arrays[CONTINUOUS].astype(dtype)
-            missing = np.isnan(x)
-            fills = np.array([c.fill for c in self.continuous], dtype=np.float32).astype(dtype)
-            numeric[:, : self.n_continuous] = np.where(missing, fills, x)
-            numeric[:, self.n_continuous :] = missing[:, self.indicator_indices]
-        codes = np.zeros((n, self.n_categorical), dtype=np.int64)
-        for j in range(self.n_categorical):
-            codes[:, j] = self.encode(j, arrays[CATEGORICAL][:, j])
+        parts = {
+            kind.model_input: kind.preprocess(self, arrays[kind.name], dtype)
+            for kind in TABULAR_KINDS
+            if kind.name in arrays
+        }
+        numeric = parts.get(NUMERIC_INPUT, np.zeros((n, 0), dtype=dtype))
+        codes = parts.get(CODES_INPUT, np.zeros((n, 0), dtype=np.int64))
         return numeric, codes
 
     def model_inputs(self, numeric: np.ndarray, codes: np.ndarray) -> list[np.ndarray]:
@@ -359,40 +341,20 @@ def fit_spec(
     columns: list[Column] = []
     indicators: list[str] = []
     dims: list[int] = []
-    counts = {CONTINUOUS: 0, CATEGORICAL: 0}
+    counts = {kind.name: 0 for kind in TABULAR_KINDS}
     for name in names:
         kind = kinds[name]
         index = counts[kind]
         counts[kind] += 1
-        cells = values[name]
-        if kind == CONTINUOUS:
-            x = np.asarray(cells, dtype=np.float64)
-            missing = np.isnan(x)
-            present = x[~missing]
-            fill = float(np.float32(np.median(present))) if present.size else 0.0
-            columns.append(Column(name, kind, kind, index, fill=fill))
-            if missing.any():
-                indicators.append(name)
-        else:
-            vocab = _vocabulary(cells, max_categories, min_frequency)
-            columns.append(Column(name, kind, kind, index, vocabulary=vocab))
-            dims.append(embedding_size(FIRST_CATEGORY_CODE + len(vocab)))
+        fitted = COLUMN_KINDS[kind].fit(values[name], max_categories, min_frequency)
+        columns.append(Column(name, kind, kind, index, **fitted.fields))
+        if fitted.indicator:
+            indicators.append(name)
+        if fitted.embedding_dim is not None:
+            dims.append(fitted.embedding_dim)
     return TabularSpec(
         columns=tuple(columns),
         indicators=tuple(indicators),
         embedding_dims=tuple(dims),
         embedding_dropout=embedding_dropout,
     )
-
-
-def _vocabulary(cells: Any, max_categories: int | None, min_frequency: int) -> tuple[str, ...]:
-    """The sorted values of a categorical column kept by the caps (see `fit_spec`)."""
-    counts: dict[str, int] = {}
-    for v in cells:
-        t = str(v)
-        counts[t] = counts.get(t, 0) + 1
-    counts.pop(MISSING_TEXT, None)
-    kept = sorted(t for t, n in counts.items() if n >= min_frequency)
-    if max_categories is not None and len(kept) > max_categories:
-        kept = sorted(sorted(kept, key=lambda t: -counts[t])[:max_categories])
-    return tuple(kept)

@@ -24,6 +24,7 @@ from torch import nn
 
 from bn_onnx import _lazy_dynamo
 from bn_onnx.checkpoint import library_versions, save_checkpoint
+from bn_onnx.column_kinds import TABULAR_KINDS
 from bn_onnx.data import Dataset, load_dataset
 from bn_onnx.errors import UsageError
 from bn_onnx.model import MLP, MLPConfig, build_network
@@ -390,9 +391,9 @@ def _build_tabular(settings: TrainSettings, data: Dataset) -> tuple[MLP, dict[st
     config = _config(settings, data, spec.in_features, tabular=spec)
     model = build_network(config)
     inputs = ", ".join(
-        f"{c} {'float32' if c == 'continuous' else 'string'} [batch, {n}]"
-        for c, n in (("continuous", spec.n_continuous), ("categorical", spec.n_categorical))
-        if n
+        f"{k.name} {k.dtype.name if k.numeric else 'string'} [batch, {n}]"
+        for k in TABULAR_KINDS
+        if (n := spec.width(k.name))
     )
     preprocessing: dict[str, Any] = {
         "input": f"raw columns by family: {inputs}; NaN / empty string = missing",

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from bn_onnx import crash
+from bn_onnx.column_kinds import NAN_KINDS
 from bn_onnx.compare import TolerancePolicy
 from bn_onnx.errors import BnOnnxError, ProviderError, UnsupportedModelError, UsageError
 from bn_onnx.onnx_meta import get_metadata
@@ -166,9 +167,7 @@ def build_probes(
 ) -> list[probes.Probe]:
     """The data probe (given inputs, else the checkpoint's test split) and the random one."""
     nan_ok = [
-        c.get("input")
-        for c in probes.columns_metadata(m.protos[0])
-        if c.get("kind") == "continuous"
+        c.get("input") for c in probes.columns_metadata(m.protos[0]) if c.get("kind") in NAN_KINDS
     ]
     out: list[probes.Probe] = []
     if opts.inputs is not None:

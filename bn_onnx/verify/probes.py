@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bn_onnx.column_kinds import NAN_KINDS, VOCABULARY_KINDS
 from bn_onnx.compare import is_float_dtype
 from bn_onnx.errors import InputDataError
 from bn_onnx.verify.signature import ShapePlan, TensorSpec
@@ -396,7 +397,7 @@ def graph_input_stats(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.
 
 
 def _column_values(columns: list[dict[str, Any]], name: str) -> list[list[str]] | None:
-    mine = [c for c in columns if c.get("input") == name and c.get("kind") == "categorical"]
+    mine = [c for c in columns if c.get("input") == name and c.get("kind") in VOCABULARY_KINDS]
     if not mine:
         return None
     mine.sort(key=lambda c: int(c.get("index", 0)))
@@ -430,7 +431,7 @@ def input_ranges(
         if spec.kind == "float":
             missing = (
                 MISSING_FRACTION
-                if any(c.get("input") == name and c.get("kind") == "continuous" for c in columns)
+                if any(c.get("input") == name and c.get("kind") in NAN_KINDS for c in columns)
                 else 0.0
             )
             if name in stats:
