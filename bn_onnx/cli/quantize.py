@@ -21,6 +21,8 @@ own). Then onnxruntime's basic optimizations and its quantize_static: QDQ, per-c
 weights, MinMax calibration. Kernels by CPU: u8s8 with reduce_range without VNNI, u8s8 with
 it, u8u8 with --accurate. The INT8 model is compared with IN.onnx on the calibration data and
 the checkpoint's test split; it is written only when the accuracy drop is within budget.
+The top-1 gate is for classifiers: a model without bn_onnx.task metadata (another tool's
+export) needs --task classification for it, else only SQNR and max error are reported.
 
 example:
   bn-onnx quantize models/digits/model.onnx -o digits.int8.onnx \\
@@ -61,7 +63,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=("classification", "regression"),
         help="what the first output is, for a model without bn_onnx.task metadata (one "
         "exported by another tool): classification gates on top-1 agreement against "
-        "--max-accuracy-drop; regression (the default there) on nothing but SQNR and max error",
+        "--max-accuracy-drop; regression on SQNR and max error only (without --task: top-1 "
+        "only for a first output named logits)",
     )
     add_options(p)
     return p
@@ -80,7 +83,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default=0.5,
         metavar="POINTS",
         help="fail (exit 1, nothing written) when test accuracy drops more, in percentage "
-        "points; without labels, the top-1 disagreement (default: 0.5)",
+        "points; without labels, the top-1 disagreement; classifiers only (default: 0.5)",
     )
     p.add_argument(
         "--max-row-range-growth",
