@@ -20,7 +20,7 @@ from bn_onnx import onnx_meta  # noqa: E402
 from bn_onnx.checkpoint import load_model  # noqa: E402
 from bn_onnx.checkpoint_forward import checkpoint_forward  # noqa: E402
 from bn_onnx.cli import main  # noqa: E402
-from bn_onnx.errors import UnsupportedModelError  # noqa: E402
+from bn_onnx.errors import UnsupportedModelError, UsageError  # noqa: E402
 from bn_onnx.export import (  # noqa: E402
     check_inference_bn,
     export_checkpoint,
@@ -361,7 +361,7 @@ def test_cli_export_bad_paths_exit_2_and_leave_checkpoint_unchanged(tmp_path, ca
         (str(tmp_path / "missing-ckpt"), str(tmp_path / "m.onnx"), "checkpoint not found"),
         (str(ckpt), str(tmp_path / "no" / "m.onnx"), "output folder does not exist"),
         (str(ckpt), str(ckpt), "is a directory"),
-        (str(ckpt), str(ckpt / "model.safetensors"), "checkpoint's model.safetensors"),
+        (str(ckpt), str(ckpt / "model.safetensors"), "must be a .onnx file"),
         (str(ckpt), str(tmp_path / "m.onnx") + " --opset 5", "opset"),
     ]
     for ckpt_arg, out_arg, message in cases:
@@ -384,3 +384,22 @@ def test_cli_export_subprocess_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("bn-onnx export: error: checkpoint")
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_export_options_without_their_mode_are_usage_errors(tmp_path, capsys):
+    _, ckpt = _small_model(tmp_path)
+    out = str(tmp_path / "e.onnx")
+    cases = [
+        (["-o", out, "--accurate"], "--accurate needs --quantize"),
+        (["-o", out, "--no-cleanup"], "--no-cleanup needs --fold"),
+        (["-o", str(tmp_path / "e.npy")], "must be a .onnx file (got '.npy')"),
+        (["-o", str(tmp_path / "e")], "must be a .onnx file (got 'no extension')"),
+    ]
+    for extra, message in cases:
+        assert main(["export", str(ckpt), *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (extra, err)
+    assert not list(tmp_path.glob("e*"))
+    # The library still refuses an output inside the checkpoint, whatever its name.
+    with pytest.raises(UsageError, match="checkpoint's model.safetensors"):
+        export_checkpoint(ckpt, ckpt / "model.safetensors")

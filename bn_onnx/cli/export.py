@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from bn_onnx.cli._common import add_command, positive_int
@@ -86,8 +87,20 @@ class _Progress:
 
 def run(args: argparse.Namespace) -> int:
     """Export, then print what was written."""
+    from bn_onnx.errors import UsageError
     from bn_onnx.export import check_opset, export_checkpoint
+    from bn_onnx.files import check_output_path
 
+    if args.accurate and not args.quantize:
+        raise UsageError("--accurate needs --quantize (it picks the INT8 kernels)")
+    if not args.cleanup and not args.fold:
+        raise UsageError("--no-cleanup needs --fold (the cleanup runs only after the fold)")
+    check_output_path(args.output)  # a folder or a missing folder: that message first
+    suffix = Path(args.output).suffix.lower()
+    if suffix != ".onnx":
+        raise UsageError(
+            f"output {args.output} must be a .onnx file (got {suffix or 'no extension'!r})"
+        )
     check_opset(args.opset)
     progress = _Progress(args.quiet)
     if args.quantize:

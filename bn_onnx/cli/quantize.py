@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,8 @@ own). Then onnxruntime's basic optimizations and its quantize_static: QDQ, per-c
 weights, MinMax calibration. Kernels by CPU: u8s8 with reduce_range without VNNI, u8s8 with
 it, u8u8 with --accurate. The INT8 model is compared with IN.onnx on the calibration data and
 the checkpoint's test split; it is written only when the accuracy drop is within budget.
+The top-1 gate is for classifiers: a model without bn_onnx.task metadata (another tool's
+export) needs --task classification for it, else only SQNR and max error are reported.
 
 example:
   bn-onnx quantize models/digits/model.onnx -o digits.int8.onnx \\
@@ -52,6 +55,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--calibrate) and its test split measures the accuracy",
     )
     p.add_argument("--report", metavar="REPORT.json", help="write the fold report and proof")
+    p.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        help="what the first output is, for a model without bn_onnx.task metadata (one "
+        "exported by another tool): classification gates on top-1 agreement against "
+        "--max-accuracy-drop; regression on SQNR and max error only (without --task: top-1 "
+        "only for a first output named logits)",
+    )
     add_options(p)
     return p
 
@@ -69,7 +80,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         default=0.5,
         metavar="POINTS",
         help="fail (exit 1, nothing written) when test accuracy drops more, in percentage "
-        "points; without labels, the top-1 disagreement (default: 0.5)",
+        "points; without labels, the top-1 disagreement; classifiers only (default: 0.5)",
     )
     p.add_argument(
         "--max-row-range-growth",
@@ -159,13 +170,28 @@ def quantize_file(
     quiet: bool = False,
     protected: tuple[str, ...] = (),
     float_label: str | None = None,
+    task: str | None = None,
 ) -> int:
     """Quantize, prove, print and write atomically; 0 written, 1 over budget (nothing
-    written). `protected`: more paths the output must not be."""
+    written). `protected`: more paths the outputs must not be. `task`: "classification" or
+    "regression" for a model without `bn_onnx.task` metadata.
+
+    Raises:
+        UsageError: an output is a file the command reads or the other output; `task`
+            contradicts the model's metadata.
+    """
     import onnx
 
+    from bn_onnx.checkpoint import CHECKPOINT_FILES
     from bn_onnx.errors import UsageError
-    from bn_onnx.files import atomic_output, check_input_file, check_output_path
+    from bn_onnx.files import (
+        OutputGroup,
+        check_input_file,
+        check_output_path,
+        check_outputs,
+        checkpoint_files,
+        model_files,
+    )
     from bn_onnx.onnx_io import load_model
     from bn_onnx.quantize import DEFAULT_MAX_GROWTH, choose_kernels, quantize_model
     from bn_onnx.quantize.pipeline import batches
@@ -173,15 +199,24 @@ def quantize_file(
     from bn_onnx.runtime import Predictor
 
     check_input_file(model_path, "model file")
-    for src in (model_path, *protected):  # no --in-place: the float model stays
-        if os.path.exists(output) and os.path.exists(src) and os.path.samefile(src, output):
-            raise UsageError(f"output {output} is the input file {src}; choose another path")
-    out = check_output_path(output, [model_path, *protected])
+    out = check_output_path(output)
+    outputs = [("output", out)]
     if report_path:
-        check_output_path(report_path, [model_path, out, *protected])
+        outputs.append(("--report", check_output_path(report_path)))
+    check_outputs(  # no --in-place: the float model, its data and the checkpoint stay
+        outputs,
+        lambda: [
+            *model_files(model_path),
+            *checkpoint_files(checkpoint, CHECKPOINT_FILES),
+            *([("the calibration file", calibrate)] if calibrate else []),
+            *(("the input file", p) for p in protected),
+        ],
+    )
     if calibrate is None and checkpoint is None:
         raise UsageError("give calibration data: --calibrate X or --checkpoint DIR")
     predictor = Predictor(model_path, provider="cpu")
+    if task is not None and predictor.task not in (None, task):
+        raise UsageError(f"--task {task}: the model's metadata says its task is {predictor.task}")
     probes: list[tuple[str, Any, Any]] = []
     test = None
     if checkpoint is not None:
@@ -212,9 +247,19 @@ def quantize_file(
         for n in result.excluded
     }
     reasons.update({e.node: "left by the fold (above)" for e in result.fold_report.left})
-    classifier = [predictor.output_names[0]] if predictor.task == "classification" else []
-    if not classifier and predictor.output_names[0] == "logits":
+    first = predictor.output_names[0]
+    classifier = [first] if (predictor.task or task) == "classification" else []
+    if not classifier and predictor.task is None and task is None and first == "logits":
         classifier = ["logits"]
+    notes = []
+    if not classifier and predictor.task is None and task is None:
+        cols = _columns(predictor, feeds)
+        if cols is not None and cols >= 2:
+            notes.append(
+                f"{os.path.basename(model_path)} has no bn_onnx.task metadata and its first "
+                f"output {first} has {cols} columns: the gate is SQNR and max error only; pass "
+                "--task classification to gate on top-1 agreement (--max-accuracy-drop)"
+            )
     proof = prove(
         model_path,
         result.model,
@@ -229,22 +274,45 @@ def quantize_file(
     lines.extend(f"  left    {e.node}: {e.reason}" for e in report.left)
     lines.append(_quantized_line(result.model, report.nodes_before))
     lines.extend(render(proof))
+    for note in notes:
+        print(f"bn-onnx quantize: note: {note}", file=sys.stderr)
     if not proof:
         print("\n".join(lines))
         print(f"not written: {out} (over the accuracy budget)")
+        if _folded_already(predictor, report.n_bn):
+            print(
+                "hint: the input normalization of this model is folded already, so the "
+                "quantization-aware fold cannot keep that BN; quantize the unfolded model "
+                "(model.onnx) instead"
+            )
         return 1
-    with atomic_output(out) as tmp:
-        onnx.save_model(result.model, tmp)
-    if report_path:
-        data = {"kernels": kernels.describe(), "calibration": source, "fold": report.to_dict()}
-        data["proof"] = proof.to_dict()
-        with atomic_output(report_path) as tmp:
-            tmp.write_text(json.dumps(_finite(data), indent=2, default=str) + "\n")
-    size, before = out.stat().st_size, os.path.getsize(model_path)
+    with OutputGroup() as group:
+        onnx.save_model(result.model, group.path(out))
+        if report_path:
+            data = {"kernels": kernels.describe(), "calibration": source}
+            data.update(fold=report.to_dict(), proof=proof.to_dict())
+            with group.open(report_path, "w") as f:
+                f.write(json.dumps(_finite(data), indent=2, default=str) + "\n")
+    size = out.stat().st_size
+    before = sum(os.path.getsize(p) for _, p in model_files(model_path) if os.path.isfile(p))
     lines.append(f"wrote {out} ({size:,} bytes; {float_label or model_path}: {before:,} bytes)")
     if not quiet:
         print("\n".join(lines))
     return 0
+
+
+def _columns(predictor: Any, feeds: Mapping[str, Any]) -> int | None:
+    """The column count of the first output on one calibration row; None unless 2-D."""
+    one = {k: v[:1] for k, v in feeds.items()}
+    y = predictor.info.session.run([predictor.output_names[0]], one)
+    return int(y[0].shape[1]) if y[0].ndim == 2 else None
+
+
+def _folded_already(predictor: Any, n_bn: int) -> bool:
+    """True for a model bn-onnx folded (`bn_onnx.folded` true) with no BN left to keep."""
+    from bn_onnx.onnx_meta import FOLDED
+
+    return n_bn == 0 and str(predictor.metadata.get(FOLDED, "")).lower() == "true"
 
 
 def _finite(value: Any) -> Any:
@@ -314,4 +382,5 @@ def run(args: argparse.Namespace) -> int:
         calibration_rows=args.calibration_rows,
         report_path=args.report,
         quiet=args.quiet,
+        task=args.task,
     )

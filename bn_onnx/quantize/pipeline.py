@@ -129,6 +129,28 @@ def float_nodes(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
+def check_not_quantized(model: onnx.ModelProto) -> None:
+    """Refuse a model that is quantized already: `bn_onnx.quantized` metadata, a
+    QuantizeLinear (activations in INT8) or a QLinear*/*Integer op. Weights alone behind a
+    DequantizeLinear (a QAT export) are float activations and may be quantized.
+
+    Raises:
+        UnsupportedModelError: one line naming what was found.
+    """
+    meta = {p.key for p in model.metadata_props}
+    ops = {n.op_type for n in model.graph.node}
+    found = sorted(
+        op
+        for op in ops
+        if op == "QuantizeLinear" or op.startswith("QLinear") or op.endswith("Integer")
+    )
+    if QUANTIZED_META in meta or found:
+        why = f"{QUANTIZED_META} metadata" if QUANTIZED_META in meta else ", ".join(found)
+        raise UnsupportedModelError(
+            f"the model is already quantized ({why}); quantize the float model instead"
+        )
+
+
 def quantize_model(
     model: onnx.ModelProto,
     calibration: Sequence[Mapping[str, np.ndarray]],
@@ -145,8 +167,8 @@ def quantize_model(
         max_row_range_growth: the quantization-aware fold's bound (None: fold every BN).
 
     Raises:
-        UnsupportedModelError: the model is not valid ONNX, its tensors exceed 1 GiB,
-            onnxruntime cannot load it, or the quantizer fails on it.
+        UnsupportedModelError: the model is quantized already, is not valid ONNX, its
+            tensors exceed 1 GiB, onnxruntime cannot load it, or the quantizer fails on it.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -154,6 +176,7 @@ def quantize_model(
 
     if not calibration:
         raise UnsupportedModelError("no calibration data")
+    check_not_quantized(model)
     if tensor_bytes(model) > MAX_BYTES:
         raise UnsupportedModelError(
             f"the model's tensors take {tensor_bytes(model):,} bytes: quantizing models near"
