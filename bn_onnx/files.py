@@ -88,6 +88,29 @@ def check_output_path(
     return p
 
 
+def probe_writable(folder: PathLike, what: PathLike) -> None:
+    """Check, by creating and removing a temporary folder in it, that `folder` (or, where it
+    does not exist yet, its nearest existing ancestor, in which it will be made) can be
+    written; `os.access` alone lets root pass a read-only mount.
+
+    Raises:
+        OutputFileError: one line naming `what`, the folder and the system's reason.
+    """
+    here = Path(os.path.abspath(folder))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise OutputFileError(f"cannot write {what}: {here} is not a directory")
+    probe = temp_name(here / "probe", ".d")
+    try:
+        os.mkdir(probe, 0o700)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputFileError(
+            f"cannot write {what}: output folder {here} is not writable ({_reason(exc)})"
+        ) from None
+
+
 # --- 1. no output lands on an input -----------------------------------------------------------
 
 
@@ -551,6 +574,7 @@ __all__ = [
     "external_data_locations",
     "make_temp_dir",
     "model_files",
+    "probe_writable",
     "sweep_stale",
     "temp_name",
 ]
