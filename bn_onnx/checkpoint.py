@@ -151,6 +151,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             f"unsupported checkpoint format_version {meta.get('format_version')!r} "
             f"(this bn-onnx reads {FORMAT_VERSION}): {root}"
         )
+    spec = meta.get("dataset")
+    # a relative dataset path is relative to where it was trained: find it
+    recorded = spec.get("path") if isinstance(spec, dict) else None
+    if isinstance(recorded, str) and recorded and not os.path.isabs(recorded):
+        from bn_onnx.data import resolve_dataset_path
+
+        spec["path"] = resolve_dataset_path(recorded, root)  # type: ignore[index]
     try:
         config = MLPConfig.from_dict(meta.get("model"))
     except BnOnnxError as exc:

@@ -892,6 +892,21 @@ def _add_tabular(
         setattr(data, f"feeds_{split}", part)
 
 
+def resolve_dataset_path(name: str, checkpoint_dir: str | os.PathLike[str]) -> str:
+    """Where a checkpoint's recorded dataset file is: an absolute `name` as it is; a relative
+    one (the shipped checkpoints record `models/tabular/people.csv`, relative to the repository)
+    tried in the working folder, then in the checkpoint folder and each of its ancestors. The
+    first existing file wins; `name` unchanged when none exists (the caller says it is gone)."""
+    p = Path(name)
+    if not name or p.is_absolute() or p.is_file():
+        return name
+    here = Path(os.path.abspath(checkpoint_dir))
+    for folder in (here, *here.parents):
+        if (folder / p).is_file():
+            return str(folder / p)
+    return name
+
+
 def load_split_from_checkpoint_meta(meta: dict[str, Any]) -> Dataset:
     """Rebuild the dataset and split a checkpoint was trained on, from its `config.json`.
 

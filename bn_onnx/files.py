@@ -21,6 +21,7 @@ import functools
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -77,14 +78,57 @@ def check_output_path(
         raise InputFileError(f"output folder is not a directory: {parent}")
     if p.is_dir():
         raise InputFileError(f"output path is a directory: {p}")
-    if not os.access(parent, os.W_OK):  # EROFS stops root too
-        raise OutputFileError(f"cannot write {p}: output folder {parent} is not writable")
+    check_regular("output", p)
+    real_parent = Path(os.path.realpath(p)).parent if p.is_symlink() else parent
+    for folder in dict.fromkeys([parent, real_parent]):
+        if not os.access(folder, os.W_OK):  # EROFS stops root too
+            raise OutputFileError(f"cannot write {p}: output folder {folder} is not writable")
     if not in_place:
         check_outputs([("output", p)], [("the input file", s) for s in inputs])
     return p
 
 
+def probe_writable(folder: PathLike, what: PathLike) -> None:
+    """Check, by creating and removing a temporary folder in it, that `folder` (or, where it
+    does not exist yet, its nearest existing ancestor, in which it will be made) can be
+    written; `os.access` alone lets root pass a read-only mount.
+
+    Raises:
+        OutputFileError: one line naming `what`, the folder and the system's reason.
+    """
+    here = Path(os.path.abspath(folder))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise OutputFileError(f"cannot write {what}: {here} is not a directory")
+    probe = temp_name(here / "probe", ".d")
+    try:
+        os.mkdir(probe, 0o700)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise OutputFileError(
+            f"cannot write {what}: output folder {here} is not writable ({_reason(exc)})"
+        ) from None
+
+
 # --- 1. no output lands on an input -----------------------------------------------------------
+
+
+def check_regular(what: str, path: PathLike) -> None:
+    """Refuse an existing `path` (symlinks followed) that is neither a regular file nor a
+    folder: a rename onto a device, FIFO or socket would replace the node itself.
+
+    Raises:
+        UsageError: one line naming `what` and `path`.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UsageError(
+            f"{what} {path} is not a regular file (a device, FIFO or socket); choose a file path"
+        )
 
 
 def _identity(path: PathLike) -> tuple[str, tuple[int, int] | None]:
@@ -124,6 +168,8 @@ def check_outputs(
     Raises:
         UsageError: one line naming both paths.
     """
+    for what, path in outputs:
+        check_regular(what, path)
     ids = [(what, path, _identity(path)) for what, path in outputs]
     for i, (what, path, ident) in enumerate(ids):
         for what2, path2, ident2 in ids[:i]:
@@ -307,7 +353,9 @@ class _Staged:
     """One output being written: an open temporary file, or a temporary folder."""
 
     def __init__(self, target: Path) -> None:
-        self.target = target
+        self.target = target  # the path as given (messages, `staged`)
+        # where the contents go: a symlink's target, so that the link stays a link
+        self.dest = Path(os.path.realpath(target)) if target.is_symlink() else target
         self.file: IO[Any] | None = None
         self.fd: int | None = None  # unnamed file, linked at commit
         self.way: str | None = None
@@ -382,8 +430,13 @@ class OutputGroup:
         if p.parent == Path(""):
             p = Path(".") / p
         self._current = p
-        sweep_stale(p.parent)
         staged = _Staged(p)
+        try:
+            check_regular("output", staged.dest)
+        except UsageError:
+            self.discard()
+            raise
+        sweep_stale(staged.dest.parent)
         self._staged.append(staged)
         return staged
 
@@ -391,12 +444,12 @@ class OutputGroup:
         """A file object for `target`'s contents ("wb" or "w" with `encoding`/`newline`)."""
         staged = self._stage(target)
         try:
-            unnamed = _open_unnamed(os.fspath(staged.target.parent))
+            unnamed = _open_unnamed(os.fspath(staged.dest.parent))
             if unnamed is not None:
                 staged.fd, staged.way = unnamed
                 fd = staged.fd
             else:
-                staged.path = temp_name(staged.target, ".tmp")
+                staged.path = temp_name(staged.dest, ".tmp")
                 fd = os.open(staged.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
                 os.fchmod(fd, FILE_MODE)
             if "b" not in mode:
@@ -410,7 +463,7 @@ class OutputGroup:
     def path(self, target: PathLike, suffix: str = "") -> Path:
         """A named temporary path beside `target`, for an API that writes a path itself."""
         staged = self._stage(target)
-        staged.path = temp_name(staged.target, suffix + ".tmp")
+        staged.path = temp_name(staged.dest, suffix + ".tmp")
         return staged.path
 
     def folder(self, target: PathLike) -> Path:
@@ -443,20 +496,27 @@ class OutputGroup:
                     s.file.close()  # flushes: a write error shows here
                     s.file = None
                 if s.fd is not None:
-                    s.path = temp_name(s.target, ".tmp")
+                    s.path = temp_name(s.dest, ".tmp")
                     _link_fd(s.fd, os.fspath(s.path), s.way or "proc")
                     os.close(s.fd)
                     s.fd = None
                 if s.folder and s.path is not None:
                     names = sorted(os.listdir(s.path), key=lambda n: n == s.target.name)
-                    moves += [(os.fspath(s.target), s.path / n, s.target.parent / n) for n in names]
+                    moves += [
+                        (
+                            os.fspath(s.target),
+                            s.path / n,
+                            s.dest if n == s.target.name else s.target.parent / n,
+                        )
+                        for n in names
+                    ]
                 elif s.path is not None:
                     if s.fd is None and not s.path.exists():
                         raise FileNotFoundError(
                             errno.ENOENT, "nothing was written", os.fspath(s.path)
                         )
                     os.chmod(s.path, FILE_MODE)
-                    moves.append((os.fspath(s.target), s.path, s.target))
+                    moves.append((os.fspath(s.target), s.path, s.dest))
             for target, src, dest in moves:
                 self._current = Path(target)
                 os.replace(src, dest)
@@ -514,6 +574,7 @@ __all__ = [
     "external_data_locations",
     "make_temp_dir",
     "model_files",
+    "probe_writable",
     "sweep_stale",
     "temp_name",
 ]

@@ -355,6 +355,12 @@ def _check_out(path: str) -> None:
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"--out must be a directory, but {path} is a file")
+    from bn_onnx.files import probe_writable
+
+    # before training: the checkpoint goes into `path` and its temporary beside it
+    parent = os.path.dirname(os.path.abspath(path))
+    for folder in dict.fromkeys([parent, path] if os.path.isdir(path) else [parent]):
+        probe_writable(folder, f"checkpoint {path}")
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:

@@ -108,10 +108,16 @@ class VerifyReport:
         return [p for p in self.pairs if p.counted]
 
     @property
+    def n_compared(self) -> int:
+        """How many output elements the counted comparisons compared in all."""
+        return sum(o.n_total for p in self.counted for o in p.comparison.outputs)
+
+    @property
     def passed(self) -> bool:
-        """At least one counted comparison, and every one within tolerance."""
+        """At least one counted comparison of at least one element, and every one within
+        tolerance."""
         counted = self.counted
-        return bool(counted) and all(p.passed for p in counted)
+        return bool(counted) and self.n_compared > 0 and all(p.passed for p in counted)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -312,6 +318,8 @@ def render(report: VerifyReport) -> str:
     n_out = sum(len(p.comparison.outputs) for p in counted)
     if not counted:
         verdict = "FAIL: nothing was compared"
+    elif report.n_compared == 0:
+        verdict = f"FAIL: nothing compared: the {len(counted)} comparisons hold 0 elements"
     elif report.passed:
         verdict = f"PASS: all {len(counted)} comparisons ({n_out} outputs) within tolerance"
     else:

@@ -194,8 +194,8 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise UsageError(
             f"--shape {text!r}: dims must be whole numbers such as 1x3x224x224"
         ) from None
-    if any(v < 0 for v in values):
-        raise UsageError(f"--shape {text!r}: dims must be >= 0")
+    if any(v < 1 for v in values):  # a 0 dim is an empty probe: nothing would be compared
+        raise UsageError(f"--shape {text!r}: dims must be >= 1")
     return name, values
 
 
