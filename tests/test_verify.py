@@ -246,7 +246,7 @@ def test_bad_inputs_raise_project_errors(tmp_path):
 def test_torch_free_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import bn_onnx.runtime, bn_onnx.verify, bn_onnx.reference, bn_onnx.compare, "
+        "import bn_onnx.runtime, bn_onnx.verify, bn_onnx.compare, "
         "bn_onnx.arrays, bn_onnx.float64_kernels, bn_onnx.checkpoint_forward\n"
         "import bn_onnx.verify.float64, bn_onnx.verify.locate, bn_onnx.verify.oracles, "
         "bn_onnx.verify.probes, bn_onnx.verify.report, bn_onnx.verify.runs, "
