@@ -131,6 +131,23 @@ def check_regular(what: str, path: PathLike) -> None:
         )
 
 
+def check_not_linked_with_data(path: PathLike) -> None:
+    """Refuse a symlinked model output written with external data: onnx finds `NAME.data`
+    beside the path it loads, and a link and its target sit in different folders (or under
+    different names), so one of the two would load a model without its data.
+
+    Raises:
+        UsageError: one line naming the link and its target.
+    """
+    p = Path(path)
+    if p.is_symlink():
+        raise UsageError(
+            f"output {p} is a symbolic link, and the model is written with external data "
+            f"({p.name}.data), which onnx looks for beside the path it loads; give the link's "
+            f"target ({os.path.realpath(p)}) instead"
+        )
+
+
 def _identity(path: PathLike) -> tuple[str, tuple[int, int] | None]:
     """(resolved path, (st_dev, st_ino) or None where nothing exists there yet)."""
     real = os.path.realpath(path)

@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, external_data_helper, helper
 
 from bn_onnx.errors import InputFileError
-from bn_onnx.files import OutputGroup, check_input_file
+from bn_onnx.files import OutputGroup, check_input_file, check_not_linked_with_data
 
 _FIXED_SIZE_TYPES = {
     dtype: helper.tensor_dtype_to_np_dtype(dtype).itemsize
@@ -133,6 +133,7 @@ def save_model(
         with group.open(p) as f:
             f.write(model.SerializeToString())
         return [p]
+    check_not_linked_with_data(p)
     data_name = p.name + ".data"
     tmp_dir = group.folder(p)
     onnx.save_model(

@@ -131,3 +131,27 @@ def test_symlinked_output_onto_an_input_is_still_refused(tmp_path, capsys):
     assert main(["fold", str(src), "-o", str(link)]) == 2
     assert "is the input model" in capsys.readouterr().err
     assert link.is_symlink()
+
+
+def test_symlinked_output_with_external_data_is_refused_before_any_work(tmp_path, capsys):
+    """onnx finds NAME.data beside the path it loads: through a link into another folder one
+    of the two paths would load a model without its data, so the link is refused."""
+    src = _model(tmp_path)
+    real = tmp_path / "t"
+    real.mkdir()
+    target = real / "target.onnx"
+    target.write_bytes(b"old")
+    sl = tmp_path / "sl"
+    sl.mkdir()
+    link = sl / "out.onnx"
+    link.symlink_to(target)
+    rc = main(["fold", str(src), "-o", str(link), "--external-data", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "is a symbolic link" in err, err
+    assert target.read_bytes() == b"old" and link.is_symlink()
+    assert sorted(p.name for p in sl.iterdir()) == ["out.onnx"]
+    assert [p.name for p in real.iterdir()] == ["target.onnx"]
+    # the link's target itself is a fine output: model and data side by side
+    assert main(["fold", str(src), "-o", str(target), "--external-data", "-q"]) == 0
+    onnx.checker.check_model(onnx.load(target))
+    assert (real / "target.onnx.data").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from bn_onnx.errors import InputFileError, one_line
-from bn_onnx.files import OutputGroup
+from bn_onnx.files import OutputGroup, check_not_linked_with_data
 from bn_onnx.fold._pass import fold_in_place, quiet_onnx_ir
 from bn_onnx.fold.report import FoldReport
 from bn_onnx.fold.validate import InvalidModelError
@@ -125,6 +125,7 @@ def save_model(
             if not external_data:
                 _save_one_file(model, p, release=release, group=group, named=named)
                 return [p]
+            check_not_linked_with_data(p)
             data_name = p.name + ".data"
             # The data file has a fixed name relative to the model: both are written in a
             # temporary folder, and the group moves the data file before the model.
@@ -279,6 +280,7 @@ def fold_file(
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     if external_data:
+        check_not_linked_with_data(out)
         outputs.insert(1, ("the output's external data", out.parent / (out.name + ".data")))
     locations = {
         os.fspath(t.location) for t in _all_tensors(model) if isinstance(t, ir.ExternalTensor)
