@@ -208,10 +208,10 @@ def export_cnn(name: str, build: Any, exporter: str, corpus: Any) -> onnx.ModelP
 
 def pipeline_a(model: onnx.ModelProto, calib: list[dict], kernels: Any, tmp: Path) -> tuple:
     """onnxruntime's own flow; returns (model, note)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from bn_onnx.quantize.pipeline import _reader
+    from bn_onnx.quantize.pipeline import _reader, static_settings
 
     src, pre, out = tmp / "a_in.onnx", tmp / "a_pre.onnx", tmp / "a_int8.onnx"
     onnx.save(model, src)
@@ -223,19 +223,8 @@ def pipeline_a(model: onnx.ModelProto, calib: list[dict], kernels: Any, tmp: Pat
         note = f"quant_pre_process crashed ({type(exc).__name__}); skip_symbolic_shape=True"
         with _silent():
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    weight = QuantType.QInt8 if kernels.weight_signed else QuantType.QUInt8
     with _silent():
-        quantize_static(
-            str(pre),
-            str(out),
-            _reader(calib),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=kernels.reduce_range,
-            activation_type=QuantType.QUInt8,
-            weight_type=weight,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+        quantize_static(str(pre), str(out), _reader(calib), **static_settings(kernels))
     return onnx.load(out), note
 
 

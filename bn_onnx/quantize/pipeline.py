@@ -37,7 +37,6 @@ DEFAULT_MAX_GROWTH = 2.0
 # Calibration feeds are handed to the quantizer in batches of this many rows.
 CALIBRATION_BATCH = 256
 QUANTIZED_META = "bn_onnx.quantized"
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Above this the float model needs external data, which the pipeline does not handle yet.
 MAX_BYTES = 1 << 30
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -108,6 +107,22 @@ def preprocess(model: onnx.ModelProto, path: Path) -> None:
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {line}") from None
 
 
+def static_settings(kernels: Kernels) -> dict[str, object]:
+    """`quantize_static`'s settings for `kernels`: QDQ, per-channel weights, MinMax, uint8
+    activations, int8 (or uint8 with `--accurate`) weights, reduce_range as chosen for the CPU.
+    `tools/bench_quantize.py` gives onnxruntime's own flow the same ones."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    return {
+        "quant_format": QuantFormat.QDQ,
+        "per_channel": True,
+        "reduce_range": kernels.reduce_range,
+        "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8 if kernels.weight_signed else QuantType.QUInt8,
+        "calibrate_method": CalibrationMethod.MinMax,
+    }
+
+
 def float_nodes(graph: onnx.GraphProto) -> list[str]:
     """The nodes kept out of quantization: every BatchNormalization the fold left and the
     nodes that compute its input up to a linear node (a tabular model's fill, lookups,
@@ -176,7 +191,7 @@ def quantize_model(
         UnsupportedModelError: the model is quantized already, is not valid ONNX, its
             tensors exceed 1 GiB, onnxruntime cannot load it, or the quantizer fails on it.
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import quantize_static
 
     from bn_onnx.onnx_io import tensor_bytes
 
@@ -193,7 +208,6 @@ def quantize_model(
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         preprocess(folded.model, pre)
         excluded = float_nodes(onnx.load(pre).graph)
-        weight = QuantType.QInt8 if kernels.weight_signed else QuantType.QUInt8
         logger = logging.getLogger()
         level = logger.level
         logger.setLevel(logging.ERROR)  # the quantizer logs advice at WARNING
@@ -202,13 +216,8 @@ def quantize_model(
                 pre,
                 out,
                 _reader(calibration),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                reduce_range=kernels.reduce_range,
-                activation_type=QuantType.QUInt8,
-                weight_type=weight,
                 nodes_to_exclude=excluded,
-                calibrate_method=CalibrationMethod.MinMax,
+                **static_settings(kernels),
             )
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many types
             line = one_line(exc)
