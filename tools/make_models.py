@@ -273,13 +273,15 @@ def quantize_digits(target: Path) -> None:
     """Write `target/model.int8.onnx`: `bn-onnx quantize model.onnx --checkpoint checkpoint`.
 
     It quantizes the unfolded model, so the quantization-aware fold keeps the input
-    normalization in float (folding it forward costs 1.1 points of accuracy). Its bytes depend
-    on onnxruntime's calibration arithmetic and on the kernels chosen for this CPU, so tests
-    check it by accuracy and top-1 agreement, never byte for byte. Raises BnOnnxError when the
-    INT8 model is over `quantize`'s default accuracy budget (nothing is written then).
+    normalization in float (folding it forward costs 1.1 points of accuracy). Its weights are
+    7-bit (reduce_range), the kernels `quantize` picks for a CPU without VNNI, so the file runs
+    unsaturated on any x86-64 CPU. Its bytes depend on onnxruntime's calibration arithmetic,
+    so tests check it by accuracy and top-1 agreement, never byte for byte. Raises BnOnnxError
+    when the INT8 model is over `quantize`'s default accuracy budget (nothing is written then).
     """
     from bn_onnx.cli.quantize import quantize_file
     from bn_onnx.errors import BnOnnxError
+    from bn_onnx.quantize import choose_kernels
 
     code = quantize_file(
         str(target / "model.onnx"),
@@ -291,6 +293,9 @@ def quantize_digits(target: Path) -> None:
         max_row_range_growth=None,
         calibration_rows=2048,
         quiet=True,
+        # 7-bit weights: a shipped file runs on CPUs without VNNI too, where full-range u8s8
+        # products saturate in AVX2's int16 sums; picked as for a CPU without VNNI
+        kernels=choose_kernels(flags=()),
     )
     if code != 0:
         raise BnOnnxError(f"model.int8.onnx is over the accuracy budget (quantize exit {code})")
@@ -473,9 +478,10 @@ float64 numpy forward of the checkpoint it is {fig["err_unfolded_f64"]:.2e} (unf
 `model.int8.onnx` is `bn-onnx quantize model.onnx --checkpoint checkpoint`: QDQ, per-channel
 int8 weights, calibrated on the training split. Its Gemms run in INT8; the input normalization
 stays a float BatchNormalization, because folding it forward would widen the first weight's
-range past what per-channel scales absorb. Its values depend on the CPU that quantized it
-(onnxruntime's calibration and the kernels `quantize` picks); `quantize` wrote it only because
-its test accuracy is within 0.5 points of the float model's.
+range past what per-channel scales absorb. Its weights are 7-bit (`reduce_range`, what
+`quantize` picks for a CPU without VNNI), so it runs without int16 saturation on any x86-64
+CPU. Its values depend on onnxruntime's calibration arithmetic on the CPU that made it;
+`quantize` wrote it only because its test accuracy is within 0.5 points of the float model's.
 
 `sample_input.npy` holds the first {N_SAMPLES} rows of the test split (raw features);
 `sample_output.npy` the folded model's logits for them (onnxruntime, CPU). Both are plain

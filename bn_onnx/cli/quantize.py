@@ -8,9 +8,12 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bn_onnx.cli._common import add_command, non_negative_float, positive_int
+
+if TYPE_CHECKING:
+    from bn_onnx.quantize import Kernels
 
 DEFAULT_CALIBRATION_ROWS = 2048
 
@@ -171,10 +174,12 @@ def quantize_file(
     protected: tuple[str, ...] = (),
     float_label: str | None = None,
     task: str | None = None,
+    kernels: Kernels | None = None,
 ) -> int:
     """Quantize, prove, print and write atomically; 0 written, 1 over budget (nothing
     written). `protected`: more paths the outputs must not be. `task`: "classification" or
-    "regression" for a model without `bn_onnx.task` metadata.
+    "regression" for a model without `bn_onnx.task` metadata. `kernels`: instead of this
+    CPU's (`choose_kernels`), e.g. the reduce_range kernels a file shipped to any CPU needs.
 
     Raises:
         UsageError: an output is a file the command reads or the other output; `task`
@@ -230,7 +235,7 @@ def quantize_file(
     feeds = _sample(feeds, calibration_rows)
     rows = len(next(iter(feeds.values())))
     source += f"{rows} rows)"
-    kernels = choose_kernels(accurate=accurate)
+    kernels = kernels or choose_kernels(accurate=accurate)
     growth = DEFAULT_MAX_GROWTH if max_row_range_growth is None else max_row_range_growth
     result = quantize_model(
         load_model(model_path), batches(feeds), kernels, max_row_range_growth=growth or None
