@@ -147,7 +147,7 @@ def test_shipped_int8_model_is_qdq_and_within_the_accuracy_budget():
     # 7-bit weights (reduce_range): no int16 saturation in AVX2 u8s8 sums on CPUs without VNNI
     for k in int8:
         values = onnx.numpy_helper.to_array(weights[k])
-        assert -64 <= int(values.min()) and int(values.max()) <= 64, k
+        assert int(values.min()) >= -64 and int(values.max()) <= 64, k
     # each dequantized per output channel: one scale per row
     deq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
     assert len(deq) == 3
